@@ -1,0 +1,275 @@
+// CPU kernels of scorefast, written once on at::vec and compiled per instruction set.
+//
+// Each capability_*.cpp defines SF_CAPABILITY_NAME and includes this file; setup.py builds it
+// into scorefast._C_<capability> with that ISA's flags, and scorefast/backends/cpu.py loads
+// the one matching torch.backends.cpu.get_cpu_capability().
+//
+// Batch invariance (DESIGN.md): work is split into tiles of kTile elements counted from each
+// sample's first element; every element goes through the same vector path (masked tails via
+// loadu/store with a count, never a scalar libm tail), and per-sample sums add tile partials
+// in tile order.  Nothing depends on B, the thread count or the position of a sample.
+#pragma once
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/cpu/vec/functional.h>
+
+#include <algorithm>
+#include <array>
+#include <vector>
+
+#include "scorefast/philox.h"
+
+namespace scorefast_cpu {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t kTile = 1024;               // elements per tile; a multiple of 4 and of Vec::size()
+constexpr int64_t kMaxGroups = kTile / 4 + 2;  // Philox groups a tile can touch
+
+enum NoiseKind : int64_t { kUniform = 0, kNormal = 1, kRademacher = 2 };
+
+struct Counter {
+  uint64_t seed;
+  uint32_t step;
+  uint32_t stream;
+};
+
+// Noise for global element indices [first, first + n) of one sample, n <= kTile.
+void noise_tile(const Counter& c, uint32_t sample_id, int64_t first, int64_t n, int64_t kind,
+                float* out) {
+  const int64_t g0 = first / 4;
+  const int64_t ng = (first + n - 1) / 4 - g0 + 1;
+  std::array<scorefast::Words4, kMaxGroups> words;
+  for (int64_t g = 0; g < ng; ++g) {
+    words[g] = scorefast::contract_words(c.seed, static_cast<uint32_t>(g0 + g), c.step, sample_id,
+                                         c.stream);
+  }
+  if (kind == kRademacher || kind == kUniform) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t e = first + i;
+      const uint32_t w = words[e / 4 - g0].w[e % 4];
+      out[i] = kind == kRademacher ? scorefast::word_to_rademacher(w) : scorefast::word_to_uniform(w);
+    }
+    return;
+  }
+  // Box-Muller on pairs (w0, w1) and (w2, w3): pair p of group g is index 2g + p.
+  alignas(64) std::array<float, 2 * kMaxGroups> ua, ub, cos_out, sin_out;
+  for (int64_t g = 0; g < ng; ++g) {
+    ua[2 * g] = scorefast::word_to_uniform(words[g].w[0]);
+    ub[2 * g] = scorefast::word_to_uniform(words[g].w[1]);
+    ua[2 * g + 1] = scorefast::word_to_uniform(words[g].w[2]);
+    ub[2 * g + 1] = scorefast::word_to_uniform(words[g].w[3]);
+  }
+  const int64_t npairs = 2 * ng;
+  const Vec min_u(scorefast::kMinUniform), minus_two(-2.0f), two_pi(scorefast::kTwoPi);
+  for (int64_t p = 0; p < npairs; p += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), npairs - p);
+    const Vec a = at::vec::maximum(Vec::loadu(ua.data() + p, count), min_u);
+    const Vec theta = Vec::loadu(ub.data() + p, count) * two_pi;
+    const Vec r = (a.log() * minus_two).sqrt();
+    (r * theta.cos()).store(cos_out.data() + p, count);
+    (r * theta.sin()).store(sin_out.data() + p, count);
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = first + i;
+    const int64_t pair = 2 * (e / 4 - g0) + (e % 4) / 2;
+    out[i] = (e % 2 == 0) ? cos_out[pair] : sin_out[pair];
+  }
+}
+
+// Reads n elements of a float/half/bfloat16 row as fp32: the row itself when it is fp32.
+const float* as_float(const void* base, at::ScalarType dtype, int64_t offset, int64_t n,
+                      float* buf) {
+  switch (dtype) {
+    case at::kFloat:
+      return static_cast<const float*>(base) + offset;
+    case at::kHalf: {
+      const auto* p = static_cast<const at::Half*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+      return buf;
+    }
+    case at::kBFloat16: {
+      const auto* p = static_cast<const at::BFloat16*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(p[i]);
+      return buf;
+    }
+    default:
+      TORCH_CHECK(false, "scorefast cpu kernels take float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+void store_from_float(const float* src, void* base, at::ScalarType dtype, int64_t offset, int64_t n) {
+  switch (dtype) {
+    case at::kFloat:
+      std::copy(src, src + n, static_cast<float*>(base) + offset);
+      return;
+    case at::kHalf: {
+      auto* p = static_cast<at::Half*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<at::Half>(src[i]);
+      return;
+    }
+    case at::kBFloat16: {
+      auto* p = static_cast<at::BFloat16*>(base) + offset;
+      for (int64_t i = 0; i < n; ++i) p[i] = static_cast<at::BFloat16>(src[i]);
+      return;
+    }
+    default:
+      TORCH_CHECK(false, "scorefast cpu kernels write float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+void check_rows(const at::Tensor& t, int64_t B, int64_t D, const char* name) {
+  TORCH_CHECK(t.is_contiguous() && t.dim() == 2 && t.size(0) == B && t.size(1) == D, name,
+              " must be a contiguous [B, D] tensor");
+}
+
+// Runs fn(b, first, n) over every tile of every sample, in parallel over tiles.
+template <typename Fn>
+void for_each_tile(int64_t B, int64_t D, const Fn& fn) {
+  const int64_t tiles = (D + kTile - 1) / kTile;
+  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t b = job / tiles;
+      const int64_t first = (job % tiles) * kTile;
+      fn(b, first, std::min<int64_t>(kTile, D - first));
+    }
+  });
+}
+
+// out[b, e] = noise(seed, step, ids[b], stream, elem_offset + e), out fp32 [B, D].
+void fill_noise(at::Tensor out, const at::Tensor& ids, uint64_t seed, int64_t step, int64_t stream,
+                int64_t elem_offset, int64_t kind) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat, "out must be float32");
+  const int64_t B = out.size(0), D = out.size(1);
+  check_rows(out, B, D, "out");
+  const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
+  const int64_t* id = ids.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  for_each_tile(B, D, [&](int64_t b, int64_t first, int64_t n) {
+    noise_tile(c, static_cast<uint32_t>(id[b]), elem_offset + first, n, kind, o + b * D + first);
+  });
+}
+
+// out = coefs[0]*x + sum_t coefs[1+t]*terms[t] + coefs[K-1]*z, coefs fp32 [K, B], K = T + 2.
+void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& terms,
+                  const at::Tensor& coefs, const at::Tensor& ids, uint64_t seed, int64_t step,
+                  int64_t stream, bool with_noise) {
+  const int64_t B = x.size(0), D = x.size(1);
+  check_rows(x, B, D, "x");
+  check_rows(out, B, D, "out");
+  for (const auto& t : terms) check_rows(t, B, D, "terms[i]");
+  const int64_t T = static_cast<int64_t>(terms.size());
+  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.size(0) == T + 2 &&
+                  coefs.size(1) == B,
+              "coefs must be float32 [len(terms) + 2, B]");
+  const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const float* cf = coefs.data_ptr<float>();
+  std::vector<const void*> term_ptr;
+  std::vector<at::ScalarType> term_dtype;
+  for (const auto& t : terms) {
+    term_ptr.push_back(t.data_ptr());
+    term_dtype.push_back(t.scalar_type());
+  }
+  const void* xp = x.data_ptr();
+  void* op = out.data_ptr();
+  const auto xdt = x.scalar_type(), odt = out.scalar_type();
+  for_each_tile(B, D, [&](int64_t b, int64_t first, int64_t n) {
+    alignas(64) std::array<float, kTile> xbuf, tbuf, zbuf, acc;
+    const float* xv = as_float(xp, xdt, b * D + first, n, xbuf.data());
+    if (with_noise) noise_tile(c, static_cast<uint32_t>(id[b]), first, n, kNormal, zbuf.data());
+    const Vec xc(cf[b]);
+    for (int64_t i = 0; i < n; i += Vec::size()) {
+      const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+      (xc * Vec::loadu(xv + i, cnt)).store(acc.data() + i, cnt);
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const float* tv = as_float(term_ptr[t], term_dtype[t], b * D + first, n, tbuf.data());
+      const Vec ct(cf[(1 + t) * B + b]);
+      for (int64_t i = 0; i < n; i += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+        at::vec::fmadd(ct, Vec::loadu(tv + i, cnt), Vec::loadu(acc.data() + i, cnt))
+            .store(acc.data() + i, cnt);
+      }
+    }
+    if (with_noise) {
+      const Vec cz(cf[(T + 1) * B + b]);
+      for (int64_t i = 0; i < n; i += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+        at::vec::fmadd(cz, Vec::loadu(zbuf.data() + i, cnt), Vec::loadu(acc.data() + i, cnt))
+            .store(acc.data() + i, cnt);
+      }
+    }
+    store_from_float(acc.data(), op, odt, b * D + first, n);
+  });
+}
+
+// Sum of squares of one tile's n values, lanes accumulated from the tile start, then the
+// lanes added in lane order.
+float tile_sumsq(const float* v, int64_t n) {
+  Vec acc(0.0f);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    const Vec a = Vec::loadu(v + i, cnt);
+    acc = at::vec::fmadd(a, a, acc);
+  }
+  alignas(64) float lanes[Vec::size()];
+  acc.store(lanes);
+  float s = 0.0f;
+  for (int64_t l = 0; l < Vec::size(); ++l) s += lanes[l];
+  return s;
+}
+
+// out fp32 [2, B]: row 0 = sum of squares of t per sample (0 when t is undefined), row 1 = the
+// same of the normal noise z of (seed, step, stream, ids) with elem offset 0.  z is never stored.
+void sumsq_norms(at::Tensor out, const c10::optional<at::Tensor>& t, const at::Tensor& ids,
+                 int64_t D, uint64_t seed, int64_t step, int64_t stream, bool with_noise) {
+  const int64_t B = ids.size(0);
+  const int64_t tiles = (D + kTile - 1) / kTile;
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == 2 * B,
+              "out must be float32 [2, B]");
+  const bool has_t = t.has_value() && t->defined();
+  if (has_t) check_rows(*t, B, D, "t");
+  std::vector<float> partial(static_cast<size_t>(2 * B * tiles), 0.0f);
+  const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
+  const int64_t* id = ids.data_ptr<int64_t>();
+  const void* tp = has_t ? t->data_ptr() : nullptr;
+  const auto tdt = has_t ? t->scalar_type() : at::kFloat;
+  for_each_tile(B, D, [&](int64_t b, int64_t first, int64_t n) {
+    alignas(64) std::array<float, kTile> buf;
+    const int64_t slot = b * tiles + first / kTile;
+    if (has_t) partial[slot] = tile_sumsq(as_float(tp, tdt, b * D + first, n, buf.data()), n);
+    if (with_noise) {
+      noise_tile(c, static_cast<uint32_t>(id[b]), first, n, kNormal, buf.data());
+      partial[B * tiles + slot] = tile_sumsq(buf.data(), n);
+    }
+  });
+  float* o = out.data_ptr<float>();
+  for (int64_t row = 0; row < 2; ++row) {
+    for (int64_t b = 0; b < B; ++b) {
+      float s = 0.0f;
+      for (int64_t k = 0; k < tiles; ++k) s += partial[row * B * tiles + b * tiles + k];
+      o[row * B + b] = s;
+    }
+  }
+}
+
+// Philox words for explicit counters: the known-answer check of the shared header.
+std::vector<uint32_t> philox_words(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0,
+                                   uint32_t k1) {
+  const auto w = scorefast::philox4x32_10(c0, c1, c2, c3, k0, k1);
+  return {w.w[0], w.w[1], w.w[2], w.w[3]};
+}
+
+}  // namespace scorefast_cpu
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "scorefast CPU kernels (" SF_CAPABILITY_NAME ")";
+  m.attr("capability") = SF_CAPABILITY_NAME;
+  m.attr("vector_width") = scorefast_cpu::Vec::size();
+  m.attr("tile") = scorefast_cpu::kTile;
+  m.def("fill_noise", &scorefast_cpu::fill_noise);
+  m.def("fused_update", &scorefast_cpu::fused_update);
+  m.def("sumsq_norms", &scorefast_cpu::sumsq_norms);
+  m.def("philox_words", &scorefast_cpu::philox_words);
+}

@@ -1,0 +1,85 @@
+// scorefast._cuda: pybind11 bindings of the CUDA launchers.  Built with no torch headers; the
+// Python side passes data_ptr()s (ints) and torch.cuda.current_stream().cuda_stream.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "launchers.h"
+#include "scorefast/philox.h"
+
+namespace py = pybind11;
+using namespace scorefast_cuda;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("scorefast._cuda.") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+CounterArgs counter(uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, uint32_t step,
+                    uint32_t stream, uintptr_t ids) {
+  return CounterArgs{ptr<const int64_t>(seed_ptr), ptr<const int64_t>(step_ptr), seed, step, stream,
+                     ptr<const int64_t>(ids)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "scorefast CUDA kernels (raw-pointer launchers, no torch headers)";
+  m.attr("cuda_runtime_version") = CUDART_VERSION;
+  m.attr("max_terms") = kMaxTerms;
+  m.def("fill_noise",
+        [](uintptr_t out, int64_t B, int64_t D, int64_t elem_offset, int kind, uintptr_t seed_ptr,
+           uintptr_t step_ptr, uint64_t seed, uint32_t step, uint32_t stream, uintptr_t ids,
+           uintptr_t cuda_stream) {
+          check(fill_noise(ptr<float>(out), B, D, elem_offset, kind,
+                           counter(seed_ptr, step_ptr, seed, step, stream, ids),
+                           reinterpret_cast<cudaStream_t>(cuda_stream)),
+                "fill_noise");
+        });
+  m.def("fused_update",
+        [](uintptr_t out, uintptr_t x, int x_dtype, const std::vector<uintptr_t>& term_ptrs,
+           const std::vector<int>& term_dtypes, uintptr_t coefs, bool with_noise, int64_t B,
+           int64_t D, uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, uint32_t step,
+           uint32_t stream, uintptr_t ids, uintptr_t cuda_stream) {
+          if (term_ptrs.size() > kMaxTerms || term_ptrs.size() != term_dtypes.size()) {
+            throw std::invalid_argument("terms: at most 4, one dtype each");
+          }
+          Terms terms{};
+          terms.count = static_cast<int>(term_ptrs.size());
+          for (int t = 0; t < terms.count; ++t) {
+            terms.ptr[t] = ptr<const void>(term_ptrs[t]);
+            terms.dtype[t] = term_dtypes[t];
+          }
+          check(scorefast_cuda::fused_update(ptr<void>(out), ptr<const void>(x), x_dtype, terms,
+                                             ptr<const float>(coefs), with_noise, B, D,
+                                             counter(seed_ptr, step_ptr, seed, step, stream, ids),
+                                             reinterpret_cast<cudaStream_t>(cuda_stream)),
+                "fused_update");
+        });
+  m.def("sumsq_norms",
+        [](uintptr_t out, uintptr_t partial, uintptr_t t, int t_dtype, bool with_noise, int64_t B,
+           int64_t D, uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, uint32_t step,
+           uint32_t stream, uintptr_t ids, uintptr_t cuda_stream) {
+          check(scorefast_cuda::sumsq_norms(ptr<float>(out), ptr<float>(partial), ptr<const void>(t),
+                                            t_dtype, with_noise, B, D,
+                                            counter(seed_ptr, step_ptr, seed, step, stream, ids),
+                                            reinterpret_cast<cudaStream_t>(cuda_stream)),
+                "sumsq_norms");
+        });
+  m.def("norm_tiles", &norm_tiles);
+  m.def("philox_words", [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
+    const auto w = scorefast::philox4x32_10(c0, c1, c2, c3, k0, k1);
+    return std::vector<uint32_t>{w.w[0], w.w[1], w.w[2], w.w[3]};
+  });
+}
