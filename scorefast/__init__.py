@@ -1,0 +1,18 @@
+"""scorefast: a compiled sampling engine for score-based generative models.
+
+Noise (``randn``, ``rand``, ``rademacher``) follows one counter-based Philox stream that is the
+same on every backend and independent of the batch; ``scorefast.ops`` holds the fused update
+kernels.  Importing never loads a compiled extension or queries a GPU, unless
+``SCOREFAST_REQUIRE_BACKENDS`` asks for a backend to be checked.
+"""
+
+from . import backends, ops, testing
+from .backends import BackendUnavailableError
+from .errors import NonFiniteError
+from .rng import rand, rademacher, randn
+
+__version__ = "0.1.0"
+
+backends.check_required()
+
+__all__ = ["BackendUnavailableError", "NonFiniteError", "backends", "ops", "rand", "rademacher", "randn", "testing"]

@@ -1,0 +1,122 @@
+"""Argument checks shared by the public API: every error names the argument it is about."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+UINT32 = 1 << 32
+UINT64 = 1 << 64
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def is_capturing_or_compiling() -> bool:
+    """True inside torch.compile tracing or CUDA-graph capture: no host reads allowed there."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
+def check_float_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a float32/float16/bfloat16/float64 tensor, got {t.dtype}")
+    return t
+
+
+def check_batched(name: str, t: torch.Tensor) -> int:
+    if t.dim() < 1:
+        raise ValueError(f"{name}: expected a batched tensor [B, ...], got a 0-d tensor")
+    return t.shape[0]
+
+
+def check_finite_scalar(name: str, v: object, *, positive: bool = False, nonzero: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: must be finite, got {v}")
+    if positive and v <= 0:
+        raise ValueError(f"{name}: must be > 0, got {v}")
+    if nonzero and v == 0:
+        raise ValueError(f"{name}: must be nonzero, got {v}")
+    return v
+
+
+def check_coef(name: str, v: object, B: int, device: torch.device, *, positive: bool = False,
+               nonzero: bool = False) -> float | torch.Tensor:
+    """A coefficient: a finite Python number, or a float tensor of shape [], [1] or [B] on ``device``.
+
+    Tensor values are not read on the host (that would sync); Python numbers are checked.
+    """
+    if isinstance(v, torch.Tensor):
+        if not v.is_floating_point():
+            raise TypeError(f"{name}: expected a float tensor, got {v.dtype}")
+        if v.device != device:
+            raise ValueError(f"{name}: on {v.device}, but x is on {device}")
+        if v.dim() > 1 or (v.dim() == 1 and v.shape[0] not in (1, B)):
+            raise ValueError(f"{name}: expected a scalar or a [B]={B} tensor, got shape {tuple(v.shape)}")
+        if v.device.type == "cpu" and not is_capturing_or_compiling():
+            if not bool(torch.isfinite(v).all()):
+                raise ValueError(f"{name}: contains non-finite values")
+            if positive and not bool((v > 0).all()):
+                raise ValueError(f"{name}: must be > 0 everywhere")
+            if nonzero and not bool((v != 0).all()):
+                raise ValueError(f"{name}: must be nonzero everywhere")
+        return v
+    return check_finite_scalar(name, v, positive=positive, nonzero=nonzero)
+
+
+def check_counter(name: str, v: object, device: torch.device, *, upper: int) -> torch.Tensor:
+    """Seed (upper=2**64) or step (upper=2**32): a Python int or a 0-d int64 tensor.
+
+    Returns a 0-d int64 tensor: on ``device`` if it came as a device tensor (its value then stays
+    on the device, so CUDA-graph replays advance it), else on the CPU.  A seed in [2**63, 2**64)
+    becomes its int64 two's complement.
+    """
+    if isinstance(v, torch.Tensor):
+        if v.dtype != torch.int64 or v.dim() != 0:
+            raise TypeError(f"{name}: a tensor {name} must be a 0-d int64 tensor, got {v.dtype} {tuple(v.shape)}")
+        if v.device.type != "cpu" and v.device != device:
+            raise ValueError(f"{name}: on {v.device}, but the op runs on {device}")
+        if v.device.type == "cpu" and upper == UINT32 and not 0 <= int(v) < UINT32:
+            raise ValueError(f"{name}: must lie in [0, 2**32), got {int(v)}")
+        return v
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int or a 0-d int64 tensor, got {type(v).__name__}")
+    v = int(v)
+    if not 0 <= v < upper:
+        bound = "2**64" if upper == UINT64 else "2**32"
+        raise ValueError(f"{name}: must lie in [0, {bound}), got {v}")
+    if v >= 1 << 63:
+        v -= UINT64
+    return torch.tensor(v, dtype=torch.int64)
+
+
+def check_stream(stream: object) -> int:
+    if isinstance(stream, bool) or not isinstance(stream, numbers.Integral) or not 0 <= int(stream) < UINT32:
+        raise ValueError(f"stream: must be an int in [0, 2**32), got {stream!r}")
+    return int(stream)
+
+
+def check_sample_ids(sample_ids: object, B: int, device: torch.device) -> torch.Tensor:
+    """int64 [B] ids on ``device`` in [0, 2**32); default arange(B).  Checked on the host unless capturing."""
+    if sample_ids is None:
+        if B > UINT32:
+            raise ValueError(f"sample_ids: batch {B} exceeds 2**32 ids")
+        return torch.arange(B, dtype=torch.int64, device=device)
+    if not isinstance(sample_ids, torch.Tensor):
+        sample_ids = torch.as_tensor(sample_ids)
+    if sample_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"sample_ids: expected an int64 tensor, got {sample_ids.dtype}")
+    if sample_ids.dim() != 1 or sample_ids.shape[0] != B:
+        raise ValueError(f"sample_ids: expected shape [{B}] (one id per sample), got {tuple(sample_ids.shape)}")
+    sample_ids = sample_ids.to(device=device, dtype=torch.int64)
+    if B and not is_capturing_or_compiling():
+        lo, hi = int(sample_ids.min()), int(sample_ids.max())
+        if lo < 0 or hi >= UINT32:
+            raise ValueError(f"sample_ids: must lie in [0, 2**32), got values in [{lo}, {hi}]")
+    return sample_ids.contiguous()

@@ -1,0 +1,68 @@
+"""The ``cpu`` backend: C++ kernels (``csrc/cpu``) built per ISA, picked at run time.
+
+The module matching ``torch.backends.cpu.get_cpu_capability()`` (which honours
+``ATEN_CPU_CAPABILITY``) is loaded; if it is missing, the next lower ISA, and why is recorded.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+_ORDER = ("avx512", "avx2", "default")
+_module: ModuleType | None = None
+_notes: list[str] = []
+
+
+def _wanted() -> str:
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    return cap if cap in _ORDER else "default"
+
+
+def load() -> ModuleType:
+    global _module
+    if _module is None:
+        errors = []
+        start = _ORDER.index(_wanted())
+        for name in _ORDER[start:]:
+            try:
+                _module = importlib.import_module(f"scorefast._C_{name}")
+                break
+            except ImportError as err:
+                errors.append(f"_C_{name}: {err}")
+        _notes[:] = errors
+        if _module is None:
+            raise ImportError("; ".join(errors) + _build_hint())
+    return _module
+
+
+def _build_hint() -> str:
+    from ..info import build_info
+
+    parts = build_info().get("parts", {})
+    reasons = [f"{k}: {v.get('why', v.get('state'))}" for k, v in parts.items() if k.startswith("_C") or k == "cpu"]
+    return (" (build: " + "; ".join(reasons) + ")") if reasons else " (no build record: the extension was not built)"
+
+
+def availability():
+    m = load()
+    why = f"C++ kernels for {m.capability} ({m.vector_width} fp32 lanes), torch capability {_wanted().upper()}"
+    if _notes:
+        why += " [fell back: " + "; ".join(_notes) + "]"
+    return True, why, ("cpu",)
+
+
+def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
+    load().fill_noise(out, ids, int(seed) % (1 << 64), int(step), stream, elem_offset, kind)
+
+
+def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
+    load().fused_update(out, x, list(terms), coefs, ids, int(seed) % (1 << 64), int(step), stream, with_noise)
+
+
+def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:
+    out = torch.empty(2, ids.shape[0], dtype=torch.float32)
+    load().sumsq_norms(out, t, ids, D, int(seed) % (1 << 64), int(step), stream, with_noise)
+    return out

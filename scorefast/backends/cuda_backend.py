@@ -1,0 +1,80 @@
+"""The ``cuda`` backend: ``scorefast._cuda`` kernels (nvcc-built, no torch headers).
+
+Launchers get ``data_ptr()``s and ``torch.cuda.current_stream().cuda_stream``, so launches land
+on the current stream and CUDA graphs capture them.  Seed/step given as CUDA tensors are read on
+the device (graph replay advances them); given on the CPU they pass by value.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_module: ModuleType | None = None
+
+
+def load() -> ModuleType:
+    global _module
+    if _module is None:
+        _module = importlib.import_module("scorefast._cuda")
+    return _module
+
+
+def module_state() -> tuple[bool, str]:
+    """Whether the compiled module loads (no GPU needed): the ``cuda_module`` requirement."""
+    try:
+        m = load()
+    except ImportError as err:
+        from ..info import build_info
+
+        part = build_info().get("parts", {}).get("_cuda", {})
+        return False, f"{err} (build: {part.get('why', part.get('state', 'no record'))})"
+    return True, f"scorefast._cuda built with CUDA runtime {m.cuda_runtime_version}"
+
+
+def availability():
+    ok, why = module_state()
+    if not ok:
+        return False, why, ()
+    if not torch.cuda.is_available():
+        return False, why + "; no CUDA device visible to torch", ()
+    return True, why, ("cuda",)
+
+
+def _counter(seed: torch.Tensor, step: torch.Tensor) -> tuple[int, int, int, int]:
+    seed_ptr = seed.data_ptr() if seed.is_cuda else 0
+    step_ptr = step.data_ptr() if step.is_cuda else 0
+    seed_val = 0 if seed.is_cuda else int(seed) % (1 << 64)
+    step_val = 0 if step.is_cuda else int(step)
+    return seed_ptr, step_ptr, seed_val, step_val
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
+    B, D = out.shape
+    load().fill_noise(out.data_ptr(), B, D, elem_offset, kind, *_counter(seed, step), stream, ids.data_ptr(),
+                      _stream(out))
+
+
+def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
+    B, D = x.shape
+    load().fused_update(out.data_ptr(), x.data_ptr(), _DTYPE_CODES[x.dtype], [t.data_ptr() for t in terms],
+                        [_DTYPE_CODES[t.dtype] for t in terms], coefs.data_ptr(), with_noise, B, D,
+                        *_counter(seed, step), stream, ids.data_ptr(), _stream(x))
+
+
+def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:
+    B = ids.shape[0]
+    m = load()
+    out = torch.empty(2, B, dtype=torch.float32, device=ids.device)
+    partial = torch.empty(2 * B * m.norm_tiles(D), dtype=torch.float32, device=ids.device)
+    m.sumsq_norms(out.data_ptr(), partial.data_ptr(), t.data_ptr() if t is not None else 0,
+                  _DTYPE_CODES[t.dtype] if t is not None else 0, with_noise, B, D, *_counter(seed, step), stream,
+                  ids.data_ptr(), _stream(ids))
+    return out

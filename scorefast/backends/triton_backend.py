@@ -1,0 +1,71 @@
+"""The ``triton`` backend: ``scorefast.kernels``.
+
+On CUDA tensors it compiles; on CPU tensors it runs only under ``TRITON_INTERPRET=1``, which
+Triton reads when a kernel is defined, so it must be set before ``scorefast.kernels`` is
+imported and only in a process without CUDA (DESIGN.md).  Interpreted launches use large
+blocks (64K elements) over a flat grid.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from packaging.version import Version
+
+MIN_TRITON = Version("3.6")
+_COMPILED_GROUPS = 256  # 1024 elements a program on a GPU
+_INTERPRETED_GROUPS = 16384  # 64K elements a program under the interpreter
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def availability():
+    import triton
+
+    if Version(triton.__version__) < MIN_TRITON:
+        return False, f"triton {triton.__version__} < {MIN_TRITON}", ()
+    from .. import kernels  # noqa: F401  (defines the kernels: reads TRITON_INTERPRET now)
+
+    if interpreted():
+        return True, f"triton {triton.__version__} under TRITON_INTERPRET=1 (CPU tensors)", ("cpu",)
+    if not torch.cuda.is_available():
+        return False, f"triton {triton.__version__} needs a CUDA device (or TRITON_INTERPRET=1 for CPU tensors)", ()
+    return True, f"triton {triton.__version__}", ("cuda",)
+
+
+def _groups() -> int:
+    return _INTERPRETED_GROUPS if interpreted() else _COMPILED_GROUPS
+
+
+def _scalar(t: torch.Tensor, device: torch.device):
+    """A counter tensor stays a pointer if it lives where the kernel runs, else passes by value."""
+    return t if t.device == device else int(t)
+
+
+def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
+    from ..kernels import noise
+
+    noise.fill_noise(out, ids, _scalar(seed, out.device), _scalar(step, out.device), stream, elem_offset, kind,
+                     _groups())
+
+
+def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
+    from ..kernels import fused_update as kernel
+
+    kernel.fused_update(out, x, list(terms), coefs, ids, _scalar(seed, x.device), _scalar(step, x.device), stream,
+                        with_noise, _groups())
+
+
+def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:
+    from ..kernels import sumsq_norms as kernel
+
+    max_elements = 4 * _groups()
+    B = ids.shape[0]
+    out = torch.empty(2, B, dtype=torch.float32, device=ids.device)
+    partial = torch.zeros(2, B, kernel.n_tiles_for(D, max_elements), dtype=torch.float32, device=ids.device)
+    kernel.sumsq_norms(out, partial, t, ids, _scalar(seed, ids.device), _scalar(step, ids.device), D, stream,
+                       with_noise, max_elements)
+    return out

@@ -1,0 +1,68 @@
+"""Helpers shared by the public op wrappers: flattening to [B, D], coefficients, counters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .. import _checks, backends
+
+
+@dataclass
+class Counter:
+    """Validated noise counter of one op call (seed, step as 0-d int64 tensors)."""
+
+    seed: torch.Tensor
+    step: torch.Tensor
+    stream: int
+    sample_ids: torch.Tensor
+
+
+def counter(B: int, device: torch.device, seed, step, stream, sample_ids) -> Counter:
+    return Counter(
+        seed=_checks.check_counter("seed", seed, device, upper=_checks.UINT64),
+        step=_checks.check_counter("step", step, device, upper=_checks.UINT32),
+        stream=_checks.check_stream(stream),
+        sample_ids=_checks.check_sample_ids(sample_ids, B, device),
+    )
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """[B, ...] -> contiguous [B, D] in logical row-major order (copies only if needed)."""
+    return t.reshape(t.shape[0], -1).contiguous()
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def coef_matrix(coefs: Sequence[float | torch.Tensor], B: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Stack scalar / 0-d / [1] / [B] coefficients into a [K, B] tensor (differentiable)."""
+    out = []
+    for c in coefs:
+        if isinstance(c, torch.Tensor):
+            out.append(c.to(dtype).reshape(-1).expand(B))
+        else:
+            out.append(torch.full((B,), c, dtype=dtype, device=device))
+    return torch.stack(out)
+
+
+def check_term(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    _checks.check_float_tensor(name, t)
+    if t.shape != x.shape:
+        raise ValueError(f"{name}: shape {tuple(t.shape)} does not match x {tuple(x.shape)}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
+    if t.dtype == torch.float64 and x.dtype != torch.float64:
+        raise TypeError(f"{name}: float64 term with {x.dtype} x; use float64 x (torch backend) or a lower precision")
+
+
+def resolve_backend(backend: str | None, x: torch.Tensor) -> str:
+    return backends.resolve(backend, x.device, x.dtype)
+
+
+def refuse_grad(op: str, *tensors: torch.Tensor | None) -> None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise ValueError(f"{op}: out= does not support inputs that require grad; use the functional form")

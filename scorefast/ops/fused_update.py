@@ -1,0 +1,141 @@
+"""``scorefast::fused_update``: out = x_coef*x + sum_t c_t*terms[t] + noise*z, z made in-kernel.
+
+Public op vs private kernels as in xformers: this file validates, flattens to [B, D], builds the
+[K, B] coefficient matrix and calls the custom op, whose implementation hands the work to the
+resolved backend.  The custom op has ``register_fake`` (shapes for torch.compile) and
+``register_autograd``: gradients flow to x, the terms and tensor coefficients (the noise is
+regenerated in backward, never stored).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _checks, backends
+from . import _common
+from .noise import noise_op
+
+
+def _run(out: Tensor, x: Tensor, terms: list[Tensor], coefs: Tensor, seed: Tensor, step: Tensor, stream: int,
+         sample_ids: Tensor, with_noise: bool, backend: str) -> None:
+    impl = backends.get(backend)
+    if backend != "torch":
+        coefs = coefs.to(torch.float32).contiguous()
+    impl.fused_update(out, x, terms, coefs, sample_ids, seed, step, stream, with_noise)
+
+
+@torch.library.custom_op("scorefast::fused_update", mutates_args=())
+def fused_update_op(x: Tensor, terms: list[Tensor], coefs: Tensor, seed: Tensor, step: Tensor, stream: int,
+                    sample_ids: Tensor, with_noise: bool, backend: str) -> Tensor:
+    """x, terms: contiguous [B, D]; coefs [len(terms) + 2, B] (x, terms..., noise)."""
+    out = torch.empty_like(x)
+    _run(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend)
+    return out
+
+
+@fused_update_op.register_fake
+def _(x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend = inputs
+    ctx.save_for_backward(x, coefs, seed, step, sample_ids, *terms)
+    ctx.meta = (stream, with_noise, backend, len(terms))
+
+
+def _backward(ctx, grad):
+    stream, with_noise, backend, n_terms = ctx.meta
+    x, coefs, seed, step, sample_ids, *terms = ctx.saved_tensors
+    g = grad.to(_common.compute_dtype(x))
+    c = coefs.to(g.dtype)
+    gx = (c[0, :, None] * g).to(x.dtype) if ctx.needs_input_grad[0] else None
+    gterms = [(c[1 + t, :, None] * g).to(term.dtype) for t, term in enumerate(terms)]
+    gcoefs = None
+    if ctx.needs_input_grad[2]:
+        rows = [(g * x.to(g.dtype)).sum(1)] + [(g * term.to(g.dtype)).sum(1) for term in terms]
+        if with_noise:
+            z = noise_op(sample_ids, seed, step, x.shape[1], stream, 0, 1, g.dtype, backend)
+            rows.append((g * z).sum(1))
+        else:
+            rows.append(torch.zeros_like(rows[0]))
+        gcoefs = torch.stack(rows).to(coefs.dtype)
+    return gx, gterms, gcoefs, None, None, None, None, None, None
+
+
+fused_update_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("scorefast::fused_update_out", mutates_args=("out",))
+def fused_update_out_op(out: Tensor, x: Tensor, terms: list[Tensor], coefs: Tensor, seed: Tensor, step: Tensor,
+                        stream: int, sample_ids: Tensor, with_noise: bool, backend: str) -> None:
+    """As ``fused_update`` but writes into ``out`` (contiguous [B, D]; may be x itself)."""
+    _run(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend)
+
+
+@fused_update_out_op.register_fake
+def _(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend):
+    return None
+
+
+def apply(x: Tensor, terms: Sequence[tuple[float | Tensor, Tensor]], *, noise: float | Tensor, seed, step, stream,
+          sample_ids, x_coef: float | Tensor, out: Tensor | None, backend: str | None,
+          op: str = "fused_update") -> Tensor:
+    """Validated call shared by the public update ops (names in errors are the caller's)."""
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    terms = list(terms)
+    for i, pair in enumerate(terms):
+        if not (isinstance(pair, tuple | list) and len(pair) == 2):
+            raise TypeError(f"terms[{i}]: expected a (coefficient, tensor) pair")
+        _common.check_term(f"terms[{i}]", pair[1], x)
+    coef_values = [_checks.check_coef("x_coef", x_coef, B, x.device)]
+    coef_values += [_checks.check_coef(f"terms[{i}] coefficient", c, B, x.device) for i, (c, _) in enumerate(terms)]
+    with_noise = isinstance(noise, Tensor) or noise != 0.0
+    coef_values.append(_checks.check_coef("noise", noise, B, x.device))
+    name = _common.resolve_backend(backend, x)
+    c = _common.counter(B, x.device, seed, step, stream, sample_ids)
+    x2 = _common.rows(x)
+    t2 = [_common.rows(t) for _, t in terms]
+    coefs = _common.coef_matrix(coef_values, B, x.device, _common.compute_dtype(x))
+    if out is None:
+        return fused_update_op(x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name).view(x.shape)
+    _checks.check_float_tensor("out", out)
+    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+        raise ValueError(f"out: expected {tuple(x.shape)} {x.dtype} on {x.device}, got "
+                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+    _common.refuse_grad(op, x, out, coefs, *t2)
+    target = out.view(B, -1) if out.is_contiguous() else torch.empty_like(x2)
+    fused_update_out_op(target, x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name)
+    if target.data_ptr() != out.data_ptr():
+        out.copy_(target.view(x.shape))
+    return out
+
+
+def fused_update(x: Tensor, terms: Sequence[tuple[float | Tensor, Tensor]] = (), *, noise: float | Tensor = 0.0,
+                 seed: int | Tensor = 0, step: int | Tensor = 0, stream: int = 0, sample_ids: Tensor | None = None,
+                 x_coef: float | Tensor = 1.0, out: Tensor | None = None, return_norms: bool = False,
+                 backend: str | None = None):
+    """``out = x_coef*x + sum(c*t for c, t in terms) + noise*z`` with z ~ N(0, I) from the stream.
+
+    Args:
+        x: state [B, ...], float32 (or float16/bfloat16; float64 on the torch backend).
+        terms: up to 4 pairs (coefficient, tensor shaped like x; bf16/fp16 allowed with fp32 x).
+        noise, x_coef, coefficients: Python numbers, 0-d or [B] tensors (per sample).
+        seed, step: ints or 0-d int64 tensors; stream, sample_ids: see ``scorefast.randn``.
+        out: write here (may be x); not for inputs that require grad.
+        return_norms: also return (||terms[0]|| [B], ||z|| [B]) in fixed summation order.
+    """
+    result = apply(x, terms, noise=noise, seed=seed, step=step, stream=stream, sample_ids=sample_ids,
+                   x_coef=x_coef, out=out, backend=backend)
+    if not return_norms:
+        return result
+    from .sample_norm import noise_and_term_norms
+
+    t0 = terms[0][1] if terms else None
+    term_norm, z_norm = noise_and_term_norms(t0, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids,
+                                             backend=backend)
+    return result, term_norm, z_norm

@@ -1,0 +1,88 @@
+"""``scorefast::noise``: the contract's uniforms / normals / Rademacher signs as a custom op."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _checks, backends
+from ..rng import KINDS
+from . import _common
+
+
+def _fill(out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int, kind: int,
+          backend: str) -> None:
+    """Fill ``out`` [B, D] (any float dtype) by ``backend``."""
+    impl = backends.get(backend)
+    if backend == "torch":
+        out.copy_(impl.noise(sample_ids, out.shape[1], seed, step, stream, elem_offset, kind, torch.float64))
+    elif out.dtype == torch.float32 and out.is_contiguous():
+        impl.fill_noise(out, sample_ids, seed, step, stream, elem_offset, kind)
+    else:
+        tmp = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        impl.fill_noise(tmp, sample_ids, seed, step, stream, elem_offset, kind)
+        out.copy_(tmp)
+
+
+@torch.library.custom_op("scorefast::noise", mutates_args=())
+def noise_op(sample_ids: Tensor, seed: Tensor, step: Tensor, numel: int, stream: int, elem_offset: int, kind: int,
+             dtype: torch.dtype, backend: str) -> Tensor:
+    """[B, numel] noise of kind (0 uniform, 1 normal, 2 Rademacher) for elements elem_offset + e."""
+    out = torch.empty(sample_ids.shape[0], numel, dtype=dtype, device=sample_ids.device)
+    _fill(out, sample_ids, seed, step, stream, elem_offset, kind, backend)
+    return out
+
+
+@noise_op.register_fake
+def _(sample_ids, seed, step, numel, stream, elem_offset, kind, dtype, backend):
+    return sample_ids.new_empty((sample_ids.shape[0], numel), dtype=dtype)
+
+
+@torch.library.custom_op("scorefast::noise_out", mutates_args=("out",))
+def noise_out_op(out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int,
+                 kind: int, backend: str) -> None:
+    """Writes the noise into ``out`` [B, ...] (row-major element order within each sample)."""
+    flat = out.view(out.shape[0], -1) if out.is_contiguous() else torch.empty_like(out).view(out.shape[0], -1)
+    _fill(flat, sample_ids, seed, step, stream, elem_offset, kind, backend)
+    if flat.data_ptr() != out.data_ptr():
+        out.copy_(flat.view(out.shape))
+
+
+@noise_out_op.register_fake
+def _(out, sample_ids, seed, step, stream, elem_offset, kind, backend):
+    return None
+
+
+def noise(shape: Sequence[int], *, kind: str = "normal", seed, step=0, stream: int = 0,
+          sample_ids: Tensor | None = None, device=None, dtype: torch.dtype = torch.float32,
+          out: Tensor | None = None, elem_offset: int = 0, backend: str | None = None) -> Tensor:
+    """Noise of the contract, shape [B, ...]; see ``scorefast.randn``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")
+    if out is not None:
+        _checks.check_float_tensor("out", out)
+        if shape is not None and tuple(out.shape) != tuple(shape):
+            raise ValueError(f"out: shape {tuple(out.shape)} does not match shape {tuple(shape)}")
+        shape, device, dtype = tuple(out.shape), out.device, out.dtype
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 1 or any(s < 0 for s in shape):
+        raise ValueError(f"shape: expected [B, ...] with B the batch, got {shape}")
+    if dtype not in _checks.FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected a float dtype, got {dtype}")
+    if device is None:
+        device = sample_ids.device if isinstance(sample_ids, Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    if elem_offset < 0:
+        raise ValueError(f"elem_offset: must be >= 0, got {elem_offset}")
+    c = _common.counter(shape[0], device, seed, step, stream, sample_ids)
+    # the noise itself is fp32 on every backend; float64 output asks the reference for float64
+    name = backends.resolve(backend, device, torch.float32 if dtype != torch.float64 else torch.float64)
+    if out is not None:
+        noise_out_op(out, c.sample_ids, c.seed, c.step, c.stream, elem_offset, KINDS[kind], name)
+        return out
+    numel = math.prod(shape[1:])
+    flat = noise_op(c.sample_ids, c.seed, c.step, numel, c.stream, elem_offset, KINDS[kind], dtype, name)
+    return flat.view(shape)

@@ -1,0 +1,70 @@
+"""``scorefast::sumsq_norms``: per-sample sums of squares in a fixed, batch-invariant order.
+
+Row 0 is sum(t**2) of each sample, row 1 the same of the contract's normals z (made in-kernel,
+never stored).  ``sample_norm`` is the public per-sample L2 norm that any sum feeding x or a step
+decision goes through (DESIGN.md: torch's own reductions reorder with batch size and threads).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _checks, backends
+from . import _common
+
+
+@torch.library.custom_op("scorefast::sumsq_norms", mutates_args=())
+def sumsq_norms_op(t: Tensor | None, sample_ids: Tensor, seed: Tensor, step: Tensor, numel: int, stream: int,
+                   with_noise: bool, dtype: torch.dtype, backend: str) -> Tensor:
+    """[2, B] in ``dtype`` (float64 only on the torch backend): sums of squares of t and of z."""
+    out = backends.get(backend).sumsq_norms(t, sample_ids, numel, seed, step, stream, with_noise, dtype)
+    return out.to(dtype)
+
+
+@sumsq_norms_op.register_fake
+def _(t, sample_ids, seed, step, numel, stream, with_noise, dtype, backend):
+    return sample_ids.new_empty((2, sample_ids.shape[0]), dtype=dtype)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0])
+
+
+def _backward(ctx, grad):
+    (t,) = ctx.saved_tensors
+    gt = None
+    if t is not None and ctx.needs_input_grad[0]:
+        gt = (2 * grad[0].to(t.dtype)[:, None] * t).to(t.dtype)
+    return gt, None, None, None, None, None, None, None, None
+
+
+sumsq_norms_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def sample_sumsq(t: Tensor, *, backend: str | None = None) -> Tensor:
+    """Per-sample sum of squares [B] of t [B, ...] in a fixed, batch-invariant tree."""
+    _checks.check_float_tensor("t", t)
+    B = _checks.check_batched("t", t)
+    name = _common.resolve_backend(backend, t)
+    ids = torch.zeros(B, dtype=torch.int64, device=t.device)
+    zero = torch.zeros((), dtype=torch.int64)
+    t2 = _common.rows(t)
+    return sumsq_norms_op(t2, ids, zero, zero, t2.shape[1], 0, False, _common.compute_dtype(t), name)[0]
+
+
+def sample_norm(t: Tensor, *, backend: str | None = None) -> Tensor:
+    """Per-sample L2 norm [B] of t [B, ...]: ||t_i|| summed in a fixed order (batch-invariant)."""
+    return sample_sumsq(t, backend=backend).sqrt()
+
+
+def noise_and_term_norms(t: Tensor | None, x: Tensor, *, seed, step, stream, sample_ids,
+                         backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """(||t|| [B], ||z|| [B]) with z the normals of (seed, step, stream, sample_ids) shaped like x."""
+    B = _checks.check_batched("x", x)
+    name = _common.resolve_backend(backend, x)
+    c = _common.counter(B, x.device, seed, step, stream, sample_ids)
+    t2 = _common.rows(t) if t is not None else None
+    sums = sumsq_norms_op(t2, c.sample_ids, c.seed, c.step, x[0].numel() if B else 0, c.stream, True,
+                          _common.compute_dtype(x), name)
+    return sums[0].sqrt(), sums[1].sqrt()

@@ -1,0 +1,41 @@
+"""Langevin corrector with a signal-to-noise step size (score_sde's ``LangevinCorrector``).
+
+Pass 1 takes ||score|| and ||z|| per sample (z made in-kernel, never stored, fixed-order sums);
+eps = 2*alpha*(snr*||z||/||score||)**2; pass 2 regenerates z: x + eps*score + sqrt(2*eps)*z.
+``norm="batch"`` averages the norms over the batch first, as score_sde and diffusers do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _checks
+from .fused_update import apply
+from .sample_norm import noise_and_term_norms
+
+NORMS = ("sample", "batch")
+
+
+def snr_langevin_step(x: Tensor, score: Tensor, snr: float, *, alpha: float | Tensor = 1.0, norm: str = "sample",
+                      seed: int | Tensor, step: int | Tensor, stream: int = 0, sample_ids: Tensor | None = None,
+                      out: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
+    """Returns (x_new [B, ...], eps [B]).  A zero score gives eps = 0 (x unchanged), not NaN."""
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    snr = _checks.check_finite_scalar("snr", snr, positive=True)
+    alpha = _checks.check_coef("alpha", alpha, B, x.device, positive=True)
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+    _checks.check_float_tensor("score", score)
+    if score.shape != x.shape:
+        raise ValueError(f"score: shape {tuple(score.shape)} does not match x {tuple(x.shape)}")
+    g, zn = noise_and_term_norms(score, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids,
+                                 backend=backend)
+    if norm == "batch":
+        g, zn = g.mean().expand(B), zn.mean().expand(B)
+    ratio = torch.where(g > 0, snr * zn / torch.where(g > 0, g, torch.ones_like(g)), torch.zeros_like(g))
+    eps = 2.0 * alpha * ratio * ratio
+    x_new = apply(x, [(eps, score)], noise=torch.sqrt(2.0 * eps), seed=seed, step=step, stream=stream,
+                  sample_ids=sample_ids, x_coef=1.0, out=out, backend=backend, op="snr_langevin_step")
+    return x_new, eps
