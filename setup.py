@@ -63,8 +63,12 @@ def _find_nvcc() -> str | None:
 
 def _cuda_home(nvcc: str) -> str:
     """The toolkit root: $CUDA_HOME, else the root that holds nvcc and include/cuda_runtime.h."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
-                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))), "/usr/local/cuda"]
+    candidates = [
+        os.environ.get("CUDA_HOME"),
+        os.environ.get("CUDA_PATH"),
+        os.path.dirname(os.path.dirname(os.path.realpath(nvcc))),
+        "/usr/local/cuda",
+    ]
     for root in filter(None, candidates):
         if os.path.exists(os.path.join(root, "include", "cuda_runtime.h")):
             return root
@@ -109,7 +113,7 @@ def _cpu_extensions() -> list[Extension]:
                 [f"csrc/cpu/capability_{name}.cpp"],
                 include_dirs=[INCLUDE, os.path.join(ROOT, "csrc", "cpu")],
                 define_macros=[("CPU_CAPABILITY", macro), (f"CPU_CAPABILITY_{macro}", None)],
-                extra_compile_args=["-O3", "-fno-fast-math", *flags],
+                extra_compile_args=["-O3", "-fno-fast-math", "-fopenmp", *flags],
             )
         )
     return exts
@@ -156,7 +160,8 @@ class BuildExt(_base_build_ext()):
         super().run()
         # Parts that failed are dropped so that setuptools does not look for their files.
         self.extensions = [
-            e for e in self.extensions
+            e
+            for e in self.extensions
             if self.report["parts"].get(e.name.rsplit(".", 1)[-1], {}).get("state") == "built"
         ]
         self._write_report()
@@ -190,17 +195,42 @@ class BuildExt(_base_build_ext()):
         objects = []
         for src in ext.cu_sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            cmd = [nvcc, "-c", src, "-o", obj, "-O3", "-std=c++17", f"-I{INCLUDE}", "--threads", jobs,
-                   "-Xcompiler", "-fPIC", *_gencode_flags(archs)]
+            cmd = [
+                nvcc,
+                "-c",
+                src,
+                "-o",
+                obj,
+                "-O3",
+                "-std=c++17",
+                f"-I{INCLUDE}",
+                "--threads",
+                jobs,
+                "-Xcompiler",
+                "-fPIC",
+                *_gencode_flags(archs),
+            ]
             self._run(cmd)
             objects.append(obj)
         cxx = os.environ.get("CXX", "c++")
         py_include = sysconfig.get_paths()["include"]
         for src in ext.cpp_sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            cmd = [cxx, "-c", src, "-o", obj, "-O2", "-std=c++17", "-fPIC", "-fvisibility=hidden",
-                   f"-I{INCLUDE}", f"-I{os.path.join(cuda_home, 'include')}", f"-I{pybind11.get_include()}",
-                   f"-I{py_include}"]
+            cmd = [
+                cxx,
+                "-c",
+                src,
+                "-o",
+                obj,
+                "-O2",
+                "-std=c++17",
+                "-fPIC",
+                "-fvisibility=hidden",
+                f"-I{INCLUDE}",
+                f"-I{os.path.join(cuda_home, 'include')}",
+                f"-I{pybind11.get_include()}",
+                f"-I{py_include}",
+            ]
             self._run(cmd)
             objects.append(obj)
         lib = _cudart_dir(cuda_home)

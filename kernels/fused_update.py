@@ -13,9 +13,26 @@ MAX_TERMS = 4
 
 
 @triton.jit
-def _fused_update_kernel(out_ptr, x_ptr, t0_ptr, t1_ptr, t2_ptr, t3_ptr, coef_ptr, ids_ptr, seed, step,
-                         B, D, stream: tl.constexpr, N_TERMS: tl.constexpr, WITH_NOISE: tl.constexpr,
-                         SEED_IS_PTR: tl.constexpr, STEP_IS_PTR: tl.constexpr, BLOCK_G: tl.constexpr):
+def _fused_update_kernel(
+    out_ptr,
+    x_ptr,
+    t0_ptr,
+    t1_ptr,
+    t2_ptr,
+    t3_ptr,
+    coef_ptr,
+    ids_ptr,
+    seed,
+    step,
+    B,
+    D,
+    stream: tl.constexpr,
+    N_TERMS: tl.constexpr,
+    WITH_NOISE: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr,
+    STEP_IS_PTR: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     b, g, e, valid = flat_groups(tl.program_id(0), D, 0, BLOCK_G)
     in_batch = b < B
     mask = valid & in_batch[:, None]
@@ -52,5 +69,20 @@ def fused_update(out, x, terms, coefs, ids, seed, step, stream: int, with_noise:
         raise ValueError(f"terms: at most {MAX_TERMS} on the triton backend, got {len(terms)}")
     slots = list(terms) + [x] * (MAX_TERMS - len(terms))
     grid = (triton.cdiv(B * ((D + 3) // 4), block_groups),)
-    _fused_update_kernel[grid](out, x, *slots, coefs, ids, seed, step, B, D, stream, len(terms), with_noise,
-                               hasattr(seed, "data_ptr"), hasattr(step, "data_ptr"), block_groups)
+    _fused_update_kernel[grid](
+        out,
+        x,
+        *slots,
+        coefs,
+        ids,
+        seed,
+        step,
+        B,
+        D,
+        stream,
+        len(terms),
+        with_noise,
+        hasattr(seed, "data_ptr"),
+        hasattr(step, "data_ptr"),
+        block_groups,
+    )

@@ -7,9 +7,20 @@ from .philox import contract_words, flat_groups, group_values, load_counter
 
 
 @triton.jit
-def _noise_kernel(out_ptr, ids_ptr, seed, step, B, D, elem_offset, stream: tl.constexpr,
-                  KIND: tl.constexpr, SEED_IS_PTR: tl.constexpr, STEP_IS_PTR: tl.constexpr,
-                  BLOCK_G: tl.constexpr):
+def _noise_kernel(
+    out_ptr,
+    ids_ptr,
+    seed,
+    step,
+    B,
+    D,
+    elem_offset,
+    stream: tl.constexpr,
+    KIND: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr,
+    STEP_IS_PTR: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+):
     seed, step = load_counter(seed, step, SEED_IS_PTR, STEP_IS_PTR)
     b, g, e, valid = flat_groups(tl.program_id(0), D, elem_offset, BLOCK_G)
     in_batch = b < B
@@ -26,5 +37,17 @@ def fill_noise(out, ids, seed, step, stream: int, elem_offset: int, kind: int, b
         return
     groups = B * ((elem_offset + D - 1) // 4 - elem_offset // 4 + 1)
     grid = (triton.cdiv(groups, block_groups),)
-    _noise_kernel[grid](out, ids, seed, step, B, D, elem_offset, stream, kind,
-                        hasattr(seed, "data_ptr"), hasattr(step, "data_ptr"), block_groups)
+    _noise_kernel[grid](
+        out,
+        ids,
+        seed,
+        step,
+        B,
+        D,
+        elem_offset,
+        stream,
+        kind,
+        hasattr(seed, "data_ptr"),
+        hasattr(step, "data_ptr"),
+        block_groups,
+    )

@@ -12,9 +12,23 @@ from .philox import contract_words, group_values, load_counter
 
 
 @triton.jit
-def _sumsq_partial_kernel(partial_ptr, t_ptr, ids_ptr, seed, step, B, D, n_tiles, stream: tl.constexpr,
-                          HAS_T: tl.constexpr, WITH_NOISE: tl.constexpr, SEED_IS_PTR: tl.constexpr,
-                          STEP_IS_PTR: tl.constexpr, ROWS: tl.constexpr, TILE_G: tl.constexpr):
+def _sumsq_partial_kernel(
+    partial_ptr,
+    t_ptr,
+    ids_ptr,
+    seed,
+    step,
+    B,
+    D,
+    n_tiles,
+    stream: tl.constexpr,
+    HAS_T: tl.constexpr,
+    WITH_NOISE: tl.constexpr,
+    SEED_IS_PTR: tl.constexpr,
+    STEP_IS_PTR: tl.constexpr,
+    ROWS: tl.constexpr,
+    TILE_G: tl.constexpr,
+):
     row_block = tl.program_id(0)
     tile = tl.program_id(1)
     b = row_block.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # [R]
@@ -28,8 +42,9 @@ def _sumsq_partial_kernel(partial_ptr, t_ptr, ids_ptr, seed, step, B, D, n_tiles
     if WITH_NOISE:
         seed, step = load_counter(seed, step, SEED_IS_PTR, STEP_IS_PTR)
         sample_id = tl.load(ids_ptr + b, mask=b < B, other=0)
-        w0, w1, w2, w3 = contract_words(seed, g[None, :] + 0 * sample_id[:, None], step,
-                                        sample_id[:, None] + 0 * g[None, :], stream)
+        w0, w1, w2, w3 = contract_words(
+            seed, g[None, :] + 0 * sample_id[:, None], step, sample_id[:, None] + 0 * g[None, :], stream
+        )
         z = _normals_3d(w0, w1, w2, w3)
         z = tl.where(mask, z, 0.0)
         tl.store(partial_ptr + B * n_tiles + slot, tl.sum(tl.sum(z * z, axis=2), axis=1), mask=b < B)
@@ -40,8 +55,9 @@ def _normals_3d(w0, w1, w2, w3):
     """[R, G] words -> [R, G, 4] normals (the same values group_values gives on [G] words)."""
     R: tl.constexpr = w0.shape[0]
     G: tl.constexpr = w0.shape[1]
-    v = group_values(tl.reshape(w0, (R * G,)), tl.reshape(w1, (R * G,)), tl.reshape(w2, (R * G,)),
-                     tl.reshape(w3, (R * G,)), 1)
+    v = group_values(
+        tl.reshape(w0, (R * G,)), tl.reshape(w1, (R * G,)), tl.reshape(w2, (R * G,)), tl.reshape(w3, (R * G,)), 1
+    )
     return tl.reshape(v, (R, G, 4))
 
 
@@ -70,9 +86,23 @@ def sumsq_norms(out, partial, t, ids, seed, step, D: int, stream: int, with_nois
     rows, tile_g = tile_shape(D, max_elements)
     n_tiles = triton.cdiv(max(D, 1), 4 * tile_g)
     grid = (triton.cdiv(B, rows), n_tiles)
-    _sumsq_partial_kernel[grid](partial, t if t is not None else ids, ids, seed, step, B, D, n_tiles, stream,
-                                t is not None, with_noise, hasattr(seed, "data_ptr"), hasattr(step, "data_ptr"),
-                                rows, tile_g)
+    _sumsq_partial_kernel[grid](
+        partial,
+        t if t is not None else ids,
+        ids,
+        seed,
+        step,
+        B,
+        D,
+        n_tiles,
+        stream,
+        t is not None,
+        with_noise,
+        hasattr(seed, "data_ptr"),
+        hasattr(step, "data_ptr"),
+        rows,
+        tile_g,
+    )
     _sumsq_finish_kernel[(triton.cdiv(2 * B, 1024),)](out, partial, 2 * B, n_tiles, 1024)
 
 

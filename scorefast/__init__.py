@@ -9,10 +9,10 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 from . import backends, ops, testing
 from .backends import BackendUnavailableError
 from .errors import NonFiniteError
-from .rng import rand, rademacher, randn
+from .rng import rademacher, rand, randn
 
 __version__ = "0.1.0"
 
 backends.check_required()
 
-__all__ = ["BackendUnavailableError", "NonFiniteError", "backends", "ops", "rand", "rademacher", "randn", "testing"]
+__all__ = ["BackendUnavailableError", "NonFiniteError", "backends", "ops", "rademacher", "rand", "randn", "testing"]

@@ -46,8 +46,9 @@ def check_finite_scalar(name: str, v: object, *, positive: bool = False, nonzero
     return v
 
 
-def check_coef(name: str, v: object, B: int, device: torch.device, *, positive: bool = False,
-               nonzero: bool = False) -> float | torch.Tensor:
+def check_coef(
+    name: str, v: object, B: int, device: torch.device, *, positive: bool = False, nonzero: bool = False
+) -> float | torch.Tensor:
     """A coefficient: a finite Python number, or a float tensor of shape [], [1] or [B] on ``device``.
 
     Tensor values are not read on the host (that would sync); Python numbers are checked.

@@ -48,7 +48,9 @@ def report() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "backend_override": os.environ.get("SCOREFAST_BACKEND"),
-        "backends": {n: {"available": s.available, "devices": list(s.devices), "why": s.why} for n, s in states.items()},
+        "backends": {
+            n: {"available": s.available, "devices": list(s.devices), "why": s.why} for n, s in states.items()
+        },
         "cuda_module": {"loaded": module_ok, "why": module_why, "build": build.get("cuda")},
         "build": build.get("parts", {}),
     }
@@ -74,7 +76,9 @@ def format_report(r: dict) -> str:
         lines += ["", "build:"]
         lines += [f"  {k}: {v.get('state')}{' - ' + v['why'] if v.get('why') else ''}" for k, v in r["build"].items()]
     if r["torch_built_against"] and r["torch_built_against"] != r["torch"]:
-        lines.append(f"WARNING: extension built against torch {r['torch_built_against']}, running {r['torch']}: rebuild")
+        lines.append(
+            f"WARNING: extension built against torch {r['torch_built_against']}, running {r['torch']}: rebuild"
+        )
     return "\n".join(lines)
 
 

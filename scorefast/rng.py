@@ -11,8 +11,6 @@ from collections.abc import Sequence
 
 import torch
 
-
-
 M32 = 0xFFFFFFFF
 PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 PHILOX_W = (0x9E3779B9, 0xBB67AE85)
@@ -46,8 +44,9 @@ def philox4x32_10(c0, c1, c2, c3, k0, k1) -> tuple[torch.Tensor, ...]:
     return c0, c1, c2, c3
 
 
-def words_ref(seed: int, step: torch.Tensor | int, sample_ids: torch.Tensor, stream: int,
-              elements: torch.Tensor) -> torch.Tensor:
+def words_ref(
+    seed: int, step: torch.Tensor | int, sample_ids: torch.Tensor, stream: int, elements: torch.Tensor
+) -> torch.Tensor:
     """uint32 words (as int64) for every (sample id [B], element [E]) pair: shape [B, E]."""
     seed = int(seed) % (1 << 64)
     k0, k1 = torch.tensor(seed & M32), torch.tensor(seed >> 32)
@@ -66,8 +65,16 @@ def uniform_ref(words: torch.Tensor) -> torch.Tensor:
     return x.to(torch.float32) * UNIFORM_SCALE
 
 
-def noise_ref(kind: str, seed: int, step: torch.Tensor | int, sample_ids: torch.Tensor, stream: int,
-              D: int, elem_offset: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+def noise_ref(
+    kind: str,
+    seed: int,
+    step: torch.Tensor | int,
+    sample_ids: torch.Tensor,
+    stream: int,
+    D: int,
+    elem_offset: int = 0,
+    dtype: torch.dtype = torch.float64,
+) -> torch.Tensor:
     """The contract's noise, [B, D], for elements elem_offset + arange(D) of each sample.
 
     Normals use Box-Muller in float64 on the fp32 uniforms (the golden values' definition).
@@ -91,14 +98,32 @@ def noise_ref(kind: str, seed: int, step: torch.Tensor | int, sample_ids: torch.
 def _draw(kind: str, shape: Sequence[int], seed, step, stream, sample_ids, device, dtype, out, backend):
     from .ops.noise import noise
 
-    return noise(shape, kind=kind, seed=seed, step=step, stream=stream, sample_ids=sample_ids, device=device,
-                 dtype=dtype, out=out, backend=backend)
+    return noise(
+        shape,
+        kind=kind,
+        seed=seed,
+        step=step,
+        stream=stream,
+        sample_ids=sample_ids,
+        device=device,
+        dtype=dtype,
+        out=out,
+        backend=backend,
+    )
 
 
-def randn(shape: Sequence[int], *, seed: int | torch.Tensor, step: int | torch.Tensor = 0, stream: int = 0,
-          sample_ids: torch.Tensor | None = None, device: torch.device | str | None = None,
-          dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
-          backend: str | None = None) -> torch.Tensor:
+def randn(
+    shape: Sequence[int],
+    *,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor = 0,
+    stream: int = 0,
+    sample_ids: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Standard normals of the contract, shape ``shape`` = [B, ...] (B = batch, one sample id each).
 
     Element e of sample i is the same for any batch, backend, GPU count or memory format: it is
@@ -107,20 +132,36 @@ def randn(shape: Sequence[int], *, seed: int | torch.Tensor, step: int | torch.T
     return _draw("normal", shape, seed, step, stream, sample_ids, device, dtype, out, backend)
 
 
-def rand(shape: Sequence[int], *, seed: int | torch.Tensor, step: int | torch.Tensor = 0, stream: int = 0,
-         sample_ids: torch.Tensor | None = None, device: torch.device | str | None = None,
-         dtype: torch.dtype = torch.float32, out: torch.Tensor | None = None,
-         backend: str | None = None) -> torch.Tensor:
+def rand(
+    shape: Sequence[int],
+    *,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor = 0,
+    stream: int = 0,
+    sample_ids: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """Uniforms in [0, 1) of the contract (fp32 map of Triton's ``uint_to_uniform_float``)."""
     return _draw("uniform", shape, seed, step, stream, sample_ids, device, dtype, out, backend)
 
 
-def rademacher(shape: Sequence[int], *, seed: int | torch.Tensor, step: int | torch.Tensor = 0,
-               stream: int = STREAM_PROBES, sample_ids: torch.Tensor | None = None,
-               device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-               out: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+def rademacher(
+    shape: Sequence[int],
+    *,
+    seed: int | torch.Tensor,
+    step: int | torch.Tensor = 0,
+    stream: int = STREAM_PROBES,
+    sample_ids: torch.Tensor | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
     """±1 of the contract (+1 where the word is < 2**31); default stream 1 (Hutchinson probes)."""
     return _draw("rademacher", shape, seed, step, stream, sample_ids, device, dtype, out, backend)
 
 
-__all__ = ["noise_ref", "philox4x32_10", "rand", "rademacher", "randn", "uniform_ref", "words_ref"]
+__all__ = ["noise_ref", "philox4x32_10", "rademacher", "rand", "randn", "uniform_ref", "words_ref"]

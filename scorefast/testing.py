@@ -36,12 +36,18 @@ class GaussianMixture:
         covs: [K, d, d] SPD, [K, d] diagonals, [K] or a float isotropic variances (default 1).
     """
 
-    def __init__(self, weights: Sequence[float] | Tensor, means: Sequence[Sequence[float]] | Tensor,
-                 covs: Tensor | Sequence | float | None = None):
+    def __init__(
+        self,
+        weights: Sequence[float] | Tensor,
+        means: Sequence[Sequence[float]] | Tensor,
+        covs: Tensor | Sequence | float | None = None,
+    ):
         w = torch.as_tensor(weights, dtype=torch.float64)
         mu = torch.as_tensor(means, dtype=torch.float64)
         if mu.dim() != 2 or w.dim() != 1 or w.shape[0] != mu.shape[0]:
-            raise ValueError(f"means: expected [K, d] with K = len(weights), got {tuple(mu.shape)} and {tuple(w.shape)}")
+            raise ValueError(
+                f"means: expected [K, d] with K = len(weights), got {tuple(mu.shape)} and {tuple(w.shape)}"
+            )
         if not bool((w > 0).all()):
             raise ValueError("weights: must be positive")
         K, d = mu.shape
@@ -123,13 +129,29 @@ class GaussianMixture:
         cov = (w[:, None, None] * (self.covs + dev[:, :, None] * dev[:, None, :])).sum(0)
         return m, cov
 
-    def sample(self, n: int, *, seed: int = 0, stream: int = FIRST_USER_STREAM, t=None, sde=None,
-               dtype: torch.dtype = torch.float64, device=None) -> Tensor:
+    def sample(
+        self,
+        n: int,
+        *,
+        seed: int = 0,
+        stream: int = FIRST_USER_STREAM,
+        t=None,
+        sde=None,
+        dtype: torch.dtype = torch.float64,
+        device=None,
+    ) -> Tensor:
         """n exact samples [n, d] of the mixture (or of p_t), from the Philox stream ``stream``."""
         device = torch.device(device or "cpu")
         ids = torch.arange(n, device=device)
-        u = randn((n, self.dim + 2), seed=seed, stream=stream, sample_ids=ids, dtype=torch.float64,
-                  backend="torch", device=device)
+        u = randn(
+            (n, self.dim + 2),
+            seed=seed,
+            stream=stream,
+            sample_ids=ids,
+            dtype=torch.float64,
+            backend="torch",
+            device=device,
+        )
         # component choice from the normal CDF of the last coordinate: a uniform in (0, 1)
         uniform = 0.5 * (1 + torch.erf(u[:, -1] / math.sqrt(2)))
         k = torch.searchsorted(torch.cumsum(self.weights.to(device), 0), uniform.clamp(max=1 - 1e-12))

@@ -34,20 +34,45 @@ struct Counter {
   uint32_t stream;
 };
 
+// Philox words of groups g0 .. g0+ng-1 in structure-of-arrays form, so the compiler vectorises
+// the group loop (lane-independent integer arithmetic: exact whatever the vector width).
+struct GroupWords {
+  alignas(64) std::array<uint32_t, kMaxGroups> w0, w1, w2, w3;
+};
+
+void group_words(const Counter& c, uint32_t sample_id, int64_t g0, int64_t ng, GroupWords& out) {
+  const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
+#pragma omp simd
+  for (int64_t g = 0; g < ng; ++g) {
+    const scorefast::Words4 w =
+        scorefast::philox4x32_10(static_cast<uint32_t>(g0 + g), c.step, sample_id, c.stream, k0, k1);
+    out.w0[g] = w.w[0];
+    out.w1[g] = w.w[1];
+    out.w2[g] = w.w[2];
+    out.w3[g] = w.w[3];
+  }
+}
+
+inline uint32_t word_of(const GroupWords& gw, int64_t g, int64_t j) {
+  switch (j) {
+    case 0: return gw.w0[g];
+    case 1: return gw.w1[g];
+    case 2: return gw.w2[g];
+    default: return gw.w3[g];
+  }
+}
+
 // Noise for global element indices [first, first + n) of one sample, n <= kTile.
 void noise_tile(const Counter& c, uint32_t sample_id, int64_t first, int64_t n, int64_t kind,
                 float* out) {
   const int64_t g0 = first / 4;
   const int64_t ng = (first + n - 1) / 4 - g0 + 1;
-  std::array<scorefast::Words4, kMaxGroups> words;
-  for (int64_t g = 0; g < ng; ++g) {
-    words[g] = scorefast::contract_words(c.seed, static_cast<uint32_t>(g0 + g), c.step, sample_id,
-                                         c.stream);
-  }
+  GroupWords gw;
+  group_words(c, sample_id, g0, ng, gw);
   if (kind == kRademacher || kind == kUniform) {
     for (int64_t i = 0; i < n; ++i) {
       const int64_t e = first + i;
-      const uint32_t w = words[e / 4 - g0].w[e % 4];
+      const uint32_t w = word_of(gw, e / 4 - g0, e % 4);
       out[i] = kind == kRademacher ? scorefast::word_to_rademacher(w) : scorefast::word_to_uniform(w);
     }
     return;
@@ -55,10 +80,10 @@ void noise_tile(const Counter& c, uint32_t sample_id, int64_t first, int64_t n, 
   // Box-Muller on pairs (w0, w1) and (w2, w3): pair p of group g is index 2g + p.
   alignas(64) std::array<float, 2 * kMaxGroups> ua, ub, cos_out, sin_out;
   for (int64_t g = 0; g < ng; ++g) {
-    ua[2 * g] = scorefast::word_to_uniform(words[g].w[0]);
-    ub[2 * g] = scorefast::word_to_uniform(words[g].w[1]);
-    ua[2 * g + 1] = scorefast::word_to_uniform(words[g].w[2]);
-    ub[2 * g + 1] = scorefast::word_to_uniform(words[g].w[3]);
+    ua[2 * g] = scorefast::word_to_uniform(gw.w0[g]);
+    ub[2 * g] = scorefast::word_to_uniform(gw.w1[g]);
+    ua[2 * g + 1] = scorefast::word_to_uniform(gw.w2[g]);
+    ub[2 * g + 1] = scorefast::word_to_uniform(gw.w3[g]);
   }
   const int64_t npairs = 2 * ng;
   const Vec min_u(scorefast::kMinUniform), minus_two(-2.0f), two_pi(scorefast::kTwoPi);

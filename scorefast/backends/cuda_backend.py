@@ -58,15 +58,28 @@ def _stream(t: torch.Tensor) -> int:
 
 def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
     B, D = out.shape
-    load().fill_noise(out.data_ptr(), B, D, elem_offset, kind, *_counter(seed, step), stream, ids.data_ptr(),
-                      _stream(out))
+    load().fill_noise(
+        out.data_ptr(), B, D, elem_offset, kind, *_counter(seed, step), stream, ids.data_ptr(), _stream(out)
+    )
 
 
 def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
     B, D = x.shape
-    load().fused_update(out.data_ptr(), x.data_ptr(), _DTYPE_CODES[x.dtype], [t.data_ptr() for t in terms],
-                        [_DTYPE_CODES[t.dtype] for t in terms], coefs.data_ptr(), with_noise, B, D,
-                        *_counter(seed, step), stream, ids.data_ptr(), _stream(x))
+    load().fused_update(
+        out.data_ptr(),
+        x.data_ptr(),
+        _DTYPE_CODES[x.dtype],
+        [t.data_ptr() for t in terms],
+        [_DTYPE_CODES[t.dtype] for t in terms],
+        coefs.data_ptr(),
+        with_noise,
+        B,
+        D,
+        *_counter(seed, step),
+        stream,
+        ids.data_ptr(),
+        _stream(x),
+    )
 
 
 def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:
@@ -74,7 +87,17 @@ def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) 
     m = load()
     out = torch.empty(2, B, dtype=torch.float32, device=ids.device)
     partial = torch.empty(2 * B * m.norm_tiles(D), dtype=torch.float32, device=ids.device)
-    m.sumsq_norms(out.data_ptr(), partial.data_ptr(), t.data_ptr() if t is not None else 0,
-                  _DTYPE_CODES[t.dtype] if t is not None else 0, with_noise, B, D, *_counter(seed, step), stream,
-                  ids.data_ptr(), _stream(ids))
+    m.sumsq_norms(
+        out.data_ptr(),
+        partial.data_ptr(),
+        t.data_ptr() if t is not None else 0,
+        _DTYPE_CODES[t.dtype] if t is not None else 0,
+        with_noise,
+        B,
+        D,
+        *_counter(seed, step),
+        stream,
+        ids.data_ptr(),
+        _stream(ids),
+    )
     return out

@@ -22,8 +22,9 @@ def _int(t: torch.Tensor) -> int:
     return int(t.item())
 
 
-def noise(B_ids: torch.Tensor, D: int, seed, step, stream: int, elem_offset: int, kind: int,
-          dtype: torch.dtype) -> torch.Tensor:
+def noise(
+    B_ids: torch.Tensor, D: int, seed, step, stream: int, elem_offset: int, kind: int, dtype: torch.dtype
+) -> torch.Tensor:
     return noise_ref(_KIND_NAMES[kind], _int(seed), step.to(B_ids.device), B_ids, stream, D, elem_offset, dtype)
 
 
@@ -45,7 +46,7 @@ def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> N
 
 def tree_sum(v: torch.Tensor) -> torch.Tensor:
     """Row sums of [B, D] in a fixed pairwise tree (zero-padded to a power of two)."""
-    B, D = v.shape
+    _B, D = v.shape
     width = 1
     while width < D:
         width *= 2

@@ -48,15 +48,17 @@ def _scalar(t: torch.Tensor, device: torch.device):
 def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
     from ..kernels import noise
 
-    noise.fill_noise(out, ids, _scalar(seed, out.device), _scalar(step, out.device), stream, elem_offset, kind,
-                     _groups())
+    noise.fill_noise(
+        out, ids, _scalar(seed, out.device), _scalar(step, out.device), stream, elem_offset, kind, _groups()
+    )
 
 
 def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
     from ..kernels import fused_update as kernel
 
-    kernel.fused_update(out, x, list(terms), coefs, ids, _scalar(seed, x.device), _scalar(step, x.device), stream,
-                        with_noise, _groups())
+    kernel.fused_update(
+        out, x, list(terms), coefs, ids, _scalar(seed, x.device), _scalar(step, x.device), stream, with_noise, _groups()
+    )
 
 
 def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:
@@ -66,6 +68,7 @@ def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) 
     B = ids.shape[0]
     out = torch.empty(2, B, dtype=torch.float32, device=ids.device)
     partial = torch.zeros(2, B, kernel.n_tiles_for(D, max_elements), dtype=torch.float32, device=ids.device)
-    kernel.sumsq_norms(out, partial, t, ids, _scalar(seed, ids.device), _scalar(step, ids.device), D, stream,
-                       with_noise, max_elements)
+    kernel.sumsq_norms(
+        out, partial, t, ids, _scalar(seed, ids.device), _scalar(step, ids.device), D, stream, with_noise, max_elements
+    )
     return out

@@ -12,5 +12,12 @@ from .noise import noise
 from .sample_norm import sample_norm, sample_sumsq
 from .snr_langevin_step import snr_langevin_step
 
-__all__ = ["euler_maruyama_step", "fused_update", "langevin_step", "noise", "sample_norm", "sample_sumsq",
-           "snr_langevin_step"]
+__all__ = [
+    "euler_maruyama_step",
+    "fused_update",
+    "langevin_step",
+    "noise",
+    "sample_norm",
+    "sample_sumsq",
+    "snr_langevin_step",
+]

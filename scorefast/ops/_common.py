@@ -38,7 +38,9 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def coef_matrix(coefs: Sequence[float | torch.Tensor], B: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+def coef_matrix(
+    coefs: Sequence[float | torch.Tensor], B: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
     """Stack scalar / 0-d / [1] / [B] coefficients into a [K, B] tensor (differentiable)."""
     out = []
     for c in coefs:

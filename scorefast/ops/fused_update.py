@@ -19,8 +19,18 @@ from . import _common
 from .noise import noise_op
 
 
-def _run(out: Tensor, x: Tensor, terms: list[Tensor], coefs: Tensor, seed: Tensor, step: Tensor, stream: int,
-         sample_ids: Tensor, with_noise: bool, backend: str) -> None:
+def _run(
+    out: Tensor,
+    x: Tensor,
+    terms: list[Tensor],
+    coefs: Tensor,
+    seed: Tensor,
+    step: Tensor,
+    stream: int,
+    sample_ids: Tensor,
+    with_noise: bool,
+    backend: str,
+) -> None:
     impl = backends.get(backend)
     if backend != "torch":
         coefs = coefs.to(torch.float32).contiguous()
@@ -28,8 +38,17 @@ def _run(out: Tensor, x: Tensor, terms: list[Tensor], coefs: Tensor, seed: Tenso
 
 
 @torch.library.custom_op("scorefast::fused_update", mutates_args=())
-def fused_update_op(x: Tensor, terms: list[Tensor], coefs: Tensor, seed: Tensor, step: Tensor, stream: int,
-                    sample_ids: Tensor, with_noise: bool, backend: str) -> Tensor:
+def fused_update_op(
+    x: Tensor,
+    terms: list[Tensor],
+    coefs: Tensor,
+    seed: Tensor,
+    step: Tensor,
+    stream: int,
+    sample_ids: Tensor,
+    with_noise: bool,
+    backend: str,
+) -> Tensor:
     """x, terms: contiguous [B, D]; coefs [len(terms) + 2, B] (x, terms..., noise)."""
     out = torch.empty_like(x)
     _run(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend)
@@ -48,7 +67,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    stream, with_noise, backend, n_terms = ctx.meta
+    stream, with_noise, backend, _n_terms = ctx.meta
     x, coefs, seed, step, sample_ids, *terms = ctx.saved_tensors
     g = grad.to(_common.compute_dtype(x))
     c = coefs.to(g.dtype)
@@ -70,8 +89,18 @@ fused_update_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("scorefast::fused_update_out", mutates_args=("out",))
-def fused_update_out_op(out: Tensor, x: Tensor, terms: list[Tensor], coefs: Tensor, seed: Tensor, step: Tensor,
-                        stream: int, sample_ids: Tensor, with_noise: bool, backend: str) -> None:
+def fused_update_out_op(
+    out: Tensor,
+    x: Tensor,
+    terms: list[Tensor],
+    coefs: Tensor,
+    seed: Tensor,
+    step: Tensor,
+    stream: int,
+    sample_ids: Tensor,
+    with_noise: bool,
+    backend: str,
+) -> None:
     """As ``fused_update`` but writes into ``out`` (contiguous [B, D]; may be x itself)."""
     _run(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend)
 
@@ -81,9 +110,20 @@ def _(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend)
     return None
 
 
-def apply(x: Tensor, terms: Sequence[tuple[float | Tensor, Tensor]], *, noise: float | Tensor, seed, step, stream,
-          sample_ids, x_coef: float | Tensor, out: Tensor | None, backend: str | None,
-          op: str = "fused_update") -> Tensor:
+def apply(
+    x: Tensor,
+    terms: Sequence[tuple[float | Tensor, Tensor]],
+    *,
+    noise: float | Tensor,
+    seed,
+    step,
+    stream,
+    sample_ids,
+    x_coef: float | Tensor,
+    out: Tensor | None,
+    backend: str | None,
+    op: str = "fused_update",
+) -> Tensor:
     """Validated call shared by the public update ops (names in errors are the caller's)."""
     _checks.check_float_tensor("x", x)
     B = _checks.check_batched("x", x)
@@ -105,8 +145,10 @@ def apply(x: Tensor, terms: Sequence[tuple[float | Tensor, Tensor]], *, noise: f
         return fused_update_op(x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name).view(x.shape)
     _checks.check_float_tensor("out", out)
     if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(f"out: expected {tuple(x.shape)} {x.dtype} on {x.device}, got "
-                         f"{tuple(out.shape)} {out.dtype} on {out.device}")
+        raise ValueError(
+            f"out: expected {tuple(x.shape)} {x.dtype} on {x.device}, got "
+            f"{tuple(out.shape)} {out.dtype} on {out.device}"
+        )
     _common.refuse_grad(op, x, out, coefs, *t2)
     target = out.view(B, -1) if out.is_contiguous() else torch.empty_like(x2)
     fused_update_out_op(target, x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name)
@@ -115,10 +157,20 @@ def apply(x: Tensor, terms: Sequence[tuple[float | Tensor, Tensor]], *, noise: f
     return out
 
 
-def fused_update(x: Tensor, terms: Sequence[tuple[float | Tensor, Tensor]] = (), *, noise: float | Tensor = 0.0,
-                 seed: int | Tensor = 0, step: int | Tensor = 0, stream: int = 0, sample_ids: Tensor | None = None,
-                 x_coef: float | Tensor = 1.0, out: Tensor | None = None, return_norms: bool = False,
-                 backend: str | None = None):
+def fused_update(
+    x: Tensor,
+    terms: Sequence[tuple[float | Tensor, Tensor]] = (),
+    *,
+    noise: float | Tensor = 0.0,
+    seed: int | Tensor = 0,
+    step: int | Tensor = 0,
+    stream: int = 0,
+    sample_ids: Tensor | None = None,
+    x_coef: float | Tensor = 1.0,
+    out: Tensor | None = None,
+    return_norms: bool = False,
+    backend: str | None = None,
+):
     """``out = x_coef*x + sum(c*t for c, t in terms) + noise*z`` with z ~ N(0, I) from the stream.
 
     Args:
@@ -129,13 +181,24 @@ def fused_update(x: Tensor, terms: Sequence[tuple[float | Tensor, Tensor]] = (),
         out: write here (may be x); not for inputs that require grad.
         return_norms: also return (||terms[0]|| [B], ||z|| [B]) in fixed summation order.
     """
-    result = apply(x, terms, noise=noise, seed=seed, step=step, stream=stream, sample_ids=sample_ids,
-                   x_coef=x_coef, out=out, backend=backend)
+    result = apply(
+        x,
+        terms,
+        noise=noise,
+        seed=seed,
+        step=step,
+        stream=stream,
+        sample_ids=sample_ids,
+        x_coef=x_coef,
+        out=out,
+        backend=backend,
+    )
     if not return_norms:
         return result
     from .sample_norm import noise_and_term_norms
 
     t0 = terms[0][1] if terms else None
-    term_norm, z_norm = noise_and_term_norms(t0, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids,
-                                             backend=backend)
+    term_norm, z_norm = noise_and_term_norms(
+        t0, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids, backend=backend
+    )
     return result, term_norm, z_norm

@@ -13,8 +13,9 @@ from ..rng import KINDS
 from . import _common
 
 
-def _fill(out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int, kind: int,
-          backend: str) -> None:
+def _fill(
+    out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int, kind: int, backend: str
+) -> None:
     """Fill ``out`` [B, D] (any float dtype) by ``backend``."""
     impl = backends.get(backend)
     if backend == "torch":
@@ -28,8 +29,17 @@ def _fill(out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: i
 
 
 @torch.library.custom_op("scorefast::noise", mutates_args=())
-def noise_op(sample_ids: Tensor, seed: Tensor, step: Tensor, numel: int, stream: int, elem_offset: int, kind: int,
-             dtype: torch.dtype, backend: str) -> Tensor:
+def noise_op(
+    sample_ids: Tensor,
+    seed: Tensor,
+    step: Tensor,
+    numel: int,
+    stream: int,
+    elem_offset: int,
+    kind: int,
+    dtype: torch.dtype,
+    backend: str,
+) -> Tensor:
     """[B, numel] noise of kind (0 uniform, 1 normal, 2 Rademacher) for elements elem_offset + e."""
     out = torch.empty(sample_ids.shape[0], numel, dtype=dtype, device=sample_ids.device)
     _fill(out, sample_ids, seed, step, stream, elem_offset, kind, backend)
@@ -42,10 +52,11 @@ def _(sample_ids, seed, step, numel, stream, elem_offset, kind, dtype, backend):
 
 
 @torch.library.custom_op("scorefast::noise_out", mutates_args=("out",))
-def noise_out_op(out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int,
-                 kind: int, backend: str) -> None:
+def noise_out_op(
+    out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int, kind: int, backend: str
+) -> None:
     """Writes the noise into ``out`` [B, ...] (row-major element order within each sample)."""
-    flat = out.view(out.shape[0], -1) if out.is_contiguous() else torch.empty_like(out).view(out.shape[0], -1)
+    flat = out.view(out.shape[0], -1) if out.is_contiguous() else out.new_empty((out.shape[0], out[0].numel()))
     _fill(flat, sample_ids, seed, step, stream, elem_offset, kind, backend)
     if flat.data_ptr() != out.data_ptr():
         out.copy_(flat.view(out.shape))
@@ -56,9 +67,20 @@ def _(out, sample_ids, seed, step, stream, elem_offset, kind, backend):
     return None
 
 
-def noise(shape: Sequence[int], *, kind: str = "normal", seed, step=0, stream: int = 0,
-          sample_ids: Tensor | None = None, device=None, dtype: torch.dtype = torch.float32,
-          out: Tensor | None = None, elem_offset: int = 0, backend: str | None = None) -> Tensor:
+def noise(
+    shape: Sequence[int],
+    *,
+    kind: str = "normal",
+    seed,
+    step=0,
+    stream: int = 0,
+    sample_ids: Tensor | None = None,
+    device=None,
+    dtype: torch.dtype = torch.float32,
+    out: Tensor | None = None,
+    elem_offset: int = 0,
+    backend: str | None = None,
+) -> Tensor:
     """Noise of the contract, shape [B, ...]; see ``scorefast.randn``."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {', '.join(KINDS)}, got {kind!r}")

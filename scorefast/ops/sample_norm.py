@@ -15,8 +15,17 @@ from . import _common
 
 
 @torch.library.custom_op("scorefast::sumsq_norms", mutates_args=())
-def sumsq_norms_op(t: Tensor | None, sample_ids: Tensor, seed: Tensor, step: Tensor, numel: int, stream: int,
-                   with_noise: bool, dtype: torch.dtype, backend: str) -> Tensor:
+def sumsq_norms_op(
+    t: Tensor | None,
+    sample_ids: Tensor,
+    seed: Tensor,
+    step: Tensor,
+    numel: int,
+    stream: int,
+    with_noise: bool,
+    dtype: torch.dtype,
+    backend: str,
+) -> Tensor:
     """[2, B] in ``dtype`` (float64 only on the torch backend): sums of squares of t and of z."""
     out = backends.get(backend).sumsq_norms(t, sample_ids, numel, seed, step, stream, with_noise, dtype)
     return out.to(dtype)
@@ -58,13 +67,15 @@ def sample_norm(t: Tensor, *, backend: str | None = None) -> Tensor:
     return sample_sumsq(t, backend=backend).sqrt()
 
 
-def noise_and_term_norms(t: Tensor | None, x: Tensor, *, seed, step, stream, sample_ids,
-                         backend: str | None = None) -> tuple[Tensor, Tensor]:
+def noise_and_term_norms(
+    t: Tensor | None, x: Tensor, *, seed, step, stream, sample_ids, backend: str | None = None
+) -> tuple[Tensor, Tensor]:
     """(||t|| [B], ||z|| [B]) with z the normals of (seed, step, stream, sample_ids) shaped like x."""
     B = _checks.check_batched("x", x)
     name = _common.resolve_backend(backend, x)
     c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     t2 = _common.rows(t) if t is not None else None
-    sums = sumsq_norms_op(t2, c.sample_ids, c.seed, c.step, x[0].numel() if B else 0, c.stream, True,
-                          _common.compute_dtype(x), name)
+    sums = sumsq_norms_op(
+        t2, c.sample_ids, c.seed, c.step, x[0].numel() if B else 0, c.stream, True, _common.compute_dtype(x), name
+    )
     return sums[0].sqrt(), sums[1].sqrt()

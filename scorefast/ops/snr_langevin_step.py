@@ -17,9 +17,20 @@ from .sample_norm import noise_and_term_norms
 NORMS = ("sample", "batch")
 
 
-def snr_langevin_step(x: Tensor, score: Tensor, snr: float, *, alpha: float | Tensor = 1.0, norm: str = "sample",
-                      seed: int | Tensor, step: int | Tensor, stream: int = 0, sample_ids: Tensor | None = None,
-                      out: Tensor | None = None, backend: str | None = None) -> tuple[Tensor, Tensor]:
+def snr_langevin_step(
+    x: Tensor,
+    score: Tensor,
+    snr: float,
+    *,
+    alpha: float | Tensor = 1.0,
+    norm: str = "sample",
+    seed: int | Tensor,
+    step: int | Tensor,
+    stream: int = 0,
+    sample_ids: Tensor | None = None,
+    out: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
     """Returns (x_new [B, ...], eps [B]).  A zero score gives eps = 0 (x unchanged), not NaN."""
     _checks.check_float_tensor("x", x)
     B = _checks.check_batched("x", x)
@@ -30,12 +41,22 @@ def snr_langevin_step(x: Tensor, score: Tensor, snr: float, *, alpha: float | Te
     _checks.check_float_tensor("score", score)
     if score.shape != x.shape:
         raise ValueError(f"score: shape {tuple(score.shape)} does not match x {tuple(x.shape)}")
-    g, zn = noise_and_term_norms(score, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids,
-                                 backend=backend)
+    g, zn = noise_and_term_norms(score, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids, backend=backend)
     if norm == "batch":
         g, zn = g.mean().expand(B), zn.mean().expand(B)
     ratio = torch.where(g > 0, snr * zn / torch.where(g > 0, g, torch.ones_like(g)), torch.zeros_like(g))
     eps = 2.0 * alpha * ratio * ratio
-    x_new = apply(x, [(eps, score)], noise=torch.sqrt(2.0 * eps), seed=seed, step=step, stream=stream,
-                  sample_ids=sample_ids, x_coef=1.0, out=out, backend=backend, op="snr_langevin_step")
+    x_new = apply(
+        x,
+        [(eps, score)],
+        noise=torch.sqrt(2.0 * eps),
+        seed=seed,
+        step=step,
+        stream=stream,
+        sample_ids=sample_ids,
+        x_coef=1.0,
+        out=out,
+        backend=backend,
+        op="snr_langevin_step",
+    )
     return x_new, eps

@@ -1,0 +1,93 @@
+"""Micro-benchmark cases shared by the CPU and GPU suites: each fused op against eager PyTorch,
+torch.compile of the same eager code, and a kernel moving the same bytes."""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+import scorefast as sf
+
+
+@cache
+def cases(kind: str, size: tuple, device_type: str, backend: str, compile_sizes: frozenset = frozenset()) -> dict:
+    """{role: (name, fn, bytes)} of one group, built once per run so every role times the same inputs."""
+    device = torch.device(device_type)
+    if kind == "fused_update":
+        made = fused_update_cases(size[0], device, backend, set(compile_sizes))
+    elif kind == "snr":
+        made = snr_cases(size[0], size[1], device, backend)
+    else:
+        made = randn_cases(size[0], device, backend)
+    return {role: (name, fn, nbytes) for role, name, fn, nbytes in made}
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def fused_update_cases(n: int, device, backend: str, compile_sizes: set[int]):
+    """(role, name, fn, bytes) for x + c*s + sigma*z at n fp32 elements (bytes: 2 reads + 1 write)."""
+    x = torch.randn(1, n, device=device)
+    s = torch.randn(1, n, device=device)
+    out = torch.empty_like(x)
+    nbytes = 3 * 4 * n
+
+    def eager():
+        return x + 0.5 * s + 0.1 * torch.randn_like(x)
+
+    cases = [
+        ("copy", "torch.add(x, s, out=o)", lambda: torch.add(x, s, out=out), nbytes),
+        ("eager", "x + c*s + sigma*randn_like(x)", eager, nbytes),
+        (
+            "fused",
+            "fused_update",
+            lambda: sf.ops.fused_update(x, [(0.5, s)], noise=0.1, seed=1, step=0, backend=backend),
+            nbytes,
+        ),
+        (
+            "fused_out",
+            "fused_update(out=)",
+            lambda: sf.ops.fused_update(x, [(0.5, s)], noise=0.1, seed=1, step=0, out=out, backend=backend),
+            nbytes,
+        ),
+    ]
+    if n in compile_sizes:
+        compiled = torch.compile(eager, dynamic=False)
+        compiled()
+        cases.append(("compile", "torch.compile(eager)", compiled, nbytes))
+    return cases
+
+
+def snr_cases(B: int, D: int, device, backend: str):
+    """score_sde's LangevinCorrector step (batch norms) in eager torch vs the fused two-pass op."""
+    x = torch.randn(B, D, device=device)
+    g = torch.randn(B, D, device=device)
+    nbytes = 4 * B * D * (2 + 3)  # pass 1 reads score; pass 2 reads x, score and writes out
+
+    def eager():
+        noise = torch.randn_like(x)
+        grad_norm = torch.norm(g.reshape(B, -1), dim=-1).mean()
+        noise_norm = torch.norm(noise.reshape(B, -1), dim=-1).mean()
+        eps = (0.16 * noise_norm / grad_norm) ** 2 * 2
+        return x + eps * g + torch.sqrt(eps * 2) * noise
+
+    return [
+        ("eager", "score_sde LangevinCorrector", eager, nbytes),
+        (
+            "fused",
+            "snr_langevin_step(norm=batch)",
+            lambda: sf.ops.snr_langevin_step(x, g, 0.16, norm="batch", seed=1, step=0, backend=backend),
+            nbytes,
+        ),
+    ]
+
+
+def randn_cases(n: int, device, backend: str):
+    out = torch.empty(1, n, device=device)
+    return [
+        ("eager", "torch.randn(out=)", lambda: torch.randn(1, n, device=device, out=out), 4 * n),
+        ("fused_out", "sf.randn(out=)", lambda: sf.randn((1, n), seed=1, out=out, backend=backend), 4 * n),
+    ]

@@ -1,0 +1,191 @@
+"""Benchmark runner and results schema (DESIGN.md "Benchmarks").
+
+A results file is JSON::
+
+    {"suite", "date" (ISO 8601), "machine": {"gpu", "cpu", "torch", "triton", "cuda"},
+     "results": [{"name", "backend", "dtype", "size", "median_s", ...}]}
+
+Rows may add fields: ``bytes``, ``gbps``, ``vs_copy`` (bandwidth over the same-bytes copy in the
+same run), ``ratio_vs_eager`` / ``ratio_vs_compile`` (the baseline's median over this row's, same
+group, same run), ``peer``, ``nfe``.  Measurements are pytest-benchmark suites in ``bench/``;
+``scorefast bench --suite cpu|gpu --out bench/results/NAME.json`` runs one and writes the file
+row by row (atomically), so a run that is cut off still leaves its results.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .cli import register
+
+SCHEMA_KEYS = ("suite", "date", "machine", "results")
+MACHINE_KEYS = ("gpu", "cpu", "torch", "triton", "cuda")
+ROW_KEYS = ("name", "backend", "dtype", "size", "median_s")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info() -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available()
+    return {
+        "gpu": torch.cuda.get_device_name(0) if cuda else None,
+        "cpu": f"{_cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda if cuda else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+def validate(results: dict) -> None:
+    """Raise ValueError unless ``results`` follows the schema."""
+    for key in SCHEMA_KEYS:
+        if key not in results:
+            raise ValueError(f"results: missing {key!r}")
+    datetime.datetime.fromisoformat(results["date"])
+    for key in MACHINE_KEYS:
+        if key not in results["machine"]:
+            raise ValueError(f"results.machine: missing {key!r}")
+    for i, row in enumerate(results["results"]):
+        for key in ROW_KEYS:
+            if key not in row:
+                raise ValueError(f"results[{i}]: missing {key!r}")
+        if not (isinstance(row["median_s"], float) and row["median_s"] > 0):
+            raise ValueError(f"results[{i}].median_s: must be a positive float")
+
+
+def derive(rows: list[dict]) -> list[dict]:
+    """Add bandwidth and same-run ratios: baselines are rows of the same group with role eager/compile/copy."""
+    by_group: dict[str, dict[str, dict]] = {}
+    for row in rows:
+        if "group" in row and "role" in row:
+            by_group.setdefault(row["group"], {})[row["role"]] = row
+    for row in rows:
+        if row.get("bytes"):
+            row["gbps"] = row["bytes"] / row["median_s"] / 1e9
+        base = by_group.get(row.get("group"), {})
+        if row.get("role") in ("fused", "fused_out"):
+            for role, key in (("eager", "ratio_vs_eager"), ("compile", "ratio_vs_compile")):
+                if role in base:
+                    row[key] = base[role]["median_s"] / row["median_s"]
+            if "copy" in base and row.get("bytes"):
+                row["vs_copy"] = (row["bytes"] / row["median_s"]) / (base["copy"]["bytes"] / base["copy"]["median_s"])
+    return rows
+
+
+class ResultsWriter:
+    """Collects rows and rewrites the results file after each one (temp file + rename)."""
+
+    def __init__(self, path: str | os.PathLike, suite: str):
+        self.path = Path(path)
+        self.data = {
+            "suite": suite,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "results": [],
+        }
+
+    def add(self, row: dict) -> None:
+        self.data["results"].append(row)
+        derive(self.data["results"])
+        self.flush()
+
+    def flush(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
+        os.replace(tmp, self.path)
+
+
+def markdown_table(results: dict, roles: tuple[str, ...] = ("fused", "fused_out")) -> str:
+    """README table of the fused rows with their same-run ratios, rendered from a results file."""
+    m = results["machine"]
+    lines = [
+        f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}",
+        "",
+        "| op | backend | dtype | size | median | GB/s | vs copy | vs eager | vs torch.compile |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def fmt(v, spec):
+        return format(v, spec) if isinstance(v, float) else "-"
+
+    for r in results["results"]:
+        if r.get("role") not in roles:
+            continue
+        lines.append(
+            f"| {r['name']} | {r['backend']} | {r['dtype']} | {r['size']:.0e} | {r['median_s'] * 1e3:.3f} ms | "
+            f"{fmt(r.get('gbps'), '.1f')} | {fmt(r.get('vs_copy'), '.0%')} | "
+            f"{fmt(r.get('ratio_vs_eager'), '.2f')}x | {fmt(r.get('ratio_vs_compile'), '.2f')}x |"
+        )
+    return "\n".join(lines)
+
+
+def _bench_dir() -> Path:
+    here = Path(__file__).resolve().parents[1] / "bench"
+    if here.is_dir():
+        return here
+    raise FileNotFoundError("bench/ not found: run `scorefast bench` from a scorefast checkout")
+
+
+@register("bench", "run a benchmark suite (pytest-benchmark) and write bench/results/NAME.json")
+def _bench_command(parser):
+    parser.add_argument("--suite", choices=("cpu", "gpu", "gpu-e2e"), default="cpu")
+    parser.add_argument("--out", help="results file (default bench/results/<suite>.json)")
+    parser.add_argument("--quick", action="store_true", help="smallest sizes only (a smoke run)")
+    parser.add_argument("--table", metavar="RESULTS", help="print the README table of a results file and exit")
+
+    def run(args):
+        if args.table:
+            print(markdown_table(json.loads(Path(args.table).read_text())))
+            return 0
+        bench = _bench_dir()
+        out = Path(args.out or bench / "results" / f"{args.suite}.json").resolve()
+        env = {
+            **os.environ,
+            "SCOREFAST_BENCH_OUT": str(out),
+            "SCOREFAST_BENCH_SUITE": args.suite,
+            "SCOREFAST_BENCH_QUICK": "1" if args.quick else "0",
+        }
+        files = sorted(str(p) for p in bench.glob(f"test_{args.suite.replace('-', '_')}*.py"))
+        cmd = [
+            sys.executable,
+            "-m",
+            "pytest",
+            *files,
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--benchmark-only",
+            "--benchmark-disable-gc",
+            "--benchmark-columns=median,rounds",
+        ]
+        code = subprocess.call(cmd, env=env, cwd=bench.parent)
+        if out.exists():
+            print(markdown_table(json.loads(out.read_text())))
+            print(f"wrote {out}")
+        return code
+
+    return run

@@ -1,0 +1,80 @@
+"""Variance-preserving (DDPM) and sub-VP SDEs with linear beta(t) = beta_min + t (beta_max - beta_min)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import SDE, as_time, bcast
+
+class VPSDE(SDE):
+    eps = 1e-3
+
+    def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
+        if not 0 < beta_min < beta_max:
+            raise ValueError(f"beta_min, beta_max: need 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
+        self.beta_0, self.beta_1, self.N = float(beta_min), float(beta_max), int(N)
+        self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N, dtype=torch.float64)
+        self.alphas = 1.0 - self.discrete_betas
+
+    def config(self):
+        return {"beta_min": self.beta_0, "beta_max": self.beta_1, "N": self.N}
+
+    def beta(self, t: Tensor) -> Tensor:
+        return self.beta_0 + t * (self.beta_1 - self.beta_0)
+
+    def log_mean_coeff(self, t: Tensor) -> Tensor:
+        return -0.25 * t**2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+
+    def mean_coef(self, t):
+        return torch.exp(self.log_mean_coeff(t))
+
+    def std(self, t):
+        return torch.sqrt(-torch.expm1(2.0 * self.log_mean_coeff(t)))
+
+    def alpha_bar(self, t):
+        return torch.exp(2.0 * self.log_mean_coeff(t))
+
+    def drift_coef(self, t):
+        return -0.5 * self.beta(t)
+
+    def diffusion(self, t):
+        return torch.sqrt(self.beta(t))
+
+    def prior_std(self):
+        return 1.0
+
+    def _table_discretize(self, x, t):
+        i = self.table_index(t).to("cpu")
+        beta = self.discrete_betas[i].to(x.device)
+        alpha = self.alphas[i].to(x.device)
+        return bcast(alpha.sqrt() - 1, x) * x, beta.sqrt().to(x.dtype)
+
+    def corrector_alpha(self, t, t_next, *, score_sde_tables: bool) -> Tensor:
+        """score_sde's Langevin-corrector alpha: alphas[floor(t (N-1)/T)] on its grid, else abar ratio."""
+        if score_sde_tables:
+            return self.alphas[self.table_index(t).to("cpu")].to(t.device)
+        return self.alpha_bar(t) / self.alpha_bar(t_next)
+
+    def time_map(self, t):
+        return t * 999
+
+class SubVPSDE(VPSDE):
+    def std(self, t):
+        return -torch.expm1(2.0 * self.log_mean_coeff(t))
+
+    def diffusion(self, t):
+        discount = -torch.expm1(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
+        return torch.sqrt(self.beta(t) * discount)
+
+    def discretize(self, x, t, t_next, *, score_sde_tables: bool = False):
+        t, t_next = as_time(t, x), as_time(t_next, x)
+        if score_sde_tables:
+            return SDE._table_discretize(self, x, t)
+        alpha = self.alpha_bar(t) / self.alpha_bar(t_next)
+        G2 = (1 - self.alpha_bar(t)) ** 2 - alpha * (1 - self.alpha_bar(t_next)) ** 2
+        return bcast(alpha.sqrt() - 1, x) * x, G2.clamp_min(0).sqrt().to(x.dtype)
+
+    def corrector_alpha(self, t, t_next, *, score_sde_tables: bool):
+        return self.alpha_bar(t) / self.alpha_bar(t_next)
+
