@@ -6,13 +6,14 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 ``SCOREFAST_REQUIRE_BACKENDS`` asks for a backend to be checked.
 """
 
-from . import backends, ops, testing
+from . import backends, ops, sde, testing
 from .backends import BackendUnavailableError
 from .errors import NonFiniteError
 from .rng import rademacher, rand, randn
+from .sampling import sample
 
 __version__ = "0.1.0"
 
 backends.check_required()
 
-__all__ = ["BackendUnavailableError", "NonFiniteError", "backends", "ops", "rademacher", "rand", "randn", "testing"]
+__all__ = ["BackendUnavailableError", "NonFiniteError", "backends", "ops", "rademacher", "rand", "randn", "sample", "sde", "testing"]

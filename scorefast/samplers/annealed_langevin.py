@@ -1,0 +1,48 @@
+"""NCSN annealed Langevin dynamics (Song & Ermon 2019), as in its code.
+
+steps = L noise levels sigma_1 > ... > sigma_L (the VE/EDM grid); at level i, n_steps_each steps
+x + alpha_i s + sqrt(2 alpha_i) z with alpha_i = step_lr sigma_i^2 / sigma_L^2.  ``final_denoise``
+adds NCSNv2's x + sigma_L^2 s (one more NFE).  Draws per level: n_steps_each.
+"""
+
+from __future__ import annotations
+
+from ..ops import langevin_step
+from ..rng import STREAM_SAMPLER
+from ..sde import EDM, VESDE
+from .base import Context
+
+NAME = "annealed_langevin"
+DEFAULT_STEPS = 10
+KIND = "langevin"
+
+
+def draws(n_steps_each: int = 100, **_) -> int:
+    return n_steps_each
+
+
+DRAWS = draws
+
+
+def run(ctx: Context, x, *, step_lr: float = 2e-5, n_steps_each: int = 100, final_denoise: bool = False,
+        denoise: bool = True):
+    sde = ctx.sde
+    if not isinstance(sde, VESDE | EDM):
+        raise ValueError(f"sampler: annealed_langevin needs a VE-type SDE (VESDE, EDM), not {type(sde).__name__}")
+    if n_steps_each < 1:
+        raise ValueError(f"n_steps_each: must be >= 1, got {n_steps_each}")
+    if step_lr <= 0:
+        raise ValueError(f"step_lr: must be > 0, got {step_lr}")
+    sigmas = sde.std(ctx.times)
+    sigma_last = float(sigmas[-1])
+    for n in range(len(ctx.times)):
+        t = ctx.t_vec(ctx.times[n], x)
+        alpha = step_lr * float(sigmas[n]) ** 2 / sigma_last**2
+        for j in range(n_steps_each):
+            x = langevin_step(x, ctx.score(x, t), alpha, seed=ctx.seed, step=ctx.counter(n, j),
+                              stream=STREAM_SAMPLER, sample_ids=ctx.sample_ids, backend=ctx.backend)
+        ctx.step_done(n, x, t)
+    if final_denoise:
+        t = ctx.t_vec(ctx.times[-1], x)
+        x = ctx.update(x, [(sigma_last**2, ctx.score(x, t))], n=len(ctx.times) - 1, j=0)
+    return x

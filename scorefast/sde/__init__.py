@@ -1,0 +1,9 @@
+"""SDEs of score-based models: VE, VP, sub-VP (Song et al. 2021), EDM (Karras et al. 2022), DiscreteVP."""
+
+from .base import SDE
+from .discrete_vp import DiscreteVP
+from .edm import EDM, karras_sigmas
+from .ve import VESDE
+from .vp import SubVPSDE, VPSDE
+
+__all__ = ["EDM", "SDE", "VESDE", "VPSDE", "DiscreteVP", "SubVPSDE", "karras_sigmas"]
