@@ -6,7 +6,7 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 ``SCOREFAST_REQUIRE_BACKENDS`` asks for a backend to be checked.
 """
 
-from . import backends, ops, sde, testing
+from . import backends, ops, samplers, sde, testing
 from .backends import BackendUnavailableError
 from .errors import NonFiniteError
 from .rng import rademacher, rand, randn
@@ -16,4 +16,15 @@ __version__ = "0.1.0"
 
 backends.check_required()
 
-__all__ = ["BackendUnavailableError", "NonFiniteError", "backends", "ops", "rademacher", "rand", "randn", "sample", "sde", "testing"]
+__all__ = [
+    "BackendUnavailableError",
+    "NonFiniteError",
+    "backends",
+    "ops",
+    "rademacher",
+    "rand",
+    "randn",
+    "sample",
+    "sde",
+    "testing",
+]

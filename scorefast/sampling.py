@@ -36,8 +36,10 @@ def _grid(sde: SDE, steps: int, schedule, t_start, device) -> tuple[Tensor, bool
         from .sde.edm import karras_sigmas
 
         rho = getattr(sde, "rho", 7.0)
-        lo, hi = float(sde.std(torch.tensor([sde.eps], dtype=torch.float64))), float(
-            sde.std(torch.tensor([T], dtype=torch.float64)))
+        lo, hi = (
+            float(sde.std(torch.tensor([sde.eps], dtype=torch.float64))),
+            float(sde.std(torch.tensor([T], dtype=torch.float64))),
+        )
         sig = karras_sigmas(steps, lo, hi, rho, device)
         if hasattr(sde, "rho"):
             return sig, False
@@ -52,12 +54,29 @@ def _grid(sde: SDE, steps: int, schedule, t_start, device) -> tuple[Tensor, bool
     raise ValueError(f"schedule: expected 'uniform', 'karras', None or a tensor of times, got {schedule!r}")
 
 
-def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], *, sampler: str = "pc", steps: int | None = None,
-           seed: int | Tensor = 0, sample_ids: Tensor | None = None, x_init: Tensor | None = None,
-           t_start: float | None = None, schedule=None, extra_args: dict | None = None, device=None,
-           precision: str = "fp32", cuda_graph: bool = False, progress: bool = False,
-           callback: Callable | None = None, return_info: bool = False, backend: str | None = None,
-           **sampler_options):
+def sample(
+    score_fn: Callable,
+    sde: SDE,
+    shape: Sequence[int],
+    *,
+    sampler: str = "pc",
+    steps: int | None = None,
+    seed: int | Tensor = 0,
+    sample_ids: Tensor | None = None,
+    x_init: Tensor | None = None,
+    t_start: float | None = None,
+    schedule=None,
+    extra_args: dict | None = None,
+    device=None,
+    precision: str = "fp32",
+    cuda_graph: bool = False,
+    progress: bool = False,
+    callback: Callable | None = None,
+    return_info: bool = False,
+    backend: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    **sampler_options,
+):
     """Draw samples [shape] by integrating the reverse SDE/ODE of ``sde`` with ``score_fn``.
 
     Args:
@@ -68,6 +87,7 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], *, sampler: str =
         precision: the network runs in fp32, bf16 or fp16 (autocast); the state x stays fp32.
         cuda_graph: capture and replay (see scorefast.graphs); on CPU a no-op with the same results.
         return_info: also return {"nfe", "x_mean", "time_s", "sampler", "steps"}.
+        dtype: the state's dtype (float32; float64 runs the torch reference backend, for validation).
     Returns samples [shape] (fp32), or (samples, info).
     """
     module = samplers.get(sampler)
@@ -78,6 +98,8 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], *, sampler: str =
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
         raise ValueError(f"shape: expected [B, ...] with a batch dimension and at least one feature, got {shape}")
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype: the sampler state is float32 (or float64 for references), got {dtype}")
     if precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
     steps = module.DEFAULT_STEPS if steps is None else steps
@@ -86,7 +108,9 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], *, sampler: str =
     if module.KIND == "ode" and steps < 2:
         raise ValueError(f"steps: {sampler} integrates between grid times and needs steps >= 2")
     _check_options(module, sampler_options)
-    device = torch.device(device) if device is not None else (x_init.device if x_init is not None else torch.device("cpu"))
+    device = (
+        torch.device(device) if device is not None else (x_init.device if x_init is not None else torch.device("cpu"))
+    )
     B = shape[0]
     ids = _checks.check_sample_ids(sample_ids, B, device)
     seed_checked = _checks.check_counter("seed", seed, device, upper=_checks.UINT64)
@@ -96,10 +120,21 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], *, sampler: str =
         if not sde.eps < t_start <= sde.T:
             raise ValueError(f"t_start: must lie in (eps={sde.eps}, T={sde.T}], got {t_start}")
     times, own = _grid(sde, steps, schedule, t_start, device)
-    x = _initial(sde, shape, x_init, t_start if t_start is not None else float(times[0]), seed, ids, device, backend)
-    ctx = Context(score_fn=score_fn, sde=sde, times=times, seed=seed if isinstance(seed, Tensor) else int(seed),
-                  sample_ids=ids, draws=samplers.draws_per_step(module, sampler_options), backend=backend,
-                  extra_args=extra, callback=callback, autocast_dtype=PRECISIONS[precision], score_sde_tables=own)
+    t0 = t_start if t_start is not None else float(times[0])
+    x = _initial(sde, shape, x_init, t0, seed, ids, device, backend, dtype)
+    ctx = Context(
+        score_fn=score_fn,
+        sde=sde,
+        times=times,
+        seed=seed if isinstance(seed, Tensor) else int(seed),
+        sample_ids=ids,
+        draws=samplers.draws_per_step(module, sampler_options),
+        backend=backend,
+        extra_args=extra,
+        callback=callback,
+        autocast_dtype=PRECISIONS[precision],
+        score_sde_tables=own,
+    )
     del seed_checked
     start = time.perf_counter()
     bar = None
@@ -121,8 +156,14 @@ def sample(score_fn: Callable, sde: SDE, shape: Sequence[int], *, sampler: str =
             bar.close()
     if not return_info:
         return x
-    info = {"nfe": ctx.nfe, "x_mean": x.mean().item(), "time_s": time.perf_counter() - start, "sampler": sampler,
-            "steps": steps, "draws_per_step": ctx.draws}
+    info = {
+        "nfe": ctx.nfe,
+        "x_mean": x.mean().item(),
+        "time_s": time.perf_counter() - start,
+        "sampler": sampler,
+        "steps": steps,
+        "draws_per_step": ctx.draws,
+    }
     return x, info
 
 
@@ -142,16 +183,16 @@ def _slice_extra(extra_args: dict | None, B: int) -> dict:
     return extra
 
 
-def _initial(sde: SDE, shape, x_init, t0: float, seed, ids, device, backend) -> Tensor:
+def _initial(sde: SDE, shape, x_init, t0: float, seed, ids, device, backend, dtype) -> Tensor:
     if x_init is None:
-        return sde.prior_sampling(shape, seed=seed, sample_ids=ids, device=device, backend=backend)
+        return sde.prior_sampling(shape, seed=seed, sample_ids=ids, device=device, backend=backend, dtype=dtype)
     _checks.check_float_tensor("x_init", x_init)
     if tuple(x_init.shape) != tuple(shape):
         raise ValueError(f"x_init: shape {tuple(x_init.shape)} does not match shape {tuple(shape)}")
-    x0 = x_init.to(device=device, dtype=torch.float32)
+    x0 = x_init.to(device=device, dtype=dtype)
     t = torch.full((shape[0],), t0, dtype=torch.float64, device=device)
     mean, std = sde.marginal_prob(x0, t)
-    z = randn(shape, seed=seed, step=0, stream=STREAM_PRIOR, sample_ids=ids, device=device, backend=backend)
+    z = randn(
+        shape, seed=seed, step=0, stream=STREAM_PRIOR, sample_ids=ids, device=device, backend=backend, dtype=dtype
+    )
     return mean + bcast(std.double(), x0) * z
-
-

@@ -19,8 +19,18 @@ from . import (
 
 SAMPLERS: dict[str, ModuleType] = {
     m.NAME: m
-    for m in (langevin, annealed_langevin, euler_maruyama, reverse_diffusion, ancestral, ddim, pc, ode_euler, heun,
-              dpm_solver_pp)
+    for m in (
+        langevin,
+        annealed_langevin,
+        euler_maruyama,
+        reverse_diffusion,
+        ancestral,
+        ddim,
+        pc,
+        ode_euler,
+        heun,
+        dpm_solver_pp,
+    )
 }
 
 

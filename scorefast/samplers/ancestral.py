@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..sde import EDM, VESDE, VPSDE, DiscreteVP
+from ..sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
 from .base import Context
 from .reverse_diffusion import next_time
 
@@ -30,7 +30,7 @@ def _sigmas(ctx: Context, t, t_next):
 
 def run(ctx: Context, x, *, denoise: bool = True):
     sde = ctx.sde
-    if not isinstance(sde, VESDE | EDM | VPSDE | DiscreteVP):
+    if isinstance(sde, SubVPSDE) or not isinstance(sde, VESDE | EDM | VPSDE | DiscreteVP):
         raise ValueError(f"sampler: ancestral supports VESDE, EDM, VPSDE and DiscreteVP, not {type(sde).__name__}")
     ve = isinstance(sde, VESDE | EDM)
     N = len(ctx.times)
@@ -50,7 +50,12 @@ def run(ctx: Context, x, *, denoise: bool = True):
             else:
                 beta = 1 - sde.alpha_bar(t) / sde.alpha_bar(t_next)
             inv = 1 / torch.sqrt(1 - beta)
-            x = ctx.update(x, [((beta * inv).to(x.dtype), s)], x_coef=inv.to(x.dtype),
-                           noise=0.0 if last else beta.sqrt().to(x.dtype), n=n)
+            x = ctx.update(
+                x,
+                [((beta * inv).to(x.dtype), s)],
+                x_coef=inv.to(x.dtype),
+                noise=0.0 if last else beta.sqrt().to(x.dtype),
+                n=n,
+            )
         ctx.step_done(n, x, t)
     return x

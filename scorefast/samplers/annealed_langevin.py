@@ -24,8 +24,15 @@ def draws(n_steps_each: int = 100, **_) -> int:
 DRAWS = draws
 
 
-def run(ctx: Context, x, *, step_lr: float = 2e-5, n_steps_each: int = 100, final_denoise: bool = False,
-        denoise: bool = True):
+def run(
+    ctx: Context,
+    x,
+    *,
+    step_lr: float = 2e-5,
+    n_steps_each: int = 100,
+    final_denoise: bool = False,
+    denoise: bool = True,
+):
     sde = ctx.sde
     if not isinstance(sde, VESDE | EDM):
         raise ValueError(f"sampler: annealed_langevin needs a VE-type SDE (VESDE, EDM), not {type(sde).__name__}")
@@ -39,8 +46,16 @@ def run(ctx: Context, x, *, step_lr: float = 2e-5, n_steps_each: int = 100, fina
         t = ctx.t_vec(ctx.times[n], x)
         alpha = step_lr * float(sigmas[n]) ** 2 / sigma_last**2
         for j in range(n_steps_each):
-            x = langevin_step(x, ctx.score(x, t), alpha, seed=ctx.seed, step=ctx.counter(n, j),
-                              stream=STREAM_SAMPLER, sample_ids=ctx.sample_ids, backend=ctx.backend)
+            x = langevin_step(
+                x,
+                ctx.score(x, t),
+                alpha,
+                seed=ctx.seed,
+                step=ctx.counter(n, j),
+                stream=STREAM_SAMPLER,
+                sample_ids=ctx.sample_ids,
+                backend=ctx.backend,
+            )
         ctx.step_done(n, x, t)
     if final_denoise:
         t = ctx.t_vec(ctx.times[-1], x)

@@ -80,8 +80,17 @@ class Context:
 
     def update(self, x: Tensor, terms, *, noise=0.0, n: int = 0, j: int = 0, x_coef=1.0) -> Tensor:
         """fused_update on stream 0 with step n*S + j."""
-        return fused_update(x, terms, noise=noise, x_coef=x_coef, seed=self.seed, step=self.counter(n, j),
-                            stream=STREAM_SAMPLER, sample_ids=self.sample_ids, backend=self.backend)
+        return fused_update(
+            x,
+            terms,
+            noise=noise,
+            x_coef=x_coef,
+            seed=self.seed,
+            step=self.counter(n, j),
+            stream=STREAM_SAMPLER,
+            sample_ids=self.sample_ids,
+            backend=self.backend,
+        )
 
     # -- bookkeeping ----------------------------------------------------------------------
     def step_done(self, n: int, x: Tensor, t, denoised: Tensor | None = None) -> None:
@@ -96,8 +105,9 @@ class Context:
 
     def check_finite(self) -> None:
         if self._first_bad is not None and int(self._first_bad) >= 0:
-            raise NonFiniteError(f"score_fn returned non-finite values at step {int(self._first_bad)} "
-                                 f"(t = {float(self._bad_time):.6g})")
+            raise NonFiniteError(
+                f"score_fn returned non-finite values at step {int(self._first_bad)} (t = {float(self._bad_time):.6g})"
+            )
 
     def t_vec(self, t: float | Tensor, x: Tensor) -> Tensor:
         return as_time(t, x)

@@ -38,7 +38,8 @@ def run(ctx: Context, x, *, eta: float = 0.0, denoise: bool = True):
         s_coef = a_n * s_t**2 / a_t - direction * s_t
         last = denoise and n == N - 1
         noisy = eta > 0 and not last
-        x = ctx.update(x, [(s_coef.to(x.dtype), s)], x_coef=x_coef.to(x.dtype),
-                       noise=sig.to(x.dtype) if noisy else 0.0, n=n)
+        x = ctx.update(
+            x, [(s_coef.to(x.dtype), s)], x_coef=x_coef.to(x.dtype), noise=sig.to(x.dtype) if noisy else 0.0, n=n
+        )
         ctx.step_done(n, x, t)
     return x

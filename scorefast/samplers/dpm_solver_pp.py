@@ -22,8 +22,7 @@ KIND = "ode"
 VARIANTS = ("2m", "2m-sde", "3m")
 
 
-def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noise: float = 1.0,
-        denoise: bool = True):
+def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noise: float = 1.0, denoise: bool = True):
     if variant not in VARIANTS:
         raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
     eta = (1.0 if variant == "2m-sde" else 0.0) if eta is None else float(eta)

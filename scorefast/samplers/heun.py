@@ -20,8 +20,16 @@ DEFAULT_STEPS = 18
 KIND = "ode"
 
 
-def run(ctx: Context, x, *, s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
-        s_noise: float = 1.0, denoise: bool = True):
+def run(
+    ctx: Context,
+    x,
+    *,
+    s_churn: float = 0.0,
+    s_tmin: float = 0.0,
+    s_tmax: float = float("inf"),
+    s_noise: float = 1.0,
+    denoise: bool = True,
+):
     sde = ctx.sde
     if s_churn < 0:
         raise ValueError(f"s_churn: must be >= 0, got {s_churn}")

@@ -18,7 +18,15 @@ KIND = "langevin"
 def run(ctx: Context, x, *, step_size: float = 1e-3, denoise: bool = True):
     t = ctx.t_vec(ctx.sde.eps, x)
     for n in range(len(ctx.times)):
-        x = langevin_step(x, ctx.score(x, t), step_size, seed=ctx.seed, step=ctx.counter(n),
-                          stream=STREAM_SAMPLER, sample_ids=ctx.sample_ids, backend=ctx.backend)
+        x = langevin_step(
+            x,
+            ctx.score(x, t),
+            step_size,
+            seed=ctx.seed,
+            step=ctx.counter(n),
+            stream=STREAM_SAMPLER,
+            sample_ids=ctx.sample_ids,
+            backend=ctx.backend,
+        )
         ctx.step_done(n, x, t)
     return x

@@ -38,8 +38,16 @@ def corrector_alpha(ctx: Context, t, t_next):
     return torch.ones_like(t)
 
 
-def run(ctx: Context, x, *, snr: float = 0.16, n_corrector: int = 1, predictor: str = "reverse_diffusion",
-        norm: str = "sample", denoise: bool = True):
+def run(
+    ctx: Context,
+    x,
+    *,
+    snr: float = 0.16,
+    n_corrector: int = 1,
+    predictor: str = "reverse_diffusion",
+    norm: str = "sample",
+    denoise: bool = True,
+):
     if predictor not in PREDICTORS:
         raise ValueError(f"predictor: expected one of {PREDICTORS}, got {predictor!r}")
     if n_corrector < 0:
@@ -51,8 +59,18 @@ def run(ctx: Context, x, *, snr: float = 0.16, n_corrector: int = 1, predictor: 
         alpha = corrector_alpha(ctx, t, t_next).to(x.dtype)
         for j in range(n_corrector):
             s = ctx.score(x, t)
-            x, _ = snr_langevin_step(x, s, snr, alpha=alpha, norm=norm, seed=ctx.seed, step=ctx.counter(n, j),
-                                     stream=STREAM_SAMPLER, sample_ids=ctx.sample_ids, backend=ctx.backend)
+            x, _ = snr_langevin_step(
+                x,
+                s,
+                snr,
+                alpha=alpha,
+                norm=norm,
+                seed=ctx.seed,
+                step=ctx.counter(n, j),
+                stream=STREAM_SAMPLER,
+                sample_ids=ctx.sample_ids,
+                backend=ctx.backend,
+            )
         last = denoise and n == N - 1
         if predictor != "none":
             s = ctx.score(x, t)
@@ -60,4 +78,3 @@ def run(ctx: Context, x, *, snr: float = 0.16, n_corrector: int = 1, predictor: 
             x = step.predictor_step(ctx, x, t, s, n, n_corrector, last)
         ctx.step_done(n, x, t)
     return x
-

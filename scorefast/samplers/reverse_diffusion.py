@@ -32,4 +32,3 @@ def run(ctx: Context, x, *, denoise: bool = True):
         x = predictor_step(ctx, x, t, s, n, 0, last=denoise and n == N - 1)
         ctx.step_done(n, x, t)
     return x
-

@@ -4,6 +4,6 @@ from .base import SDE
 from .discrete_vp import DiscreteVP
 from .edm import EDM, karras_sigmas
 from .ve import VESDE
-from .vp import SubVPSDE, VPSDE
+from .vp import VPSDE, SubVPSDE
 
 __all__ = ["EDM", "SDE", "VESDE", "VPSDE", "DiscreteVP", "SubVPSDE", "karras_sigmas"]

@@ -74,11 +74,27 @@ class SDE:
         """a(t)**2: the signal fraction (VP: alphas_cumprod)."""
         return self.mean_coef(t) ** 2
 
-    def prior_sampling(self, shape, *, seed: int | Tensor = 0, sample_ids: Tensor | None = None, device=None,
-                       dtype: torch.dtype = torch.float32, backend: str | None = None) -> Tensor:
+    def prior_sampling(
+        self,
+        shape,
+        *,
+        seed: int | Tensor = 0,
+        sample_ids: Tensor | None = None,
+        device=None,
+        dtype: torch.dtype = torch.float32,
+        backend: str | None = None,
+    ) -> Tensor:
         """x_T ~ N(0, prior_std**2 I) from stream 3, step 0 (DESIGN.md allocation table)."""
-        z = randn(shape, seed=seed, step=0, stream=STREAM_PRIOR, sample_ids=sample_ids, device=device, dtype=dtype,
-                  backend=backend)
+        z = randn(
+            shape,
+            seed=seed,
+            step=0,
+            stream=STREAM_PRIOR,
+            sample_ids=sample_ids,
+            device=device,
+            dtype=dtype,
+            backend=backend,
+        )
         return z * self.prior_std()
 
     def prior_logp(self, z: Tensor) -> Tensor:

@@ -17,7 +17,12 @@ class EDM(SDE):
         self.T, self.eps, self.N = self.sigma_max, self.sigma_min, 18
 
     def config(self):
-        return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "rho": self.rho, "sigma_data": self.sigma_data}
+        return {
+            "sigma_min": self.sigma_min,
+            "sigma_max": self.sigma_max,
+            "rho": self.rho,
+            "sigma_data": self.sigma_data,
+        }
 
     def mean_coef(self, t):
         return torch.ones_like(t)

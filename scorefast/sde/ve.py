@@ -17,7 +17,9 @@ class VESDE(SDE):
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"sigma_min, sigma_max: need 0 < sigma_min < sigma_max, got {sigma_min}, {sigma_max}")
         self.sigma_min, self.sigma_max, self.N = float(sigma_min), float(sigma_max), int(N)
-        self.discrete_sigmas = torch.exp(torch.linspace(math.log(sigma_min), math.log(sigma_max), N, dtype=torch.float64))
+        self.discrete_sigmas = torch.exp(
+            torch.linspace(math.log(sigma_min), math.log(sigma_max), N, dtype=torch.float64)
+        )
 
     def config(self):
         return {"sigma_min": self.sigma_min, "sigma_max": self.sigma_max, "N": self.N}

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .base import SDE, as_time, bcast
 
+
 class VPSDE(SDE):
     eps = 1e-3
 
@@ -59,6 +60,7 @@ class VPSDE(SDE):
     def time_map(self, t):
         return t * 999
 
+
 class SubVPSDE(VPSDE):
     def std(self, t):
         return -torch.expm1(2.0 * self.log_mean_coeff(t))
@@ -77,4 +79,3 @@ class SubVPSDE(VPSDE):
 
     def corrector_alpha(self, t, t_next, *, score_sde_tables: bool):
         return self.alpha_bar(t) / self.alpha_bar(t_next)
-
