@@ -25,6 +25,7 @@ __all__ = [
     "rand",
     "randn",
     "sample",
+    "samplers",
     "sde",
     "testing",
 ]

@@ -94,16 +94,25 @@ class GaussianMixture:
 
     def _component_terms(self, x: Tensor, t, sde):
         x64 = x.reshape(x.shape[0], -1).to(torch.float64)
+        B = x64.shape[0]
         if x64.shape[1] != self.dim:
             raise ValueError(f"x: expected {self.dim} features per sample, got {x64.shape[1]}")
-        means, covs = self._params(x64.shape[0], t, sde, x64.device)
-        chol = torch.linalg.cholesky(covs)  # [B, K, d, d]
-        diff = (x64[:, None, :] - means).unsqueeze(-1)  # [B, K, d, 1]
-        sol = torch.cholesky_solve(diff, chol)  # Sigma^-1 (x - mu)
-        maha = (diff * sol).sum((-1, -2))
-        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
-        logp_k = torch.log(self.weights.to(x64.device)) - 0.5 * (maha + logdet + self.dim * math.log(2 * math.pi))
-        return x64, logp_k, sol.squeeze(-1)
+        if sde is not None and t is not None:
+            # factor once per distinct time (samplers pass one t for the whole batch)
+            t = torch.as_tensor(t, dtype=torch.float64, device=x64.device).reshape(-1).expand(B)
+            times, which = torch.unique(t, return_inverse=True)
+            means, covs = self._params(times.shape[0], times, sde, x64.device)
+        else:
+            which = torch.zeros(B, dtype=torch.long, device=x64.device)
+            means, covs = self._params(1, None, None, x64.device)
+        chol = torch.linalg.cholesky(covs)  # [U, K, d, d]
+        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # [U, K]
+        precision = torch.cholesky_inverse(chol)  # [U, K, d, d]
+        diff = x64[:, None, :] - means[which]  # [B, K, d]
+        sol = torch.einsum("bkij,bkj->bki", precision[which], diff)  # Sigma^-1 (x - mu)
+        maha = (diff * sol).sum(-1)
+        logp_k = torch.log(self.weights.to(x64.device)) - 0.5 * (maha + logdet[which] + self.dim * math.log(2 * math.pi))
+        return x64, logp_k, sol
 
     def log_prob(self, x: Tensor, t: Tensor | float | None = None, sde=None) -> Tensor:
         """log p(x) [B] (float64) of the mixture, or of p_t under ``sde`` at time(s) t."""

@@ -1,0 +1,100 @@
+"""GPU tests (marked cuda; skipped without a GPU): the cuda and triton backends on CUDA tensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import scorefast as sf
+from tests.test_noise_contract import CONTRACT
+
+pytestmark = pytest.mark.cuda
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+@pytest.fixture(params=GPU_BACKENDS)
+def backend(request):
+    st = sf.backends.state(request.param)
+    if not st.available:
+        pytest.skip(st.why)
+    return request.param
+
+
+def test_contract_values_on_gpu(backend):
+    for row in CONTRACT:
+        got = sf.randn((1, row["element"] + 1), seed=row["seed"], step=row["step"], stream=row["stream"],
+                       sample_ids=torch.tensor([row["sample_id"]], device="cuda"), device="cuda", backend=backend)
+        assert abs(got[0, -1].item() - row["normal"]) <= 1e-5
+        u = sf.rand((1, row["element"] + 1), seed=row["seed"], step=row["step"], stream=row["stream"],
+                    sample_ids=torch.tensor([row["sample_id"]], device="cuda"), device="cuda", backend=backend)
+        assert u[0, -1].item() == row["uniform"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1001), (2, 3, 33, 17), (1, 20_000_003)], ids=str)
+@pytest.mark.parametrize("term_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_update_vs_reference(backend, shape, term_dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", generator=g)
+    s = torch.randn(shape, device="cuda", generator=g).to(term_dtype)
+    c = torch.linspace(0.5, 1.5, shape[0], device="cuda")
+    got = sf.ops.fused_update(x, [(c, s)], noise=0.3, seed=9, step=2, backend=backend)
+    ref = sf.ops.fused_update(x.double(), [(c.double(), s.double())], noise=0.3, seed=9, step=2, backend="torch")
+    torch.testing.assert_close(got.double(), ref, atol=5e-6, rtol=2e-6)
+
+
+def test_snr_and_norms_vs_reference(backend):
+    x = torch.randn(6, 3 * 32 * 32, device="cuda")
+    s = torch.randn_like(x)
+    s[1] = 0
+    got, eps = sf.ops.snr_langevin_step(x, s, 0.16, seed=1, step=0, backend=backend)
+    ref, eps_ref = sf.ops.snr_langevin_step(x.double(), s.double(), 0.16, seed=1, step=0, backend="torch")
+    torch.testing.assert_close(eps.double(), eps_ref, atol=0, rtol=5e-6)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=5e-6)
+    assert eps[1] == 0
+
+
+def test_batch_invariance_bitwise_on_gpu(backend):
+    D = 1031
+    ids = torch.arange(1000, device="cuda")
+    x = sf.randn((1000, D), seed=7, sample_ids=ids, device="cuda", backend=backend)
+    big = sf.ops.snr_langevin_step(x, -x, 0.16, seed=1, step=2, backend=backend)
+    for pick in ([640], [3, 999, 0, 640, 17, 250, 8]):
+        p = torch.tensor(pick, device="cuda")
+        small = sf.ops.snr_langevin_step(x[p], -x[p], 0.16, seed=1, step=2, sample_ids=p, backend=backend)
+        assert torch.equal(small[0], big[0][p]) and torch.equal(small[1], big[1][p])
+
+
+def test_graph_replay_advances_device_counter(backend):
+    """Seed/step as device tensors: a captured launch replays with the new step, bitwise as eager."""
+    x = torch.zeros(4, 4099, device="cuda")
+    step = torch.zeros((), dtype=torch.int64, device="cuda")
+    seed = torch.tensor(5, dtype=torch.int64, device="cuda")
+    out = torch.empty_like(x)
+    sf.ops.fused_update(x, [], noise=1.0, seed=seed, step=step, out=out, backend=backend)  # warm up / compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sf.ops.fused_update(x, [], noise=1.0, seed=seed, step=step, out=out, backend=backend)
+    for k in (3, 11):
+        step.fill_(k)
+        graph.replay()
+        eager = sf.randn(x.shape, seed=5, step=k, device="cuda", backend=backend)
+        assert torch.equal(out, eager)
+
+
+def test_cuda_backend_is_default_for_cuda_tensors():
+    if not sf.backends.state("cuda").available:
+        pytest.skip(sf.backends.state("cuda").why)
+    assert sf.backends.resolve(None, torch.device("cuda")) == "cuda"
+
+
+def test_sampler_on_gpu_matches_cpu_after_one_step():
+    sde = sf.sde.VPSDE()
+    gm = sf.testing.GaussianMixture.ring(4, 3.0, 0.4)
+
+    def score(x, t):
+        return gm.score(x.cpu(), t.cpu(), sde).to(x.device)
+
+    gpu = sf.sample(score, sde, (64, 2), sampler="euler_maruyama", steps=1, device="cuda", denoise=False)
+    cpu = sf.sample(score, sde, (64, 2), sampler="euler_maruyama", steps=1, device="cpu", denoise=False)
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)

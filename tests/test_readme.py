@@ -1,0 +1,26 @@
+"""The README stays true: its test command is what CI runs, its table is the committed results."""
+
+import json
+from pathlib import Path
+
+from scorefast.bench import markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def _commands():
+    block = README.split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.splitlines() if line and not line.startswith("#")]
+
+
+def test_readme_starts_with_two_commands_and_ci_runs_the_test_one():
+    install_and_sample, install_and_test = _commands()
+    assert "scorefast sample" in install_and_sample and "pytest" in install_and_test
+    assert install_and_test in (ROOT / ".ci" / "run").read_text().splitlines()
+
+
+def test_readme_table_is_rendered_from_committed_results():
+    table = README.split("<!-- bench:cpu -->\n", 1)[1].split("\n<!-- /bench:cpu -->", 1)[0]
+    results = json.loads((ROOT / "bench" / "results" / "cpu.json").read_text())
+    assert table == markdown_table(results)
