@@ -111,7 +111,8 @@ class GaussianMixture:
         diff = x64[:, None, :] - means[which]  # [B, K, d]
         sol = torch.einsum("bkij,bkj->bki", precision[which], diff)  # Sigma^-1 (x - mu)
         maha = (diff * sol).sum(-1)
-        logp_k = torch.log(self.weights.to(x64.device)) - 0.5 * (maha + logdet[which] + self.dim * math.log(2 * math.pi))
+        log_norm = logdet[which] + self.dim * math.log(2 * math.pi)
+        logp_k = torch.log(self.weights.to(x64.device)) - 0.5 * (maha + log_norm)
         return x64, logp_k, sol
 
     def log_prob(self, x: Tensor, t: Tensor | float | None = None, sde=None) -> Tensor:
