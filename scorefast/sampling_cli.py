@@ -97,9 +97,20 @@ def _sample_command(parser):
             for first in range(0, args.n, args.batch):
                 count = min(args.batch, args.n - first)
                 ids = torch.arange(first, first + count, device=device)
-                x, info = sample(score_fn, sde, (count, *sample_shape), sampler=args.sampler, steps=args.steps,
-                                 seed=args.seed, sample_ids=ids, device=device, backend=args.backend,
-                                 precision=args.precision, return_info=True, **options)
+                x, info = sample(
+                    score_fn,
+                    sde,
+                    (count, *sample_shape),
+                    sampler=args.sampler,
+                    steps=args.steps,
+                    seed=args.seed,
+                    sample_ids=ids,
+                    device=device,
+                    backend=args.backend,
+                    precision=args.precision,
+                    return_info=True,
+                    **options,
+                )
                 chunks.append(x.cpu())
                 nfe = info["nfe"]
                 bar.update(count)
@@ -117,16 +128,22 @@ def _sample_command(parser):
             "samples_per_s": args.n / seconds,
             "seconds_per_nfe": seconds / max(nfe, 1) / max(1, -(-args.n // args.batch)),
             "sliced_wasserstein_to_exact": sliced_wasserstein(samples, exact),
-            "sliced_wasserstein_exact_vs_exact": sliced_wasserstein(target.sample(args.n, seed=args.seed + 2).float(),
-                                                                    exact),
+            "sliced_wasserstein_exact_vs_exact": sliced_wasserstein(
+                target.sample(args.n, seed=args.seed + 2).float(), exact
+            ),
             "backend": args.backend or "default",
             "device": str(device),
             "precision": args.precision,
         }
-        save_file({"samples": samples.contiguous()}, str(out / "samples.safetensors"),
-                  metadata={"report": json.dumps(report)})
-        _plot(samples, exact, out / "samples.png",
-              f"{args.sampler}, {info['steps']} steps, {nfe} NFE, {args.n} samples in {seconds:.2f} s")
+        save_file(
+            {"samples": samples.contiguous()}, str(out / "samples.safetensors"), metadata={"report": json.dumps(report)}
+        )
+        _plot(
+            samples,
+            exact,
+            out / "samples.png",
+            f"{args.sampler}, {info['steps']} steps, {nfe} NFE, {args.n} samples in {seconds:.2f} s",
+        )
         (out / "timing.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
         print(f"wrote {out / 'samples.safetensors'}, {out / 'samples.png'}, {out / 'timing.json'}")

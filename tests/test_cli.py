@@ -18,8 +18,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_sample_command_writes_samples_png_and_timing(tmp_path):
     out = tmp_path / "run"
-    assert main(["sample", "--model", "gmm2d", "--sampler", "ddim", "--steps", "20", "--n", "600", "--batch",
-                 "256", "--out", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--model",
+                "gmm2d",
+                "--sampler",
+                "ddim",
+                "--steps",
+                "20",
+                "--n",
+                "600",
+                "--batch",
+                "256",
+                "--out",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "timing.json").read_text())
     assert report["nfe_per_sample"] == 20 and report["n"] == 600 and report["seconds"] > 0
     samples = load_file(str(out / "samples.safetensors"))["samples"]
@@ -27,8 +46,24 @@ def test_sample_command_writes_samples_png_and_timing(tmp_path):
     assert (out / "samples.png").stat().st_size > 10_000
     # chunking with global sample ids: a different --batch gives the same samples
     out2 = tmp_path / "run2"
-    main(["sample", "--model", "gmm2d", "--sampler", "ddim", "--steps", "20", "--n", "600", "--batch", "600",
-          "--out", str(out2), "--no-progress"])
+    main(
+        [
+            "sample",
+            "--model",
+            "gmm2d",
+            "--sampler",
+            "ddim",
+            "--steps",
+            "20",
+            "--n",
+            "600",
+            "--batch",
+            "600",
+            "--out",
+            str(out2),
+            "--no-progress",
+        ]
+    )
     assert (load_file(str(out2 / "samples.safetensors"))["samples"] == samples).all()
 
 
@@ -44,17 +79,47 @@ def test_sample_command_bad_input(tmp_path):
 
 
 def test_results_schema_and_derived_ratios():
-    rows = derive([
-        {"name": "copy", "backend": "torch", "dtype": "float32", "size": 10, "median_s": 1.0, "bytes": 120,
-         "group": "g", "role": "copy"},
-        {"name": "eager", "backend": "torch", "dtype": "float32", "size": 10, "median_s": 4.0, "bytes": 120,
-         "group": "g", "role": "eager"},
-        {"name": "fused", "backend": "cpu", "dtype": "float32", "size": 10, "median_s": 2.0, "bytes": 120,
-         "group": "g", "role": "fused"},
-    ])
+    rows = derive(
+        [
+            {
+                "name": "copy",
+                "backend": "torch",
+                "dtype": "float32",
+                "size": 10,
+                "median_s": 1.0,
+                "bytes": 120,
+                "group": "g",
+                "role": "copy",
+            },
+            {
+                "name": "eager",
+                "backend": "torch",
+                "dtype": "float32",
+                "size": 10,
+                "median_s": 4.0,
+                "bytes": 120,
+                "group": "g",
+                "role": "eager",
+            },
+            {
+                "name": "fused",
+                "backend": "cpu",
+                "dtype": "float32",
+                "size": 10,
+                "median_s": 2.0,
+                "bytes": 120,
+                "group": "g",
+                "role": "fused",
+            },
+        ]
+    )
     assert rows[2]["ratio_vs_eager"] == 2.0 and rows[2]["vs_copy"] == 0.5
-    results = {"suite": "t", "date": "2026-11-24T00:00:00+00:00", "results": rows,
-               "machine": {"gpu": None, "cpu": "x", "torch": "2", "triton": None, "cuda": None}}
+    results = {
+        "suite": "t",
+        "date": "2026-11-24T00:00:00+00:00",
+        "results": rows,
+        "machine": {"gpu": None, "cpu": "x", "torch": "2", "triton": None, "cuda": None},
+    }
     validate(results)
     assert "2.00x" in markdown_table(results)
     with pytest.raises(ValueError, match="median_s"):
@@ -70,8 +135,13 @@ def test_committed_results_follow_the_schema():
 
 def test_bench_quick_run_writes_results(tmp_path):
     out = tmp_path / "quick.json"
-    res = subprocess.run([sys.executable, "-m", "scorefast", "bench", "--suite", "cpu", "--quick", "--out", str(out)],
-                         capture_output=True, text=True, cwd=ROOT, timeout=900)
+    res = subprocess.run(
+        [sys.executable, "-m", "scorefast", "bench", "--suite", "cpu", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+    )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
     validate(data)

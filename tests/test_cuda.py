@@ -22,11 +22,25 @@ def backend(request):
 
 def test_contract_values_on_gpu(backend):
     for row in CONTRACT:
-        got = sf.randn((1, row["element"] + 1), seed=row["seed"], step=row["step"], stream=row["stream"],
-                       sample_ids=torch.tensor([row["sample_id"]], device="cuda"), device="cuda", backend=backend)
+        got = sf.randn(
+            (1, row["element"] + 1),
+            seed=row["seed"],
+            step=row["step"],
+            stream=row["stream"],
+            sample_ids=torch.tensor([row["sample_id"]], device="cuda"),
+            device="cuda",
+            backend=backend,
+        )
         assert abs(got[0, -1].item() - row["normal"]) <= 1e-5
-        u = sf.rand((1, row["element"] + 1), seed=row["seed"], step=row["step"], stream=row["stream"],
-                    sample_ids=torch.tensor([row["sample_id"]], device="cuda"), device="cuda", backend=backend)
+        u = sf.rand(
+            (1, row["element"] + 1),
+            seed=row["seed"],
+            step=row["step"],
+            stream=row["stream"],
+            sample_ids=torch.tensor([row["sample_id"]], device="cuda"),
+            device="cuda",
+            backend=backend,
+        )
         assert u[0, -1].item() == row["uniform"]
 
 

@@ -18,8 +18,9 @@ def _mixture(d=3):
     return sf.testing.GaussianMixture([0.3, 0.7], torch.randn(2, d, generator=g, dtype=torch.float64), covs)
 
 
-@pytest.mark.parametrize("sde", [None, VESDE(), VPSDE(), SubVPSDE(), EDM(), DiscreteVP.cosine()],
-                         ids=lambda s: type(s).__name__)
+@pytest.mark.parametrize(
+    "sde", [None, VESDE(), VPSDE(), SubVPSDE(), EDM(), DiscreteVP.cosine()], ids=lambda s: type(s).__name__
+)
 def test_score_is_gradient_of_log_prob(sde):
     gm = _mixture()
     x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
