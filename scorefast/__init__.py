@@ -6,7 +6,7 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 ``SCOREFAST_REQUIRE_BACKENDS`` asks for a backend to be checked.
 """
 
-from . import backends, ops, samplers, sde, testing
+from . import backends, conditional, ops, samplers, sde, testing
 from .backends import BackendUnavailableError
 from .errors import NonFiniteError
 from .rng import rademacher, rand, randn
@@ -20,6 +20,7 @@ __all__ = [
     "BackendUnavailableError",
     "NonFiniteError",
     "backends",
+    "conditional",
     "ops",
     "rademacher",
     "rand",

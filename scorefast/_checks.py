@@ -71,12 +71,11 @@ def check_coef(
     return check_finite_scalar(name, v, positive=positive, nonzero=nonzero)
 
 
-def check_counter(name: str, v: object, device: torch.device, *, upper: int) -> torch.Tensor:
+def check_counter(name: str, v: object, device: torch.device, *, upper: int) -> int | torch.Tensor:
     """Seed (upper=2**64) or step (upper=2**32): a Python int or a 0-d int64 tensor.
 
-    Returns a 0-d int64 tensor: on ``device`` if it came as a device tensor (its value then stays
-    on the device, so CUDA-graph replays advance it), else on the CPU.  A seed in [2**63, 2**64)
-    becomes its int64 two's complement.
+    Returns a Python int (a seed in [2**63, 2**64) becomes its int64 two's complement) or the 0-d
+    int64 tensor itself: on ``device`` its value stays on the device, so CUDA-graph replays advance it.
     """
     if isinstance(v, torch.Tensor):
         if v.dtype != torch.int64 or v.dim() != 0:
@@ -92,9 +91,20 @@ def check_counter(name: str, v: object, device: torch.device, *, upper: int) -> 
     if not 0 <= v < upper:
         bound = "2**64" if upper == UINT64 else "2**32"
         raise ValueError(f"{name}: must lie in [0, {bound}), got {v}")
-    if v >= 1 << 63:
-        v -= UINT64
-    return torch.tensor(v, dtype=torch.int64)
+    return v - UINT64 if v >= 1 << 63 else v
+
+
+def counter_tensor(v: int | torch.Tensor) -> torch.Tensor:
+    """A checked counter as the 0-d int64 tensor the custom ops take."""
+    return v if isinstance(v, torch.Tensor) else torch.tensor(v, dtype=torch.int64)
+
+
+def use_custom_op(*tensors: torch.Tensor | None) -> bool:
+    """Go through the torch.library op when tracing (torch.compile) or when autograd must record it;
+    plain eager calls with no grad go straight to the backend kernel (same result, less overhead)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def check_stream(stream: object) -> int:

@@ -75,6 +75,7 @@ def sample(
     return_info: bool = False,
     backend: str | None = None,
     dtype: torch.dtype = torch.float32,
+    _project: Callable | None = None,
     **sampler_options,
 ):
     """Draw samples [shape] by integrating the reverse SDE/ODE of ``sde`` with ``score_fn``.
@@ -126,16 +127,16 @@ def sample(
         score_fn=score_fn,
         sde=sde,
         times=times,
-        seed=seed if isinstance(seed, Tensor) else int(seed),
+        seed=seed_checked,
         sample_ids=ids,
-        draws=samplers.draws_per_step(module, sampler_options),
+        draws=samplers.draws_per_step(module, sampler_options) + (1 if _project is not None else 0),
         backend=backend,
         extra_args=extra,
         callback=callback,
         autocast_dtype=PRECISIONS[precision],
         score_sde_tables=own,
+        project=_project,
     )
-    del seed_checked
     start = time.perf_counter()
     bar = None
     if progress:
@@ -157,13 +158,15 @@ def sample(
     if not return_info:
         return x
     info = {
-        "nfe": ctx.nfe,
+        "nfe": ctx.nfe if ctx.per_sample_nfe is None else int(ctx.per_sample_nfe.max()),
         "x_mean": x.mean().item(),
         "time_s": time.perf_counter() - start,
         "sampler": sampler,
         "steps": steps,
         "draws_per_step": ctx.draws,
     }
+    if ctx.per_sample_nfe is not None:
+        info["nfe_per_sample"] = ctx.per_sample_nfe
     return x, info
 
 

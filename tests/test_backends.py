@@ -28,8 +28,8 @@ sys.meta_path.insert(0, _Block())
 
 
 def _python(code: str, env: dict | None = None, block: bool = False) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    full_env.pop("SCOREFAST_BACKEND", None)
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SCOREFAST_BACKEND", "SCOREFAST_REQUIRE_BACKENDS")}
+    full_env.update({"CUDA_VISIBLE_DEVICES": "", **(env or {})})
     return subprocess.run(
         [sys.executable, "-c", (_BLOCK if block else "") + code],
         capture_output=True,

@@ -297,8 +297,8 @@ def test_no_two_draws_share_a_counter(monkeypatch, name, sde, options):
             seen.append((stream, int(step)))
         return original(x, terms, noise=noise, seed=seed, step=step, stream=stream, **kw)
 
-    for mod in ("fused_update", "langevin_step", "euler_maruyama_step", "snr_langevin_step"):
-        monkeypatch.setattr(importlib.import_module(f"scorefast.ops.{mod}"), "apply", spy)
+    for mod in ("ops.fused_update", "ops.langevin_step", "ops.snr_langevin_step", "samplers.base"):
+        monkeypatch.setattr(importlib.import_module(f"scorefast.{mod}"), "apply", spy)
     sf.sample(linear_score(sde), sde, (3, 2), sampler=name, steps=6, **options)
     assert seen, "the sampler drew no noise"
     assert len(seen) == len(set(seen)), "two draws share (stream, step)"
@@ -429,6 +429,7 @@ def test_schedule_options():
         ({"x_init": torch.zeros(3, 2), "t_start": 0.5}, ValueError, "x_init"),
         ({"sample_ids": torch.arange(3)}, ValueError, "sample_ids"),
         ({"sde": "vp"}, TypeError, "sde"),
+        ({"sde": lambda: VPSDE(N=10)}, ValueError, "N: score_sde's VP tables"),  # beta_max / N = 2
     ],
 )
 def test_bad_input(kwargs, exc, match):
@@ -437,6 +438,7 @@ def test_bad_input(kwargs, exc, match):
     sde = args.pop("sde")
     shape = args.pop("shape")
     with pytest.raises(exc, match=match):
+        sde = sde() if callable(sde) else sde
         sf.sample(lambda x, t: -x, sde, shape, **args)
 
 
@@ -450,3 +452,73 @@ def test_score_of_wrong_shape_and_non_finite_score():
 
     with pytest.raises(sf.NonFiniteError, match=r"step 3 \(t = 0\.4"):
         sf.sample(bad, sde, (4, 2), sampler="ddim", steps=6)
+
+
+# -- rk45 ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.01, 10), SubVPSDE()], ids=lambda s: type(s).__name__)
+def test_rk45_matches_closed_form_probability_flow(sde):
+    """Gaussian data: x_eps = a_e M + sqrt(V_e / V_T) (x_T - a_T M), then Tweedie; per sample."""
+    B = 16
+    x, info = sf.sample(
+        linear_score(sde),
+        sde,
+        (B, 1),
+        sampler="rk45",
+        rtol=1e-7,
+        atol=1e-7,
+        seed=2,
+        dtype=torch.float64,
+        backend="torch",
+        return_info=True,
+    )
+    x_T = sde.prior_sampling((B, 1), seed=2, sample_ids=torch.arange(B), dtype=torch.float64, backend="torch")
+
+    def coefs(t):
+        t = torch.tensor([t], dtype=torch.float64)
+        a, s = sde.mean_coef(t).item(), sde.std(t).item()
+        return a, a * a * C + s * s
+
+    a_T, V_T = coefs(sde.T)
+    a_e, V_e = coefs(sde.eps)
+    x_eps = a_e * M + math.sqrt(V_e / V_T) * (x_T - a_T * M)
+    expected = M + a_e * C / V_e * (x_eps - a_e * M)
+    torch.testing.assert_close(x, expected, atol=1e-5, rtol=1e-5)
+    assert info["nfe_per_sample"].shape == (B,) and info["nfe"] == int(info["nfe_per_sample"].max())
+
+
+def test_rk45_per_sample_steps_and_batch_invariance():
+    sde = VESDE(0.01, 10)
+
+    def elementwise(x, t, **_):
+        return -x / (1.0 + t[:, None] ** 2) - 0.3 * torch.sin(3 * x)
+
+    big, info = sf.sample(elementwise, sde, (200, 3), sampler="rk45", rtol=1e-4, atol=1e-4, seed=3, return_info=True)
+    nfe = info["nfe_per_sample"]
+    assert nfe.min() < nfe.max(), "every sample took the same steps: step sizes are not per sample"
+    for ids in ([150], [5, 199, 0, 150, 77]):
+        small, small_info = sf.sample(
+            elementwise,
+            sde,
+            (len(ids), 3),
+            sampler="rk45",
+            rtol=1e-4,
+            atol=1e-4,
+            seed=3,
+            sample_ids=torch.tensor(ids),
+            return_info=True,
+        )
+        assert torch.equal(small, big[ids])
+        assert torch.equal(small_info["nfe_per_sample"], nfe[ids])
+
+
+@pytest.mark.parametrize("t0,t1", [(0.0, 2.0), (2.0, 0.5)])
+def test_rk45_solver_both_directions(t0, t1):
+    from scorefast.solvers import solve
+
+    y0 = torch.tensor([[1.0], [2.0], [-0.5]], dtype=torch.float64)
+    sol = solve(lambda y, t: -t[:, None] * y, y0, t0, t1, rtol=1e-9, atol=1e-12)
+    expected = y0 * math.exp(-(t1**2 - t0**2) / 2)
+    torch.testing.assert_close(sol.y, expected, atol=1e-8, rtol=1e-8)
+    assert (sol.steps > 0).all()
+    with pytest.raises(ValueError, match="rtol"):
+        solve(lambda y, t: y, y0, 0.0, 1.0, rtol=0.0)

@@ -34,22 +34,32 @@ struct Counter {
   uint32_t stream;
 };
 
-// Philox words of groups g0 .. g0+ng-1 in structure-of-arrays form, so the compiler vectorises
-// the group loop (lane-independent integer arithmetic: exact whatever the vector width).
+// Philox words in structure-of-arrays form, so the compiler vectorises the group loop
+// (lane-independent integer arithmetic: exact whatever the vector width).
 struct GroupWords {
   alignas(64) std::array<uint32_t, kMaxGroups> w0, w1, w2, w3;
 };
 
-void group_words(const Counter& c, uint32_t sample_id, int64_t g0, int64_t ng, GroupWords& out) {
+// Words of groups g0 .. g0+ng-1 of rows b0 .. b0+nb-1, index r * ng + g: one SIMD loop over all
+// (row, group) pairs, so rows of a few elements still fill the vector lanes.
+void group_words(const Counter& c, const int64_t* ids, int64_t b0, int64_t nb, int64_t g0, int64_t ng,
+                 GroupWords& out) {
   const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
+  alignas(64) std::array<uint32_t, kMaxGroups> group, sample;
+  const int64_t total = nb * ng;
+  for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t g = 0; g < ng; ++g) {
+      group[r * ng + g] = static_cast<uint32_t>(g0 + g);
+      sample[r * ng + g] = static_cast<uint32_t>(ids[b0 + r]);
+    }
+  }
 #pragma omp simd
-  for (int64_t g = 0; g < ng; ++g) {
-    const scorefast::Words4 w =
-        scorefast::philox4x32_10(static_cast<uint32_t>(g0 + g), c.step, sample_id, c.stream, k0, k1);
-    out.w0[g] = w.w[0];
-    out.w1[g] = w.w[1];
-    out.w2[g] = w.w[2];
-    out.w3[g] = w.w[3];
+  for (int64_t k = 0; k < total; ++k) {
+    const scorefast::Words4 w = scorefast::philox4x32_10(group[k], c.step, sample[k], c.stream, k0, k1);
+    out.w0[k] = w.w[0];
+    out.w1[k] = w.w[1];
+    out.w2[k] = w.w[2];
+    out.w3[k] = w.w[3];
   }
 }
 
@@ -62,30 +72,36 @@ inline uint32_t word_of(const GroupWords& gw, int64_t g, int64_t j) {
   }
 }
 
-// Noise for global element indices [first, first + n) of one sample, n <= kTile.
-void noise_tile(const Counter& c, uint32_t sample_id, int64_t first, int64_t n, int64_t kind,
-                float* out) {
+// Noise for rows b0 .. b0+nb-1 (sample ids ids[b]), elements [first, first + n) of each; row r is
+// written at out + r * out_stride.  nb * groups-per-row <= kMaxGroups.  Rows share the vector
+// Box-Muller calls: lanes are independent, so no value depends on which rows are pooled.
+void noise_rows(const Counter& c, const int64_t* ids, int64_t b0, int64_t nb, int64_t first, int64_t n, int64_t kind,
+                float* out, int64_t out_stride) {
   const int64_t g0 = first / 4;
   const int64_t ng = (first + n - 1) / 4 - g0 + 1;
   GroupWords gw;
-  group_words(c, sample_id, g0, ng, gw);
+  group_words(c, ids, b0, nb, g0, ng, gw);
   if (kind == kRademacher || kind == kUniform) {
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t e = first + i;
-      const uint32_t w = word_of(gw, e / 4 - g0, e % 4);
-      out[i] = kind == kRademacher ? scorefast::word_to_rademacher(w) : scorefast::word_to_uniform(w);
+    for (int64_t r = 0; r < nb; ++r) {
+      for (int64_t i = 0; i < n; ++i) {
+        const int64_t e = first + i;
+        const uint32_t w = word_of(gw, r * ng + e / 4 - g0, e % 4);
+        out[r * out_stride + i] =
+            kind == kRademacher ? scorefast::word_to_rademacher(w) : scorefast::word_to_uniform(w);
+      }
     }
     return;
   }
   // Box-Muller on pairs (w0, w1) and (w2, w3): pair p of group g is index 2g + p.
   alignas(64) std::array<float, 2 * kMaxGroups> ua, ub, cos_out, sin_out;
-  for (int64_t g = 0; g < ng; ++g) {
+  const int64_t groups = nb * ng;
+  for (int64_t g = 0; g < groups; ++g) {
     ua[2 * g] = scorefast::word_to_uniform(gw.w0[g]);
     ub[2 * g] = scorefast::word_to_uniform(gw.w1[g]);
     ua[2 * g + 1] = scorefast::word_to_uniform(gw.w2[g]);
     ub[2 * g + 1] = scorefast::word_to_uniform(gw.w3[g]);
   }
-  const int64_t npairs = 2 * ng;
+  const int64_t npairs = 2 * groups;
   const Vec min_u(scorefast::kMinUniform), minus_two(-2.0f), two_pi(scorefast::kTwoPi);
   for (int64_t p = 0; p < npairs; p += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), npairs - p);
@@ -95,10 +111,12 @@ void noise_tile(const Counter& c, uint32_t sample_id, int64_t first, int64_t n, 
     (r * theta.cos()).store(cos_out.data() + p, count);
     (r * theta.sin()).store(sin_out.data() + p, count);
   }
-  for (int64_t i = 0; i < n; ++i) {
-    const int64_t e = first + i;
-    const int64_t pair = 2 * (e / 4 - g0) + (e % 4) / 2;
-    out[i] = (e % 2 == 0) ? cos_out[pair] : sin_out[pair];
+  for (int64_t r = 0; r < nb; ++r) {
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t e = first + i;
+      const int64_t pair = 2 * (r * ng + e / 4 - g0) + (e % 4) / 2;
+      out[r * out_stride + i] = (e % 2 == 0) ? cos_out[pair] : sin_out[pair];
+    }
   }
 }
 
@@ -148,15 +166,31 @@ void check_rows(const at::Tensor& t, int64_t B, int64_t D, const char* name) {
               " must be a contiguous [B, D] tensor");
 }
 
-// Runs fn(b, first, n) over every tile of every sample, in parallel over tiles.
+// Elements a thread should own before a parallel region pays off.
+constexpr int64_t kParallelGrainElements = 16384;
+
+// Rows pooled into one block: for D < kTile as many whole rows as one tile's Philox groups hold
+// (elem_offset shifts the group alignment); else 1 row, split into tiles of kTile elements.
+int64_t rows_per_block(int64_t D, int64_t elem_offset) {
+  if (D >= kTile) return 1;
+  const int64_t groups_per_row = (elem_offset + D - 1) / 4 - elem_offset / 4 + 1;
+  return std::max<int64_t>(1, (kTile / 4) / groups_per_row);
+}
+
+// Runs fn(b0, nb, first, n) over blocks of nb rows x elements [first, first + n), in parallel over
+// blocks.  The split only decides which thread runs a block, never how an element is computed.
 template <typename Fn>
-void for_each_tile(int64_t B, int64_t D, const Fn& fn) {
+void for_each_block(int64_t B, int64_t D, int64_t elem_offset, const Fn& fn) {
   const int64_t tiles = (D + kTile - 1) / kTile;
-  at::parallel_for(0, B * tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t R = rows_per_block(D, elem_offset);
+  const int64_t row_blocks = (B + R - 1) / R;
+  const int64_t job_elems = std::max<int64_t>(1, R * std::min(D, kTile));
+  const int64_t grain = std::max<int64_t>(1, kParallelGrainElements / job_elems);
+  at::parallel_for(0, row_blocks * tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t job = begin; job < end; ++job) {
-      const int64_t b = job / tiles;
+      const int64_t b0 = (job / tiles) * R;
       const int64_t first = (job % tiles) * kTile;
-      fn(b, first, std::min<int64_t>(kTile, D - first));
+      fn(b0, std::min(R, B - b0), first, std::min<int64_t>(kTile, D - first));
     }
   });
 }
@@ -170,8 +204,8 @@ void fill_noise(at::Tensor out, const at::Tensor& ids, uint64_t seed, int64_t st
   const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
   const int64_t* id = ids.data_ptr<int64_t>();
   float* o = out.data_ptr<float>();
-  for_each_tile(B, D, [&](int64_t b, int64_t first, int64_t n) {
-    noise_tile(c, static_cast<uint32_t>(id[b]), elem_offset + first, n, kind, o + b * D + first);
+  for_each_block(B, D, elem_offset, [&](int64_t b0, int64_t nb, int64_t first, int64_t n) {
+    noise_rows(c, id, b0, nb, elem_offset + first, n, kind, o + b0 * D + first, D);
   });
 }
 
@@ -199,33 +233,34 @@ void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Ten
   const void* xp = x.data_ptr();
   void* op = out.data_ptr();
   const auto xdt = x.scalar_type(), odt = out.scalar_type();
-  for_each_tile(B, D, [&](int64_t b, int64_t first, int64_t n) {
+  for_each_block(B, D, 0, [&](int64_t b0, int64_t nb, int64_t first, int64_t n) {
     alignas(64) std::array<float, kTile> xbuf, tbuf, zbuf, acc;
-    const float* xv = as_float(xp, xdt, b * D + first, n, xbuf.data());
-    if (with_noise) noise_tile(c, static_cast<uint32_t>(id[b]), first, n, kNormal, zbuf.data());
-    const Vec xc(cf[b]);
-    for (int64_t i = 0; i < n; i += Vec::size()) {
-      const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
-      (xc * Vec::loadu(xv + i, cnt)).store(acc.data() + i, cnt);
-    }
-    for (int64_t t = 0; t < T; ++t) {
-      const float* tv = as_float(term_ptr[t], term_dtype[t], b * D + first, n, tbuf.data());
-      const Vec ct(cf[(1 + t) * B + b]);
+    if (with_noise) noise_rows(c, id, b0, nb, first, n, kNormal, zbuf.data(), n);
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      const float* zv = zbuf.data() + (b - b0) * n;
+      const float* xv = as_float(xp, xdt, b * D + first, n, xbuf.data());
+      const Vec xc(cf[b]);
       for (int64_t i = 0; i < n; i += Vec::size()) {
         const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
-        at::vec::fmadd(ct, Vec::loadu(tv + i, cnt), Vec::loadu(acc.data() + i, cnt))
-            .store(acc.data() + i, cnt);
+        (xc * Vec::loadu(xv + i, cnt)).store(acc.data() + i, cnt);
       }
-    }
-    if (with_noise) {
-      const Vec cz(cf[(T + 1) * B + b]);
-      for (int64_t i = 0; i < n; i += Vec::size()) {
-        const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
-        at::vec::fmadd(cz, Vec::loadu(zbuf.data() + i, cnt), Vec::loadu(acc.data() + i, cnt))
-            .store(acc.data() + i, cnt);
+      for (int64_t t = 0; t < T; ++t) {
+        const float* tv = as_float(term_ptr[t], term_dtype[t], b * D + first, n, tbuf.data());
+        const Vec ct(cf[(1 + t) * B + b]);
+        for (int64_t i = 0; i < n; i += Vec::size()) {
+          const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+          at::vec::fmadd(ct, Vec::loadu(tv + i, cnt), Vec::loadu(acc.data() + i, cnt)).store(acc.data() + i, cnt);
+        }
       }
+      if (with_noise) {
+        const Vec cz(cf[(T + 1) * B + b]);
+        for (int64_t i = 0; i < n; i += Vec::size()) {
+          const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+          at::vec::fmadd(cz, Vec::loadu(zv + i, cnt), Vec::loadu(acc.data() + i, cnt)).store(acc.data() + i, cnt);
+        }
+      }
+      store_from_float(acc.data(), op, odt, b * D + first, n);
     }
-    store_from_float(acc.data(), op, odt, b * D + first, n);
   });
 }
 
@@ -260,13 +295,13 @@ void sumsq_norms(at::Tensor out, const c10::optional<at::Tensor>& t, const at::T
   const int64_t* id = ids.data_ptr<int64_t>();
   const void* tp = has_t ? t->data_ptr() : nullptr;
   const auto tdt = has_t ? t->scalar_type() : at::kFloat;
-  for_each_tile(B, D, [&](int64_t b, int64_t first, int64_t n) {
-    alignas(64) std::array<float, kTile> buf;
-    const int64_t slot = b * tiles + first / kTile;
-    if (has_t) partial[slot] = tile_sumsq(as_float(tp, tdt, b * D + first, n, buf.data()), n);
-    if (with_noise) {
-      noise_tile(c, static_cast<uint32_t>(id[b]), first, n, kNormal, buf.data());
-      partial[B * tiles + slot] = tile_sumsq(buf.data(), n);
+  for_each_block(B, D, 0, [&](int64_t b0, int64_t nb, int64_t first, int64_t n) {
+    alignas(64) std::array<float, kTile> buf, zbuf;
+    if (with_noise) noise_rows(c, id, b0, nb, first, n, kNormal, zbuf.data(), n);
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      const int64_t slot = b * tiles + first / kTile;
+      if (has_t) partial[slot] = tile_sumsq(as_float(tp, tdt, b * D + first, n, buf.data()), n);
+      if (with_noise) partial[B * tiles + slot] = tile_sumsq(zbuf.data() + (b - b0) * n, n);
     }
   });
   float* o = out.data_ptr<float>();

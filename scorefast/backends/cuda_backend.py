@@ -44,11 +44,16 @@ def availability():
     return True, why, ("cuda",)
 
 
-def _counter(seed: torch.Tensor, step: torch.Tensor) -> tuple[int, int, int, int]:
-    seed_ptr = seed.data_ptr() if seed.is_cuda else 0
-    step_ptr = step.data_ptr() if step.is_cuda else 0
-    seed_val = 0 if seed.is_cuda else int(seed) % (1 << 64)
-    step_val = 0 if step.is_cuda else int(step)
+def _on_device(v) -> bool:
+    return isinstance(v, torch.Tensor) and v.is_cuda
+
+
+def _counter(seed, step) -> tuple[int, int, int, int]:
+    """(seed_ptr, step_ptr, seed, step): device scalars by pointer, ints and CPU tensors by value."""
+    seed_ptr = seed.data_ptr() if _on_device(seed) else 0
+    step_ptr = step.data_ptr() if _on_device(step) else 0
+    seed_val = 0 if _on_device(seed) else int(seed) % (1 << 64)
+    step_val = 0 if _on_device(step) else int(step)
     return seed_ptr, step_ptr, seed_val, step_val
 
 

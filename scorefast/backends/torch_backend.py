@@ -18,14 +18,15 @@ def availability():
     return True, f"torch {torch.__version__} (reference, float64-capable)", ("cpu", "cuda")
 
 
-def _int(t: torch.Tensor) -> int:
-    return int(t.item())
+def _int(t: int | torch.Tensor) -> int:
+    return int(t)
 
 
 def noise(
     B_ids: torch.Tensor, D: int, seed, step, stream: int, elem_offset: int, kind: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    return noise_ref(_KIND_NAMES[kind], _int(seed), step.to(B_ids.device), B_ids, stream, D, elem_offset, dtype)
+    step = step.to(B_ids.device) if isinstance(step, torch.Tensor) else step
+    return noise_ref(_KIND_NAMES[kind], _int(seed), step, B_ids, stream, D, elem_offset, dtype)
 
 
 def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:

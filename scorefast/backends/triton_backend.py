@@ -40,9 +40,9 @@ def _groups() -> int:
     return _INTERPRETED_GROUPS if interpreted() else _COMPILED_GROUPS
 
 
-def _scalar(t: torch.Tensor, device: torch.device):
+def _scalar(t, device: torch.device):
     """A counter tensor stays a pointer if it lives where the kernel runs, else passes by value."""
-    return t if t.device == device else int(t)
+    return t if isinstance(t, torch.Tensor) and t.device == device else int(t)
 
 
 def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:

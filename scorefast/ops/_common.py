@@ -12,10 +12,10 @@ from .. import _checks, backends
 
 @dataclass
 class Counter:
-    """Validated noise counter of one op call (seed, step as 0-d int64 tensors)."""
+    """Validated noise counter of one op call (seed, step: ints or 0-d int64 tensors)."""
 
-    seed: torch.Tensor
-    step: torch.Tensor
+    seed: int | torch.Tensor
+    step: int | torch.Tensor
     stream: int
     sample_ids: torch.Tensor
 

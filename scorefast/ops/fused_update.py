@@ -123,35 +123,58 @@ def apply(
     out: Tensor | None,
     backend: str | None,
     op: str = "fused_update",
+    trusted: bool = False,
 ) -> Tensor:
-    """Validated call shared by the public update ops (names in errors are the caller's)."""
-    _checks.check_float_tensor("x", x)
-    B = _checks.check_batched("x", x)
+    """Validated call shared by the public update ops (names in errors are the caller's).
+
+    ``trusted=True`` (samplers, which validate once per run): ``backend`` is a resolved name,
+    ``sample_ids`` a checked id tensor, coefficients finite by construction.
+    """
     terms = list(terms)
-    for i, pair in enumerate(terms):
-        if not (isinstance(pair, tuple | list) and len(pair) == 2):
-            raise TypeError(f"terms[{i}]: expected a (coefficient, tensor) pair")
-        _common.check_term(f"terms[{i}]", pair[1], x)
-    coef_values = [_checks.check_coef("x_coef", x_coef, B, x.device)]
-    coef_values += [_checks.check_coef(f"terms[{i}] coefficient", c, B, x.device) for i, (c, _) in enumerate(terms)]
+    if trusted:
+        B = x.shape[0]
+        name = backend
+        c = _common.Counter(seed, step, stream, sample_ids)
+        coef_values = [x_coef, *(cf for cf, _ in terms), noise]
+    else:
+        _checks.check_float_tensor("x", x)
+        B = _checks.check_batched("x", x)
+        for i, pair in enumerate(terms):
+            if not (isinstance(pair, tuple | list) and len(pair) == 2):
+                raise TypeError(f"terms[{i}]: expected a (coefficient, tensor) pair")
+            _common.check_term(f"terms[{i}]", pair[1], x)
+        coef_values = [_checks.check_coef("x_coef", x_coef, B, x.device)]
+        coef_values += [
+            _checks.check_coef(f"terms[{i}] coefficient", cf, B, x.device) for i, (cf, _) in enumerate(terms)
+        ]
+        coef_values.append(_checks.check_coef("noise", noise, B, x.device))
+        name = _common.resolve_backend(backend, x)
+        c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     with_noise = isinstance(noise, Tensor) or noise != 0.0
-    coef_values.append(_checks.check_coef("noise", noise, B, x.device))
-    name = _common.resolve_backend(backend, x)
-    c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     x2 = _common.rows(x)
     t2 = [_common.rows(t) for _, t in terms]
     coefs = _common.coef_matrix(coef_values, B, x.device, _common.compute_dtype(x))
+    if out is not None and not trusted:
+        _checks.check_float_tensor("out", out)
+        if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
+            raise ValueError(
+                f"out: expected {tuple(x.shape)} {x.dtype} on {x.device}, got "
+                f"{tuple(out.shape)} {out.dtype} on {out.device}"
+            )
+        _common.refuse_grad(op, x, out, coefs, *t2)
+    if not _checks.use_custom_op(x2, coefs, *t2):
+        target = out.view(B, -1) if out is not None and out.is_contiguous() else torch.empty_like(x2)
+        _run(target, x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name)
+        if out is None:
+            return target.view(x.shape)
+        if target.data_ptr() != out.data_ptr():
+            out.copy_(target.view(x.shape))
+        return out
+    seed_t, step_t = _checks.counter_tensor(c.seed), _checks.counter_tensor(c.step)
     if out is None:
-        return fused_update_op(x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name).view(x.shape)
-    _checks.check_float_tensor("out", out)
-    if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:
-        raise ValueError(
-            f"out: expected {tuple(x.shape)} {x.dtype} on {x.device}, got "
-            f"{tuple(out.shape)} {out.dtype} on {out.device}"
-        )
-    _common.refuse_grad(op, x, out, coefs, *t2)
+        return fused_update_op(x2, t2, coefs, seed_t, step_t, c.stream, c.sample_ids, with_noise, name).view(x.shape)
     target = out.view(B, -1) if out.is_contiguous() else torch.empty_like(x2)
-    fused_update_out_op(target, x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name)
+    fused_update_out_op(target, x2, t2, coefs, seed_t, step_t, c.stream, c.sample_ids, with_noise, name)
     if target.data_ptr() != out.data_ptr():
         out.copy_(target.view(x.shape))
     return out

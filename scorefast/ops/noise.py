@@ -102,9 +102,17 @@ def noise(
     c = _common.counter(shape[0], device, seed, step, stream, sample_ids)
     # the noise itself is fp32 on every backend; float64 output asks the reference for float64
     name = backends.resolve(backend, device, torch.float32 if dtype != torch.float64 else torch.float64)
-    if out is not None:
-        noise_out_op(out, c.sample_ids, c.seed, c.step, c.stream, elem_offset, KINDS[kind], name)
-        return out
     numel = math.prod(shape[1:])
-    flat = noise_op(c.sample_ids, c.seed, c.step, numel, c.stream, elem_offset, KINDS[kind], dtype, name)
+    if not torch.compiler.is_compiling():
+        target = out if out is not None else torch.empty(shape, dtype=dtype, device=device)
+        flat = target.view(shape[0], numel) if target.is_contiguous() else target.new_empty((shape[0], numel))
+        _fill(flat, c.sample_ids, c.seed, c.step, c.stream, elem_offset, KINDS[kind], name)
+        if flat.data_ptr() != target.data_ptr():
+            target.copy_(flat.view(shape))
+        return target
+    seed_t, step_t = _checks.counter_tensor(c.seed), _checks.counter_tensor(c.step)
+    if out is not None:
+        noise_out_op(out, c.sample_ids, seed_t, step_t, c.stream, elem_offset, KINDS[kind], name)
+        return out
+    flat = noise_op(c.sample_ids, seed_t, step_t, numel, c.stream, elem_offset, KINDS[kind], dtype, name)
     return flat.view(shape)

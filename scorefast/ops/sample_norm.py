@@ -57,9 +57,17 @@ def sample_sumsq(t: Tensor, *, backend: str | None = None) -> Tensor:
     B = _checks.check_batched("t", t)
     name = _common.resolve_backend(backend, t)
     ids = torch.zeros(B, dtype=torch.int64, device=t.device)
-    zero = torch.zeros((), dtype=torch.int64)
     t2 = _common.rows(t)
-    return sumsq_norms_op(t2, ids, zero, zero, t2.shape[1], 0, False, _common.compute_dtype(t), name)[0]
+    return _sumsq(t2, ids, 0, 0, t2.shape[1], 0, False, _common.compute_dtype(t), name)[0]
+
+
+def _sumsq(t2, ids, seed, step, numel, stream, with_noise, dtype, name) -> Tensor:
+    """The op, or the backend directly for eager calls that autograd need not record."""
+    if _checks.use_custom_op(t2):
+        return sumsq_norms_op(
+            t2, ids, _checks.counter_tensor(seed), _checks.counter_tensor(step), numel, stream, with_noise, dtype, name
+        )
+    return backends.get(name).sumsq_norms(t2, ids, numel, seed, step, stream, with_noise, dtype).to(dtype)
 
 
 def sample_norm(t: Tensor, *, backend: str | None = None) -> Tensor:
@@ -68,14 +76,27 @@ def sample_norm(t: Tensor, *, backend: str | None = None) -> Tensor:
 
 
 def noise_and_term_norms(
-    t: Tensor | None, x: Tensor, *, seed, step, stream, sample_ids, backend: str | None = None
+    t: Tensor | None,
+    x: Tensor,
+    *,
+    seed,
+    step,
+    stream,
+    sample_ids,
+    backend: str | None = None,
+    trusted: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """(||t|| [B], ||z|| [B]) with z the normals of (seed, step, stream, sample_ids) shaped like x."""
+    """(||t|| [B], ||z|| [B]) with z the normals of (seed, step, stream, sample_ids) shaped like x.
+
+    ``trusted=True`` (samplers): ``backend`` is a resolved name and ``sample_ids`` checked ids.
+    """
     B = _checks.check_batched("x", x)
-    name = _common.resolve_backend(backend, x)
-    c = _common.counter(B, x.device, seed, step, stream, sample_ids)
+    if trusted:
+        name, c = backend, _common.Counter(seed, step, stream, sample_ids)
+    else:
+        name = _common.resolve_backend(backend, x)
+        c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     t2 = _common.rows(t) if t is not None else None
-    sums = sumsq_norms_op(
-        t2, c.sample_ids, c.seed, c.step, x[0].numel() if B else 0, c.stream, True, _common.compute_dtype(x), name
-    )
+    numel = x[0].numel() if B else 0
+    sums = _sumsq(t2, c.sample_ids, c.seed, c.step, numel, c.stream, True, _common.compute_dtype(x), name)
     return sums[0].sqrt(), sums[1].sqrt()

@@ -30,18 +30,15 @@ def snr_langevin_step(
     sample_ids: Tensor | None = None,
     out: Tensor | None = None,
     backend: str | None = None,
+    _trusted: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Returns (x_new [B, ...], eps [B]).  A zero score gives eps = 0 (x unchanged), not NaN."""
-    _checks.check_float_tensor("x", x)
-    B = _checks.check_batched("x", x)
-    snr = _checks.check_finite_scalar("snr", snr, positive=True)
-    alpha = _checks.check_coef("alpha", alpha, B, x.device, positive=True)
-    if norm not in NORMS:
-        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    _checks.check_float_tensor("score", score)
-    if score.shape != x.shape:
-        raise ValueError(f"score: shape {tuple(score.shape)} does not match x {tuple(x.shape)}")
-    g, zn = noise_and_term_norms(score, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids, backend=backend)
+    B = x.shape[0]
+    if not _trusted:
+        _validate(x, score, snr, alpha, norm)
+    g, zn = noise_and_term_norms(
+        score, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids, backend=backend, trusted=_trusted
+    )
     if norm == "batch":
         g, zn = g.mean().expand(B), zn.mean().expand(B)
     ratio = torch.where(g > 0, snr * zn / torch.where(g > 0, g, torch.ones_like(g)), torch.zeros_like(g))
@@ -58,5 +55,18 @@ def snr_langevin_step(
         out=out,
         backend=backend,
         op="snr_langevin_step",
+        trusted=_trusted,
     )
     return x_new, eps
+
+
+def _validate(x, score, snr, alpha, norm) -> None:
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    snr = _checks.check_finite_scalar("snr", snr, positive=True)
+    alpha = _checks.check_coef("alpha", alpha, B, x.device, positive=True)
+    if norm not in NORMS:
+        raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
+    _checks.check_float_tensor("score", score)
+    if score.shape != x.shape:
+        raise ValueError(f"score: shape {tuple(score.shape)} does not match x {tuple(x.shape)}")

@@ -15,6 +15,7 @@ from . import (
     ode_euler,
     pc,
     reverse_diffusion,
+    rk45,
 )
 
 SAMPLERS: dict[str, ModuleType] = {
@@ -30,6 +31,7 @@ SAMPLERS: dict[str, ModuleType] = {
         ode_euler,
         heun,
         dpm_solver_pp,
+        rk45,
     )
 }
 

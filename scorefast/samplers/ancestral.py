@@ -11,7 +11,6 @@ import torch
 
 from ..sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
 from .base import Context
-from .reverse_diffusion import next_time
 
 NAME = "ancestral"
 DRAWS = 1
@@ -19,43 +18,38 @@ DEFAULT_STEPS = 1000
 KIND = "sde"
 
 
-def _sigmas(ctx: Context, t, t_next):
+def schedule(ctx: Context) -> list[tuple[float, float, float]]:
+    """Per step (x coefficient, score coefficient, noise std), once per run."""
     sde = ctx.sde
-    if ctx.score_sde_tables and isinstance(sde, VESDE):
-        i = sde.table_index(t)
-        table = sde.discrete_sigmas.to(t.device)
-        return table[i], torch.where(i == 0, torch.zeros_like(t), table[(i - 1).clamp_min(0)])
-    return sde.std(t), torch.where(t_next > 0, sde.std(t_next), torch.zeros_like(t_next))
+    times, next_times = ctx.schedule_times()
+    if isinstance(sde, VESDE | EDM):
+        if ctx.score_sde_tables and isinstance(sde, VESDE):
+            i = sde.table_index(times)
+            sigma = sde.discrete_sigmas[i]
+            adj = torch.where(i == 0, torch.zeros_like(sigma), sde.discrete_sigmas[(i - 1).clamp_min(0)])
+        else:
+            sigma = sde.std(times)
+            adj = torch.where(next_times > 0, sde.std(next_times.clamp_min(sde.eps)), torch.zeros_like(times))
+        var = sigma**2 - adj**2
+        return list(zip([1.0] * len(times), var.tolist(), torch.sqrt(adj**2 * var / sigma**2).tolist()))
+    if ctx.score_sde_tables:
+        beta = sde.discrete_betas[sde.table_index(times)]
+    else:
+        beta = 1 - sde.alpha_bar(times) / sde.alpha_bar(next_times)
+    inv = 1 / torch.sqrt(1 - beta)
+    return list(zip(inv.tolist(), (beta * inv).tolist(), beta.sqrt().tolist()))
 
 
 def run(ctx: Context, x, *, denoise: bool = True):
     sde = ctx.sde
     if isinstance(sde, SubVPSDE) or not isinstance(sde, VESDE | EDM | VPSDE | DiscreteVP):
         raise ValueError(f"sampler: ancestral supports VESDE, EDM, VPSDE and DiscreteVP, not {type(sde).__name__}")
-    ve = isinstance(sde, VESDE | EDM)
-    N = len(ctx.times)
-    for n in range(N):
-        t = ctx.t_vec(ctx.times[n], x)
-        t_next = next_time(ctx, n, x)
+    sched = schedule(ctx)
+    times = ctx.times.tolist()
+    for n, t in enumerate(times):
         s = ctx.score(x, t)
-        last = denoise and n == N - 1
-        if ve:
-            sigma, adj = _sigmas(ctx, t, t_next)
-            var = sigma**2 - adj**2
-            std = torch.sqrt(adj**2 * var / sigma**2)
-            x = ctx.update(x, [(var.to(x.dtype), s)], noise=0.0 if last else std.to(x.dtype), n=n)
-        else:
-            if ctx.score_sde_tables:
-                beta = sde.discrete_betas[sde.table_index(t).cpu()].to(x.device)
-            else:
-                beta = 1 - sde.alpha_bar(t) / sde.alpha_bar(t_next)
-            inv = 1 / torch.sqrt(1 - beta)
-            x = ctx.update(
-                x,
-                [((beta * inv).to(x.dtype), s)],
-                x_coef=inv.to(x.dtype),
-                noise=0.0 if last else beta.sqrt().to(x.dtype),
-                n=n,
-            )
-        ctx.step_done(n, x, t)
+        x_coef, s_coef, noise = sched[n]
+        last = denoise and n == len(times) - 1
+        x = ctx.update(x, [(s_coef, s)], x_coef=x_coef, noise=0.0 if last else noise, n=n)
+        x = ctx.step_done(n, x, t)
     return x

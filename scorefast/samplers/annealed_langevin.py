@@ -7,8 +7,6 @@ adds NCSNv2's x + sigma_L^2 s (one more NFE).  Draws per level: n_steps_each.
 
 from __future__ import annotations
 
-from ..ops import langevin_step
-from ..rng import STREAM_SAMPLER
 from ..sde import EDM, VESDE
 from .base import Context
 
@@ -45,18 +43,9 @@ def run(
     for n in range(len(ctx.times)):
         t = ctx.t_vec(ctx.times[n], x)
         alpha = step_lr * float(sigmas[n]) ** 2 / sigma_last**2
-        for j in range(n_steps_each):
-            x = langevin_step(
-                x,
-                ctx.score(x, t),
-                alpha,
-                seed=ctx.seed,
-                step=ctx.counter(n, j),
-                stream=STREAM_SAMPLER,
-                sample_ids=ctx.sample_ids,
-                backend=ctx.backend,
-            )
-        ctx.step_done(n, x, t)
+        for j in range(n_steps_each):  # sf.ops.langevin_step's update
+            x = ctx.update(x, [(alpha, ctx.score(x, t))], noise=(2 * alpha) ** 0.5, n=n, j=j)
+        x = ctx.step_done(n, x, t)
     if final_denoise:
         t = ctx.t_vec(ctx.times[-1], x)
         x = ctx.update(x, [(sigma_last**2, ctx.score(x, t))], n=len(ctx.times) - 1, j=0)

@@ -15,10 +15,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ..backends import resolve
 from ..errors import NonFiniteError
-from ..ops import fused_update
+from ..ops.fused_update import apply
 from ..rng import STREAM_SAMPLER
-from ..sde.base import as_time, bcast
+from ..sde.base import as_time
 
 CHECK_EVERY = 50  # read the non-finite flag on the host every K steps when not capturing
 
@@ -39,6 +40,9 @@ class Context:
     autocast_dtype: torch.dtype | None = None
     score_sde_tables: bool = False
     nfe: int = 0
+    per_sample_nfe: Tensor | None = None  # adaptive solvers
+    project: Callable | None = None  # conditional wrappers: project(ctx, x, n, t) -> x after step n
+    _backend_name: str | None = None
     _first_bad: Tensor | None = None
     _bad_time: Tensor | None = None
     _step: int = 0
@@ -47,7 +51,11 @@ class Context:
     # -- score evaluations ----------------------------------------------------------------
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
         """score_fn(x, t [B] in the SDE's time, **extra_args) in x's dtype; counts NFE, flags NaN/inf."""
-        t = as_time(t, x)
+        t = (
+            torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+            if isinstance(t, float)
+            else as_time(t, x)
+        )
         if self.autocast_dtype is not None:
             with torch.autocast(x.device.type, dtype=self.autocast_dtype):
                 s = self.score_fn(x, t.to(x.dtype), **self.extra_args)
@@ -66,10 +74,16 @@ class Context:
         self._bad_time = torch.where(fresh, t[0], self._bad_time)
         return s.to(x.dtype) if s.dtype != x.dtype else s
 
-    def denoised(self, x: Tensor, t, score: Tensor) -> Tensor:
-        """Tweedie: x0 = (x + std(t)^2 s) / mean_coef(t)."""
-        t = as_time(t, x)
-        return (x + bcast(self.sde.std(t) ** 2, x) * score) / bcast(self.sde.mean_coef(t), x)
+    def denoised(self, x: Tensor, t: float, score: Tensor) -> Tensor:
+        """Tweedie: x0 = (x + std(t)^2 s) / mean_coef(t), one fused pass (t one time for the batch)."""
+        tt = torch.tensor([t], dtype=torch.float64)
+        a, s = float(self.sde.mean_coef(tt)), float(self.sde.std(tt))
+        return self.update(x, [(s * s / a, score)], x_coef=1.0 / a)
+
+    def schedule_times(self) -> tuple[Tensor, Tensor]:
+        """(t_n, t_{n+1}) float64 [N] on the host, t_N = 0 (the data end): for per-run coefficient tables."""
+        times = self.times.to("cpu", torch.float64)
+        return times, torch.cat([times[1:], times.new_zeros(1)])
 
     # -- noise ----------------------------------------------------------------------------
     def counter(self, n: int, j: int = 0) -> int:
@@ -79,8 +93,8 @@ class Context:
         return n * self.draws + j
 
     def update(self, x: Tensor, terms, *, noise=0.0, n: int = 0, j: int = 0, x_coef=1.0) -> Tensor:
-        """fused_update on stream 0 with step n*S + j."""
-        return fused_update(
+        """fused_update on stream 0 with step n*S + j (arguments were validated once per run)."""
+        return apply(
             x,
             terms,
             noise=noise,
@@ -89,19 +103,33 @@ class Context:
             step=self.counter(n, j),
             stream=STREAM_SAMPLER,
             sample_ids=self.sample_ids,
-            backend=self.backend,
+            out=None,
+            backend=self.backend_name(x),
+            trusted=True,
         )
 
+    def backend_name(self, x: Tensor) -> str:
+        """The resolved backend for the state's device and dtype (resolved once)."""
+        if self._backend_name is None:
+            self._backend_name = resolve(self.backend, x.device, x.dtype)
+        return self._backend_name
+
     # -- bookkeeping ----------------------------------------------------------------------
-    def step_done(self, n: int, x: Tensor, t, denoised: Tensor | None = None) -> None:
+    def step_done(self, n: int, x: Tensor, t, denoised: Tensor | None = None) -> Tensor:
+        """After step n (taken from time t): the conditional projection, callback, progress, checks."""
+        if self.project is not None:
+            x = self.project(self, x, n, t)
         self._step = n + 1
         if self.callback is not None:
+            if not isinstance(t, Tensor):
+                t = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device)
             self.callback({"x": x, "i": n, "t": t, "sigma": t, "denoised": denoised})
         if self._progress is not None:
             self._progress.update(1)
         capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
         if not capturing and (n + 1) % CHECK_EVERY == 0:
             self.check_finite()
+        return x
 
     def check_finite(self) -> None:
         if self._first_bad is not None and int(self._first_bad) >= 0:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from .base import Context
-from .reverse_diffusion import next_time
 
 NAME = "ddim"
 DRAWS = 1
@@ -18,28 +17,30 @@ DEFAULT_STEPS = 50
 KIND = "sde"
 
 
+def schedule(ctx: Context, eta: float) -> list[tuple[float, float, float]]:
+    """Per step (x coefficient a_n / a_t, score coefficient, sig), once per run."""
+    sde = ctx.sde
+    times, next_times = ctx.schedule_times()
+    a_t, s_t = sde.mean_coef(times), sde.std(times)
+    end = next_times <= 0
+    safe_next = torch.where(end, times, next_times)
+    a_n = torch.where(end, torch.ones_like(times), sde.mean_coef(safe_next))
+    s_n = torch.where(end, torch.zeros_like(times), sde.std(safe_next))
+    sig = eta * (s_n / s_t) * torch.sqrt((s_t**2 - a_t**2 * s_n**2 / a_n**2).clamp_min(0))
+    direction = torch.sqrt((s_n**2 - sig**2).clamp_min(0))
+    # x_next = (a_n / a_t) x + (a_n s_t^2 / a_t - direction * s_t) score + sig z
+    return list(zip((a_n / a_t).tolist(), (a_n * s_t**2 / a_t - direction * s_t).tolist(), sig.tolist()))
+
+
 def run(ctx: Context, x, *, eta: float = 0.0, denoise: bool = True):
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta: must lie in [0, 1], got {eta}")
-    sde = ctx.sde
-    N = len(ctx.times)
-    for n in range(N):
-        t = ctx.t_vec(ctx.times[n], x)
-        t_next = next_time(ctx, n, x)
+    sched = schedule(ctx, eta)
+    times = ctx.times.tolist()
+    for n, t in enumerate(times):
         s = ctx.score(x, t)
-        a_t, s_t = sde.mean_coef(t), sde.std(t)
-        end = t_next <= 0
-        a_n = torch.where(end, torch.ones_like(t), sde.mean_coef(t_next))
-        s_n = torch.where(end, torch.zeros_like(t), sde.std(t_next))
-        sig = eta * (s_n / s_t) * torch.sqrt((s_t**2 - a_t**2 * s_n**2 / a_n**2).clamp_min(0))
-        direction = torch.sqrt((s_n**2 - sig**2).clamp_min(0))
-        # x_next = (a_n / a_t) x + (a_n s_t^2 / a_t - direction * s_t) score + sig z
-        x_coef = a_n / a_t
-        s_coef = a_n * s_t**2 / a_t - direction * s_t
-        last = denoise and n == N - 1
-        noisy = eta > 0 and not last
-        x = ctx.update(
-            x, [(s_coef.to(x.dtype), s)], x_coef=x_coef.to(x.dtype), noise=sig.to(x.dtype) if noisy else 0.0, n=n
-        )
-        ctx.step_done(n, x, t)
+        x_coef, s_coef, sig = sched[n]
+        noisy = eta > 0 and not (denoise and n == len(times) - 1)
+        x = ctx.update(x, [(s_coef, s)], x_coef=x_coef, noise=sig if noisy else 0.0, n=n)
+        x = ctx.step_done(n, x, t)
     return x

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from .base import Context
 from .ode_euler import tweedie
 
@@ -31,16 +33,17 @@ def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noi
     if variant == "2m" and eta != 0:
         raise ValueError("eta: the 2m variant is deterministic; use variant='2m-sde' for eta > 0")
     sde = ctx.sde
-    times = ctx.times
-    a_all, s_all = sde.mean_coef(times), sde.std(times)
-    lam = (a_all / s_all).log()
+    times_t = ctx.times.to("cpu", torch.float64)
+    a_t, s_t_all = sde.mean_coef(times_t), sde.std(times_t)
+    lam = (a_t / s_t_all).log().tolist()
+    a_all, s_all, times = a_t.tolist(), s_t_all.tolist(), times_t.tolist()
     D1 = D2 = None
     h1 = h2 = None
     for n in range(len(times) - 1):
-        t = ctx.t_vec(times[n], x)
+        t = times[n]
         D = ctx.denoised(x, t, ctx.score(x, t))
-        h = float(lam[n + 1] - lam[n])
-        a_n, s_n, s_t = float(a_all[n + 1]), float(s_all[n + 1]), float(s_all[n])
+        h = lam[n + 1] - lam[n]
+        a_n, s_n, s_t = a_all[n + 1], s_all[n + 1], s_all[n]
         h_eta = h * (1 + eta)
         x_coef = s_n / s_t * math.exp(-eta * h)
         base = -math.expm1(-h_eta)
@@ -75,7 +78,7 @@ def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noi
                 terms = [(a_n * base, D)]
         noise = s_n * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta > 0 else 0.0
         x = ctx.update(x, terms, x_coef=x_coef, noise=noise, n=n)
-        ctx.step_done(n, x, t, D)
+        x = ctx.step_done(n, x, t, D)
         D1, D2 = D, D1
         h1, h2 = h, h1
     return tweedie(ctx, x, denoise)

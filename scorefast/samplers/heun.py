@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from ..sde import EDM
 from .base import Context
 from .ode_euler import tweedie
@@ -35,20 +37,24 @@ def run(
         raise ValueError(f"s_churn: must be >= 0, got {s_churn}")
     if s_churn > 0 and not isinstance(sde, EDM):
         raise ValueError("s_churn: EDM's churn needs the EDM SDE (time = sigma)")
-    times = ctx.times
+    times = ctx.times.tolist()
     N = len(times)
+    # per interval: churned start t_hat, end t_next and the reverse-drift coefficients a x + b s at both
+    t_hat = [t * (1 + (min(s_churn / (N - 1), math.sqrt(2) - 1) if s_tmin <= t <= s_tmax else 0.0)) for t in times[:-1]]
+    a1, b1 = (v.tolist() for v in sde.reverse_coefs(torch.tensor(t_hat, dtype=torch.float64), probability_flow=True))
+    a2, b2 = (
+        v.tolist() for v in sde.reverse_coefs(torch.tensor(times[1:], dtype=torch.float64), probability_flow=True)
+    )
     for n in range(N - 1):
-        t_cur, t_next = float(times[n]), float(times[n + 1])
-        gamma = min(s_churn / (N - 1), math.sqrt(2) - 1) if s_tmin <= t_cur <= s_tmax else 0.0
-        t_hat = t_cur * (1 + gamma)
-        if gamma > 0:
-            x = ctx.update(x, [], noise=math.sqrt(t_hat**2 - t_cur**2) * s_noise, n=n)
-        th = ctx.t_vec(t_hat, x)
-        d = sde.reverse_drift(x, th, ctx.score(x, th), probability_flow=True)
-        h = t_next - t_hat
-        x_euler = ctx.update(x, [(h, d)], n=n)
-        tn = ctx.t_vec(t_next, x)
-        d2 = sde.reverse_drift(x_euler, tn, ctx.score(x_euler, tn), probability_flow=True)
-        x = ctx.update(x, [(h / 2, d), (h / 2, d2)], n=n)
-        ctx.step_done(n, x, th)
+        t_cur, t_next, th = times[n], times[n + 1], t_hat[n]
+        if th > t_cur:
+            x = ctx.update(x, [], noise=math.sqrt(th**2 - t_cur**2) * s_noise, n=n)
+        # Euler x_e = x + h d with d = a1 x + b1 s1; then x + h (d + d2) / 2 with d2 = a2 x_e + b2 s2
+        h = t_next - th
+        s1 = ctx.score(x, th)
+        x_euler = ctx.update(x, [(h * b1[n], s1)], x_coef=1 + h * a1[n], n=n)
+        s2 = ctx.score(x_euler, t_next)
+        terms = [(h / 2 * b1[n], s1), (h / 2 * a2[n], x_euler), (h / 2 * b2[n], s2)]
+        x = ctx.update(x, terms, x_coef=1 + h / 2 * a1[n], n=n)
+        x = ctx.step_done(n, x, th)
     return tweedie(ctx, x, denoise)

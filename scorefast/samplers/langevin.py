@@ -5,8 +5,7 @@
 
 from __future__ import annotations
 
-from ..ops import langevin_step
-from ..rng import STREAM_SAMPLER
+from .._checks import check_finite_scalar
 from .base import Context
 
 NAME = "langevin"
@@ -16,17 +15,10 @@ KIND = "langevin"
 
 
 def run(ctx: Context, x, *, step_size: float = 1e-3, denoise: bool = True):
+    step_size = check_finite_scalar("step_size", step_size, positive=True)
     t = ctx.t_vec(ctx.sde.eps, x)
     for n in range(len(ctx.times)):
-        x = langevin_step(
-            x,
-            ctx.score(x, t),
-            step_size,
-            seed=ctx.seed,
-            step=ctx.counter(n),
-            stream=STREAM_SAMPLER,
-            sample_ids=ctx.sample_ids,
-            backend=ctx.backend,
-        )
-        ctx.step_done(n, x, t)
+        # sf.ops.langevin_step's update, arguments validated once for the run
+        x = ctx.update(x, [(step_size, ctx.score(x, t))], noise=(2 * step_size) ** 0.5, n=n)
+        x = ctx.step_done(n, x, t)
     return x

@@ -11,13 +11,14 @@ KIND = "ode"
 
 
 def run(ctx: Context, x, *, denoise: bool = True):
-    times = ctx.times
-    for n in range(len(times) - 1):
-        t = ctx.t_vec(times[n], x)
-        s = ctx.score(x, t)
-        dt = float(times[n + 1] - times[n])
-        x = ctx.update(x, [(dt, ctx.sde.reverse_drift(x, t, s, probability_flow=True))], n=n)
-        ctx.step_done(n, x, t)
+    times = ctx.times.to("cpu", ctx.times.dtype)
+    dt = times[1:] - times[:-1]
+    a, b = ctx.sde.reverse_coefs(times[:-1], probability_flow=True)
+    sched = list(zip((1 + a * dt).tolist(), (b * dt).tolist()))
+    for n, t in enumerate(times[:-1].tolist()):
+        x_coef, s_coef = sched[n]
+        x = ctx.update(x, [(s_coef, ctx.score(x, t))], x_coef=x_coef, n=n)
+        x = ctx.step_done(n, x, t)
     return tweedie(ctx, x, denoise)
 
 
@@ -25,7 +26,6 @@ def tweedie(ctx: Context, x, denoise: bool):
     """The ODE samplers' last step at eps: x0 = (x + std^2 s) / mean_coef (one NFE)."""
     if not denoise:
         return x
-    t = ctx.t_vec(ctx.times[-1], x)
+    t = float(ctx.times[-1])
     x0 = ctx.denoised(x, t, ctx.score(x, t))
-    ctx.step_done(len(ctx.times) - 1, x0, t, x0)
-    return x0
+    return ctx.step_done(len(ctx.times) - 1, x0, t, x0)

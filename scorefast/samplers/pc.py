@@ -50,31 +50,32 @@ def run(
 ):
     if predictor not in PREDICTORS:
         raise ValueError(f"predictor: expected one of {PREDICTORS}, got {predictor!r}")
+    if not (snr > 0 and norm in ("sample", "batch")):
+        raise ValueError(f"snr, norm: need snr > 0 and norm in ('sample', 'batch'), got {snr!r}, {norm!r}")
     if n_corrector < 0:
         raise ValueError(f"n_corrector: must be >= 0, got {n_corrector}")
-    N = len(ctx.times)
-    for n in range(N):
-        t = ctx.t_vec(ctx.times[n], x)
-        t_next = reverse_diffusion.next_time(ctx, n, x)
-        alpha = corrector_alpha(ctx, t, t_next).to(x.dtype)
+    times, next_times = ctx.schedule_times()
+    alphas = corrector_alpha(ctx, times, next_times).tolist()
+    stepper = reverse_diffusion if predictor == "reverse_diffusion" else euler_maruyama
+    sched = stepper.schedule(ctx) if predictor != "none" else None
+    N = len(alphas)
+    for n, t in enumerate(times.tolist()):
         for j in range(n_corrector):
             s = ctx.score(x, t)
             x, _ = snr_langevin_step(
                 x,
                 s,
                 snr,
-                alpha=alpha,
+                alpha=alphas[n],
                 norm=norm,
                 seed=ctx.seed,
                 step=ctx.counter(n, j),
                 stream=STREAM_SAMPLER,
                 sample_ids=ctx.sample_ids,
-                backend=ctx.backend,
+                backend=ctx.backend_name(x),
+                _trusted=True,
             )
-        last = denoise and n == N - 1
-        if predictor != "none":
-            s = ctx.score(x, t)
-            step = reverse_diffusion if predictor == "reverse_diffusion" else euler_maruyama
-            x = step.predictor_step(ctx, x, t, s, n, n_corrector, last)
-        ctx.step_done(n, x, t)
+        if sched is not None:
+            x = stepper.predictor_step(ctx, sched, x, ctx.score(x, t), n, n_corrector, denoise and n == N - 1)
+        x = ctx.step_done(n, x, t)
     return x

@@ -106,19 +106,25 @@ class SDE:
 
     def discretize(self, x: Tensor, t, t_next, *, score_sde_tables: bool = False) -> tuple[Tensor, Tensor]:
         """Forward step (f, G [B]) between grid times t > t_next: x_t ~ x_next + f + G z (reverse use)."""
-        t, t_next = as_time(t, x), as_time(t_next, x)
-        if score_sde_tables:
-            return self._table_discretize(x, t)
-        alpha = self.alpha_bar(t) / self.alpha_bar(t_next)
-        s2_t, s2_n = 1 - self.alpha_bar(t), 1 - self.alpha_bar(t_next)
-        G2 = s2_t - alpha * s2_n
-        f = bcast(alpha.sqrt() - 1, x) * x
-        return f, G2.clamp_min(0).sqrt().to(x.dtype)
+        f_coef, G = self.discretize_coefs(as_time(t, x), as_time(t_next, x), score_sde_tables=score_sde_tables)
+        return bcast(f_coef, x) * x, G.to(x.dtype)
 
-    def _table_discretize(self, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    def discretize_coefs(self, t: Tensor, t_next: Tensor, *, score_sde_tables: bool = False) -> tuple[Tensor, Tensor]:
+        """(f_coef, G), float64 [B], of ``discretize``: f = f_coef * x (every SDE here has a linear drift)."""
+        if score_sde_tables:
+            return self._table_coefs(t)
+        alpha = self.alpha_bar(t) / self.alpha_bar(t_next)
+        G2 = (1 - self.alpha_bar(t)) - alpha * (1 - self.alpha_bar(t_next))
+        return alpha.sqrt() - 1, G2.clamp_min(0).sqrt()
+
+    def _table_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Euler–Maruyama with dt = T/N: score_sde's base-class discretisation."""
         dt = self.T / self.N
-        return bcast(self.drift_coef(t) * dt, x) * x, (self.diffusion(t) * math.sqrt(dt)).to(x.dtype)
+        return self.drift_coef(t) * dt, self.diffusion(t) * math.sqrt(dt)
+
+    def reverse_coefs(self, t, *, probability_flow: bool = False) -> tuple[Tensor, Tensor]:
+        """(a, b), float64 [B], with reverse drift f - g^2 s (x 1/2 for the ODE) = a x + b s."""
+        return self.drift_coef(t), -(self.diffusion(t) ** 2) * (0.5 if probability_flow else 1.0)
 
     def table_index(self, t: Tensor) -> Tensor:
         """score_sde's table index floor(t (N - 1) / T)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SDE, as_time
+from .base import SDE
 
 
 class EDM(SDE):
@@ -45,9 +45,8 @@ class EDM(SDE):
     def sigma(self, t):
         return t
 
-    def discretize(self, x, t, t_next, *, score_sde_tables: bool = False):
-        t, t_next = as_time(t, x), as_time(t_next, x)
-        return torch.zeros_like(x), (t**2 - t_next**2).clamp_min(0).sqrt().to(x.dtype)
+    def discretize_coefs(self, t, t_next, *, score_sde_tables: bool = False):
+        return torch.zeros_like(t), (t**2 - t_next**2).clamp_min(0).sqrt()
 
     def grid(self, steps, device=None):
         """Karras et al. rho-schedule from sigma_max to sigma_min (float64)."""

@@ -45,17 +45,16 @@ class VESDE(SDE):
     def prior_std(self):
         return self.sigma_max
 
-    def discretize(self, x, t, t_next, *, score_sde_tables: bool = False):
-        t, t_next = as_time(t, x), as_time(t_next, x)
+    def discretize_coefs(self, t, t_next, *, score_sde_tables: bool = False):
         if score_sde_tables:
             i = self.table_index(t)
-            table = self.discrete_sigmas.to(x.device)
+            table = self.discrete_sigmas.to(t.device)
             sigma = table[i]
             adjacent = torch.where(i == 0, torch.zeros_like(sigma), table[(i - 1).clamp_min(0)])
         else:
             sigma = self.sigma(t)
             adjacent = torch.where(t_next > 0, self.sigma(t_next), torch.zeros_like(t_next))
-        return torch.zeros_like(x), (sigma**2 - adjacent**2).clamp_min(0).sqrt().to(x.dtype)
+        return torch.zeros_like(t), (sigma**2 - adjacent**2).clamp_min(0).sqrt()
 
     def time_map(self, t):
         return self.sigma(t)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import SDE, as_time, bcast
+from .base import SDE
 
 
 class VPSDE(SDE):
@@ -14,6 +14,8 @@ class VPSDE(SDE):
     def __init__(self, beta_min: float = 0.1, beta_max: float = 20.0, N: int = 1000):
         if not 0 < beta_min < beta_max:
             raise ValueError(f"beta_min, beta_max: need 0 < beta_min < beta_max, got {beta_min}, {beta_max}")
+        if beta_max / N >= 1:
+            raise ValueError(f"N: score_sde's VP tables need beta_max / N < 1 (beta_i = beta(t_i) / N), got N={N}")
         self.beta_0, self.beta_1, self.N = float(beta_min), float(beta_max), int(N)
         self.discrete_betas = torch.linspace(beta_min / N, beta_max / N, N, dtype=torch.float64)
         self.alphas = 1.0 - self.discrete_betas
@@ -45,11 +47,11 @@ class VPSDE(SDE):
     def prior_std(self):
         return 1.0
 
-    def _table_discretize(self, x, t):
+    def _table_coefs(self, t):
         i = self.table_index(t).to("cpu")
-        beta = self.discrete_betas[i].to(x.device)
-        alpha = self.alphas[i].to(x.device)
-        return bcast(alpha.sqrt() - 1, x) * x, beta.sqrt().to(x.dtype)
+        beta = self.discrete_betas[i].to(t.device)
+        alpha = self.alphas[i].to(t.device)
+        return alpha.sqrt() - 1, beta.sqrt()
 
     def corrector_alpha(self, t, t_next, *, score_sde_tables: bool) -> Tensor:
         """score_sde's Langevin-corrector alpha: alphas[floor(t (N-1)/T)] on its grid, else abar ratio."""
@@ -69,13 +71,12 @@ class SubVPSDE(VPSDE):
         discount = -torch.expm1(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
         return torch.sqrt(self.beta(t) * discount)
 
-    def discretize(self, x, t, t_next, *, score_sde_tables: bool = False):
-        t, t_next = as_time(t, x), as_time(t_next, x)
+    def discretize_coefs(self, t, t_next, *, score_sde_tables: bool = False):
         if score_sde_tables:
-            return SDE._table_discretize(self, x, t)
+            return SDE._table_coefs(self, t)
         alpha = self.alpha_bar(t) / self.alpha_bar(t_next)
         G2 = (1 - self.alpha_bar(t)) ** 2 - alpha * (1 - self.alpha_bar(t_next)) ** 2
-        return bcast(alpha.sqrt() - 1, x) * x, G2.clamp_min(0).sqrt().to(x.dtype)
+        return alpha.sqrt() - 1, G2.clamp_min(0).sqrt()
 
     def corrector_alpha(self, t, t_next, *, score_sde_tables: bool):
         return self.alpha_bar(t) / self.alpha_bar(t_next)

@@ -1,0 +1,30 @@
+"""Adaptive Dormand–Prince on the probability-flow ODE from T to eps, then the Tweedie step.
+
+Each sample has its own time and step size (``scorefast.solvers.rk45``); ``steps`` is ignored.
+info reports ``nfe_per_sample``.
+"""
+
+from __future__ import annotations
+
+from ..solvers import rk45 as solver
+from .base import Context
+from .ode_euler import tweedie
+
+NAME = "rk45"
+DRAWS = 1
+DEFAULT_STEPS = 2
+KIND = "ode"
+
+
+def run(ctx: Context, x, *, rtol: float = 1e-5, atol: float = 1e-5, denoise: bool = True):
+    sde = ctx.sde
+
+    def drift(y, t):
+        return sde.reverse_drift(y, t, ctx.score(y, t), probability_flow=True)
+
+    t0 = float(ctx.times[0])
+    sol = solver.solve(drift, x, t0, sde.eps, rtol=rtol, atol=atol, backend=ctx.backend)
+    ctx.per_sample_nfe = sol.nfe + (1 if denoise else 0)
+    ctx.step_done(0, sol.y, ctx.t_vec(sde.eps, x))
+    ctx.times = ctx.times[-1:].clone() if len(ctx.times) else ctx.times
+    return tweedie(ctx, sol.y, denoise)
