@@ -33,6 +33,10 @@ class MLPScore(torch.nn.Module):
         return (0.1 * h - x) / v
 
 
+def _bind(score, sde, B, sampler, steps, options):
+    return lambda: sf.sample(score, sde, (B, 2), sampler=sampler, steps=steps, **options)
+
+
 def models():
     gm = sf.testing.GaussianMixture.ring(8, 4.0, 0.35)
 
@@ -73,6 +77,34 @@ def cases(model: str, B: int, budget: int):
             budget,
             "score_sde",
         ),
+    }
+    out["reverse_diffusion"] = {
+        "eager": (
+            "score_sde RD predictor",
+            lambda: score_sde.pc_sampler(score_em, vp_em, (B, 2), n_steps=0),
+            budget,
+            "score_sde",
+        ),
+        "fused": (
+            "sf.sample(reverse_diffusion)",
+            lambda: sf.sample(score_em, vp_em, (B, 2), sampler="reverse_diffusion", steps=budget),
+            budget,
+            "score_sde",
+        ),
+    }
+    # scorefast-only rows (no peer loop copied): same budget, NFE and sliced-W recorded
+    vp_free = sf.sde.VPSDE()
+    score_free = make_score(vp_free)
+    for name, steps, opts in (("ancestral", budget, {}), ("ddim", budget, {}), ("ode_euler", budget, {})):
+        out[name] = {"fused": (f"sf.sample({name})", _bind(score_free, vp_free, B, name, steps, opts), budget, None)}
+    _, info = sf.sample(score_free, vp_free, (B, 2), sampler="rk45", rtol=1e-3, atol=1e-3, return_info=True)
+    out["rk45"] = {
+        "fused": (
+            "sf.sample(rk45, rtol=atol=1e-3)",
+            _bind(score_free, vp_free, B, "rk45", None, {"rtol": 1e-3, "atol": 1e-3}),
+            info["nfe"],
+            None,
+        )
     }
     edm = sf.sde.EDM()
     score_edm = make_score(edm)

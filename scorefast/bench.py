@@ -27,6 +27,8 @@ import torch
 from .cli import register
 
 SCHEMA_KEYS = ("suite", "date", "machine", "results")
+# suite -> pytest-benchmark file in bench/ (micro-benchmarks and end-to-end run as separate commands)
+SUITES = {"cpu": "test_cpu_micro.py", "cpu-e2e": "test_cpu_e2e.py", "gpu": "test_gpu_micro.py"}
 MACHINE_KEYS = ("gpu", "cpu", "torch", "triton", "cuda")
 ROW_KEYS = ("name", "backend", "dtype", "size", "median_s")
 
@@ -129,8 +131,8 @@ def markdown_table(results: dict, roles: tuple[str, ...] = ("fused", "fused_out"
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def fmt(v, spec):
-        return format(v, spec) if isinstance(v, float) else "-"
+    def fmt(v, spec, suffix=""):
+        return format(v, spec) + suffix if isinstance(v, float) else "-"
 
     for r in results["results"]:
         if r.get("role") not in roles:
@@ -138,7 +140,28 @@ def markdown_table(results: dict, roles: tuple[str, ...] = ("fused", "fused_out"
         lines.append(
             f"| {r['name']} | {r['backend']} | {r['dtype']} | {r['size']:.0e} | {r['median_s'] * 1e3:.3f} ms | "
             f"{fmt(r.get('gbps'), '.1f')} | {fmt(r.get('vs_copy'), '.0%')} | "
-            f"{fmt(r.get('ratio_vs_eager'), '.2f')}x | {fmt(r.get('ratio_vs_compile'), '.2f')}x |"
+            f"{fmt(r.get('ratio_vs_eager'), '.2f', 'x')} | {fmt(r.get('ratio_vs_compile'), '.2f', 'x')} |"
+        )
+    return "\n".join(lines)
+
+
+def sampler_table(results: dict) -> str:
+    """README table of end-to-end sampler rows (fixed NFE budget), rendered from a results file."""
+    m = results["machine"]
+    lines = [
+        f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}",
+        "",
+        "| sampler | model | batch | NFE | median | per NFE | vs peer loop | peer | sliced W (floor) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["results"]:
+        if r.get("role") != "fused" or "nfe" not in r:
+            continue
+        ratio = f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-"
+        sw = f"{r['sliced_wasserstein']:.3f} ({r['sw_floor']:.3f})" if "sliced_wasserstein" in r else "-"
+        lines.append(
+            f"| {r['name']} | {r.get('model', '-')} | {r['size']} | {r['nfe']} | {r['median_s'] * 1e3:.1f} ms | "
+            f"{r['median_s'] / r['nfe'] * 1e6:.0f} us | {ratio} | {r.get('peer') or '-'} | {sw} |"
         )
     return "\n".join(lines)
 
@@ -152,14 +175,15 @@ def _bench_dir() -> Path:
 
 @register("bench", "run a benchmark suite (pytest-benchmark) and write bench/results/NAME.json")
 def _bench_command(parser):
-    parser.add_argument("--suite", choices=("cpu", "gpu", "gpu-e2e"), default="cpu")
+    parser.add_argument("--suite", choices=tuple(SUITES), default="cpu")
     parser.add_argument("--out", help="results file (default bench/results/<suite>.json)")
     parser.add_argument("--quick", action="store_true", help="smallest sizes only (a smoke run)")
     parser.add_argument("--table", metavar="RESULTS", help="print the README table of a results file and exit")
 
     def run(args):
         if args.table:
-            print(markdown_table(json.loads(Path(args.table).read_text())))
+            data = json.loads(Path(args.table).read_text())
+            print(sampler_table(data) if any("nfe" in r for r in data["results"]) else markdown_table(data))
             return 0
         bench = _bench_dir()
         out = Path(args.out or bench / "results" / f"{args.suite}.json").resolve()
@@ -169,7 +193,7 @@ def _bench_command(parser):
             "SCOREFAST_BENCH_SUITE": args.suite,
             "SCOREFAST_BENCH_QUICK": "1" if args.quick else "0",
         }
-        files = sorted(str(p) for p in bench.glob(f"test_{args.suite.replace('-', '_')}*.py"))
+        files = [str(bench / SUITES[args.suite])]
         cmd = [
             sys.executable,
             "-m",
@@ -184,7 +208,8 @@ def _bench_command(parser):
         ]
         code = subprocess.call(cmd, env=env, cwd=bench.parent)
         if out.exists():
-            print(markdown_table(json.loads(out.read_text())))
+            data = json.loads(out.read_text())
+            print(sampler_table(data) if any("nfe" in r for r in data["results"]) else markdown_table(data))
             print(f"wrote {out}")
         return code
 

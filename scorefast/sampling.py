@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
@@ -86,7 +87,8 @@ def sample(
         steps: number of grid times N (None: the sampler's default); see DESIGN.md for NFE.
         x_init, t_start: SDEdit — start from x_init noised to t_start (stream 3) instead of the prior.
         precision: the network runs in fp32, bf16 or fp16 (autocast); the state x stays fp32.
-        cuda_graph: capture and replay (see scorefast.graphs); on CPU a no-op with the same results.
+        cuda_graph: capture and replay; on CPU a no-op with the same results.  (Capture is not built
+            yet: on CUDA it warns once and samples eagerly, with the same results.)
         return_info: also return {"nfe", "x_mean", "time_s", "sampler", "steps"}.
         dtype: the state's dtype (float32; float64 runs the torch reference backend, for validation).
     Returns samples [shape] (fp32), or (samples, info).
@@ -146,11 +148,12 @@ def sample(
         ctx._progress = bar
     try:
         if cuda_graph and device.type == "cuda":
-            from .graphs import run_captured
-
-            x = run_captured(module, ctx, x, sampler_options)
-        else:
-            x = module.run(ctx, x, **sampler_options)
+            warnings.warn(
+                "cuda_graph: CUDA-graph capture is not implemented yet; sampling eagerly (same results)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        x = module.run(ctx, x, **sampler_options)
         ctx.check_finite()
     finally:
         if bar is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .cli import register
+from .testing import sliced_wasserstein
 
 MODELS = ("gmm2d",)
 
@@ -27,16 +28,6 @@ def gmm2d():
     gm = GaussianMixture.ring(8, 4.0, 0.35)
     sde = VPSDE()
     return gm.score_fn(sde), sde, (2,), gm
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 128, seed: int = 0) -> float:
-    """Sliced 2-Wasserstein distance between two equal-size sample sets [n, d]."""
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
-    dirs /= dirs.norm(dim=0)
-    pa, _ = (a.double() @ dirs).sort(0)
-    pb, _ = (b.double() @ dirs).sort(0)
-    return ((pa - pb) ** 2).mean().sqrt().item()
 
 
 def _plot(samples: torch.Tensor, exact: torch.Tensor, path: Path, title: str) -> None:

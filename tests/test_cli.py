@@ -147,3 +147,4 @@ def test_bench_quick_run_writes_results(tmp_path):
     validate(data)
     fused = [r for r in data["results"] if r.get("role") == "fused_out" and r["group"].startswith("fused_update")]
     assert fused and fused[0]["ratio_vs_eager"] > 0 and "vs_copy" in fused[0]
+    assert not any("nfe" in r for r in data["results"])  # end-to-end rows live in the cpu-e2e suite

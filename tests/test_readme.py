@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from scorefast.bench import markdown_table
+from scorefast.bench import markdown_table, sampler_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -20,7 +20,12 @@ def test_readme_starts_with_two_commands_and_ci_runs_the_test_one():
     assert install_and_test in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
-def test_readme_table_is_rendered_from_committed_results():
-    table = README.split("<!-- bench:cpu -->\n", 1)[1].split("\n<!-- /bench:cpu -->", 1)[0]
-    results = json.loads((ROOT / "bench" / "results" / "cpu.json").read_text())
-    assert table == markdown_table(results)
+def _block(name: str) -> str:
+    return README.split(f"<!-- bench:{name} -->\n", 1)[1].split(f"\n<!-- /bench:{name} -->", 1)[0]
+
+
+def test_readme_tables_are_rendered_from_committed_results():
+    micro = json.loads((ROOT / "bench" / "results" / "cpu.json").read_text())
+    assert _block("cpu") == markdown_table(micro)
+    e2e = json.loads((ROOT / "bench" / "results" / "cpu-e2e.json").read_text())
+    assert _block("cpu-e2e") == sampler_table(e2e)

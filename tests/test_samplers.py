@@ -18,6 +18,8 @@ import torch
 import scorefast as sf
 from scorefast.rng import STREAM_PRIOR, STREAM_SAMPLER
 from scorefast.sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
+from scorefast.testing import sliced_wasserstein
+from tests.conftest import backend_params
 
 M, C = 0.7, 0.25  # data mean and variance
 
@@ -236,15 +238,6 @@ def test_reverse_diffusion_uses_score_sde_tables_on_its_grid():
 
 
 # -- mixtures -----------------------------------------------------------------------------
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 64) -> float:
-    g = torch.Generator().manual_seed(0)
-    dirs = torch.randn(a.shape[1], n_proj, generator=g, dtype=torch.float64)
-    dirs /= dirs.norm(dim=0)
-    pa, _ = (a.double() @ dirs).sort(0)
-    pb, _ = (b.double() @ dirs).sort(0)
-    return ((pa - pb) ** 2).mean().sqrt().item()
-
-
 MIXTURE = [
     ("pc", VESDE(0.01, 10), 200, {"norm": "batch"}),
     ("pc", VPSDE(), 200, {"norm": "batch", "predictor": "euler_maruyama"}),
@@ -307,11 +300,9 @@ def test_no_two_draws_share_a_counter(monkeypatch, name, sde, options):
     assert STREAM_PRIOR != STREAM_SAMPLER
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("backend", backend_params())
 @pytest.mark.parametrize("name,sde,options", SAMPLER_CASES[:6], ids=[c[0] for c in SAMPLER_CASES[:6]])
 def test_sampler_batch_invariance_bitwise(backend, name, sde, options):
-    if not sf.backends.state(backend).available:
-        pytest.skip(sf.backends.state(backend).why)
 
     def elementwise(x, t, **_):  # batch-invariant score
         return -x / (1.0 + t[:, None] ** 2)
@@ -332,17 +323,18 @@ def test_sampler_batch_invariance_bitwise(backend, name, sde, options):
         assert torch.equal(small, big[ids])
 
 
-def test_backends_agree_after_one_step_and_stay_close():
+@pytest.mark.parametrize("backend", backend_params(include_torch=False))
+def test_backends_agree_after_one_step_and_stay_close(backend):
     sde = VPSDE()
     gm = sf.testing.GaussianMixture.ring(4, 3.0, 0.4)
     one = [
         sf.sample(gm.score_fn(sde), sde, (64, 2), sampler="euler_maruyama", steps=1, backend=b, denoise=False)
-        for b in ("torch", "cpu")
+        for b in ("torch", backend)
     ]
     torch.testing.assert_close(one[0], one[1], atol=1e-5, rtol=1e-5)
     many = [
         sf.sample(gm.score_fn(sde), sde, (64, 2), sampler="euler_maruyama", steps=20, backend=b)
-        for b in ("torch", "cpu")
+        for b in ("torch", backend)
     ]
     scale = many[0].abs().max().item()
     assert (many[0] - many[1]).abs().max().item() < 1e-4 * max(scale, 1.0)
