@@ -8,7 +8,9 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 
 from . import backends, conditional, ops, samplers, sde, testing
 from .backends import BackendUnavailableError
+from .divergence import divergence, hutchinson_trace
 from .errors import NonFiniteError
+from .likelihood import log_likelihood
 from .rng import rademacher, rand, randn
 from .sampling import sample
 
@@ -21,6 +23,9 @@ __all__ = [
     "NonFiniteError",
     "backends",
     "conditional",
+    "divergence",
+    "hutchinson_trace",
+    "log_likelihood",
     "ops",
     "rademacher",
     "rand",
