@@ -6,7 +6,7 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 ``SCOREFAST_REQUIRE_BACKENDS`` asks for a backend to be checked.
 """
 
-from . import backends, conditional, ops, samplers, sde, testing
+from . import backends, conditional, losses, ops, samplers, sde, testing, train
 from .backends import BackendUnavailableError
 from .divergence import divergence, hutchinson_trace
 from .errors import NonFiniteError
@@ -26,6 +26,7 @@ __all__ = [
     "divergence",
     "hutchinson_trace",
     "log_likelihood",
+    "losses",
     "ops",
     "rademacher",
     "rand",
@@ -34,4 +35,5 @@ __all__ = [
     "samplers",
     "sde",
     "testing",
+    "train",
 ]

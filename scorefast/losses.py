@@ -1,0 +1,171 @@
+"""Score-matching losses: denoising (score_sde's ``get_sde_loss_fn``, EDM's), sliced and exact.
+
+Randomness follows the allocation table: training times t (or EDM's sigma) from stream 4, the
+perturbation noise from stream 2, sliced-SM projections from stream 5 (element j*D + e), all at
+Philox step ``step`` (the training step) with global ``sample_ids``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from . import _checks
+from .ops import fused_update
+from .rng import STREAM_DSM, STREAM_SLICED, STREAM_TIMES, rand, randn
+from .sde import EDM, VESDE, VPSDE, SubVPSDE
+from .sde.base import SDE, bcast
+
+
+def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
+    """Per-sample reduction over elements: mean (reduce_mean) or sum, as score_sde's reduce_op."""
+    flat = v.flatten(1)
+    return flat.mean(1) if reduce_mean else flat.sum(1)
+
+
+def _times(sde: SDE, B: int, *, eps: float, seed, step, sample_ids, device) -> Tensor:
+    """t ~ U(eps, T) per sample from stream 4 (float64 [B])."""
+    u = rand(
+        (B, 1), seed=seed, step=step, stream=STREAM_TIMES, sample_ids=sample_ids, device=device, dtype=torch.float64
+    )[:, 0]
+    return u * (sde.T - eps) + eps
+
+
+def dsm_loss(
+    score_fn: Callable,
+    x: Tensor,
+    sde: SDE,
+    *,
+    seed=0,
+    step=0,
+    sample_ids: Tensor | None = None,
+    likelihood_weighting: bool = False,
+    reduce_mean: bool = False,
+    eps: float = 1e-5,
+    return_per_sample: bool = False,
+) -> Tensor:
+    """Denoising score matching exactly as score_sde's ``get_sde_loss_fn`` (VE, VP, sub-VP).
+
+    t ~ U(eps, T), z ~ N(0, I); x_t = mean(x, t) + std(t) z (one fused pass); per sample
+    ||s(x_t, t) std + z||^2 (or, with likelihood_weighting, ||s + z / std||^2 g(t)^2), summed or
+    averaged over elements, then averaged over the batch.  On EDM it is EDM's preconditioned loss
+    (``edm_loss``).
+    """
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    if isinstance(sde, EDM):
+        return edm_loss(
+            score_fn, x, sde, seed=seed, step=step, sample_ids=sample_ids, return_per_sample=return_per_sample
+        )
+    if not isinstance(sde, VESDE | VPSDE | SubVPSDE):
+        raise ValueError(
+            f"sde: dsm_loss follows score_sde for VESDE, VPSDE and SubVPSDE (EDM: edm_loss), got {type(sde).__name__}"
+        )
+    eps = _checks.check_finite_scalar("eps", eps, positive=True)
+    ids = _checks.check_sample_ids(sample_ids, B, x.device)
+    t = _times(sde, B, eps=eps, seed=seed, step=step, sample_ids=ids, device=x.device)
+    a, std = sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype)
+    # x_t = a x + std z with z from stream 2 made inside the kernel
+    x_t = fused_update(x, [], x_coef=a, noise=std, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
+    z = randn(x.shape, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids, device=x.device, dtype=x.dtype)
+    score = score_fn(x_t, t.to(x.dtype))
+    if not likelihood_weighting:
+        losses = _reduce(torch.square(score * bcast(std, x) + z), reduce_mean)
+    else:
+        g2 = sde.diffusion(t).to(x.dtype) ** 2
+        losses = _reduce(torch.square(score + z / bcast(std, x)), reduce_mean) * g2
+    return losses if return_per_sample else losses.mean()
+
+
+def edm_loss(
+    score_fn: Callable,
+    x: Tensor,
+    sde: EDM,
+    *,
+    seed=0,
+    step=0,
+    sample_ids: Tensor | None = None,
+    p_mean: float = -1.2,
+    p_std: float = 1.2,
+    return_per_sample: bool = False,
+) -> Tensor:
+    """EDM's loss (Karras et al. 2022): ln sigma ~ N(p_mean, p_std^2) (stream 4), y = x + sigma n
+    (stream 2), D(y) = y + sigma^2 s(y, sigma), weight (sigma^2 + sd^2) / (sigma sd)^2, ||D(y) - x||^2
+    summed over elements, averaged over the batch."""
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    ids = _checks.check_sample_ids(sample_ids, B, x.device)
+    n = randn((B, 1), seed=seed, step=step, stream=STREAM_TIMES, sample_ids=ids, device=x.device, dtype=torch.float64)[
+        :, 0
+    ]
+    sigma = torch.exp(p_mean + p_std * n)
+    sd = sde.sigma_data
+    weight = ((sigma**2 + sd**2) / (sigma * sd) ** 2).to(x.dtype)
+    y = fused_update(x, [], noise=sigma.to(x.dtype), seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
+    denoised = y + bcast(sigma**2, x) * score_fn(y, sigma.to(x.dtype))
+    losses = weight * _reduce(torch.square(denoised - x), reduce_mean=False)
+    return losses if return_per_sample else losses.mean()
+
+
+def ssm_loss(
+    score_fn: Callable,
+    x: Tensor,
+    *,
+    n_projections: int = 1,
+    seed=0,
+    step=0,
+    sample_ids: Tensor | None = None,
+    t: Tensor | None = None,
+    return_per_sample: bool = False,
+) -> Tensor:
+    """Sliced score matching, variance-reduced (Song et al. 2019): v^T (ds/dx) v + ||s||^2 / 2 with
+    Gaussian projections v from stream 5; the Jacobian-vector product by double backward (VJP).
+
+    ``t`` (optional, [B]) is passed to score_fn as its time argument.
+    """
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    if not isinstance(n_projections, int) or n_projections < 1:
+        raise ValueError(f"n_projections: must be an int >= 1, got {n_projections!r}")
+    ids = _checks.check_sample_ids(sample_ids, B, x.device)
+    D = x[0].numel()
+    v = (
+        randn(
+            (B, n_projections * D),
+            seed=seed,
+            step=step,
+            stream=STREAM_SLICED,
+            sample_ids=ids,
+            device=x.device,
+            dtype=x.dtype,
+        )
+        .reshape(B, n_projections, *x.shape[1:])
+        .transpose(0, 1)
+    )
+    xg = x.detach().requires_grad_(True)
+    s = score_fn(xg, t) if t is not None else score_fn(xg)
+    total = 0.5 * (s * s).flatten(1).sum(1)
+    for vj in v:
+        (jv,) = torch.autograd.grad((s * vj).sum(), xg, create_graph=True)
+        total = total + (vj * jv).flatten(1).sum(1) / n_projections
+    return total if return_per_sample else total.mean()
+
+
+def score_matching_loss(
+    score_fn: Callable, x: Tensor, *, t: Tensor | None = None, return_per_sample: bool = False
+) -> Tensor:
+    """Exact score matching (Hyvärinen 2005): tr(ds/dx) + ||s||^2 / 2 per sample, D VJPs (small D)."""
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    D = x[0].numel()
+    xg = x.detach().requires_grad_(True)
+    s = score_fn(xg, t) if t is not None else score_fn(xg)
+    flat = s.reshape(B, D)
+    trace = 0.0
+    for i in range(D):
+        (g,) = torch.autograd.grad(flat[:, i].sum(), xg, create_graph=True)
+        trace = trace + g.reshape(B, D)[:, i]
+    total = trace + 0.5 * (flat * flat).sum(1)
+    return total if return_per_sample else total.mean()
