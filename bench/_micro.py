@@ -18,6 +18,8 @@ def cases(kind: str, size: tuple, device_type: str, backend: str, compile_sizes:
         made = fused_update_cases(size[0], device, backend, set(compile_sizes))
     elif kind == "snr":
         made = snr_cases(size[0], size[1], device, backend)
+    elif kind == "ema":
+        made = ema_cases(size[0], size[1])
     else:
         made = randn_cases(size[0], device, backend)
     return {role: (name, fn, nbytes) for role, name, fn, nbytes in made}
@@ -91,3 +93,20 @@ def randn_cases(n: int, device, backend: str):
         ("eager", "torch.randn(out=)", lambda: torch.randn(1, n, device=device, out=out), 4 * n),
         ("fused_out", "sf.randn(out=)", lambda: sf.randn((1, n), seed=1, out=out, backend=backend), 4 * n),
     ]
+
+
+def ema_cases(n_params: int, width: int):
+    """EMA of a model with n_params tensors of width^2: sf.train.EMA (one foreach kernel) vs a Python loop."""
+    from scorefast.train import EMA
+
+    model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(n_params)])
+    ema = EMA(model, decay=0.999)
+    shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def loop():
+        for s, p in zip(shadow, model.parameters()):
+            s.mul_(0.999).add_(p.detach(), alpha=0.001)
+
+    nbytes = 3 * 4 * n_params * width * width  # read shadow and live, write shadow
+    return [("eager", "per-parameter loop", loop, nbytes), ("fused", "sf.train.EMA.update", ema.update, nbytes)]

@@ -18,7 +18,7 @@ def _run(record, kind, size, role, dtype=torch.float32):
     if role not in group:
         pytest.skip(f"no {role} case for {kind} {size}")
     name, fn, nbytes = group[role]
-    numel = size[0] * (size[1] if len(size) > 1 else 1)
+    numel = nbytes // 12 if kind == "ema" else size[0] * (size[1] if len(size) > 1 else 1)  # EMA: parameters
     rounds = 5 if numel >= 50_000_000 else None
     record(
         fn,
@@ -49,3 +49,9 @@ def test_snr_corrector(record, B, D, role):
 @pytest.mark.parametrize("n", [1_000_000] if QUICK else [1_000_000, 10_000_000])
 def test_randn(record, n, role):
     _run(record, "randn", (n,), role)
+
+
+@pytest.mark.parametrize("role", ["eager", "fused"])
+@pytest.mark.parametrize("n_params,width", [(200, 64)] if QUICK else [(200, 64), (50, 512)])
+def test_ema(record, n_params, width, role):
+    _run(record, "ema", (n_params, width), role)

@@ -39,7 +39,7 @@ def probes(x: Tensor, n: int, *, probe: str = "rademacher", seed=0, step=0, samp
     return flat.reshape(B, n, *x.shape[1:]).transpose(0, 1).to(x.dtype)
 
 
-def _vjp_products(fn: Callable, x: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+def vjp_products(fn: Callable, x: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
     """(fn(x), [J^T v_j for each v_j in vectors [n, B, ...]])."""
     with torch.enable_grad():
         xg = x.detach().requires_grad_(True)
@@ -50,7 +50,7 @@ def _vjp_products(fn: Callable, x: Tensor, vectors: Tensor) -> tuple[Tensor, Ten
     return y.detach(), torch.stack(out)
 
 
-def _jvp_products(fn: Callable, x: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
+def jvp_products(fn: Callable, x: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
     """(fn(x), [J v_j]) by forward-mode AD (torch.func.jvp)."""
     outs = []
     y = None
@@ -60,7 +60,7 @@ def _jvp_products(fn: Callable, x: Tensor, vectors: Tensor) -> tuple[Tensor, Ten
     return y.detach(), torch.stack(outs)
 
 
-def _per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
+def per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
     """[n, B, ...] x [n, B, ...] -> [n, B] sums over each sample's elements (float64)."""
     return (a.double() * b.double()).flatten(2).sum(-1)
 
@@ -87,8 +87,8 @@ def hutchinson_trace(
     if ad not in ADS:
         raise ValueError(f"ad: expected one of {ADS}, got {ad!r}")
     v = probes(x, n_probes, probe=probe, seed=seed, step=step, sample_ids=sample_ids)
-    y, jv = (_vjp_products if ad == "vjp" else _jvp_products)(fn, x, v)
-    return _per_sample_dot(v, jv).mean(0), y
+    y, jv = (vjp_products if ad == "vjp" else jvp_products)(fn, x, v)
+    return per_sample_dot(v, jv).mean(0), y
 
 
 def exact_trace(fn: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -96,8 +96,8 @@ def exact_trace(fn: Callable, x: Tensor) -> tuple[Tensor, Tensor]:
     B, D = x.shape[0], x[0].numel()
     eye = torch.eye(D, dtype=x.dtype, device=x.device)
     basis = eye[:, None, :].expand(D, B, D).reshape(D, *x.shape)
-    y, jtv = _vjp_products(fn, x, basis)
-    return _per_sample_dot(basis, jtv).sum(0), y
+    y, jtv = vjp_products(fn, x, basis)
+    return per_sample_dot(basis, jtv).sum(0), y
 
 
 def hutchpp_trace(
@@ -120,16 +120,16 @@ def hutchpp_trace(
     k = n_probes // 3
     S = probes(x, k, probe=probe, seed=seed, step=step, sample_ids=sample_ids)
     G = probes(x, k, probe=probe, seed=seed, step=step, sample_ids=sample_ids, first=k)
-    y, AS = _vjp_products(fn, x, S)  # A = J^T (same trace)
+    y, AS = vjp_products(fn, x, S)  # A = J^T (same trace)
     Q, _ = torch.linalg.qr(AS.double().flatten(2).permute(1, 2, 0))  # [B, D, k]
     Qv = Q.permute(2, 0, 1).reshape(k, *x.shape).to(x.dtype)
-    _, AQ = _vjp_products(fn, x, Qv)
-    low_rank = _per_sample_dot(Qv, AQ).sum(0)
+    _, AQ = vjp_products(fn, x, Qv)
+    low_rank = per_sample_dot(Qv, AQ).sum(0)
     Gf = G.double().flatten(2).permute(1, 2, 0)  # [B, D, k]
     G_perp = Gf - Q @ (Q.transpose(1, 2) @ Gf)
     Gp = G_perp.permute(2, 0, 1).reshape(k, *x.shape).to(x.dtype)
-    _, AG = _vjp_products(fn, x, Gp)
-    residual = _per_sample_dot(Gp, AG).sum(0) / k
+    _, AG = vjp_products(fn, x, Gp)
+    residual = per_sample_dot(Gp, AG).sum(0) / k
     return low_rank + residual, y
 
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .divergence import METHODS, exact_trace, probes
+from .divergence import METHODS, exact_trace, per_sample_dot, probes, vjp_products
 from .rng import STREAM_DEQUANT, rand
 from .sde.base import SDE
 from .solvers import solve
@@ -84,13 +84,9 @@ def log_likelihood(
         x_t = state[:, :D].reshape(x.shape)
         if v is None:
             div, dx = exact_trace(lambda z: drift(z, t), x_t)
-        else:
-            with torch.enable_grad():
-                xg = x_t.detach().requires_grad_(True)
-                y = drift(xg, t)
-                jv = [torch.autograd.grad(y, xg, vj, retain_graph=True)[0] for vj in v]
-            dx = y.detach()
-            div = torch.stack([(vj * g).flatten(1).sum(1) for vj, g in zip(v, jv)]).mean(0)
+        else:  # Hutchinson with the probes held fixed for the whole solve
+            dx, jtv = vjp_products(lambda z: drift(z, t), x_t, v)
+            div = per_sample_dot(v, jtv).mean(0)
         return torch.cat([dx.reshape(B, D), div.to(dx.dtype)[:, None]], dim=1)
 
     state0 = torch.cat([x.reshape(B, D), torch.zeros(B, 1, dtype=x.dtype, device=x.device)], dim=1)

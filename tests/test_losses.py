@@ -9,17 +9,9 @@ import torch
 
 import scorefast as sf
 from scorefast.sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
+from tests.test_samplers import C, M, linear_score
 
-M, C = 0.5, 0.3
-
-
-def exact_score(sde):
-    def score(x, t):
-        t = t.double()
-        a, s = sde.mean_coef(t), sde.std(t)
-        return (-(x.double() - (a * M)[:, None]) / (a**2 * C + s**2)[:, None]).to(x.dtype)
-
-    return score
+exact_score = linear_score  # the exact perturbed score of N(M, C)
 
 
 @pytest.mark.parametrize("sde", [VESDE(), VPSDE(), SubVPSDE()], ids=lambda s: type(s).__name__)
