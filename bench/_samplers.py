@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import scorefast as sf
-from bench.baselines import k_diffusion, score_sde
+from bench.baselines import k_diffusion, others, score_sde
 
 
 class MLPScore(torch.nn.Module):
@@ -31,6 +31,18 @@ class MLPScore(torch.nn.Module):
         v = (self.sde.mean_coef(t64) ** 2 + self.sde.std(t64) ** 2).to(x.dtype)[:, None]
         h = self.net(torch.cat([x / v.sqrt(), t.to(x.dtype)[:, None]], dim=1))
         return (0.1 * h - x) / v
+
+
+def ve_time(ve, sigma: torch.Tensor) -> torch.Tensor:
+    """VE time of noise level sigma (NCSN passes sigma; the score functions here take the SDE's t)."""
+    import math
+
+    return (torch.log(sigma / ve.sigma_min) / math.log(ve.sigma_max / ve.sigma_min)).to(sigma.dtype)
+
+
+def gm_start(B):
+    """Langevin's starting point: the VE prior (the same draw sf.sample's langevin starts from)."""
+    return sf.sde.VESDE(0.01, 10).prior_sampling((B, 2), seed=0)
 
 
 def _bind(score, sde, B, sampler, steps, options):
@@ -92,19 +104,90 @@ def cases(model: str, B: int, budget: int):
             "score_sde",
         ),
     }
-    # scorefast-only rows (no peer loop copied): same budget, NFE and sliced-W recorded
+    out["ancestral"] = {
+        "eager": (
+            "score_sde ancestral predictor",
+            lambda: score_sde.predictor_sampler(score_em, vp_em, (B, 2), "ancestral"),
+            budget,
+            "score_sde",
+        ),
+        "fused": ("sf.sample(ancestral)", _bind(score_em, vp_em, B, "ancestral", budget, {}), budget, "score_sde"),
+    }
+    # score_sde's probability-flow EulerMaruyamaPredictor steps N times from T; ode_euler integrates
+    # the N - 1 intervals and adds the Tweedie step: the same N NFE
+    out["ode_euler"] = {
+        "eager": (
+            "score_sde EM predictor, probability_flow",
+            lambda: score_sde.predictor_sampler(score_em, vp_em, (B, 2), "ode", probability_flow=True),
+            budget,
+            "score_sde",
+        ),
+        "fused": ("sf.sample(ode_euler)", _bind(score_em, vp_em, B, "ode_euler", budget, {}), budget, "score_sde"),
+    }
     vp_free = sf.sde.VPSDE()
     score_free = make_score(vp_free)
-    for name, steps, opts in (("ancestral", budget, {}), ("ddim", budget, {}), ("ode_euler", budget, {})):
-        out[name] = {"fused": (f"sf.sample({name})", _bind(score_free, vp_free, B, name, steps, opts), budget, None)}
+    ddim_times = torch.linspace(vp_free.T, vp_free.eps, budget, dtype=torch.float64)
+    x_free = vp_free.prior_sampling((B, 2), seed=0)
+    out["ddim"] = {
+        "eager": (
+            "diffusers DDIM step loop",
+            lambda: others.ddim(score_free, vp_free, x_free, ddim_times),
+            budget,
+            "diffusers",
+        ),
+        "fused": ("sf.sample(ddim)", _bind(score_free, vp_free, B, "ddim", budget, {}), budget, "diffusers"),
+    }
+    _, ode_nfe = score_sde.ode_sampler(score_free, vp_free, (B, 2))
     _, info = sf.sample(score_free, vp_free, (B, 2), sampler="rk45", rtol=1e-3, atol=1e-3, return_info=True)
     out["rk45"] = {
+        "eager": (
+            "score_sde ode_sampler (scipy RK45, rtol=atol=1e-3)",
+            lambda: score_sde.ode_sampler(score_free, vp_free, (B, 2))[0],
+            ode_nfe,
+            "score_sde",
+        ),
         "fused": (
             "sf.sample(rk45, rtol=atol=1e-3)",
             _bind(score_free, vp_free, B, "rk45", None, {"rtol": 1e-3, "atol": 1e-3}),
             info["nfe"],
-            None,
-        )
+            "score_sde",
+        ),
+    }
+    ve = sf.sde.VESDE(0.01, 10)
+    score_ve = make_score(ve)
+    levels, each = 10, budget // 10
+    sigmas = ve.std(ve.grid(levels)).tolist()
+    x_ve = ve.prior_sampling((B, 2), seed=0)
+    out["annealed_langevin"] = {
+        "eager": (
+            "NCSN anneal_Langevin_dynamics",
+            lambda: others.anneal_langevin_dynamics(
+                lambda y, sig: score_ve(y, ve_time(ve, sig)), x_ve, sigmas, each, 2e-5
+            ),
+            levels * each,
+            "NCSN",
+        ),
+        "fused": (
+            "sf.sample(annealed_langevin)",
+            _bind(score_ve, ve, B, "annealed_langevin", levels, {"n_steps_each": each, "step_lr": 2e-5}),
+            levels * each,
+            "NCSN",
+        ),
+    }
+    x_l = gm_start(B)
+    out["langevin"] = {
+        "eager": (
+            "eager Langevin loop",
+            lambda: others.langevin_dynamics(score_ve, x_l, ve.eps, budget, 5e-3),
+            budget,
+            "eager",
+        ),
+        "fused": (
+            "sf.sample(langevin)",
+            _bind(score_ve, ve, B, "langevin", budget, {"step_size": 5e-3}),
+            budget,
+            "eager",
+        ),
     }
     edm = sf.sde.EDM()
     score_edm = make_score(edm)

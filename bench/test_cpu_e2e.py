@@ -25,6 +25,8 @@ SAMPLERS = [
     "ddim",
     "ode_euler",
     "rk45",
+    "annealed_langevin",
+    "langevin",
 ]
 _cache: dict = {}
 

@@ -75,3 +75,58 @@ def pc_sampler(score_fn, sde, shape, *, snr=0.16, n_steps=1, predictor="reverse_
         else:
             x, x_mean = euler_maruyama_predictor(sde, score_fn, x, vec_t)
     return x_mean
+
+
+def ancestral_predictor(sde, score_fn, x, t):
+    """score_sde's AncestralSamplingPredictor (VP branch)."""
+    timestep = (t * (sde.N - 1) / sde.T).long()
+    beta = sde.discrete_betas.to(t.device)[timestep].to(x.dtype)
+    score = score_fn(x, t)
+    x_mean = (x + beta[:, None] * score) / torch.sqrt(1.0 - beta)[:, None]
+    noise = torch.randn_like(x)
+    x = x_mean + torch.sqrt(beta)[:, None] * noise
+    return x, x_mean
+
+
+@torch.no_grad()
+def predictor_sampler(score_fn, sde, shape, predictor, *, probability_flow=False, eps=None, device="cpu"):
+    """score_sde's get_pc_sampler with the NoneCorrector: N = sde.N predictor steps, x_mean returned."""
+    eps = sde.eps if eps is None else eps
+    x = sde.prior_sampling(shape, seed=0, device=device)
+    timesteps = torch.linspace(sde.T, eps, sde.N, device=device)
+    x_mean = x
+    for i in range(sde.N):
+        vec_t = torch.ones(shape[0], device=device) * timesteps[i]
+        if predictor == "ancestral":
+            x, x_mean = ancestral_predictor(sde, score_fn, x, vec_t)
+        else:  # EulerMaruyamaPredictor(probability_flow=True): the reverse ODE, no noise
+            dt = -1.0 / sde.N
+            drift, _ = _rsde(sde, score_fn, x, vec_t, probability_flow=probability_flow)
+            x_mean = x + drift * dt
+            x = x_mean
+    return x_mean
+
+
+@torch.no_grad()
+def ode_sampler(score_fn, sde, shape, *, rtol=1e-3, atol=1e-3, eps=None, device="cpu"):
+    """score_sde's get_ode_sampler: scipy RK45 on the probability-flow ODE with a host round trip per
+    evaluation, then the denoising reverse-diffusion step at eps.  Returns (x, nfe)."""
+    import numpy as np
+    from scipy import integrate
+
+    eps = sde.eps if eps is None else eps
+    x = sde.prior_sampling(shape, seed=0, device=device)
+
+    def ode_func(t, y):
+        x_t = torch.from_numpy(y.reshape(shape)).to(device).float()
+        vec_t = torch.ones(shape[0], device=device) * t
+        drift, _ = _rsde(sde, score_fn, x_t, vec_t, probability_flow=True)
+        return drift.detach().cpu().numpy().reshape((-1,)).astype(np.float64)
+
+    solution = integrate.solve_ivp(
+        ode_func, (sde.T, eps), x.detach().cpu().numpy().reshape((-1,)), rtol=rtol, atol=atol, method="RK45"
+    )
+    x = torch.tensor(solution.y[:, -1]).reshape(shape).to(device).float()
+    vec_eps = torch.ones(shape[0], device=device) * eps
+    _, x = reverse_diffusion_predictor(sde, score_fn, x, vec_eps)
+    return x, solution.nfev + 1
