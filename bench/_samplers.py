@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import scorefast as sf
@@ -35,14 +37,7 @@ class MLPScore(torch.nn.Module):
 
 def ve_time(ve, sigma: torch.Tensor) -> torch.Tensor:
     """VE time of noise level sigma (NCSN passes sigma; the score functions here take the SDE's t)."""
-    import math
-
     return (torch.log(sigma / ve.sigma_min) / math.log(ve.sigma_max / ve.sigma_min)).to(sigma.dtype)
-
-
-def gm_start(B):
-    """Langevin's starting point: the VE prior (the same draw sf.sample's langevin starts from)."""
-    return sf.sde.VESDE(0.01, 10).prior_sampling((B, 2), seed=0)
 
 
 def _bind(score, sde, B, sampler, steps, options):
@@ -174,11 +169,10 @@ def cases(model: str, B: int, budget: int):
             "NCSN",
         ),
     }
-    x_l = gm_start(B)
     out["langevin"] = {
         "eager": (
             "eager Langevin loop",
-            lambda: others.langevin_dynamics(score_ve, x_l, ve.eps, budget, 5e-3),
+            lambda: others.langevin_dynamics(score_ve, x_ve, ve.eps, budget, 5e-3),
             budget,
             "eager",
         ),

@@ -20,10 +20,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .ops import fused_update
-from .rng import STREAM_SAMPLER
 from .sampling import sample
-from .sde.base import as_time
 
 UNSUPPORTED = ("rk45", "langevin")
 
@@ -58,18 +55,10 @@ class _Replace:
         times = ctx.times
         known = self._to(self.data)
         if n + 1 < len(times):
-            t_next = as_time(times[n + 1], x)
-            mean, std = ctx.sde.marginal_prob(known, t_next)
-            noised = fused_update(
-                mean,
-                [],
-                noise=std.to(x.dtype),
-                seed=ctx.seed,
-                step=ctx.counter(n, ctx.draws - 1),
-                stream=STREAM_SAMPLER,
-                sample_ids=ctx.sample_ids,
-                backend=ctx.backend,
-            )
+            # known noised to t_{n+1}: mean_coef * known + std * z, one fused pass, the wrapper's draw
+            t_next = torch.tensor([float(times[n + 1])], dtype=torch.float64)
+            a, std = float(ctx.sde.mean_coef(t_next)), float(ctx.sde.std(t_next))
+            noised = ctx.update(known, [], x_coef=a, noise=std, n=n, j=ctx.draws - 1)
         else:
             noised = known  # the data end
         return self._from(self._to(x) * (1 - self.mask) + noised * self.mask)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,17 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1).contiguous()
 
 
+def into_rows(out: torch.Tensor, fill: Callable[[torch.Tensor], None]) -> torch.Tensor:
+    """fill(rows) on ``out`` [B, ...] seen as contiguous [B, D] rows (logical row-major order); when
+    out's layout has no such view, fill a temporary and copy it back.  Returns out."""
+    shape = (out.shape[0], math.prod(out.shape[1:]))
+    target = out.view(shape) if out.is_contiguous() else out.new_empty(shape)
+    fill(target)
+    if target.data_ptr() != out.data_ptr():
+        out.copy_(target.view(out.shape))
+    return out
+
+
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -42,6 +54,8 @@ def coef_matrix(
     coefs: Sequence[float | torch.Tensor], B: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
     """Stack scalar / 0-d / [1] / [B] coefficients into a [K, B] tensor (differentiable)."""
+    if not any(isinstance(c, torch.Tensor) for c in coefs):  # the samplers' case: one small tensor
+        return torch.tensor(coefs, dtype=dtype, device=device)[:, None].expand(len(coefs), B).contiguous()
     out = []
     for c in coefs:
         if isinstance(c, torch.Tensor):

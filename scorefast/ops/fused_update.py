@@ -163,21 +163,21 @@ def apply(
             )
         _common.refuse_grad(op, x, out, coefs, *t2)
     if not _checks.use_custom_op(x2, coefs, *t2):
-        target = out.view(B, -1) if out is not None and out.is_contiguous() else torch.empty_like(x2)
-        _run(target, x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name)
+
+        def fill(rows):
+            _run(rows, x2, t2, coefs, c.seed, c.step, c.stream, c.sample_ids, with_noise, name)
+
+    else:
+        seed_t, step_t = _checks.counter_tensor(c.seed), _checks.counter_tensor(c.step)
         if out is None:
-            return target.view(x.shape)
-        if target.data_ptr() != out.data_ptr():
-            out.copy_(target.view(x.shape))
-        return out
-    seed_t, step_t = _checks.counter_tensor(c.seed), _checks.counter_tensor(c.step)
-    if out is None:
-        return fused_update_op(x2, t2, coefs, seed_t, step_t, c.stream, c.sample_ids, with_noise, name).view(x.shape)
-    target = out.view(B, -1) if out.is_contiguous() else torch.empty_like(x2)
-    fused_update_out_op(target, x2, t2, coefs, seed_t, step_t, c.stream, c.sample_ids, with_noise, name)
-    if target.data_ptr() != out.data_ptr():
-        out.copy_(target.view(x.shape))
-    return out
+            return fused_update_op(x2, t2, coefs, seed_t, step_t, c.stream, c.sample_ids, with_noise, name).view(
+                x.shape
+            )
+
+        def fill(rows):
+            fused_update_out_op(rows, x2, t2, coefs, seed_t, step_t, c.stream, c.sample_ids, with_noise, name)
+
+    return _common.into_rows(out if out is not None else torch.empty_like(x), fill)
 
 
 def fused_update(

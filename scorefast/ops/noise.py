@@ -56,10 +56,7 @@ def noise_out_op(
     out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int, kind: int, backend: str
 ) -> None:
     """Writes the noise into ``out`` [B, ...] (row-major element order within each sample)."""
-    flat = out.view(out.shape[0], -1) if out.is_contiguous() else out.new_empty((out.shape[0], out[0].numel()))
-    _fill(flat, sample_ids, seed, step, stream, elem_offset, kind, backend)
-    if flat.data_ptr() != out.data_ptr():
-        out.copy_(flat.view(out.shape))
+    _common.into_rows(out, lambda rows: _fill(rows, sample_ids, seed, step, stream, elem_offset, kind, backend))
 
 
 @noise_out_op.register_fake
@@ -105,11 +102,9 @@ def noise(
     numel = math.prod(shape[1:])
     if not torch.compiler.is_compiling():
         target = out if out is not None else torch.empty(shape, dtype=dtype, device=device)
-        flat = target.view(shape[0], numel) if target.is_contiguous() else target.new_empty((shape[0], numel))
-        _fill(flat, c.sample_ids, c.seed, c.step, c.stream, elem_offset, KINDS[kind], name)
-        if flat.data_ptr() != target.data_ptr():
-            target.copy_(flat.view(shape))
-        return target
+        return _common.into_rows(
+            target, lambda rows: _fill(rows, c.sample_ids, c.seed, c.step, c.stream, elem_offset, KINDS[kind], name)
+        )
     seed_t, step_t = _checks.counter_tensor(c.seed), _checks.counter_tensor(c.step)
     if out is not None:
         noise_out_op(out, c.sample_ids, seed_t, step_t, c.stream, elem_offset, KINDS[kind], name)

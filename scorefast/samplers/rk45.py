@@ -26,5 +26,4 @@ def run(ctx: Context, x, *, rtol: float = 1e-5, atol: float = 1e-5, denoise: boo
     sol = solver.solve(drift, x, t0, sde.eps, rtol=rtol, atol=atol, backend=ctx.backend)
     ctx.per_sample_nfe = sol.nfe + (1 if denoise else 0)
     ctx.step_done(0, sol.y, ctx.t_vec(sde.eps, x))
-    ctx.times = ctx.times[-1:].clone() if len(ctx.times) else ctx.times
     return tweedie(ctx, sol.y, denoise)
