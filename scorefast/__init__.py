@@ -6,7 +6,7 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 ``SCOREFAST_REQUIRE_BACKENDS`` asks for a backend to be checked.
 """
 
-from . import backends, conditional, losses, ops, samplers, sde, testing, train
+from . import adapters, backends, conditional, distributed, losses, models, ops, samplers, sde, testing, train
 from .backends import BackendUnavailableError
 from .divergence import divergence, hutchinson_trace
 from .errors import NonFiniteError
@@ -21,12 +21,15 @@ backends.check_required()
 __all__ = [
     "BackendUnavailableError",
     "NonFiniteError",
+    "adapters",
     "backends",
     "conditional",
+    "distributed",
     "divergence",
     "hutchinson_trace",
     "log_likelihood",
     "losses",
+    "models",
     "ops",
     "rademacher",
     "rand",

@@ -28,7 +28,12 @@ from .cli import register
 
 SCHEMA_KEYS = ("suite", "date", "machine", "results")
 # suite -> pytest-benchmark file in bench/ (micro-benchmarks and end-to-end run as separate commands)
-SUITES = {"cpu": "test_cpu_micro.py", "cpu-e2e": "test_cpu_e2e.py", "gpu": "test_gpu_micro.py"}
+SUITES = {
+    "cpu": "test_cpu_micro.py",
+    "cpu-e2e": "test_cpu_e2e.py",
+    "cpu-likelihood": "test_cpu_likelihood.py",
+    "gpu": "test_gpu_micro.py",
+}
 MACHINE_KEYS = ("gpu", "cpu", "torch", "triton", "cuda")
 ROW_KEYS = ("name", "backend", "dtype", "size", "median_s")
 

@@ -39,12 +39,11 @@ def _info(parser: argparse.ArgumentParser):
 
 
 def _load_plugins() -> None:
-    from . import bench  # noqa: F401  (registers "bench")
-
-    try:
-        from . import sampling_cli  # noqa: F401  (registers "sample")
-    except ImportError:
-        pass
+    from . import (  # noqa: F401  (register "sample" and "train")
+        bench,
+        sampling_cli,
+        train_cli,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,10 +13,41 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .ops import fused_update
+from .ops import fused_update, sample_sumsq
 from .rng import STREAM_DSM, STREAM_SLICED, STREAM_TIMES, rand, randn
 from .sde import EDM, VESDE, VPSDE, SubVPSDE
 from .sde.base import SDE, bcast
+
+
+def _state(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _dsm_residual(score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
+    """std s + z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
+    return fused_update(
+        score.to(_state(score)), [], x_coef=std, noise=1.0, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids
+    )
+
+
+class _DSMResidualSq(torch.autograd.Function):
+    """Per-sample ||std s + z||^2 [B]; backward regenerates std s + z by the fused kernel instead of
+    keeping z (or the residual) alive between forward and backward: d/ds = 2 g std (std s + z)."""
+
+    @staticmethod
+    def forward(ctx, score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(score, std, ids)
+        ctx.counter = (seed, step)
+        with torch.no_grad():
+            return sample_sumsq(_dsm_residual(score, std, seed, step, ids))
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        score, std, ids = ctx.saved_tensors
+        with torch.no_grad():
+            r = _dsm_residual(score, std, *ctx.counter, ids)
+            g = bcast(2 * grad.to(r.dtype) * std, r) * r
+        return g.to(score.dtype), None, None, None, None
 
 
 def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
@@ -69,13 +100,14 @@ def dsm_loss(
     a, std = sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype)
     # x_t = a x + std z with z from stream 2 made inside the kernel
     x_t = fused_update(x, [], x_coef=a, noise=std, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
-    z = randn(x.shape, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids, device=x.device, dtype=x.dtype)
     score = score_fn(x_t, t.to(x.dtype))
-    if not likelihood_weighting:
-        losses = _reduce(torch.square(score * bcast(std, x) + z), reduce_mean)
-    else:
-        g2 = sde.diffusion(t).to(x.dtype) ** 2
-        losses = _reduce(torch.square(score + z / bcast(std, x)), reduce_mean) * g2
+    if score.shape != x.shape:
+        raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
+    # ||std s + z||^2 with z regenerated in-kernel, in forward and in backward (never stored)
+    sq = _DSMResidualSq.apply(score, std.to(_state(x)), seed, step, ids)
+    if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
+        sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
+    losses = sq / x[0].numel() if reduce_mean else sq
     return losses if return_per_sample else losses.mean()
 
 
@@ -118,17 +150,23 @@ def ssm_loss(
     step=0,
     sample_ids: Tensor | None = None,
     t: Tensor | None = None,
+    ad: str = "auto",
     return_per_sample: bool = False,
 ) -> Tensor:
-    """Sliced score matching, variance-reduced (Song et al. 2019): v^T (ds/dx) v + ||s||^2 / 2 with
-    Gaussian projections v from stream 5; the Jacobian-vector product by double backward (VJP).
+    """Sliced score matching, variance-reduced (Song et al. 2019): v^T (ds/dx) v + ||s||^2 / 2 per
+    sample, averaged over ``n_projections`` Gaussian projections v from stream 5 (element j*D + e).
 
-    ``t`` (optional, [B]) is passed to score_fn as its time argument.
+    ``ad="jvp"`` gets (ds/dx) v by forward-mode AD (one dual forward per projection, gradients to
+    the parameters flow through it); ``"vjp"`` by double backward; ``"auto"`` tries the JVP and
+    falls back to the VJP for layers without forward-AD formulas.  ``t`` (optional, [B]) is
+    passed to score_fn as its time argument.
     """
     _checks.check_float_tensor("x", x)
     B = _checks.check_batched("x", x)
-    if not isinstance(n_projections, int) or n_projections < 1:
+    if isinstance(n_projections, bool) or not isinstance(n_projections, int) or n_projections < 1:
         raise ValueError(f"n_projections: must be an int >= 1, got {n_projections!r}")
+    if ad not in ("auto", "jvp", "vjp"):
+        raise ValueError(f"ad: expected 'auto', 'jvp' or 'vjp', got {ad!r}")
     ids = _checks.check_sample_ids(sample_ids, B, x.device)
     D = x[0].numel()
     v = (
@@ -144,13 +182,45 @@ def ssm_loss(
         .reshape(B, n_projections, *x.shape[1:])
         .transpose(0, 1)
     )
+    call = (lambda y: score_fn(y, t)) if t is not None else score_fn
+    if ad != "vjp":
+        try:
+            total = _ssm_jvp(call, x.detach(), v)
+        except (NotImplementedError, RuntimeError) as err:
+            if ad == "jvp":
+                raise
+            if "forward AD" not in str(err) and "forward-mode" not in str(err) and "jvp" not in str(err).lower():
+                raise
+            total = _ssm_vjp(call, x, v)
+    else:
+        total = _ssm_vjp(call, x, v)
+    return total if return_per_sample else total.mean()
+
+
+def _ssm_jvp(call: Callable, x: Tensor, v: Tensor) -> Tensor:
+    import torch.autograd.forward_ad as fwAD
+
+    total = 0.0
+    for j, vj in enumerate(v):
+        with fwAD.dual_level():
+            out = call(fwAD.make_dual(x, vj))
+            s, jv = fwAD.unpack_dual(out)
+        if jv is None:  # the score does not depend on x
+            jv = torch.zeros_like(s)
+        if j == 0:
+            total = 0.5 * (s * s).flatten(1).sum(1)
+        total = total + (vj * jv).flatten(1).sum(1) / v.shape[0]
+    return total
+
+
+def _ssm_vjp(call: Callable, x: Tensor, v: Tensor) -> Tensor:
     xg = x.detach().requires_grad_(True)
-    s = score_fn(xg, t) if t is not None else score_fn(xg)
+    s = call(xg)
     total = 0.5 * (s * s).flatten(1).sum(1)
     for vj in v:
         (jv,) = torch.autograd.grad((s * vj).sum(), xg, create_graph=True)
-        total = total + (vj * jv).flatten(1).sum(1) / n_projections
-    return total if return_per_sample else total.mean()
+        total = total + (vj * jv).flatten(1).sum(1) / v.shape[0]
+    return total
 
 
 def score_matching_loss(

@@ -165,3 +165,13 @@ def rademacher(
 
 
 __all__ = ["noise_ref", "philox4x32_10", "rademacher", "rand", "randn", "uniform_ref", "words_ref"]
+
+
+def philox_seed(generator: torch.Generator | list | None = None) -> int:
+    """One 64-bit seed in [0, 2**64) drawn from ``generator`` (default: torch's default CPU generator),
+    so that ``torch.manual_seed`` / a diffusers ``generator=`` govern scorefast's Philox draws."""
+    if isinstance(generator, list):
+        generator = generator[0]
+    device = generator.device if generator is not None else "cpu"
+    hi, lo = torch.randint(0, 1 << 32, (2,), dtype=torch.int64, generator=generator, device=device).tolist()
+    return (hi << 32) | lo

@@ -130,3 +130,44 @@ def ode_sampler(score_fn, sde, shape, *, rtol=1e-3, atol=1e-3, eps=None, device=
     vec_eps = torch.ones(shape[0], device=device) * eps
     _, x = reverse_diffusion_predictor(sde, score_fn, x, vec_eps)
     return x, solution.nfev + 1
+
+
+def likelihood(score_fn, sde, data, *, rtol=1e-5, atol=1e-5, eps=1e-5, hutchinson_type="Rademacher", prior_logp=None):
+    """score_sde's get_likelihood_fn: scipy RK45 from eps to T on [x, delta log p] with a host round
+    trip per evaluation; drift_fn and div_fn each call the model (two forwards per evaluation, as
+    there); the Hutchinson probe is drawn once (torch RNG).  Returns (nll [B] nats, nfe)."""
+    import numpy as np
+    from scipy import integrate
+
+    shape = data.shape
+    if hutchinson_type == "Gaussian":
+        epsilon = torch.randn_like(data)
+    else:
+        epsilon = torch.randint_like(data, low=0, high=2).float() * 2 - 1.0
+
+    def drift_fn(x, t):
+        return _rsde(sde, score_fn, x, t, probability_flow=True)[0]
+
+    def div_fn(x, t, eps_):
+        with torch.enable_grad():
+            x.requires_grad_(True)
+            fn_eps = torch.sum(drift_fn(x, t) * eps_)
+            grad_fn_eps = torch.autograd.grad(fn_eps, x)[0]
+        x.requires_grad_(False)
+        return torch.sum(grad_fn_eps * eps_, dim=tuple(range(1, len(x.shape))))
+
+    def ode_func(t, x):
+        sample = torch.from_numpy(x[: -shape[0]].reshape(shape)).to(data.device).type(torch.float32)
+        vec_t = torch.ones(sample.shape[0], device=sample.device) * t
+        drift = drift_fn(sample, vec_t).detach().cpu().numpy().reshape((-1,))
+        logp_grad = div_fn(sample, vec_t, epsilon).detach().cpu().numpy().reshape((-1,))
+        return np.concatenate([drift, logp_grad], axis=0)
+
+    with torch.no_grad():
+        init = np.concatenate([data.detach().cpu().numpy().reshape((-1,)), np.zeros((shape[0],))], axis=0)
+        solution = integrate.solve_ivp(ode_func, (eps, sde.T), init, rtol=rtol, atol=atol, method="RK45")
+        zp = solution.y[:, -1]
+        z = torch.from_numpy(zp[: -shape[0]].reshape(shape)).to(data.device).type(torch.float32)
+        delta_logp = torch.from_numpy(zp[-shape[0] :].reshape((shape[0],))).to(data.device)
+        prior = prior_logp(z) if prior_logp is not None else sde.prior_logp(z)
+        return -(prior.double() + delta_logp), solution.nfev

@@ -21,6 +21,11 @@ def _wanted() -> str:
     return cap if cap in _ORDER else "default"
 
 
+def runnable_isas() -> tuple[str, ...]:
+    """The ISA builds this CPU can execute (importing a higher one dies with SIGILL)."""
+    return _ORDER[_ORDER.index(_wanted()) :]
+
+
 def load() -> ModuleType:
     global _module
     if _module is None:

@@ -1,5 +1,7 @@
-"""Training utilities: ``EMA`` (``TrainStep`` and the digits model are not built yet)."""
+"""Training: ``TrainStep`` (AMP, GradScaler, clipping, warmup, exact resume), ``EMA``, ``fit`` (the
+``scorefast train`` loop with checkpoints, loss curve and resume)."""
 
 from .ema import EMA
+from .step import TrainStep
 
-__all__ = ["EMA"]
+__all__ = ["EMA", "TrainStep"]

@@ -1,0 +1,154 @@
+"""Turn a network of any common parameterisation into ``score_fn(x, t, **extra_args)``.
+
+``t`` is [B] in the SDE's own time.  The network sees ``time_map(t)`` (default: the SDE's own map,
+VPSDE / SubVPSDE t*999, VESDE sigma(t), DiscreteVP its table position tau, EDM sigma) and may run in
+bf16/fp16; its output is cast to fp32 and every conversion below runs in fp32 (float64 state stays
+float64).  With a(t) = mean coefficient and s(t) = std of the perturbation kernel x_t = a x_0 + s n:
+
+- ``from_eps``: score = -eps / s
+- ``from_x0``: score = (a x0 - x) / s^2
+- ``from_v`` (VP-type, a^2 + s^2 = 1): eps = s x + a v, score = -eps / s
+- ``from_denoiser`` (k-diffusion / EDM D(x, sigma) with its own preconditioning): sigma = s / a,
+  score = (a D(x / a, sigma) - x) / s^2
+- ``from_score``: the network's output is the score already (time map applied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .sde.base import SDE, as_time, bcast
+
+PARAMETERISATIONS = ("score", "eps", "x0", "v", "denoiser")
+TIME_MAPS = ("default", "t", "t*999", "sigma", "c_noise")
+
+
+def resolve_time_map(sde: SDE, time_map: str | Callable | None) -> Callable[[Tensor], Tensor]:
+    """A named map (``TIME_MAPS``) or a callable t [B] -> [B]; None means the SDE's default."""
+    if time_map is None or time_map == "default":
+        return sde.time_map
+    if callable(time_map):
+        return time_map
+    if time_map == "t":
+        return lambda t: t
+    if time_map == "t*999":
+        return lambda t: t * 999
+    if time_map == "sigma":
+        return lambda t: sde.std(t) / sde.mean_coef(t)
+    if time_map == "c_noise":
+        return lambda t: torch.log(sde.std(t) / sde.mean_coef(t)) / 4
+    raise ValueError(f"time_map: expected one of {', '.join(TIME_MAPS)} or a callable, got {time_map!r}")
+
+
+def _state_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check(net, sde) -> None:
+    if not callable(net):
+        raise TypeError(f"net: must be callable as net(x, t_net, **extra_args), got {type(net).__name__}")
+    if not isinstance(sde, SDE):
+        raise TypeError(f"sde: expected a scorefast.sde SDE, got {type(sde).__name__}")
+
+
+def _wrap(net, sde, time_map, convert) -> Callable:
+    _check(net, sde)
+    tmap = resolve_time_map(sde, time_map)
+
+    def score_fn(x: Tensor, t, **extra_args) -> Tensor:
+        t = as_time(t, x)
+        out = net(x, tmap(t).to(x.dtype), **extra_args)
+        dt = _state_dtype(x)
+        return convert(out.to(dt), x.to(dt), t)
+
+    score_fn.net, score_fn.sde = net, sde
+    return score_fn
+
+
+def from_score(net: Callable, sde: SDE, *, time_map=None) -> Callable:
+    """score = net(x, time_map(t)) in fp32."""
+    return _wrap(net, sde, time_map, lambda out, x, t: out)
+
+
+def from_eps(net: Callable, sde: SDE, *, time_map=None) -> Callable:
+    """score = -net(x, time_map(t)) / s(t) (DDPM's epsilon prediction)."""
+    return _wrap(net, sde, time_map, lambda eps, x, t: -eps / bcast(sde.std(t), x))
+
+
+def from_x0(net: Callable, sde: SDE, *, time_map=None) -> Callable:
+    """score = (a(t) x0 - x) / s(t)^2 with x0 = net(x, time_map(t))."""
+
+    def convert(x0, x, t):
+        return (bcast(sde.mean_coef(t), x) * x0 - x) / bcast(sde.std(t) ** 2, x)
+
+    return _wrap(net, sde, time_map, convert)
+
+
+def from_v(net: Callable, sde: SDE, *, time_map=None) -> Callable:
+    """v-prediction (Salimans & Ho 2022) on a VP-type SDE: eps = s x + a v, score = -eps / s."""
+    probe = torch.tensor([0.5 * (sde.T + sde.eps)], dtype=torch.float64)
+    if abs(float(sde.mean_coef(probe) ** 2 + sde.std(probe) ** 2) - 1) > 1e-6:
+        raise ValueError(f"sde: v-prediction needs a variance-preserving SDE (a^2 + s^2 = 1), got {sde!r}")
+
+    def convert(v, x, t):
+        a, s = bcast(sde.mean_coef(t), x), bcast(sde.std(t), x)
+        return -(s * x + a * v) / s
+
+    return _wrap(net, sde, time_map, convert)
+
+
+def from_denoiser(denoiser: Callable, sde: SDE) -> Callable:
+    """A k-diffusion / EDM denoiser D(x, sigma) (preconditioning inside D): score = (a D(x/a, s/a) - x) / s^2."""
+    _check(denoiser, sde)
+
+    def score_fn(x: Tensor, t, **extra_args) -> Tensor:
+        t = as_time(t, x)
+        dt = _state_dtype(x)
+        a, s = sde.mean_coef(t), sde.std(t)
+        xs = (x.to(dt) / bcast(a, x.to(dt))).to(x.dtype)
+        d = denoiser(xs, (s / a).to(x.dtype), **extra_args).to(dt)
+        return (bcast(a, d) * d - x.to(dt)) / bcast(s**2, d)
+
+    score_fn.net, score_fn.sde = denoiser, sde
+    return score_fn
+
+
+def from_parameterisation(net: Callable, sde: SDE, parameterisation: str, *, time_map=None) -> Callable:
+    """Dispatch on a parameterisation name (``PARAMETERISATIONS``), as checkpoints record it."""
+    if parameterisation == "denoiser":
+        return from_denoiser(net, sde)
+    makers = {"score": from_score, "eps": from_eps, "x0": from_x0, "v": from_v}
+    if parameterisation not in makers:
+        raise ValueError(f"parameterisation: expected one of {', '.join(PARAMETERISATIONS)}, got {parameterisation!r}")
+    return makers[parameterisation](net, sde, time_map=time_map)
+
+
+def from_diffusers(unet: Callable, scheduler, *, time_map=None) -> tuple[Callable, SDE]:
+    """(score_fn, sde) for a diffusers UNet and the scheduler it was trained with.
+
+    The SDE is ``DiscreteVP(scheduler.alphas_cumprod)``; the network sees the table position tau
+    (diffusers' timestep) unless ``time_map`` says otherwise, and ``scheduler.config.prediction_type``
+    ("epsilon", "v_prediction" or "sample") picks the conversion.  ``unet(x, tau).sample`` (or a
+    plain tensor) is the network's output.
+    """
+    from .sde import DiscreteVP
+
+    abar = getattr(scheduler, "alphas_cumprod", None)
+    if abar is None:
+        raise TypeError(
+            f"scheduler: expected a diffusers scheduler with alphas_cumprod, got {type(scheduler).__name__}"
+        )
+    sde = DiscreteVP(abar)
+    kind = scheduler.config.prediction_type
+    names = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+    if kind not in names:
+        raise ValueError(f"scheduler: prediction_type {kind!r} is not one of {', '.join(names)}")
+
+    def net(x: Tensor, tau: Tensor, **extra_args) -> Tensor:
+        out = unet(x, tau, **extra_args)
+        return out.sample if hasattr(out, "sample") else out
+
+    return from_parameterisation(net, sde, names[kind], time_map=time_map), sde

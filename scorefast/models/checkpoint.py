@@ -1,0 +1,133 @@
+"""Model checkpoints: one safetensors file, its ``__metadata__`` JSON says how to rebuild the score.
+
+Metadata (DESIGN.md): ``{arch, arch_kwargs, sde, sde_kwargs, parameterisation, time_map, shape,
+data_range, version}``.  ``load`` rebuilds ``(score_fn, sde, shape)`` with no pickle: the weights
+are safetensors, the rest is JSON, and ``arch`` / ``sde`` must name classes this package ships.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .. import adapters
+from ..sde import EDM, SDE, VESDE, VPSDE, DiscreteVP, SubVPSDE
+from .mlp import MLP
+from .unet import UNet
+
+FORMAT_VERSION = 1
+ARCHS: dict[str, type[torch.nn.Module]] = {"MLP": MLP, "UNet": UNet}
+SDES: dict[str, type[SDE]] = {c.__name__: c for c in (VESDE, VPSDE, SubVPSDE, EDM, DiscreteVP)}
+
+
+def arch_kwargs(model: torch.nn.Module) -> dict:
+    """The constructor arguments a shipped model was built with (recorded at construction)."""
+    kwargs = getattr(model, "_arch_kwargs", None)
+    if kwargs is None:
+        raise ValueError(f"model: {type(model).__name__} was not built by sf.models.build, its arch_kwargs are unknown")
+    return dict(kwargs)
+
+
+def build(arch: str, **kwargs) -> torch.nn.Module:
+    """``ARCHS[arch](**kwargs)``, remembering kwargs so the checkpoint can rebuild it."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch: expected one of {', '.join(ARCHS)}, got {arch!r}")
+    model = ARCHS[arch](**kwargs)
+    model._arch_kwargs = dict(kwargs)
+    return model
+
+
+def sde_from_config(name: str, kwargs: dict) -> SDE:
+    if name not in SDES:
+        raise ValueError(f"sde: expected one of {', '.join(SDES)}, got {name!r}")
+    return SDES[name](**kwargs)
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
+    """save_file to a temp file beside ``path``, then rename: a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shipped files unreadable to others
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save(
+    path: str | os.PathLike,
+    model: torch.nn.Module,
+    *,
+    sde: SDE,
+    shape: tuple[int, ...],
+    parameterisation: str = "eps",
+    time_map: str = "default",
+    data_range: tuple[float, float] = (-1.0, 1.0),
+    extra: dict | None = None,
+) -> Path:
+    """Write ``model``'s weights and how to turn them into a score (atomically)."""
+    if parameterisation not in adapters.PARAMETERISATIONS:
+        raise ValueError(f"parameterisation: expected one of {', '.join(adapters.PARAMETERISATIONS)}")
+    if not isinstance(time_map, str) or time_map not in adapters.TIME_MAPS:
+        raise ValueError(f"time_map: a checkpoint records a named map, one of {', '.join(adapters.TIME_MAPS)}")
+    meta = {
+        "arch": type(model).__name__,
+        "arch_kwargs": arch_kwargs(model),
+        "sde": type(sde).__name__,
+        "sde_kwargs": sde.config(),
+        "parameterisation": parameterisation,
+        "time_map": time_map,
+        "shape": [int(s) for s in shape],
+        "data_range": [float(v) for v in data_range],
+        "version": FORMAT_VERSION,
+        **(extra or {}),
+    }
+    return atomic_save(model.state_dict(), path, {"scorefast": json.dumps(meta)})
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The checkpoint's JSON metadata (ValueError naming the file if it is not a scorefast checkpoint)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("scorefast")
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"path: {path} is not a readable safetensors file: {err}") from err
+    if raw is None:
+        raise ValueError(f"path: {path} has no scorefast metadata (not a scorefast model checkpoint)")
+    meta = json.loads(raw)
+    if meta.get("version", 0) > FORMAT_VERSION:
+        raise ValueError(f"path: checkpoint format {meta['version']} is newer than this scorefast ({FORMAT_VERSION})")
+    return meta
+
+
+def load_model(path: str | os.PathLike, *, device=None) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode with the checkpoint's weights, metadata)."""
+    meta = read_metadata(path)
+    model = build(meta["arch"], **meta["arch_kwargs"])
+    model.load_state_dict(load_file(str(path)))
+    return model.to(device or "cpu").eval(), meta
+
+
+def load(path: str | os.PathLike, *, device=None) -> tuple[Callable, SDE, tuple[int, ...]]:
+    """(score_fn(x, t) with t [B] in the SDE's time, sde, sample shape) from a checkpoint."""
+    model, meta = load_model(path, device=device)
+    sde = sde_from_config(meta["sde"], meta["sde_kwargs"])
+    score_fn = adapters.from_parameterisation(model, sde, meta["parameterisation"], time_map=meta["time_map"])
+    score_fn.metadata = meta
+    return score_fn, sde, tuple(meta["shape"])

@@ -1,0 +1,43 @@
+"""Nested training state (optimizer, scaler, EMA) <-> flat safetensors tensors + a JSON skeleton.
+
+Tensors become ``{"__tensor__": key}`` in the skeleton; dict keys keep their type (optimizer state
+is keyed by int); tuples stay tuples.  Nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def flatten(obj, prefix: str, tensors: dict[str, torch.Tensor]):
+    """The JSON-able skeleton of ``obj``; its tensors go into ``tensors`` under ``prefix``-based keys."""
+    if isinstance(obj, torch.Tensor):
+        tensors[prefix] = obj.detach()
+        return {"__tensor__": prefix}
+    if isinstance(obj, dict):
+        return {"__dict__": [[k, flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"state: cannot store a {type(obj).__name__} at {prefix} (tensors, numbers, strings, containers)")
+
+
+def unflatten(skeleton, tensors: dict[str, torch.Tensor]):
+    """Inverse of ``flatten``."""
+    if isinstance(skeleton, dict):
+        if "__tensor__" in skeleton:
+            key = skeleton["__tensor__"]
+            if key not in tensors:
+                raise ValueError(f"state: tensor {key!r} is missing from the checkpoint")
+            return tensors[key]
+        if "__dict__" in skeleton:
+            return {k: unflatten(v, tensors) for k, v in skeleton["__dict__"]}
+        if "__tuple__" in skeleton:
+            return tuple(unflatten(v, tensors) for v in skeleton["__tuple__"])
+        raise ValueError(f"state: malformed skeleton entry {sorted(skeleton)}")
+    if isinstance(skeleton, list):
+        return [unflatten(v, tensors) for v in skeleton]
+    return skeleton

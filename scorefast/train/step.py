@@ -1,0 +1,259 @@
+"""``TrainStep``: one optimisation step of a score network, eager or (later) captured in a CUDA graph.
+
+The step is a function of the model, the optimizer, the batch and the integer step counter n:
+the loss draws its times (stream 4) and noise (stream 2) at Philox step n with global sample ids,
+so a resumed run repeats exactly the draws an uninterrupted one would make.  Micro-batch m of
+``accumulate`` = A on rank r with local batch b uses ids (r A + m) b + arange(b) (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
+from torch import Tensor
+
+from .. import _checks, adapters, losses
+from ..errors import NonFiniteError
+from ..models.checkpoint import atomic_save
+from ..sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
+from .ema import EMA
+from .state import flatten, unflatten
+
+LOSSES = ("dsm", "edm")
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+STATE_VERSION = 1
+
+
+def _rank_and_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class TrainStep:
+    """``step(x) -> loss``: the loss on batch x [A*b, ...] at step n, backward, clip, optimizer, EMA.
+
+    Args:
+        model: the network, called as ``model(x, time_map(t))``.
+        optimizer: any torch optimizer over the model's parameters.
+        loss: ``"dsm"`` (score_sde's DSM on VE / VP / sub-VP, EDM's loss on EDM), ``"edm"`` (EDM
+            only), or a callable ``loss(score_fn, x, sde, *, seed, step, sample_ids) -> [B]``.
+        sde: the SDE whose perturbation the loss uses.
+        parameterisation, time_map: how the network's output becomes a score (``sf.adapters``).
+        precision: the network's forward in ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16
+            with a GradScaler); parameters, optimizer state and the loss arithmetic stay fp32.
+        grad_clip: max global gradient norm (None: no clipping).
+        ema: an ``EMA`` of the model, or a decay in (0, 1) to build one.
+        warmup: linear learning-rate warmup, lr_n = lr * min(1, (n + 1) / warmup).
+        accumulate: A micro-batches per step (the batch splits into A equal parts).
+        skip_nonfinite: a NaN/inf loss skips the update (counted in ``skipped``) instead of raising
+            ``NonFiniteError``; the step counter still advances.
+        loss_kwargs: passed to the named loss (e.g. ``likelihood_weighting``, ``reduce_mean``).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        loss: str | Callable = "dsm",
+        *,
+        sde: SDE,
+        parameterisation: str = "eps",
+        time_map: str | Callable | None = "default",
+        precision: str = "fp32",
+        grad_clip: float | None = None,
+        ema: EMA | float | None = None,
+        warmup: int = 0,
+        seed: int = 0,
+        accumulate: int = 1,
+        skip_nonfinite: bool = False,
+        loss_kwargs: dict | None = None,
+    ):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(sde, SDE):
+            raise TypeError(f"sde: expected a scorefast.sde SDE, got {type(sde).__name__}")
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
+        if isinstance(loss, str):
+            if loss not in LOSSES:
+                raise ValueError(f"loss: expected one of {', '.join(LOSSES)} or a callable, got {loss!r}")
+            if loss == "edm" and not isinstance(sde, EDM):
+                raise ValueError(f"loss: 'edm' is EDM's loss and needs sde=EDM(...), got {type(sde).__name__}")
+            if loss == "dsm" and not isinstance(sde, VESDE | VPSDE | SubVPSDE | EDM):
+                raise ValueError(
+                    f"loss: 'dsm' follows score_sde on VESDE, VPSDE and SubVPSDE (EDM's loss on EDM), "
+                    f"got sde={type(sde).__name__}"
+                )
+        elif not callable(loss):
+            raise TypeError(f"loss: expected a name or a callable, got {type(loss).__name__}")
+        if grad_clip is not None:
+            grad_clip = _checks.check_finite_scalar("grad_clip", grad_clip, positive=True)
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup: must be an int >= 0, got {warmup!r}")
+        if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
+            raise ValueError(f"accumulate: must be an int >= 1, got {accumulate!r}")
+        self.seed = _checks.check_counter("seed", seed, torch.device("cpu"), upper=_checks.UINT64)
+        if isinstance(ema, float):
+            ema = EMA(model, decay=ema)
+        elif ema is not None and not isinstance(ema, EMA):
+            raise TypeError(f"ema: expected an sf.train.EMA or a decay, got {type(ema).__name__}")
+        self.model, self.optimizer, self.sde, self.ema = model, optimizer, sde, ema
+        self.parameterisation, self.precision = parameterisation, precision
+        self.time_map_name = time_map if isinstance(time_map, str) or time_map is None else "custom"
+        self.score_fn = adapters.from_parameterisation(model, sde, parameterisation, time_map=time_map)
+        self._loss = self._named_loss(loss, dict(loss_kwargs or {})) if isinstance(loss, str) else loss
+        self.loss_kwargs = dict(loss_kwargs or {})
+        self.grad_clip, self.warmup, self.accumulate = grad_clip, warmup, accumulate
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.base_lrs = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in optimizer.param_groups]
+        device = next(model.parameters()).device
+        self.autocast_dtype = PRECISIONS[precision]
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        self.step, self.skipped = 0, 0
+        self.last_grad_norm: Tensor | None = None
+
+    @staticmethod
+    def _named_loss(name: str, kwargs: dict) -> Callable:
+        fn = losses.dsm_loss if name == "dsm" else losses.edm_loss
+
+        def loss(score_fn, x, sde, *, seed, step, sample_ids):
+            return fn(score_fn, x, sde, seed=seed, step=step, sample_ids=sample_ids, return_per_sample=True, **kwargs)
+
+        return loss
+
+    # -- the step ---------------------------------------------------------------------------
+    def micro_batch_ids(self, m: int, b: int, device) -> Tensor:
+        """Global sample ids of micro-batch m (of ``accumulate``) with local batch b on this rank."""
+        rank, _ = _rank_and_world()
+        first = (rank * self.accumulate + m) * b
+        return torch.arange(first, first + b, dtype=torch.int64, device=device)
+
+    def _set_lr(self) -> None:
+        if not self.warmup:
+            return
+        scale = min(1.0, (self.step + 1) / self.warmup)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            if isinstance(group["lr"], Tensor):
+                group["lr"].fill_(float(base) * scale)
+            else:
+                group["lr"] = base * scale
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """One step on x [A*b, ...] (fp32 data); returns the step's mean loss (a detached 0-d tensor)."""
+        _checks.check_float_tensor("x", x)
+        B = _checks.check_batched("x", x)
+        if B % self.accumulate:
+            raise ValueError(f"x: batch {B} does not split into accumulate={self.accumulate} equal micro-batches")
+        b = B // self.accumulate
+        self._set_lr()
+        self.model.train()
+        total = torch.zeros((), dtype=torch.float64, device=x.device)
+        for m, xm in enumerate(x.split(b)):
+            ids = self.micro_batch_ids(m, b, x.device)
+            with self._autocast(x.device):
+                per_sample = self._loss(self.score_fn, xm, self.sde, seed=self.seed, step=self.step, sample_ids=ids)
+            if per_sample.shape != (b,):
+                raise ValueError(f"loss: must return per-sample losses [{b}], got shape {tuple(per_sample.shape)}")
+            loss = per_sample.float().mean() / self.accumulate
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach().double()
+        if not bool(torch.isfinite(total)):
+            self.optimizer.zero_grad(set_to_none=True)
+            if not self.skip_nonfinite:
+                raise NonFiniteError(f"loss: non-finite ({float(total)}) at training step {self.step}")
+            self.skipped += 1
+            self.step += 1
+            return total.float()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip is not None:
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update()
+        self.step += 1
+        return total.float()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def config(self) -> dict:
+        """The settings a resumed run must share with the one that saved (checked on load)."""
+        return {
+            "seed": int(self.seed) % (1 << 64),
+            "loss": self.loss_name,
+            "loss_kwargs": self.loss_kwargs,
+            "sde": type(self.sde).__name__,
+            "sde_kwargs": hashlib.sha256(json.dumps(self.sde.config()).encode()).hexdigest()[:16],
+            "parameterisation": self.parameterisation,
+            "time_map": self.time_map_name,
+            "precision": self.precision,
+            "accumulate": self.accumulate,
+            "warmup": self.warmup,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "skipped": self.skipped,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "base_lrs": self.base_lrs,
+        }
+
+    def save(self, path: str | os.PathLike, *, extra: dict | None = None) -> Path:
+        """Everything needed to resume (model, optimizer, scaler, EMA, step) in one safetensors file,
+        written atomically (temp file + rename)."""
+        tensors: dict[str, Tensor] = {}
+        skeleton = flatten(self.state_dict(), "s", tensors)
+        meta = {"version": STATE_VERSION, "config": self.config(), "state": skeleton, "extra": extra or {}}
+        return atomic_save(tensors, path, {"scorefast_train": json.dumps(meta)})
+
+    def load(self, path: str | os.PathLike) -> dict:
+        """Restore a ``save``d state; a differing setting is a ValueError naming it.  Returns ``extra``."""
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                raw = (f.metadata() or {}).get("scorefast_train")
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"path: {path} is not a readable training state: {err}") from err
+        if raw is None:
+            raise ValueError(f"path: {path} is not a scorefast training state")
+        meta = json.loads(raw)
+        for key, value in meta["config"].items():
+            mine = self.config().get(key)
+            if mine != value:
+                raise ValueError(f"{key}: the checkpoint was trained with {value!r}, this TrainStep has {mine!r}")
+        state = unflatten(meta["state"], tensors)
+        device = next(self.model.parameters()).device
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.base_lrs = [b.to(device) if isinstance(b, Tensor) else b for b in state["base_lrs"]]
+        self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        return meta["extra"]

@@ -1,0 +1,289 @@
+"""TrainStep (precision, clipping, warmup, EMA, exact resume, bad input), the fused DSM backward,
+SSM's JVP path, ``fit`` / ``scorefast train`` and the shipped digits model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import scorefast as sf
+from scorefast import models
+from scorefast.sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
+from scorefast.train import EMA, TrainStep
+from scorefast.train.fit import fit
+
+
+def _mlp(seed=0, dim=2):
+    torch.manual_seed(seed)
+    return models.build("MLP", dim=dim, hidden=16, layers=2)
+
+
+def _step(seed=0, *, precision="fp32", **kw):
+    model = _mlp(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=kw.pop("lr", 1e-2))
+    return TrainStep(model, opt, kw.pop("loss", "dsm"), sde=kw.pop("sde", VPSDE()), precision=precision, **kw)
+
+
+def _batch(step):
+    return torch.randn(32, 2, generator=torch.Generator().manual_seed(100 + step))
+
+
+def _params(ts):
+    return [p.detach().clone() for p in ts.model.parameters()]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_resume_is_exact(tmp_path, precision):
+    """5 steps + save + load into fresh objects + 5 steps == 10 uninterrupted steps, bitwise."""
+    kw = dict(precision=precision, ema=0.9, warmup=4, grad_clip=0.5)
+    a = _step(**kw)
+    for n in range(10):
+        a(_batch(n))
+    b = _step(**kw)
+    for n in range(5):
+        b(_batch(n))
+    b.save(tmp_path / "state.safetensors")
+    c = _step(seed=123, **kw)  # different initial weights: everything must come from the file
+    c.load(tmp_path / "state.safetensors")
+    assert c.step == 5
+    for n in range(5, 10):
+        c(_batch(n))
+    for p, q in zip(_params(a), _params(c)):
+        assert torch.equal(p, q)
+    for p, q in zip(a.ema.shadow, c.ema.shadow):
+        assert torch.equal(p, q)
+    assert a.optimizer.param_groups[0]["lr"] == c.optimizer.param_groups[0]["lr"]
+    if precision == "fp16":
+        assert a.scaler is not None and a.scaler.get_scale() == c.scaler.get_scale()
+
+
+def test_warmup_schedule_and_clipping():
+    ts = _step(warmup=4, grad_clip=1e-3, lr=0.1)
+    lrs = []
+    for n in range(6):
+        ts(_batch(n))
+        lrs.append(ts.optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1])
+    assert ts.last_grad_norm is not None and float(ts.last_grad_norm) > 1e-3  # the clip was active
+    # with clipping, the global gradient norm the optimizer saw is the clip value
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = _params_of(model)
+    TrainStep(model, opt, "dsm", sde=VPSDE(), grad_clip=1e-3)(_batch(0))
+    moved = math.sqrt(sum(float(((p - q) ** 2).sum()) for p, q in zip(_params_of(model), before)))
+    assert moved == pytest.approx(1e-3, rel=1e-4)
+
+
+def _params_of(model):
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def test_step_uses_the_declared_streams_and_ids():
+    """The step's loss is dsm_loss at Philox step n with micro-batch ids (m b + arange(b))."""
+    ts = _step(accumulate=2, lr=0.0)
+    x = _batch(0)
+    got = ts(x)
+    with torch.no_grad():
+        parts = [
+            sf.losses.dsm_loss(
+                ts.score_fn,
+                x[m * 16 : (m + 1) * 16],
+                VPSDE(),
+                seed=0,
+                step=0,
+                sample_ids=torch.arange(m * 16, (m + 1) * 16),
+            )
+            for m in range(2)
+        ]
+    torch.testing.assert_close(got, (parts[0] + parts[1]) / 2, rtol=1e-6, atol=1e-6)
+    assert ts.step == 1
+
+
+def test_fp16_uses_a_grad_scaler_and_bf16_trains():
+    for precision in ("fp16", "bf16"):
+        ts = _step(precision=precision, lr=3e-3)
+        assert (ts.scaler is not None) == (precision == "fp16")
+        first = sum(float(ts(_batch(n % 4))) for n in range(4))
+        for n in range(60):
+            ts(_batch(n % 4))
+        last = sum(float(ts(_batch(n % 4))) for n in range(4))
+        assert math.isfinite(last) and last < first
+
+
+def test_nonfinite_loss_names_the_step_or_is_skipped():
+    calls = {"n": 0}
+
+    def loss(score_fn, x, sde, *, seed, step, sample_ids):
+        calls["n"] += 1
+        value = sf.losses.dsm_loss(
+            score_fn, x, sde, seed=seed, step=step, sample_ids=sample_ids, return_per_sample=True
+        )
+        return value * (float("nan") if step == 2 else 1.0)
+
+    ts = _step(loss=loss)
+    ts(_batch(0))
+    ts(_batch(1))
+    with pytest.raises(sf.NonFiniteError, match="training step 2"):
+        ts(_batch(2))
+    skip = _step(loss=loss, skip_nonfinite=True)
+    for n in range(4):
+        skip(_batch(n))
+    assert skip.skipped == 1 and skip.step == 4
+    assert all(torch.isfinite(p).all() for p in skip.model.parameters())
+
+
+def test_bad_input():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="loss: 'edm'"):
+        TrainStep(model, opt, "edm", sde=VPSDE())
+    with pytest.raises(ValueError, match="loss: 'dsm'"):
+        TrainStep(model, opt, "dsm", sde=DiscreteVP.linear(N=10))
+    with pytest.raises(ValueError, match="loss: expected"):
+        TrainStep(model, opt, "l2", sde=VPSDE())
+    with pytest.raises(ValueError, match="precision"):
+        TrainStep(model, opt, sde=VPSDE(), precision="int8")
+    with pytest.raises(ValueError, match="grad_clip"):
+        TrainStep(model, opt, sde=VPSDE(), grad_clip=-1.0)
+    with pytest.raises(ValueError, match="warmup"):
+        TrainStep(model, opt, sde=VPSDE(), warmup=-3)
+    with pytest.raises(ValueError, match="decay"):
+        TrainStep(model, opt, sde=VPSDE(), ema=1.5)
+    with pytest.raises(ValueError, match="decay"):
+        EMA(model, decay=0.0)
+    with pytest.raises(TypeError, match="optimizer"):
+        TrainStep(model, "adam", sde=VPSDE())
+    with pytest.raises(ValueError, match="variance-preserving"):
+        TrainStep(model, opt, sde=VESDE(), parameterisation="v")
+    ts = TrainStep(model, opt, sde=VPSDE(), accumulate=3)
+    with pytest.raises(ValueError, match="accumulate=3"):
+        ts(torch.randn(8, 2))
+    with pytest.raises(TypeError, match="x"):
+        ts(torch.ones(6, 2, dtype=torch.int64))
+
+
+def test_resume_refuses_a_changed_setting(tmp_path):
+    a = _step(warmup=2)
+    a(_batch(0))
+    a.save(tmp_path / "s.safetensors")
+    b = _step(warmup=2, seed=0)
+    b.seed = 7
+    with pytest.raises(ValueError, match="seed: the checkpoint was trained with 0"):
+        b.load(tmp_path / "s.safetensors")
+    with pytest.raises(ValueError, match="warmup"):
+        _step(warmup=3).load(tmp_path / "s.safetensors")
+    (tmp_path / "junk").write_bytes(b"junk")
+    with pytest.raises(ValueError, match="not a readable training state"):
+        _step(warmup=2).load(tmp_path / "junk")
+
+
+@pytest.mark.parametrize(
+    "sde,weighting,reduce_mean",
+    [(VPSDE(), False, False), (VESDE(), True, True), (SubVPSDE(), True, False)],
+    ids=["vp", "ve-lw-mean", "subvp-lw"],
+)
+def test_dsm_fused_backward_matches_autograd_reference(sde, weighting, reduce_mean):
+    """Gradients through the regenerate-in-backward DSM equal float64 autograd of score_sde's formula."""
+    torch.manual_seed(0)
+    net = models.build("MLP", dim=3, hidden=8, layers=1).double()
+    score_fn = sf.adapters.from_score(net, sde, time_map="t")
+    x = torch.randn(17, 3, dtype=torch.float64)
+    loss = sf.losses.dsm_loss(score_fn, x, sde, seed=5, step=3, likelihood_weighting=weighting, reduce_mean=reduce_mean)
+    got = torch.autograd.grad(loss, list(net.parameters()))
+    u = sf.rand((17, 1), seed=5, step=3, stream=4, dtype=torch.float64)[:, 0]
+    t = u * (sde.T - 1e-5) + 1e-5
+    z = sf.randn((17, 3), seed=5, step=3, stream=2, dtype=torch.float64)
+    mean, std = sde.marginal_prob(x, t)
+    s = score_fn(mean + std[:, None] * z, t)
+    if weighting:
+        per = torch.square(s + z / std[:, None]) * sde.sde(x, t)[1][:, None] ** 2
+    else:
+        per = torch.square(s * std[:, None] + z)
+    ref = (per.mean(1) if reduce_mean else per.sum(1)).mean()
+    torch.testing.assert_close(loss, ref, rtol=1e-12, atol=1e-12)
+    want = torch.autograd.grad(ref, list(net.parameters()))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+
+
+def test_edm_training_step_runs_with_edm_loss():
+    torch.manual_seed(0)
+    model = models.build("MLP", dim=2, hidden=16, layers=1, time_embedding="fourier")
+    ts = TrainStep(model, torch.optim.Adam(model.parameters(), 1e-3), "edm", sde=EDM(), parameterisation="denoiser")
+    assert math.isfinite(float(ts(_batch(0))))
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+def test_ssm_jvp_equals_vjp_in_value_and_parameter_gradients():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3)).double()
+    x = torch.randn(11, 3, dtype=torch.float64)
+    out = {}
+    for ad in ("jvp", "vjp"):
+        loss = sf.losses.ssm_loss(lambda y: net(y), x, n_projections=3, seed=1, step=2, ad=ad)
+        out[ad] = (loss, torch.autograd.grad(loss, list(net.parameters())))
+    torch.testing.assert_close(out["jvp"][0], out["vjp"][0], rtol=1e-12, atol=1e-12)
+    for g, w in zip(out["jvp"][1], out["vjp"][1]):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    # a layer without forward AD: "auto" falls back to the VJP, "jvp" says why it cannot
+    f = lambda y: net[2](_NoForwardAD.apply(net[0](y)))  # noqa: E731
+    auto = sf.losses.ssm_loss(f, x, n_projections=3, seed=1, step=2, ad="auto")
+    torch.testing.assert_close(auto, out["vjp"][0], rtol=1e-12, atol=1e-12)
+    with pytest.raises(NotImplementedError, match="jvp"):
+        sf.losses.ssm_loss(f, x, seed=1, step=2, ad="jvp")
+    with pytest.raises(ValueError, match="ad:"):
+        sf.losses.ssm_loss(f, x, ad="fwd")
+
+
+def test_fit_resumes_to_the_same_weights(tmp_path):
+    kw = dict(data="toy2d", batch=16, save_every=3, log_every=2, sample_grid=False)
+    fit(tmp_path / "straight", steps=8, **kw)
+    fit(tmp_path / "resumed", steps=5, **kw)
+    summary = fit(tmp_path / "resumed", steps=8, **kw)
+    assert summary["resumed_from"] == 5 and summary["steps"] == 8
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("train_state.safetensors", "loss.png", "summary.json"):
+        assert (tmp_path / "resumed" / name).exists()
+    _, sde, shape = models.load(tmp_path / "resumed" / "model.safetensors")
+    assert shape == (2,) and isinstance(sde, VPSDE)
+
+
+def test_fit_saves_what_it_computed_when_interrupted(tmp_path, monkeypatch):
+    """An error mid-run still leaves the finished steps on disk; the rerun continues from there."""
+    calls = {"n": 0}
+    real = TrainStep.__call__
+
+    def flaky(self, x):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(self, x)
+
+    monkeypatch.setattr(TrainStep, "__call__", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tmp_path, data="toy2d", steps=8, batch=8, save_every=100, sample_grid=False)
+    monkeypatch.setattr(TrainStep, "__call__", real)
+    assert fit(tmp_path, data="toy2d", steps=8, batch=8, save_every=100, sample_grid=False)["resumed_from"] == 4
+    with pytest.raises(ValueError, match="steps"):
+        fit(tmp_path, data="toy2d", steps=0)
+    with pytest.raises(ValueError, match="data"):
+        fit(tmp_path / "x", data="cifar")
