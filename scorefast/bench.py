@@ -32,6 +32,7 @@ SUITES = {
     "cpu": "test_cpu_micro.py",
     "cpu-e2e": "test_cpu_e2e.py",
     "cpu-likelihood": "test_cpu_likelihood.py",
+    "cpu-compat": "test_cpu_compat.py",
     "gpu": "test_gpu_micro.py",
 }
 MACHINE_KEYS = ("gpu", "cpu", "torch", "triton", "cuda")
@@ -171,6 +172,73 @@ def sampler_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def likelihood_table(results: dict) -> str:
+    """README table of the likelihood rows (ours and score_sde's scipy loop), rendered from a results file."""
+    m = results["machine"]
+    lines = [
+        f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}",
+        "",
+        "| method | divergence | rtol=atol | batch | NFE | median | per NFE | vs score_sde | mean-NLL error (MC) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results["results"]:
+        ratio = f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-"
+        floor = f" ({r['mc_floor']:.3f})" if r.get("mc_floor") is not None else ""
+        lines.append(
+            f"| {r['name']} | {r['divergence']} | {r['rtol']:g} | {r['size']} | {r['nfe']} | "
+            f"{r['median_s'] * 1e3:.1f} ms | {r['median_s'] / r['nfe'] * 1e6:.0f} us | {ratio} | "
+            f"{r['abs_err_mean_nll']:.2g}{floor} |"
+        )
+    return "\n".join(lines)
+
+
+def render_table(results: dict) -> str:
+    """The README table for any suite's results file."""
+    if results["suite"] == "cpu-likelihood":
+        return likelihood_table(results)
+    if any("nfe" in r for r in results["results"]):
+        return sampler_table(results)
+    return markdown_table(results)
+
+
+def plot_results(results: dict, path: str | os.PathLike) -> Path:
+    """A PNG of a results file: each measured row's speed over its same-run baseline (log scale)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["results"] if "ratio_vs_eager" in r]
+    if not rows:
+        raise ValueError("results: no row has a same-run ratio to plot")
+    labels = [f"{r['name']} [{r.get('model') or r.get('rtol') or r['size']}]" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(rows) + 1.5))
+    ax.barh(range(len(rows)), [r["ratio_vs_eager"] for r in rows])
+    if any("ratio_vs_compile" in r for r in rows):
+        ax.scatter(
+            [r.get("ratio_vs_compile", float("nan")) for r in rows],
+            range(len(rows)),
+            color="k",
+            marker="|",
+            s=120,
+            label="vs torch.compile",
+            zorder=3,
+        )
+        ax.legend(loc="lower right")
+    ax.axvline(1.0, color="grey", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the same-run baseline (eager / peer loop)")
+    m = results["machine"]
+    ax.set_title(f"{results['suite']}, {results['date'][:10]}, {m['gpu'] or m['cpu']}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _bench_dir() -> Path:
     here = Path(__file__).resolve().parents[1] / "bench"
     if here.is_dir():
@@ -184,11 +252,16 @@ def _bench_command(parser):
     parser.add_argument("--out", help="results file (default bench/results/<suite>.json)")
     parser.add_argument("--quick", action="store_true", help="smallest sizes only (a smoke run)")
     parser.add_argument("--table", metavar="RESULTS", help="print the README table of a results file and exit")
+    parser.add_argument("--plot", metavar="RESULTS", help="render a results file to PNG (--png) and exit")
+    parser.add_argument("--png", help="where --plot writes (default: the results file with .png)")
 
     def run(args):
         if args.table:
-            data = json.loads(Path(args.table).read_text())
-            print(sampler_table(data) if any("nfe" in r for r in data["results"]) else markdown_table(data))
+            print(render_table(json.loads(Path(args.table).read_text())))
+            return 0
+        if args.plot:
+            png = plot_results(json.loads(Path(args.plot).read_text()), args.png or Path(args.plot).with_suffix(".png"))
+            print(f"wrote {png}")
             return 0
         bench = _bench_dir()
         out = Path(args.out or bench / "results" / f"{args.suite}.json").resolve()
@@ -213,8 +286,7 @@ def _bench_command(parser):
         ]
         code = subprocess.call(cmd, env=env, cwd=bench.parent)
         if out.exists():
-            data = json.loads(out.read_text())
-            print(sampler_table(data) if any("nfe" in r for r in data["results"]) else markdown_table(data))
+            print(render_table(json.loads(out.read_text())))
             print(f"wrote {out}")
         return code
 

@@ -98,8 +98,8 @@ def chunk_path(out_dir: Path, k: int) -> Path:
     return Path(out_dir) / "chunks" / f"chunk_{k:06d}.safetensors"
 
 
-def _read_chunk(path: Path, config_hash: str, n_expected: int) -> Tensor | None:
-    """The chunk's samples if the file is complete, uncorrupted and of this run; else None."""
+def _read_chunk(path: Path, config_hash: str, n_expected: int, *, with_meta: bool = False):
+    """The chunk's samples (and metadata) if the file is complete, uncorrupted and of this run; else None."""
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
@@ -110,7 +110,7 @@ def _read_chunk(path: Path, config_hash: str, n_expected: int) -> Tensor | None:
         return None
     if samples.shape[0] != n_expected or meta.get("sha256") != _digest(samples):
         return None
-    return samples
+    return (samples, meta) if with_meta else samples
 
 
 def _slice_extra(extra_args: dict | None, n_samples: int, first: int, count: int) -> dict:
@@ -222,7 +222,7 @@ def sample_sharded(
                     continue
                 warnings.warn(f"chunk {k}: {path} is corrupt or from another run; recomputing it", stacklevel=2)
             ids = torch.arange(first, first + count, dtype=torch.int64, device=device)
-            x = sample(
+            x, info = sample(
                 score_fn,
                 sde,
                 (count, *sample_shape),
@@ -232,6 +232,7 @@ def sample_sharded(
                 sample_ids=ids,
                 extra_args=_slice_extra(extra_args, n_samples, first, count),
                 device=device,
+                return_info=True,
                 **sample_options,
             )
             x = x.detach().cpu().contiguous()
@@ -241,6 +242,8 @@ def sample_sharded(
                 "n": str(count),
                 "sha256": _digest(x),
                 "config_hash": digest,
+                "nfe": str(info["nfe"]),
+                "seconds": repr(info["time_s"]),
             }
             fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             os.close(fd)
@@ -257,16 +260,19 @@ def sample_sharded(
         entries = []
         for k in range(n_chunks):
             count = min(chunk, n_samples - k * chunk)
-            x = _read_chunk(chunk_path(out, k), digest, count)
-            if x is None:
+            got = _read_chunk(chunk_path(out, k), digest, count, with_meta=True)
+            if got is None:
                 raise RuntimeError(f"chunk {k}: missing or corrupt after every rank finished")
+            meta = got[1]
             entries.append(
                 {
                     "chunk": k,
                     "file": str(chunk_path(out, k).relative_to(out)),
                     "first_id": k * chunk,
                     "n": count,
-                    "sha256": _digest(x),
+                    "sha256": meta["sha256"],
+                    "nfe": int(meta.get("nfe", 0)),
+                    "seconds": float(meta.get("seconds", "nan")),
                 }
             )
         manifest = {

@@ -1,24 +1,28 @@
 """``scorefast sample``: the README's main job.
 
 ``--model gmm2d`` samples a built-in 2-D Gaussian-mixture ring with its exact score (offline, no
-weights), and writes to ``--out``: ``samples.safetensors``, ``samples.png`` (samples beside exact
-draws) and ``timing.json`` (sampler, steps, NFE, wall time, samples/s, sliced-Wasserstein to exact
-samples).  Work runs in chunks of ``--batch`` with global sample ids, so the samples do not depend
-on the chunk size.
+weights); ``--model digits`` the shipped 8x8-digits UNet; ``--model PATH`` any ``sf.models``
+checkpoint.  Work runs through ``sf.distributed.sample_sharded`` in chunks of ``--batch`` global
+sample ids, so the samples do not depend on the chunk size or the number of processes (run it
+under ``torchrun`` to shard, rerun it to resume).  ``--out`` gets ``samples.safetensors``,
+``samples.png`` (scatter beside exact draws, or an image grid), ``timing.json`` (sampler, steps,
+NFE, wall time, samples/s; sliced-Wasserstein to exact samples for gmm2d) and ``shards/``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
 import time
 from pathlib import Path
 
 import torch
 
 from .cli import register
-from .testing import sliced_wasserstein
 
-MODELS = ("gmm2d",)
+MODELS = ("gmm2d", "digits")
+PLOT_POINTS, GRID_IMAGES = 20_000, 64
 
 
 def gmm2d():
@@ -30,26 +34,41 @@ def gmm2d():
     return gm.score_fn(sde), sde, (2,), gm
 
 
-def _plot(samples: torch.Tensor, exact: torch.Tensor, path: Path, title: str) -> None:
-    import matplotlib
+def resolve_model(name: str):
+    """(score_fn, sde, sample shape, exact target or None) for --model."""
+    from . import models
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5), sharex=True, sharey=True)
-    for ax, data, name in zip(axes, (samples, exact), ("scorefast samples", "exact samples")):
-        ax.scatter(data[:, 0].numpy(), data[:, 1].numpy(), s=1, alpha=0.4)
-        ax.set_title(name)
-        ax.set_aspect("equal")
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    if name == "gmm2d":
+        return gmm2d()
+    path = models.digits_checkpoint() if name == "digits" else Path(name)
+    if not path.exists():
+        raise SystemExit(f"--model: {name!r} is neither a built-in model ({', '.join(MODELS)}) nor a checkpoint file")
+    try:
+        score_fn, sde, shape = models.load(path)
+    except ValueError as err:
+        raise SystemExit(f"--model: {err}") from err
+    return score_fn, sde, shape, None
 
 
-@register("sample", "draw samples with a built-in model; write samples, a PNG and timing/NFE")
+def _init_distributed(device_arg):
+    """Join the torchrun group if launched by torchrun; (rank, world, device)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and device_arg != "cpu" else "gloo"
+        torch.distributed.init_process_group(backend)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if device_arg:
+        device = torch.device(device_arg)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        device = torch.device("cpu")
+    return rank, world, device
+
+
+@register("sample", "draw samples with a built-in model or a checkpoint; write samples, a PNG and timing/NFE")
 def _sample_command(parser):
-    parser.add_argument("--model", default="gmm2d", help=f"one of {', '.join(MODELS)}")
+    parser.add_argument("--model", default="gmm2d", help=f"one of {', '.join(MODELS)}, or a checkpoint path")
     parser.add_argument("--sampler", default="pc")
     parser.add_argument("--steps", type=int, default=None, help="grid times N (default: the sampler's)")
     parser.add_argument("--n", type=int, default=10000, help="number of samples")
@@ -58,16 +77,18 @@ def _sample_command(parser):
     parser.add_argument("--backend", default=None, choices=("torch", "cpu", "triton", "cuda"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory (rerun with the same settings to resume)")
     parser.add_argument("--no-progress", action="store_true")
 
     def run(args):
         from safetensors.torch import save_file
 
-        from .sampling import sample
+        from . import samplers
+        from .distributed import load_samples, sample_sharded
+        from .testing import sliced_wasserstein
+        from .visualize import save_samples_png
 
-        if args.model not in MODELS:
-            raise SystemExit(f"--model: unknown model {args.model!r}; built in: {', '.join(MODELS)}")
+        samplers.get(args.sampler)  # an unknown sampler fails before any work
         if args.n < 1 or args.batch < 1:
             raise SystemExit("--n and --batch must be >= 1")
         out = Path(args.out)
@@ -77,66 +98,71 @@ def _sample_command(parser):
             (out / ".write_test").unlink()
         except OSError as err:
             raise SystemExit(f"--out: cannot write to {out}: {err}") from err
-        score_fn, sde, sample_shape, target = gmm2d()
-        options = {"norm": "batch"} if args.sampler == "pc" else {}  # low-D data: batch norms (DESIGN.md)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        chunks, nfe = [], 0
+        score_fn, sde, sample_shape, target = resolve_model(args.model)
+        rank, world, device = _init_distributed(args.device)
+        options = {"backend": args.backend, "precision": args.precision}
+        if args.sampler == "pc" and math.prod(sample_shape) < 256:
+            options["norm"] = "batch"  # low-D data: batch-mean corrector norms (DESIGN.md)
         start = time.perf_counter()
-        from tqdm.auto import tqdm
-
-        with tqdm(total=args.n, unit="sample", disable=args.no_progress, desc=f"{args.sampler}") as bar:
-            for first in range(0, args.n, args.batch):
-                count = min(args.batch, args.n - first)
-                ids = torch.arange(first, first + count, device=device)
-                x, info = sample(
-                    score_fn,
-                    sde,
-                    (count, *sample_shape),
-                    sampler=args.sampler,
-                    steps=args.steps,
-                    seed=args.seed,
-                    sample_ids=ids,
-                    device=device,
-                    backend=args.backend,
-                    precision=args.precision,
-                    return_info=True,
-                    **options,
-                )
-                chunks.append(x.cpu())
-                nfe = info["nfe"]
-                bar.update(count)
+        try:
+            manifest_path = sample_sharded(
+                score_fn,
+                sde,
+                args.n,
+                out / "shards",
+                sample_shape=sample_shape,
+                chunk=args.batch,
+                sampler=args.sampler,
+                steps=args.steps,
+                seed=args.seed,
+                progress=not args.no_progress,
+                device=device,
+                **options,
+            )
+        except ValueError as err:  # bad settings, or a resume whose settings differ: say which
+            raise SystemExit(f"scorefast sample: {err}") from err
         seconds = time.perf_counter() - start
-        samples = torch.cat(chunks)
-        exact = target.sample(args.n, seed=args.seed + 1).float()
+        if rank != 0:
+            return 0
+        manifest = json.loads(manifest_path.read_text())
+        samples = load_samples(out / "shards")
+        nfe = max(c["nfe"] for c in manifest["chunks"])
+        chunk_seconds = sum(c["seconds"] for c in manifest["chunks"])
         report = {
             "model": args.model,
             "sde": repr(sde),
             "sampler": args.sampler,
-            "steps": info["steps"],
+            "steps": args.steps,
             "nfe_per_sample": nfe,
             "n": args.n,
+            "chunk": args.batch,
+            "world_size": world,
             "seconds": seconds,
             "samples_per_s": args.n / seconds,
-            "seconds_per_nfe": seconds / max(nfe, 1) / max(1, -(-args.n // args.batch)),
-            "sliced_wasserstein_to_exact": sliced_wasserstein(samples, exact),
-            "sliced_wasserstein_exact_vs_exact": sliced_wasserstein(
-                target.sample(args.n, seed=args.seed + 2).float(), exact
-            ),
+            "seconds_per_nfe_per_chunk": chunk_seconds / max(nfe, 1) / len(manifest["chunks"]),
             "backend": args.backend or "default",
             "device": str(device),
             "precision": args.precision,
         }
+        if target is not None:
+            exact = target.sample(args.n, seed=args.seed + 1).float()
+            report["sliced_wasserstein_to_exact"] = sliced_wasserstein(samples, exact)
+            report["sliced_wasserstein_exact_vs_exact"] = sliced_wasserstein(
+                target.sample(args.n, seed=args.seed + 2).float(), exact
+            )
         save_file(
             {"samples": samples.contiguous()}, str(out / "samples.safetensors"), metadata={"report": json.dumps(report)}
         )
-        _plot(
-            samples,
-            exact,
-            out / "samples.png",
-            f"{args.sampler}, {info['steps']} steps, {nfe} NFE, {args.n} samples in {seconds:.2f} s",
-        )
+        title = f"{args.sampler}, {nfe} NFE, {args.n} samples in {seconds:.2f} s"
+        if samples.dim() == 2 and samples.shape[1] == 2:
+            reference = target.sample(min(args.n, PLOT_POINTS), seed=args.seed + 1).float() if target else None
+            save_samples_png(samples[:PLOT_POINTS], out / "samples.png", title=title, reference=reference)
+        elif samples.dim() == 4:
+            data_range = tuple(getattr(score_fn, "metadata", {}).get("data_range", (-1.0, 1.0)))
+            save_samples_png(samples[:GRID_IMAGES], out / "samples.png", title=title, data_range=data_range)
         (out / "timing.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
         print(f"wrote {out / 'samples.safetensors'}, {out / 'samples.png'}, {out / 'timing.json'}")
+        return 0
 
     return run

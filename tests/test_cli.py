@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from scorefast.bench import derive, markdown_table, validate
@@ -148,3 +150,97 @@ def test_bench_quick_run_writes_results(tmp_path):
     fused = [r for r in data["results"] if r.get("role") == "fused_out" and r["group"].startswith("fused_update")]
     assert fused and fused[0]["ratio_vs_eager"] > 0 and "vs_copy" in fused[0]
     assert not any("nfe" in r for r in data["results"])  # end-to-end rows live in the cpu-e2e suite
+
+
+def test_sample_command_on_a_checkpoint_writes_an_image_grid(tmp_path):
+    from scorefast import models
+    from scorefast.sde import VPSDE
+
+    torch.manual_seed(0)
+    net = models.build("UNet", in_channels=1, ch=8, ch_mult=[1, 2], num_res_blocks=1, groups=4)
+    ckpt = models.save(tmp_path / "tiny.safetensors", net, sde=VPSDE(), shape=(1, 8, 8))
+    out = tmp_path / "run"
+    args = ["sample", "--model", str(ckpt), "--sampler", "ddim", "--steps", "4", "--n", "10", "--batch", "4"]
+    assert main([*args, "--out", str(out), "--no-progress"]) == 0
+    assert load_file(str(out / "samples.safetensors"))["samples"].shape == (10, 1, 8, 8)
+    assert (out / "samples.png").stat().st_size > 5_000
+    report = json.loads((out / "timing.json").read_text())
+    assert report["nfe_per_sample"] == 4 and report["chunk"] == 4
+    with pytest.raises(SystemExit, match="--model"):
+        main(["sample", "--model", str(tmp_path / "missing.safetensors"), "--out", str(out)])
+    with pytest.raises(SystemExit, match="steps"):  # a resume with other settings names the setting
+        main([*args[:6], "5", *args[7:], "--out", str(out), "--no-progress"])
+
+
+def test_train_command_trains_and_resumes(tmp_path):
+    base = ["train", "--data", "toy2d", "--batch", "8", "--save-every", "2", "--out", str(tmp_path), "--no-progress"]
+    assert main([*base, "--steps", "3", "--no-samples"]) == 0
+    assert main([*base, "--steps", "5"]) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_from"] == 3 and summary["steps"] == 5
+    for name in ("model.safetensors", "train_state.safetensors", "loss.png", "samples.png"):
+        assert (tmp_path / name).exists(), name
+    with pytest.raises(SystemExit, match="warmup"):
+        main([*base, "--steps", "6", "--warmup", "7"])
+
+
+def test_sample_command_under_torchrun_equals_one_process(tmp_path):
+    args = [
+        "--model",
+        "gmm2d",
+        "--sampler",
+        "euler_maruyama",
+        "--steps",
+        "10",
+        "--n",
+        "300",
+        "--batch",
+        "64",
+        "--no-progress",
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    one = subprocess.run(
+        [sys.executable, "-m", "scorefast", "sample", *args, "--out", str(tmp_path / "one")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "scorefast",
+            "--",
+            "sample",
+            *args,
+            "--out",
+            str(tmp_path / "two"),
+        ],  # "--": torchrun would take --n as its own
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_file(str(tmp_path / "one" / "samples.safetensors"))["samples"]
+    b = load_file(str(tmp_path / "two" / "samples.safetensors"))["samples"]
+    assert torch.equal(a, b)
+    assert json.loads((tmp_path / "two" / "timing.json").read_text())["world_size"] == 2
+
+
+def test_bench_plot_renders_a_results_file(tmp_path):
+    results = json.loads((ROOT / "bench" / "results" / "cpu.json").read_text())
+    src = tmp_path / "r.json"
+    src.write_text(json.dumps(results))
+    assert main(["bench", "--plot", str(src)]) == 0
+    assert (tmp_path / "r.png").stat().st_size > 10_000
+    results["results"] = [r for r in results["results"] if "ratio_vs_eager" not in r]
+    from scorefast.bench import plot_results
+
+    with pytest.raises(ValueError, match="no row"):
+        plot_results(results, tmp_path / "x.png")

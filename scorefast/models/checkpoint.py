@@ -116,16 +116,17 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
-def load_model(path: str | os.PathLike, *, device=None) -> tuple[torch.nn.Module, dict]:
-    """(model in eval mode with the checkpoint's weights, metadata)."""
+def load_model(path: str | os.PathLike, *, device=None, trainable: bool = False) -> tuple[torch.nn.Module, dict]:
+    """(model in eval mode with the checkpoint's weights, metadata); parameters frozen unless ``trainable``."""
     meta = read_metadata(path)
     model = build(meta["arch"], **meta["arch_kwargs"])
     model.load_state_dict(load_file(str(path)))
-    return model.to(device or "cpu").eval(), meta
+    return model.to(device or "cpu").eval().requires_grad_(trainable), meta
 
 
 def load(path: str | os.PathLike, *, device=None) -> tuple[Callable, SDE, tuple[int, ...]]:
-    """(score_fn(x, t) with t [B] in the SDE's time, sde, sample shape) from a checkpoint."""
+    """(score_fn(x, t) with t [B] in the SDE's time, sde, sample shape) from a checkpoint (frozen weights;
+    ``score_fn.net`` is the model)."""
     model, meta = load_model(path, device=device)
     sde = sde_from_config(meta["sde"], meta["sde_kwargs"])
     score_fn = adapters.from_parameterisation(model, sde, meta["parameterisation"], time_map=meta["time_map"])
