@@ -45,7 +45,7 @@ def _bind(score, sde, B, sampler, steps, options):
 
 
 def models():
-    gm = sf.testing.GaussianMixture.ring(8, 4.0, 0.35)
+    gm = sf.testing.GaussianMixture.builtin()
 
     def mlp(sde):
         torch.manual_seed(0)

@@ -25,7 +25,7 @@ _cache: dict = {}
 
 def _setup():
     if not _cache:
-        gm = sf.testing.GaussianMixture.ring(8, 4.0, 0.35)
+        gm = sf.testing.GaussianMixture.builtin()
         sde = VPSDE()
         x = gm.sample(B, seed=0).float()
         exact = -gm.log_prob(x.double(), torch.full((B,), EPS, dtype=torch.float64), sde)

@@ -10,6 +10,12 @@ import torch
 UINT32 = 1 << 32
 UINT64 = 1 << 64
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # precision= -> autocast dtype
+
+
+def state_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype state and adapter arithmetic run in: float64 for float64 references, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def is_capturing_or_compiling() -> bool:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from ._checks import state_dtype
 from .sde.base import SDE, as_time, bcast
 
 PARAMETERISATIONS = ("score", "eps", "x0", "v", "denoiser")
@@ -43,10 +44,6 @@ def resolve_time_map(sde: SDE, time_map: str | Callable | None) -> Callable[[Ten
     raise ValueError(f"time_map: expected one of {', '.join(TIME_MAPS)} or a callable, got {time_map!r}")
 
 
-def _state_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _check(net, sde) -> None:
     if not callable(net):
         raise TypeError(f"net: must be callable as net(x, t_net, **extra_args), got {type(net).__name__}")
@@ -61,7 +58,7 @@ def _wrap(net, sde, time_map, convert) -> Callable:
     def score_fn(x: Tensor, t, **extra_args) -> Tensor:
         t = as_time(t, x)
         out = net(x, tmap(t).to(x.dtype), **extra_args)
-        dt = _state_dtype(x)
+        dt = state_dtype(x)
         return convert(out.to(dt), x.to(dt), t)
 
     score_fn.net, score_fn.sde = net, sde
@@ -106,7 +103,7 @@ def from_denoiser(denoiser: Callable, sde: SDE) -> Callable:
 
     def score_fn(x: Tensor, t, **extra_args) -> Tensor:
         t = as_time(t, x)
-        dt = _state_dtype(x)
+        dt = state_dtype(x)
         a, s = sde.mean_coef(t), sde.std(t)
         xs = (x.to(dt) / bcast(a, x.to(dt))).to(x.dtype)
         d = denoiser(xs, (s / a).to(x.dtype), **extra_args).to(dt)

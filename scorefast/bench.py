@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ._io import atomic_write_bytes
 from .cli import register
 
 SCHEMA_KEYS = ("suite", "date", "machine", "results")
@@ -121,10 +122,7 @@ class ResultsWriter:
         self.flush()
 
     def flush(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        atomic_write_bytes(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
 
 
 def markdown_table(results: dict, roles: tuple[str, ...] = ("fused", "fused_out")) -> str:

@@ -16,45 +16,32 @@ import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
+from ._io import atomic_save_file, atomic_write_bytes, writable_dir
 from .sde.base import SDE
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the initialised torch.distributed group, or (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
 
 
 def _barrier() -> None:
-    if _rank_world()[1] > 1:
+    if rank_and_world()[1] > 1:
         torch.distributed.barrier()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _digest(samples: Tensor) -> str:
@@ -127,18 +114,6 @@ def _slice_extra(extra_args: dict | None, n_samples: int, first: int, count: int
     return out
 
 
-def _check_out_dir(out_dir) -> Path:
-    out = Path(out_dir)
-    try:
-        (out / "chunks").mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_test_{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"out_dir: cannot write to {out}: {err}") from err
-    return out
-
-
 def _load_manifest(out: Path) -> dict | None:
     path = out / MANIFEST
     if not path.exists():
@@ -184,8 +159,9 @@ def sample_sharded(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
     sample_shape = tuple(int(s) for s in sample_shape)
-    rank, world = _rank_world()
-    out = _check_out_dir(out_dir)
+    rank, world = rank_and_world()
+    out = writable_dir(out_dir, "out_dir")
+    (out / "chunks").mkdir(exist_ok=True)
     config = run_config(score_fn, sde, n_samples, sample_shape, chunk, sampler, steps, seed, extra_args, sample_options)
     digest = _config_hash(config)
     n_chunks = math.ceil(n_samples / chunk)
@@ -205,7 +181,7 @@ def sample_sharded(
             "n_chunks": n_chunks,
             "complete": False,
         }
-        _atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     _barrier()
     mine = list(range(rank, n_chunks, world))
     from tqdm.auto import tqdm
@@ -245,15 +221,7 @@ def sample_sharded(
                 "nfe": str(info["nfe"]),
                 "seconds": repr(info["time_s"]),
             }
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(fd)
-            try:
-                save_file({"samples": x}, tmp, metadata=meta)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_save_file({"samples": x}, path, meta)
             bar.update(1)
     _barrier()
     if rank == 0:
@@ -283,7 +251,7 @@ def sample_sharded(
             "complete": True,
             "chunks": entries,
         }
-        _atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+        atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
     _barrier()
     return out / MANIFEST
 

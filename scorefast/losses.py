@@ -19,14 +19,17 @@ from .sde import EDM, VESDE, VPSDE, SubVPSDE
 from .sde.base import SDE, bcast
 
 
-def _state(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _dsm_residual(score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
     """std s + z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
     return fused_update(
-        score.to(_state(score)), [], x_coef=std, noise=1.0, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids
+        score.to(_checks.state_dtype(score)),
+        [],
+        x_coef=std,
+        noise=1.0,
+        seed=seed,
+        step=step,
+        stream=STREAM_DSM,
+        sample_ids=ids,
     )
 
 
@@ -104,7 +107,7 @@ def dsm_loss(
     if score.shape != x.shape:
         raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
     # ||std s + z||^2 with z regenerated in-kernel, in forward and in backward (never stored)
-    sq = _DSMResidualSq.apply(score, std.to(_state(x)), seed, step, ids)
+    sq = _DSMResidualSq.apply(score, std.to(_checks.state_dtype(x)), seed, step, ids)
     if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
         sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
     losses = sq / x[0].numel() if reduce_mean else sq

@@ -15,7 +15,7 @@ from .rng import STREAM_PRIOR, randn
 from .samplers.base import Context
 from .sde.base import SDE, bcast
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = _checks.PRECISIONS
 
 
 def _grid(sde: SDE, steps: int, schedule, t_start, device) -> tuple[Tensor, bool]:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ._io import writable_dir
 from .cli import register
 
 MODELS = ("gmm2d", "digits")
@@ -29,7 +30,7 @@ def gmm2d():
     from .sde import VPSDE
     from .testing import GaussianMixture
 
-    gm = GaussianMixture.ring(8, 4.0, 0.35)
+    gm = GaussianMixture.builtin()
     sde = VPSDE()
     return gm.score_fn(sde), sde, (2,), gm
 
@@ -91,13 +92,10 @@ def _sample_command(parser):
         samplers.get(args.sampler)  # an unknown sampler fails before any work
         if args.n < 1 or args.batch < 1:
             raise SystemExit("--n and --batch must be >= 1")
-        out = Path(args.out)
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / ".write_test").touch()
-            (out / ".write_test").unlink()
-        except OSError as err:
-            raise SystemExit(f"--out: cannot write to {out}: {err}") from err
+            out = writable_dir(args.out, "--out")
+        except ValueError as err:
+            raise SystemExit(str(err)) from err
         score_fn, sde, sample_shape, target = resolve_model(args.model)
         rank, world, device = _init_distributed(args.device)
         options = {"backend": args.backend, "precision": args.precision}

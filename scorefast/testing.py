@@ -70,6 +70,11 @@ class GaussianMixture:
         self.dim = d
 
     @classmethod
+    def builtin(cls) -> GaussianMixture:
+        """The package's built-in 2-D mixture (``gmm2d`` / ``toy2d``): 8 modes on a radius-4 ring, std 0.35."""
+        return cls.ring(8, 4.0, 0.35)
+
+    @classmethod
     def ring(cls, n_modes: int = 8, radius: float = 4.0, std: float = 0.3, dim: int = 2) -> GaussianMixture:
         """n_modes equal-weight isotropic modes on a circle (first two coordinates)."""
         angle = torch.arange(n_modes, dtype=torch.float64) * 2 * math.pi / n_modes

@@ -19,7 +19,7 @@ def main():
     torch.set_num_threads(1)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         torch.distributed.init_process_group("gloo")
-    gm = sf.testing.GaussianMixture.ring(8, 4.0, 0.35)
+    gm = sf.testing.GaussianMixture.builtin()
     sde = sf.sde.VPSDE()
     exact = gm.score_fn(sde)
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .. import adapters
+from .._io import atomic_save_file
 from ..sde import EDM, SDE, VESDE, VPSDE, DiscreteVP, SubVPSDE
 from .mlp import MLP
 from .unet import UNet
@@ -50,24 +50,6 @@ def sde_from_config(name: str, kwargs: dict) -> SDE:
     return SDES[name](**kwargs)
 
 
-def atomic_save(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> Path:
-    """save_file to a temp file beside ``path``, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make shipped files unreadable to others
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def save(
     path: str | os.PathLike,
     model: torch.nn.Module,
@@ -96,7 +78,7 @@ def save(
         "version": FORMAT_VERSION,
         **(extra or {}),
     }
-    return atomic_save(model.state_dict(), path, {"scorefast": json.dumps(meta)})
+    return atomic_save_file(model.state_dict(), path, {"scorefast": json.dumps(meta)})
 
 
 def read_metadata(path: str | os.PathLike) -> dict:

@@ -26,10 +26,10 @@ def digits() -> Tensor:
 
 
 def toy2d(n: int = 20000, seed: int = 0) -> Tensor:
-    """n exact draws [n, 2] of the built-in 8-component ring (``GaussianMixture.ring(8, 4, 0.35)``)."""
+    """n exact draws [n, 2] of the built-in ring (``GaussianMixture.builtin()``)."""
     from ..testing import GaussianMixture
 
-    return GaussianMixture.ring(8, 4.0, 0.35).sample(n, seed=seed).float()
+    return GaussianMixture.builtin().sample(n, seed=seed).float()
 
 
 def load(name: str) -> Tensor:

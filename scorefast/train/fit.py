@@ -17,8 +17,10 @@ from pathlib import Path
 import torch
 
 from .. import models
+from .._io import writable_dir
 from ..sde import SDE, VPSDE
 from . import data as datasets
+from .ema import EMA
 from .step import TrainStep
 
 STATE_FILE, MODEL_FILE = "train_state.safetensors", "model.safetensors"
@@ -63,6 +65,7 @@ def fit(
     warmup: int = 200,
     grad_clip: float = 1.0,
     ema_decay: float = 0.999,
+    ema_warmup: int = 10,
     precision: str = "fp32",
     seed: int = 0,
     sde: SDE | None = None,
@@ -76,14 +79,7 @@ def fit(
     for name, value in (("steps", steps), ("batch", batch), ("save_every", save_every), ("log_every", log_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
-    out = Path(out_dir)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.touch()
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"out_dir: cannot write to {out}: {err}") from err
+    out = writable_dir(out_dir, "out_dir")
     device = torch.device(device or "cpu")
     train_data = datasets.load(data).to(device)
     sde = sde if sde is not None else VPSDE()
@@ -97,7 +93,7 @@ def fit(
         sde=sde,
         precision=precision,
         grad_clip=grad_clip,
-        ema=ema_decay,
+        ema=EMA(model, decay=ema_decay, warmup=ema_warmup),
         warmup=warmup,
         seed=seed,
     )

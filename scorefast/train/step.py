@@ -21,21 +21,15 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .. import _checks, adapters, losses
+from .._io import atomic_save_file
+from ..distributed import rank_and_world
 from ..errors import NonFiniteError
-from ..models.checkpoint import atomic_save
 from ..sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
 from .ema import EMA
 from .state import flatten, unflatten
 
 LOSSES = ("dsm", "edm")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_VERSION = 1
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class TrainStep:
@@ -83,8 +77,8 @@ class TrainStep:
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(sde, SDE):
             raise TypeError(f"sde: expected a scorefast.sde SDE, got {type(sde).__name__}")
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision: expected one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if precision not in _checks.PRECISIONS:
+            raise ValueError(f"precision: expected one of {', '.join(_checks.PRECISIONS)}, got {precision!r}")
         self.loss_name = loss if isinstance(loss, str) else getattr(loss, "__name__", "custom")
         if isinstance(loss, str):
             if loss not in LOSSES:
@@ -119,7 +113,7 @@ class TrainStep:
         self.skip_nonfinite = bool(skip_nonfinite)
         self.base_lrs = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in optimizer.param_groups]
         device = next(model.parameters()).device
-        self.autocast_dtype = PRECISIONS[precision]
+        self.autocast_dtype = _checks.PRECISIONS[precision]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.step, self.skipped = 0, 0
         self.last_grad_norm: Tensor | None = None
@@ -136,7 +130,7 @@ class TrainStep:
     # -- the step ---------------------------------------------------------------------------
     def micro_batch_ids(self, m: int, b: int, device) -> Tensor:
         """Global sample ids of micro-batch m (of ``accumulate``) with local batch b on this rank."""
-        rank, _ = _rank_and_world()
+        rank, _ = rank_and_world()
         first = (rank * self.accumulate + m) * b
         return torch.arange(first, first + b, dtype=torch.int64, device=device)
 
@@ -229,7 +223,7 @@ class TrainStep:
         tensors: dict[str, Tensor] = {}
         skeleton = flatten(self.state_dict(), "s", tensors)
         meta = {"version": STATE_VERSION, "config": self.config(), "state": skeleton, "extra": extra or {}}
-        return atomic_save(tensors, path, {"scorefast_train": json.dumps(meta)})
+        return atomic_save_file(tensors, path, {"scorefast_train": json.dumps(meta)})
 
     def load(self, path: str | os.PathLike) -> dict:
         """Restore a ``save``d state; a differing setting is a ValueError naming it.  Returns ``extra``."""
