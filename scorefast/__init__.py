@@ -8,6 +8,7 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 
 from . import adapters, backends, conditional, distributed, losses, models, ops, samplers, sde, testing, train
 from .backends import BackendUnavailableError
+from .compiling import compile
 from .divergence import divergence, hutchinson_trace
 from .errors import NonFiniteError
 from .likelihood import log_likelihood
@@ -23,6 +24,7 @@ __all__ = [
     "NonFiniteError",
     "adapters",
     "backends",
+    "compile",
     "conditional",
     "distributed",
     "divergence",

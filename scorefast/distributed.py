@@ -141,6 +141,7 @@ def sample_sharded(
     extra_args: dict | None = None,
     progress: bool = False,
     device=None,
+    config_extra: dict | None = None,
     **sample_options,
 ) -> Path:
     """Sample ids [0, n_samples) chunk by chunk into ``out_dir``; returns the manifest's path.
@@ -148,6 +149,8 @@ def sample_sharded(
     Chunk k is ``sf.sample(score_fn, sde, (n_k, *sample_shape), sample_ids=arange(kC, kC + n_k), ...)``
     with per-sample tensors in ``extra_args`` sliced to those ids.  Call it on every rank of an
     initialised ``torch.distributed`` group (or in one process); rerun it to resume.
+    ``config_extra`` (JSON-able, e.g. a checkpoint's hash) joins the settings a resume must match:
+    the score function itself is only known by its qualified name.
     """
     from .sampling import sample
 
@@ -163,17 +166,26 @@ def sample_sharded(
     out = writable_dir(out_dir, "out_dir")
     (out / "chunks").mkdir(exist_ok=True)
     config = run_config(score_fn, sde, n_samples, sample_shape, chunk, sampler, steps, seed, extra_args, sample_options)
+    config["extra"] = _jsonable(config_extra or {})
     digest = _config_hash(config)
     n_chunks = math.ceil(n_samples / chunk)
+    error = None
     if rank == 0:
         old = _load_manifest(out)
-        if old is not None:
-            for key, value in config.items():
-                if old["config"].get(key) != value:
-                    raise ValueError(
-                        f"{key}: {out} holds a run with {key}={old['config'].get(key)!r}, this call has {value!r} "
-                        "(use another out_dir, or the original settings to resume)"
-                    )
+        for key, value in config.items() if old is not None else ():
+            if old["config"].get(key) != value:
+                error = (
+                    f"{key}: {out} holds a run with {key}={old['config'].get(key)!r}, this call has {value!r} "
+                    "(use another out_dir, or the original settings to resume)"
+                )
+                break
+    if world > 1:  # every rank raises the same error instead of waiting at a barrier for rank 0
+        box = [error]
+        torch.distributed.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise ValueError(error)
+    if rank == 0:
         manifest = {
             "version": FORMAT_VERSION,
             "config": config,

@@ -35,12 +35,22 @@ def gmm2d():
     return gm.score_fn(sde), sde, (2,), gm
 
 
+def _file_digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def resolve_model(name: str):
-    """(score_fn, sde, sample shape, exact target or None) for --model."""
+    """(score_fn, sde, sample shape, exact target or None, identity for resume checks) for --model."""
     from . import models
 
     if name == "gmm2d":
-        return gmm2d()
+        return (*gmm2d(), {"model": "gmm2d"})
     path = models.digits_checkpoint() if name == "digits" else Path(name)
     if not path.exists():
         raise SystemExit(f"--model: {name!r} is neither a built-in model ({', '.join(MODELS)}) nor a checkpoint file")
@@ -48,7 +58,7 @@ def resolve_model(name: str):
         score_fn, sde, shape = models.load(path)
     except ValueError as err:
         raise SystemExit(f"--model: {err}") from err
-    return score_fn, sde, shape, None
+    return score_fn, sde, shape, None, {"model": name, "checkpoint_sha256": _file_digest(path)}
 
 
 def _init_distributed(device_arg):
@@ -96,7 +106,7 @@ def _sample_command(parser):
             out = writable_dir(args.out, "--out")
         except ValueError as err:
             raise SystemExit(str(err)) from err
-        score_fn, sde, sample_shape, target = resolve_model(args.model)
+        score_fn, sde, sample_shape, target, identity = resolve_model(args.model)
         rank, world, device = _init_distributed(args.device)
         options = {"backend": args.backend, "precision": args.precision}
         if args.sampler == "pc" and math.prod(sample_shape) < 256:
@@ -115,6 +125,7 @@ def _sample_command(parser):
                 seed=args.seed,
                 progress=not args.no_progress,
                 device=device,
+                config_extra=identity,
                 **options,
             )
         except ValueError as err:  # bad settings, or a resume whose settings differ: say which

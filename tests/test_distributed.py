@@ -28,28 +28,22 @@ def _env():
     return env
 
 
-def _run(out, nproc: int, *extra, wait=True):
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(out), str(N), str(CHUNK), *extra]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            str(WORKER),
-            str(out),
-            str(N),
-            str(CHUNK),
-            *extra,
-        ]
+def _run(out, nproc: int, *extra, wait=True, n=N, ok=True):
+    """Run the worker in one process or under torchrun; wait for it unless wait=False."""
+    args = [str(WORKER), str(out), str(n), str(CHUNK), *extra]
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
     proc = subprocess.Popen(
-        cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        [sys.executable, *launcher, *args],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
     )
     if wait:
         out_text, _ = proc.communicate(timeout=300)
-        assert proc.returncode == 0, out_text
+        assert (proc.returncode == 0) == ok, out_text
+        proc.output = out_text
     return proc
 
 
@@ -90,6 +84,9 @@ def test_world_size_three_is_bitwise_equal_to_one(single, tmp_path):
     assert torch.equal(load_samples(tmp_path), single)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     assert manifest["complete"] and manifest["config"]["chunk"] == CHUNK and len(manifest["chunks"]) == N // CHUNK
+    # a resume with another setting fails on every rank (no rank left waiting at a barrier)
+    failed = _run(tmp_path, 3, n=N + 8, ok=False)
+    assert "n_samples: " in failed.output and "holds a run with n_samples=40" in failed.output
 
 
 def test_kill_a_worker_then_resume(single, tmp_path):

@@ -199,3 +199,18 @@ def test_from_diffusers_with_a_tiny_unet():
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     with pytest.raises(TypeError, match="scheduler"):
         adapters.from_diffusers(unet, object())
+
+
+def test_sf_compile_matches_eager_and_refuses_graph_modes():
+    torch.manual_seed(0)
+    net = models.build("MLP", dim=2, hidden=16, layers=1)
+    score_fn = adapters.from_eps(net, VPSDE())
+    compiled = sf.compile(score_fn)
+    x, t = torch.randn(5, 2), torch.rand(5).double() * 0.9 + 0.05
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t), score_fn(x, t), rtol=1e-5, atol=1e-5)
+    assert compiled.net is net
+    with pytest.raises(ValueError, match="mode"):
+        sf.compile(score_fn, mode="reduce-overhead")
+    with pytest.raises(TypeError, match="score_fn"):
+        sf.compile(None)

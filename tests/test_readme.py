@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from scorefast.bench import markdown_table, sampler_table
+from scorefast.bench import markdown_table, render_table, sampler_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -29,3 +29,8 @@ def test_readme_tables_are_rendered_from_committed_results():
     assert _block("cpu") == markdown_table(micro)
     e2e = json.loads((ROOT / "bench" / "results" / "cpu-e2e.json").read_text())
     assert _block("cpu-e2e") == sampler_table(e2e)
+
+    for suite in ("cpu-likelihood", "cpu-compat"):
+        results = json.loads((ROOT / "bench" / "results" / f"{suite}.json").read_text())
+        assert results["suite"] == suite
+        assert _block(suite) == render_table(results)

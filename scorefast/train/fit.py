@@ -98,15 +98,31 @@ def fit(
         seed=seed,
     )
     history: list[list[float]] = []
+    settings = {
+        "data": data,
+        "batch": batch,
+        "lr": lr,
+        "grad_clip": grad_clip,
+        "ema_decay": ema_decay,
+        "ema_warmup": ema_warmup,
+    }
     state_path = out / STATE_FILE
     if state_path.exists():
         extra = step.load(state_path)
+        for key, value in settings.items():
+            if extra.get("settings", {}).get(key) != value:
+                raise ValueError(
+                    f"{key}: {out} was trained with {extra['settings'].get(key)!r}, this run has {value!r}"
+                )
         history = extra.get("history", [])
     start_step, window, t0 = step.step, [], time.perf_counter()
+    saved_at = start_step
     shape = tuple(train_data.shape[1:])
 
     def save() -> None:
-        step.save(state_path, extra={"history": history, "data": data})
+        nonlocal saved_at
+        saved_at = step.step
+        step.save(state_path, extra={"history": history, "settings": settings})
         with step.ema.swap():
             models.save(
                 out / MODEL_FILE,
@@ -136,7 +152,7 @@ def fit(
             bar.update(1)
     finally:
         bar.close()
-        if step.step > start_step:
+        if step.step > saved_at:
             save()
     summary = {
         "data": data,

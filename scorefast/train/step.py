@@ -204,6 +204,7 @@ class TrainStep:
             "precision": self.precision,
             "accumulate": self.accumulate,
             "warmup": self.warmup,
+            "grad_clip": self.grad_clip,
         }
 
     def state_dict(self) -> dict:
