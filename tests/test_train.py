@@ -128,6 +128,18 @@ def test_nonfinite_loss_names_the_step_or_is_skipped():
     ts(_batch(1))
     with pytest.raises(sf.NonFiniteError, match="training step 2"):
         ts(_batch(2))
+    deferred = _step(loss=loss, check_every=0)  # no host read in the loop: the flag keeps the first bad step
+    for n in range(4):
+        deferred(_batch(n))
+    with pytest.raises(sf.NonFiniteError, match="training step 2"):
+        deferred.check()
+    every3 = _step(loss=loss, check_every=3)
+    every3(_batch(0))
+    every3(_batch(1))
+    with pytest.raises(sf.NonFiniteError, match="training step 2"):
+        every3(_batch(2))
+    with pytest.raises(ValueError, match="check_every"):
+        _step(check_every=-1)
     skip = _step(loss=loss, skip_nonfinite=True)
     for n in range(4):
         skip(_batch(n))

@@ -49,7 +49,11 @@ class TrainStep:
         warmup: linear learning-rate warmup, lr_n = lr * min(1, (n + 1) / warmup).
         accumulate: A micro-batches per step (the batch splits into A equal parts).
         skip_nonfinite: a NaN/inf loss skips the update (counted in ``skipped``) instead of raising
-            ``NonFiniteError``; the step counter still advances.
+            ``NonFiniteError``; the step counter still advances.  This reads the loss on the host.
+        check_every: without skipping, a device flag records the first step whose loss was not finite
+            and the host reads it every ``check_every`` steps (1: before that step's update, so the
+            weights stay finite; 0: only in ``check()``), raising ``NonFiniteError`` naming the step.
+            K > 1 or 0 keeps the loop free of host syncs, as CUDA-graph capture needs.
         loss_kwargs: passed to the named loss (e.g. ``likelihood_weighting``, ``reduce_mean``).
     """
 
@@ -69,6 +73,7 @@ class TrainStep:
         seed: int = 0,
         accumulate: int = 1,
         skip_nonfinite: bool = False,
+        check_every: int = 1,
         loss_kwargs: dict | None = None,
     ):
         if not isinstance(model, torch.nn.Module):
@@ -98,6 +103,8 @@ class TrainStep:
             raise ValueError(f"warmup: must be an int >= 0, got {warmup!r}")
         if isinstance(accumulate, bool) or not isinstance(accumulate, int) or accumulate < 1:
             raise ValueError(f"accumulate: must be an int >= 1, got {accumulate!r}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every: must be an int >= 0, got {check_every!r}")
         self.seed = _checks.check_counter("seed", seed, torch.device("cpu"), upper=_checks.UINT64)
         if isinstance(ema, float):
             ema = EMA(model, decay=ema)
@@ -110,13 +117,20 @@ class TrainStep:
         self._loss = self._named_loss(loss, dict(loss_kwargs or {})) if isinstance(loss, str) else loss
         self.loss_kwargs = dict(loss_kwargs or {})
         self.grad_clip, self.warmup, self.accumulate = grad_clip, warmup, accumulate
-        self.skip_nonfinite = bool(skip_nonfinite)
+        self.skip_nonfinite, self.check_every = bool(skip_nonfinite), check_every
         self.base_lrs = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in optimizer.param_groups]
         device = next(model.parameters()).device
         self.autocast_dtype = _checks.PRECISIONS[precision]
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.step, self.skipped = 0, 0
         self.last_grad_norm: Tensor | None = None
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
+
+    def check(self) -> None:
+        """Raise ``NonFiniteError`` if any step so far had a non-finite loss (one host read)."""
+        first = int(self._first_bad)
+        if first >= 0:
+            raise NonFiniteError(f"loss: non-finite at training step {first}")
 
     @staticmethod
     def _named_loss(name: str, kwargs: dict) -> Callable:
@@ -168,13 +182,18 @@ class TrainStep:
             loss = per_sample.float().mean() / self.accumulate
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach().double()
-        if not bool(torch.isfinite(total)):
-            self.optimizer.zero_grad(set_to_none=True)
-            if not self.skip_nonfinite:
-                raise NonFiniteError(f"loss: non-finite ({float(total)}) at training step {self.step}")
-            self.skipped += 1
-            self.step += 1
-            return total.float()
+        if self.skip_nonfinite:
+            if not bool(torch.isfinite(total)):
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped += 1
+                self.step += 1
+                return total.float()
+        else:
+            bad = ~torch.isfinite(total) & (self._first_bad < 0)
+            self._first_bad.copy_(torch.where(bad, torch.full_like(self._first_bad, self.step), self._first_bad))
+            if self.check_every == 1 and int(self._first_bad) >= 0:  # before the update: weights stay finite
+                self.optimizer.zero_grad(set_to_none=True)
+                self.check()
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip is not None:
@@ -188,6 +207,8 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update()
         self.step += 1
+        if self.check_every > 1 and self.step % self.check_every == 0:
+            self.check()
         return total.float()
 
     # -- checkpoints ------------------------------------------------------------------------
@@ -211,6 +232,7 @@ class TrainStep:
         return {
             "step": self.step,
             "skipped": self.skipped,
+            "first_bad": self._first_bad,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -251,4 +273,5 @@ class TrainStep:
             self.ema.load_state_dict(state["ema"])
         self.base_lrs = [b.to(device) if isinstance(b, Tensor) else b for b in state["base_lrs"]]
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
+        self._first_bad.copy_(state["first_bad"])
         return meta["extra"]
