@@ -100,7 +100,7 @@ class _Run:
         s = sigmas.detach().double().cpu()
         if not bool(torch.isfinite(s).all()) or bool((s < 0).any()):
             raise ValueError("sigmas: must be finite and >= 0")
-        self.model, self.x, self.sigmas = model, x, sigmas
+        self.model, self.sigmas = model, sigmas
         self.s = s.tolist()  # host floats for the coefficients (k-diffusion reads them too)
         self.extra = {} if extra_args is None else extra_args
         self.s_in = x.new_ones([x.shape[0]])

@@ -46,10 +46,6 @@ def into_rows(out: torch.Tensor, fill: Callable[[torch.Tensor], None]) -> torch.
     return out
 
 
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def coef_matrix(
     coefs: Sequence[float | torch.Tensor], B: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:

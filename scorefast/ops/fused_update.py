@@ -69,7 +69,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad):
     stream, with_noise, backend, _n_terms = ctx.meta
     x, coefs, seed, step, sample_ids, *terms = ctx.saved_tensors
-    g = grad.to(_common.compute_dtype(x))
+    g = grad.to(_checks.state_dtype(x))
     c = coefs.to(g.dtype)
     gx = (c[0, :, None] * g).to(x.dtype) if ctx.needs_input_grad[0] else None
     gterms = [(c[1 + t, :, None] * g).to(term.dtype) for t, term in enumerate(terms)]
@@ -153,7 +153,7 @@ def apply(
     with_noise = isinstance(noise, Tensor) or noise != 0.0
     x2 = _common.rows(x)
     t2 = [_common.rows(t) for _, t in terms]
-    coefs = _common.coef_matrix(coef_values, B, x.device, _common.compute_dtype(x))
+    coefs = _common.coef_matrix(coef_values, B, x.device, _checks.state_dtype(x))
     if out is not None and not trusted:
         _checks.check_float_tensor("out", out)
         if out.shape != x.shape or out.dtype != x.dtype or out.device != x.device:

@@ -58,7 +58,7 @@ def sample_sumsq(t: Tensor, *, backend: str | None = None) -> Tensor:
     name = _common.resolve_backend(backend, t)
     ids = torch.zeros(B, dtype=torch.int64, device=t.device)
     t2 = _common.rows(t)
-    return _sumsq(t2, ids, 0, 0, t2.shape[1], 0, False, _common.compute_dtype(t), name)[0]
+    return _sumsq(t2, ids, 0, 0, t2.shape[1], 0, False, _checks.state_dtype(t), name)[0]
 
 
 def _sumsq(t2, ids, seed, step, numel, stream, with_noise, dtype, name) -> Tensor:
@@ -98,5 +98,5 @@ def noise_and_term_norms(
         c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     t2 = _common.rows(t) if t is not None else None
     numel = x[0].numel() if B else 0
-    sums = _sumsq(t2, c.sample_ids, c.seed, c.step, numel, c.stream, True, _common.compute_dtype(x), name)
+    sums = _sumsq(t2, c.sample_ids, c.seed, c.step, numel, c.stream, True, _checks.state_dtype(x), name)
     return sums[0].sqrt(), sums[1].sqrt()
