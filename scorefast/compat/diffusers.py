@@ -26,8 +26,9 @@ from diffusers.schedulers.scheduling_sde_ve import SdeVeOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
 from .. import rng
-from ..ops import fused_update, snr_langevin_step
+from ..ops import snr_langevin_step
 from ..rng import philox_seed
+from ._fused import FusedUpdater
 
 __all__ = [
     "DDIMScheduler",
@@ -36,6 +37,9 @@ __all__ = [
     "ScoreSdeVeScheduler",
     "philox_seed",
 ]
+
+
+_fused = FusedUpdater()
 
 
 def philox_noise(shape, generator, device, dtype=torch.float32) -> torch.Tensor:
@@ -62,8 +66,8 @@ class ScoreSdeVeScheduler(_SdeVe):
         g2 = (sigma**2 - adjacent_sigma**2).to(torch.float32)  # diffusion^2 per sample [B]
         x = sample.float()
         score = model_output
-        mean = fused_update(x, [(g2, score)])
-        prev = fused_update(x, [(g2, score)], noise=g2.sqrt(), seed=philox_seed(generator), step=0, stream=0)
+        mean = _fused(x, [(g2, score)])
+        prev = _fused(x, [(g2, score)], noise=g2.sqrt(), seed=philox_seed(generator), step=0)
         prev, mean = prev.to(sample.dtype), mean.to(sample.dtype)
         if not return_dict:
             return (prev, mean)
@@ -127,19 +131,18 @@ class EulerDiscreteScheduler(_Euler):
         gamma = min(s_churn / (len(self.sigmas) - 1), 2**0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (gamma + 1)
         if gamma > 0:
-            sample = fused_update(
+            sample = _fused(
                 sample,
                 [],
                 noise=s_noise * (sigma_hat**2 - sigma**2) ** 0.5,
                 seed=philox_seed(generator),
                 step=0,
-                stream=0,
             )
         a, b = self._x0_coefs(sigma, sigma_hat)
-        x0 = fused_update(sample, [(b, model_output)], x_coef=a)
+        x0 = _fused(sample, [(b, model_output)], x_coef=a)
         # sample + (sample - x0) / sigma_hat * dt
         r = (_f(self.sigmas[self.step_index + 1]) - sigma_hat) / sigma_hat
-        prev = fused_update(sample, [(-r, x0)], x_coef=1 + r).to(model_output.dtype)
+        prev = _fused(sample, [(-r, x0)], x_coef=1 + r).to(model_output.dtype)
         self._step_index += 1
         if not return_dict:
             return (prev, x0)
@@ -178,7 +181,7 @@ class DDIMScheduler(_DDIM):
             raise ValueError(f"prediction_type given as {kind} must be one of `epsilon`, `sample`, or `v_prediction`")
         (p, q), (u, v) = coefs[kind]
         x = sample.float()
-        x0 = fused_update(x, [(q, model_output)], x_coef=p)
+        x0 = _fused(x, [(q, model_output)], x_coef=p)
         clipped = bool(self.config.thresholding or self.config.clip_sample)
         if self.config.thresholding:
             x0 = self._threshold_sample(x0)
@@ -189,9 +192,9 @@ class DDIMScheduler(_DDIM):
         if use_clipped_model_output or clipped:
             eps_x, eps_x0 = (1 / s, -a / s) if use_clipped_model_output else (None, None)
             if eps_x is not None:  # eps from the clipped x0: (x - a x0) / s
-                eps = fused_update(x, [(eps_x0, x0)], x_coef=eps_x)
+                eps = _fused(x, [(eps_x0, x0)], x_coef=eps_x)
             else:
-                eps = model_output if kind == "epsilon" else fused_update(x, [(v, model_output)], x_coef=u)
+                eps = model_output if kind == "epsilon" else _fused(x, [(v, model_output)], x_coef=u)
             terms, x_coef, base = [(direction, eps)], abar_prev**0.5, x0
         else:  # unclipped: prev = sqrt(abar_prev) (p x + q m) + direction (u x + v m), one pass from x
             x_coef = abar_prev**0.5 * p + direction * u
@@ -203,13 +206,11 @@ class DDIMScheduler(_DDIM):
                     " `variance_noise` stays `None`."
                 )
             if variance_noise is not None:
-                prev = fused_update(base, [*terms, (std, variance_noise)], x_coef=x_coef)
+                prev = _fused(base, [*terms, (std, variance_noise)], x_coef=x_coef)
             else:
-                prev = fused_update(
-                    base, terms, x_coef=x_coef, noise=std, seed=philox_seed(generator), step=0, stream=0
-                )
+                prev = _fused(base, terms, x_coef=x_coef, noise=std, seed=philox_seed(generator), step=0)
         else:
-            prev = fused_update(base, terms, x_coef=x_coef)
+            prev = _fused(base, terms, x_coef=x_coef)
         prev = prev.to(sample.dtype)
         if not return_dict:
             return (prev, x0)
@@ -241,11 +242,11 @@ class DPMSolverMultistepScheduler(_DPM):
         h = lam_t - lam_s
         x = sample
         if self.config.algorithm_type == "dpmsolver++":
-            return fused_update(
+            return _fused(
                 x, [(-alpha_t * (torch.exp(torch.tensor(-h)).item() - 1.0), model_output)], x_coef=sigma_t / sigma_s
             ).to(sample.dtype)
         e2 = torch.exp(torch.tensor(-2.0 * h, dtype=torch.float64)).item()
-        return fused_update(
+        return _fused(
             x,
             [(alpha_t * (1 - e2), model_output), (sigma_t * (1.0 - e2) ** 0.5, noise)],
             x_coef=sigma_t / sigma_s * torch.exp(torch.tensor(-h, dtype=torch.float64)).item(),
@@ -278,4 +279,4 @@ class DPMSolverMultistepScheduler(_DPM):
             extra = [(sigma_t * (1.0 - e2) ** 0.5, noise)]
         # c0 D0 + c1 D1 with D0 = m0, D1 = (m0 - m1) / r0
         terms = [(c0 + c1 / r0, m0), (-c1 / r0, m1), *extra]
-        return fused_update(sample, terms, x_coef=x_coef).to(sample.dtype)
+        return _fused(sample, terms, x_coef=x_coef).to(sample.dtype)

@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import trange
 
-from ..ops import fused_update
 from ..rng import philox_seed
+from ._fused import FusedUpdater
 
 __all__ = [
     "append_zero",
@@ -106,6 +106,7 @@ class _Run:
         self.s_in = x.new_ones([x.shape[0]])
         self.noise_sampler = noise_sampler
         self.seed = philox_seed() if noise_sampler is None else 0
+        self.fused = FusedUpdater()
 
     def denoise(self, x: Tensor, i_or_sigma) -> Tensor:
         sigma = self.sigmas[i_or_sigma] if isinstance(i_or_sigma, int) else i_or_sigma
@@ -119,9 +120,7 @@ class _Run:
         if noise and self.noise_sampler is not None:
             terms.append((float(noise), self.noise_sampler(sigma, sigma_next)))
             noise = 0.0
-        if not noise:
-            return fused_update(x, terms, x_coef=float(x_coef))
-        return fused_update(x, terms, x_coef=float(x_coef), noise=float(noise), seed=self.seed, step=step, stream=0)
+        return self.fused(x, terms, x_coef=x_coef, noise=noise, seed=self.seed, step=step)
 
 
 def _callback(callback, x, i, sigma, sigma_hat, denoised):

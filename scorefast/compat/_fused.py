@@ -1,0 +1,64 @@
+"""One fused update for the compat layers, validated cheaply: the backend and the default sample ids
+are resolved once per (batch, device, dtype), coefficients are the layers' own finite floats, and
+only the tensors' shapes are checked per call (the full public checks cost more than the update
+itself on small CPU rows)."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor
+
+from .. import _checks
+from ..backends import resolve
+from ..ops.fused_update import apply
+from ..rng import STREAM_SAMPLER
+
+
+def _coef(c, x: Tensor) -> float | Tensor:
+    """A finite float, or a per-sample [B] / 0-d float tensor on x's device (scheduler tables)."""
+    if isinstance(c, Tensor):
+        if c.dim() > 1 or (c.dim() == 1 and c.shape[0] != x.shape[0]) or c.device != x.device:
+            raise ValueError(f"coefficient: expected a scalar or [B] tensor on {x.device}, got {tuple(c.shape)}")
+        return c.float()
+    c = float(c)
+    if not math.isfinite(c):
+        raise ValueError(f"coefficient {c} is not finite (check the sigmas / timesteps)")
+    return c
+
+
+class FusedUpdater:
+    """``x_coef x + sum c t + noise z`` on stream 0, z the Philox normals of (seed, step, ids arange(B))."""
+
+    def __init__(self):
+        self._cache: dict[tuple, tuple[str, Tensor]] = {}
+
+    def _resolved(self, x: Tensor) -> tuple[str, Tensor]:
+        key = (x.shape[0], x.device, x.dtype)
+        if key not in self._cache:
+            _checks.check_float_tensor("x", x)
+            ids = _checks.check_sample_ids(None, x.shape[0], x.device)
+            self._cache[key] = (resolve(None, x.device, x.dtype), ids)
+        return self._cache[key]
+
+    def __call__(self, x: Tensor, terms, *, x_coef: float = 1.0, noise: float = 0.0, seed: int = 0, step: int = 0):
+        backend, ids = self._resolved(x)
+        checked = []
+        for c, t in terms:
+            if t.shape != x.shape:
+                raise ValueError(f"model output / noise: shape {tuple(t.shape)} does not match x {tuple(x.shape)}")
+            checked.append((_coef(c, x), t))
+        seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # the ops take the int64 two's complement
+        return apply(
+            x,
+            checked,
+            noise=_coef(noise, x),
+            seed=seed,
+            step=step,
+            stream=STREAM_SAMPLER,
+            sample_ids=ids,
+            x_coef=_coef(x_coef, x),
+            out=None,
+            backend=backend,
+            trusted=True,
+        )
