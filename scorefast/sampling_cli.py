@@ -80,9 +80,9 @@ def _init_distributed(device_arg):
 @register("sample", "draw samples with a built-in model or a checkpoint; write samples, a PNG and timing/NFE")
 def _sample_command(parser):
     parser.add_argument("--model", default="gmm2d", help=f"one of {', '.join(MODELS)}, or a checkpoint path")
-    parser.add_argument("--sampler", default="pc")
-    parser.add_argument("--steps", type=int, default=None, help="grid times N (default: the sampler's)")
-    parser.add_argument("--n", type=int, default=10000, help="number of samples")
+    parser.add_argument("--sampler", default=None, help="default: pc for gmm2d, ddim for image models")
+    parser.add_argument("--steps", type=int, default=None, help="grid times N (default: the sampler's; ddim 50)")
+    parser.add_argument("--n", type=int, default=None, help="number of samples (default: 10000 points, 64 images)")
     parser.add_argument("--batch", type=int, default=4096, help="samples per chunk (global ids keep results equal)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=None, choices=("torch", "cpu", "triton", "cuda"))
@@ -99,14 +99,18 @@ def _sample_command(parser):
         from .testing import sliced_wasserstein
         from .visualize import save_samples_png
 
-        samplers.get(args.sampler)  # an unknown sampler fails before any work
-        if args.n < 1 or args.batch < 1:
+        if args.sampler is not None:
+            samplers.get(args.sampler)  # an unknown sampler fails before any work
+        if (args.n is not None and args.n < 1) or args.batch < 1:
             raise SystemExit("--n and --batch must be >= 1")
         try:
             out = writable_dir(args.out, "--out")
         except ValueError as err:
             raise SystemExit(str(err)) from err
         score_fn, sde, sample_shape, target, identity = resolve_model(args.model)
+        images = len(sample_shape) == 3  # a few image samples by default: a UNet step costs far more than a 2-D one
+        args.sampler = args.sampler or ("ddim" if images else "pc")
+        args.n = args.n or (GRID_IMAGES if images else 10000)
         rank, world, device = _init_distributed(args.device)
         options = {"backend": args.backend, "precision": args.precision}
         if args.sampler == "pc" and math.prod(sample_shape) < 256:
