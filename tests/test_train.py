@@ -168,6 +168,8 @@ def test_bad_input():
         EMA(model, decay=0.0)
     with pytest.raises(TypeError, match="optimizer"):
         TrainStep(model, "adam", sde=VPSDE())
+    with pytest.raises(ValueError, match="no parameters"):
+        TrainStep(torch.nn.Identity(), opt, sde=VPSDE())
     with pytest.raises(ValueError, match="variance-preserving"):
         TrainStep(model, opt, sde=VESDE(), parameterisation="v")
     ts = TrainStep(model, opt, sde=VPSDE(), accumulate=3)

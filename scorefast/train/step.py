@@ -78,6 +78,8 @@ class TrainStep:
     ):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if next(model.parameters(), None) is None:
+            raise ValueError("model: has no parameters to train")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer: expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if not isinstance(sde, SDE):
