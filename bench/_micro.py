@@ -19,7 +19,7 @@ def cases(kind: str, size: tuple, device_type: str, backend: str, compile_sizes:
     elif kind == "snr":
         made = snr_cases(size[0], size[1], device, backend)
     elif kind == "ema":
-        made = ema_cases(size[0], size[1])
+        made = ema_cases(size[0], size[1], device)
     else:
         made = randn_cases(size[0], device, backend)
     return {role: (name, fn, nbytes) for role, name, fn, nbytes in made}
@@ -95,11 +95,12 @@ def randn_cases(n: int, device, backend: str):
     ]
 
 
-def ema_cases(n_params: int, width: int):
+def ema_cases(n_params: int, width: int, device=None):
     """EMA of a model with n_params tensors of width^2: sf.train.EMA (one foreach kernel) vs a Python loop."""
     from scorefast.train import EMA
 
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width, bias=False) for _ in range(n_params)])
+    model = model.to(device or "cpu")
     ema = EMA(model, decay=0.999)
     shadow = [p.detach().clone() for p in model.parameters()]
 

@@ -25,7 +25,7 @@ def _run(record, kind, size, role, backend):
         fn()
         torch.cuda.synchronize()
 
-    numel = size[0] * (size[1] if len(size) > 1 else 1)
+    numel = nbytes // 12 if kind == "ema" else size[0] * (size[1] if len(size) > 1 else 1)  # EMA: parameters
     record(
         timed,
         name=name,
@@ -57,3 +57,10 @@ def test_snr_corrector(record, B, D, role, backend):
 @pytest.mark.parametrize("n", [20_000_000])
 def test_randn(record, n, role, backend):
     _run(record, "randn", (n,), role, backend)
+
+
+@pytest.mark.parametrize("role", ["eager", "fused"])
+@pytest.mark.parametrize("n_params,width", [(200, 64), (50, 512)])
+def test_ema(record, n_params, width, role):
+    """#5's GPU goal: sf.train.EMA (foreach) >= 10x a per-parameter loop (launch-bound at 200 tensors)."""
+    _run(record, "ema", (n_params, width), role, "cuda")
