@@ -312,11 +312,15 @@ def toy_checkpoint(tmp_path_factory):
     return out / "model.safetensors"
 
 
-def _toy_sw(checkpoint, **options):
-    score_fn, sde, shape = models.load(checkpoint)
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def _toy_sw(checkpoint, device="cpu", **options):
+    score_fn, sde, shape = models.load(checkpoint, device=device)
     gm = sf.testing.GaussianMixture.builtin()
     with torch.no_grad():
-        x = sf.sample(score_fn, sde, (4000, *shape), sampler="ddim", steps=50, seed=3, **options)
+        x = sf.sample(score_fn, sde, (4000, *shape), sampler="ddim", steps=50, seed=3, device=device, **options)
+    x = x.cpu()
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
     return sf.testing.sliced_wasserstein(x, gm.sample(4000, seed=1).float())
 
@@ -335,13 +339,15 @@ def test_training_learns_the_toy_mixture(toy_checkpoint):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_low_precision_network_samples_match_fp32(toy_checkpoint, precision):
+def test_low_precision_network_samples_match_fp32(toy_checkpoint, precision, device):
     """The network in bf16/fp16 (autocast), state and adapter arithmetic in fp32: the sample law moves
     by less than the Monte-Carlo floor of the sliced-Wasserstein estimate."""
     gm = sf.testing.GaussianMixture.builtin()
     floor = sf.testing.sliced_wasserstein(gm.sample(4000, seed=2).float(), gm.sample(4000, seed=1).float())
-    assert abs(_toy_sw(toy_checkpoint, precision=precision) - _toy_sw(toy_checkpoint)) < floor
+    low, full = _toy_sw(toy_checkpoint, device, precision=precision), _toy_sw(toy_checkpoint, device)
+    assert abs(low - full) < floor
 
 
 def test_shipped_digits_model_samples_look_like_digits():
@@ -370,13 +376,14 @@ def test_shipped_digits_model_samples_look_like_digits():
     assert int((counts >= 8).sum()) >= 9, counts.tolist()
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 @pytest.mark.parametrize("sigma_max", [50.0, 80.0])
-def test_no_nan_over_1000_low_precision_steps_on_ve(precision, sigma_max):
+def test_no_nan_over_1000_low_precision_steps_on_ve(precision, sigma_max, device):
     """An EDM-preconditioned network run in bf16/fp16 on VE up to sigma_max: 1000 steps stay finite
     (the state, prior and schedules are fp32; the network sees c_in x, of order 1)."""
     torch.manual_seed(0)
-    F = models.build("MLP", dim=2, hidden=32, layers=2, time_embedding="fourier")
+    F = models.build("MLP", dim=2, hidden=32, layers=2, time_embedding="fourier").to(device)
 
     def denoiser(x, sigma):
         s = sigma[:, None].float()
@@ -386,5 +393,5 @@ def test_no_nan_over_1000_low_precision_steps_on_ve(precision, sigma_max):
     sde = VESDE(sigma_min=0.01, sigma_max=sigma_max)
     score_fn = sf.adapters.from_denoiser(denoiser, sde)
     with torch.no_grad():
-        x = sf.sample(score_fn, sde, (64, 2), sampler="euler_maruyama", steps=1000, precision=precision)
+        x = sf.sample(score_fn, sde, (64, 2), sampler="euler_maruyama", steps=1000, precision=precision, device=device)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()

@@ -163,20 +163,28 @@ def fit(
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     if sample_grid:
-        summary["samples_png"] = str(write_samples(out / MODEL_FILE, out / "samples.png", seed=seed))
+        summary["samples_png"] = str(write_samples(out / MODEL_FILE, out / "samples.png", seed=seed, device=device))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def write_samples(
-    checkpoint: Path, path: Path, *, n: int = 64, seed: int = 0, sampler: str = "pc", steps: int | None = None
+    checkpoint: Path,
+    path: Path,
+    *,
+    n: int | None = None,
+    seed: int = 0,
+    sampler: str = "ddim",
+    steps: int = 50,
+    device=None,
 ) -> Path:
-    """Sample a checkpoint and save a PNG (image grid or 2-D scatter)."""
+    """Sample a checkpoint and save a PNG: 64 images as a grid, or 2000 2-D points as a scatter."""
     from ..sampling import sample
     from ..visualize import save_samples_png
 
-    score_fn, sde, shape = models.load(checkpoint)
+    score_fn, sde, shape = models.load(checkpoint, device=device)
+    n = n or (64 if len(shape) == 3 else 2000)
     with torch.no_grad():
-        x = sample(score_fn, sde, (n, *shape), sampler=sampler, steps=steps, seed=seed)
+        x = sample(score_fn, sde, (n, *shape), sampler=sampler, steps=steps, seed=seed, device=device)
     save_samples_png(x, path, title=f"{Path(checkpoint).name}: {sampler}")
     return path
