@@ -395,3 +395,91 @@ def test_no_nan_over_1000_low_precision_steps_on_ve(precision, sigma_max, device
     with torch.no_grad():
         x = sf.sample(score_fn, sde, (64, 2), sampler="euler_maruyama", steps=1000, precision=precision, device=device)
     assert x.dtype == torch.float32 and torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_device_state_equals_host_state_bitwise(tmp_path, precision):
+    """Step counter, warmup lr and EMA counter as device tensors (the capturable form) give the host
+    path's results bit for bit, through a save/load too."""
+
+    def make(device_state):
+        model = _mlp()
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2), foreach=False)
+        ema = EMA(model, decay=0.99, warmup=3)
+        return TrainStep(
+            model,
+            opt,
+            "dsm",
+            sde=VPSDE(),
+            precision=precision,
+            ema=ema,
+            warmup=4,
+            grad_clip=0.5,
+            check_every=0,
+            device_state=device_state,
+        )
+
+    host, dev = make(False), make(True)
+    for n in range(5):
+        assert torch.equal(host(_batch(n)), dev(_batch(n)))
+    dev.save(tmp_path / "s.safetensors")
+    resumed = make(True)
+    resumed.load(tmp_path / "s.safetensors")
+    for n in range(5, 9):
+        a, b, c = host(_batch(n)), dev(_batch(n)), resumed(_batch(n))
+        assert torch.equal(a, b) and torch.equal(a, c)
+    for p, q, r in zip(_params(host), _params(dev), _params(resumed)):
+        assert torch.equal(p, q) and torch.equal(p, r)
+    for p, q in zip(host.ema.shadow, dev.ema.shadow):
+        assert torch.equal(p, q)
+    assert torch.equal(host.optimizer.param_groups[0]["lr"], dev.optimizer.param_groups[0]["lr"])
+    assert int(dev._step_t) == dev.step == 9
+    model = _mlp()
+    with pytest.raises(ValueError, match="tensor learning rates"):
+        TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-2), sde=VPSDE(), warmup=2, device_state=True)
+
+
+@pytest.mark.cuda
+def test_captured_train_step_replays_like_eager():
+    """DESIGN "Host syncs": with device_state, capturable Adam and check_every=0, one TrainStep call can be
+    captured in a CUDA graph; replay n equals eager step n.  (Written without a GPU: first run on a lease.)"""
+
+    def make():
+        torch.manual_seed(0)
+        model = models.build("MLP", dim=2, hidden=16, layers=2).cuda()
+        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), capturable=True)
+        return TrainStep(
+            model,
+            opt,
+            "dsm",
+            sde=VPSDE(),
+            ema=EMA(model, decay=0.99, warmup=3),
+            warmup=4,
+            grad_clip=0.5,
+            check_every=0,
+            device_state=True,
+        )
+
+    eager, graphed = make(), make()
+    xs = [_batch(n).cuda() for n in range(8)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up steps (optimizer state, cuBLAS) off the capture stream
+        for n in range(3):
+            eager(xs[n])
+            graphed(xs[n])
+    torch.cuda.current_stream().wait_stream(side)
+    static_x = xs[3].clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = graphed(static_x)
+    for n in range(3, 8):
+        static_x.copy_(xs[n])
+        graph.replay()
+        torch.testing.assert_close(static_loss, eager(xs[n]), rtol=1e-5, atol=1e-6)
+    assert int(graphed._step_t) == eager.step == 8
+    for p, q in zip(graphed.model.parameters(), eager.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    for p, q in zip(graphed.ema.shadow, eager.ema.shadow):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    graphed.check()

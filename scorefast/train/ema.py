@@ -27,6 +27,13 @@ class EMA:
         self.num_updates = 0
         self._live = self._tracked()
         self.shadow = [t.detach().clone() for t in self._live]
+        self._updates_t: torch.Tensor | None = None  # device-resident update counter (use_device_counter)
+
+    def use_device_counter(self) -> None:
+        """Keep the update counter as a 0-d device tensor and compute the decay there, so ``update()``
+        reads nothing on the host (CUDA-graph capture); results equal the host path bitwise."""
+        if self._updates_t is None and self.shadow:
+            self._updates_t = torch.full((), self.num_updates, dtype=torch.int64, device=self.shadow[0].device)
 
     def _tracked(self) -> list[torch.Tensor]:
         params = [p for p in self.model.parameters()]
@@ -39,8 +46,15 @@ class EMA:
 
     @torch.no_grad()
     def update(self) -> None:
-        d = self.current_decay()
-        torch._foreach_lerp_(self.shadow, [t.detach() for t in self._live], 1.0 - d)
+        live = [t.detach() for t in self._live]
+        if self._updates_t is not None:
+            n = self._updates_t.to(torch.float64)
+            d = torch.clamp((1 + n) / (1 + n + self.warmup), max=self.decay) if self.warmup else n * 0 + self.decay
+            weight = 1 - d
+            torch._foreach_lerp_(self.shadow, live, [weight.to(t.dtype) for t in self.shadow])
+            self._updates_t += 1
+        else:
+            torch._foreach_lerp_(self.shadow, live, 1.0 - self.current_decay())
         self.num_updates += 1
 
     def state_dict(self) -> dict:
@@ -55,6 +69,8 @@ class EMA:
         if len(state["shadow"]) != len(self.shadow):
             raise ValueError(f"state: {len(state['shadow'])} tensors, the model tracks {len(self.shadow)}")
         self.decay, self.warmup, self.num_updates = state["decay"], state["warmup"], state["num_updates"]
+        if self._updates_t is not None:
+            self._updates_t.fill_(self.num_updates)
         with torch.no_grad():
             torch._foreach_copy_(self.shadow, [t.to(s.device, s.dtype) for t, s in zip(state["shadow"], self.shadow)])
 

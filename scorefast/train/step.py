@@ -54,6 +54,11 @@ class TrainStep:
             and the host reads it every ``check_every`` steps (1: before that step's update, so the
             weights stay finite; 0: only in ``check()``), raising ``NonFiniteError`` naming the step.
             K > 1 or 0 keeps the loop free of host syncs, as CUDA-graph capture needs.
+        device_state: keep the step counter (the loss's Philox step), the warmup learning rates and the
+            EMA's update counter as 0-d device tensors updated in place, so a step reads nothing on the
+            host (the form a CUDA graph can replay; DESIGN "Host syncs").  Needs tensor learning rates
+            (e.g. ``Adam(params, lr=torch.tensor(2e-4), capturable=True)`` on CUDA) when warmup > 0.
+            Results equal the host-state path bitwise.
         loss_kwargs: passed to the named loss (e.g. ``likelihood_weighting``, ``reduce_mean``).
     """
 
@@ -74,6 +79,7 @@ class TrainStep:
         accumulate: int = 1,
         skip_nonfinite: bool = False,
         check_every: int = 1,
+        device_state: bool = False,
         loss_kwargs: dict | None = None,
     ):
         if not isinstance(model, torch.nn.Module):
@@ -127,6 +133,16 @@ class TrainStep:
         self.step, self.skipped = 0, 0
         self.last_grad_norm: Tensor | None = None
         self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step
+        self._step_t: Tensor | None = None
+        if device_state:
+            if warmup and not all(isinstance(g["lr"], Tensor) for g in optimizer.param_groups):
+                raise ValueError(
+                    "optimizer: device_state with warmup needs tensor learning rates, e.g. "
+                    "Adam(params, lr=torch.tensor(2e-4)) (capturable=True on CUDA)"
+                )
+            self._step_t = torch.zeros((), dtype=torch.int64, device=device)
+            if self.ema is not None:
+                self.ema.use_device_counter()
 
     def check(self) -> None:
         """Raise ``NonFiniteError`` if any step so far had a non-finite loss (one host read)."""
@@ -153,6 +169,11 @@ class TrainStep:
     def _set_lr(self) -> None:
         if not self.warmup:
             return
+        if self._step_t is not None:  # on the device: lr = base * min(1, (n + 1) / warmup)
+            scale = torch.clamp((self._step_t + 1).to(torch.float64) / self.warmup, max=1.0)
+            for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"].copy_(base.to(torch.float64) * scale if isinstance(base, Tensor) else base * scale)
+            return
         scale = min(1.0, (self.step + 1) / self.warmup)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             if isinstance(group["lr"], Tensor):
@@ -178,7 +199,8 @@ class TrainStep:
         for m, xm in enumerate(x.split(b)):
             ids = self.micro_batch_ids(m, b, x.device)
             with self._autocast(x.device):
-                per_sample = self._loss(self.score_fn, xm, self.sde, seed=self.seed, step=self.step, sample_ids=ids)
+                step = self._step_t if self._step_t is not None else self.step
+                per_sample = self._loss(self.score_fn, xm, self.sde, seed=self.seed, step=step, sample_ids=ids)
             if per_sample.shape != (b,):
                 raise ValueError(f"loss: must return per-sample losses [{b}], got shape {tuple(per_sample.shape)}")
             loss = per_sample.float().mean() / self.accumulate
@@ -189,10 +211,13 @@ class TrainStep:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped += 1
                 self.step += 1
+                if self._step_t is not None:
+                    self._step_t += 1
                 return total.float()
         else:
             bad = ~torch.isfinite(total) & (self._first_bad < 0)
-            self._first_bad.copy_(torch.where(bad, torch.full_like(self._first_bad, self.step), self._first_bad))
+            now = self._step_t if self._step_t is not None else torch.full_like(self._first_bad, self.step)
+            self._first_bad.copy_(torch.where(bad, now, self._first_bad))
             if self.check_every == 1 and int(self._first_bad) >= 0:  # before the update: weights stay finite
                 self.optimizer.zero_grad(set_to_none=True)
                 self.check()
@@ -209,6 +234,8 @@ class TrainStep:
         if self.ema is not None:
             self.ema.update()
         self.step += 1
+        if self._step_t is not None:
+            self._step_t += 1
         if self.check_every > 1 and self.step % self.check_every == 0:
             self.check()
         return total.float()
@@ -276,4 +303,6 @@ class TrainStep:
         self.base_lrs = [b.to(device) if isinstance(b, Tensor) else b for b in state["base_lrs"]]
         self.step, self.skipped = int(state["step"]), int(state["skipped"])
         self._first_bad.copy_(state["first_bad"])
+        if self._step_t is not None:
+            self._step_t.fill_(self.step)
         return meta["extra"]
