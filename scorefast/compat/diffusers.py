@@ -15,6 +15,8 @@ diffusers' arithmetic.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from diffusers import DDIMScheduler as _DDIM
 from diffusers import DPMSolverMultistepScheduler as _DPM
@@ -229,7 +231,8 @@ class DPMSolverMultistepScheduler(_DPM):
             model_output, timestep, sample, generator=None, variance_noise=variance_noise, return_dict=return_dict
         )
 
-    def _coefs(self, idx: int):
+    def _coefs(self, idx: list[int]):
+        """((alpha, sigma) pairs, lambdas = log alpha - log sigma) at the sigma-table positions idx, as floats."""
         sig = [self._sigma_to_alpha_sigma_t(self.sigmas[i]) for i in idx]
         lam = [_f(torch.log(al) - torch.log(si)) for al, si in sig]
         return [(_f(al), _f(si)) for al, si in sig], lam
@@ -242,14 +245,12 @@ class DPMSolverMultistepScheduler(_DPM):
         h = lam_t - lam_s
         x = sample
         if self.config.algorithm_type == "dpmsolver++":
-            return _fused(
-                x, [(-alpha_t * (torch.exp(torch.tensor(-h)).item() - 1.0), model_output)], x_coef=sigma_t / sigma_s
-            ).to(sample.dtype)
-        e2 = torch.exp(torch.tensor(-2.0 * h, dtype=torch.float64)).item()
+            return _fused(x, [(-alpha_t * math.expm1(-h), model_output)], x_coef=sigma_t / sigma_s).to(sample.dtype)
+        e2 = math.exp(-2.0 * h)
         return _fused(
             x,
             [(alpha_t * (1 - e2), model_output), (sigma_t * (1.0 - e2) ** 0.5, noise)],
-            x_coef=sigma_t / sigma_s * torch.exp(torch.tensor(-h, dtype=torch.float64)).item(),
+            x_coef=sigma_t / sigma_s * math.exp(-h),
         ).to(sample.dtype)
 
     def multistep_dpm_solver_second_order_update(self, model_output_list, *args, sample=None, noise=None, **kwargs):
@@ -264,18 +265,14 @@ class DPMSolverMultistepScheduler(_DPM):
         r0 = h_0 / h
         heun = self.config.solver_type == "heun"
         if self.config.algorithm_type == "dpmsolver++":
-            c0 = -alpha_t * (torch.exp(torch.tensor(-h, dtype=torch.float64)).item() - 1.0)
-            c1 = (
-                (alpha_t * ((torch.expm1(torch.tensor(-h, dtype=torch.float64)).item()) / h + 1.0))
-                if heun
-                else 0.5 * c0
-            )
+            c0 = -alpha_t * math.expm1(-h)
+            c1 = (alpha_t * (math.expm1(-h) / h + 1.0)) if heun else 0.5 * c0
             x_coef, extra = sigma_t / sigma_s0, []
         else:
-            e2 = torch.exp(torch.tensor(-2.0 * h, dtype=torch.float64)).item()
+            e2 = math.exp(-2.0 * h)
             c0 = alpha_t * (1 - e2)
             c1 = alpha_t * ((1.0 - e2) / (-2.0 * h) + 1.0) if heun else 0.5 * c0
-            x_coef = sigma_t / sigma_s0 * torch.exp(torch.tensor(-h, dtype=torch.float64)).item()
+            x_coef = sigma_t / sigma_s0 * math.exp(-h)
             extra = [(sigma_t * (1.0 - e2) ** 0.5, noise)]
         # c0 D0 + c1 D1 with D0 = m0, D1 = (m0 - m1) / r0
         terms = [(c0 + c1 / r0, m0), (-c1 / r0, m1), *extra]
