@@ -83,8 +83,10 @@ def fit(
     device = torch.device(device or "cpu")
     train_data = datasets.load(data).to(device)
     sde = sde if sde is not None else VPSDE()
-    torch.manual_seed(seed)  # the initial weights
-    model = make_model(data).to(device)
+    with torch.random.fork_rng(devices=[]):  # the initial weights from `seed`, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = make_model(data)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     step = TrainStep(
         model,
