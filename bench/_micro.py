@@ -20,6 +20,10 @@ def cases(kind: str, size: tuple, device_type: str, backend: str, compile_sizes:
         made = snr_cases(size[0], size[1], device, backend)
     elif kind == "ema":
         made = ema_cases(size[0], size[1], device)
+    elif kind == "em":
+        made = em_cases(size[0], size[1], device, backend)
+    elif kind == "probes":
+        made = probe_cases(size[0], size[1], device, backend)
     else:
         made = randn_cases(size[0], device, backend)
     return {role: (name, fn, nbytes) for role, name, fn, nbytes in made}
@@ -85,6 +89,55 @@ def snr_cases(B: int, D: int, device, backend: str):
             nbytes,
         ),
     ]
+
+
+def _with_compile(cases: list, eager, nbytes: int) -> list:
+    compiled = torch.compile(eager, dynamic=False)
+    compiled()
+    return [*cases, ("compile", "torch.compile(eager)", compiled, nbytes)]
+
+
+def em_cases(B: int, D: int, device, backend: str):
+    """A reverse Euler–Maruyama step x + f dt + g sqrt(|dt|) z with per-sample g [B]: eager, compiled, fused."""
+    x = torch.randn(B, D, device=device)
+    f = torch.randn(B, D, device=device)
+    g = torch.rand(B, device=device) + 0.5
+    dt = -1e-3
+    nbytes = 4 * B * D * 3  # read x, f; write out
+
+    def eager():
+        return x + f * dt + g[:, None] * abs(dt) ** 0.5 * torch.randn_like(x)
+
+    cases = [
+        ("eager", "x + f dt + g sqrt|dt| randn_like(x)", eager, nbytes),
+        (
+            "fused",
+            "euler_maruyama_step",
+            lambda: sf.ops.euler_maruyama_step(x, f, g, dt, seed=1, step=0, backend=backend),
+            nbytes,
+        ),
+    ]
+    return _with_compile(cases, eager, nbytes)
+
+
+def probe_cases(B: int, D: int, device, backend: str):
+    """Hutchinson probes: n_probes=4 Rademacher vectors per sample, eager torch vs the stream-1 op."""
+    n_probes = 4
+    nbytes = 4 * B * D * n_probes  # write the probes
+
+    def eager():
+        return torch.randint(0, 2, (n_probes, B, D), device=device).float() * 2 - 1
+
+    cases = [
+        ("eager", "randint(0, 2) * 2 - 1", eager, nbytes),
+        (
+            "fused",
+            "sf.rademacher (stream 1)",
+            lambda: sf.rademacher((B, n_probes * D), seed=1, step=0, device=device, backend=backend),
+            nbytes,
+        ),
+    ]
+    return _with_compile(cases, eager, nbytes)
 
 
 def randn_cases(n: int, device, backend: str):

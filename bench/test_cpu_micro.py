@@ -55,3 +55,15 @@ def test_randn(record, n, role):
 @pytest.mark.parametrize("n_params,width", [(200, 64)] if QUICK else [(200, 64), (50, 512)])
 def test_ema(record, n_params, width, role):
     _run(record, "ema", (n_params, width), role)
+
+
+@pytest.mark.parametrize("role", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("B,D", [(64, 3 * 32 * 32)] if QUICK else [(64, 3 * 32 * 32), (1000, 3 * 64 * 64)])
+def test_euler_maruyama_step(record, B, D, role):
+    _run(record, "em", (B, D), role)
+
+
+@pytest.mark.parametrize("role", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("B,D", [(64, 3 * 32 * 32)] if QUICK else [(64, 3 * 32 * 32), (1000, 3 * 64 * 64)])
+def test_hutchinson_probes(record, B, D, role):
+    _run(record, "probes", (B, D), role)

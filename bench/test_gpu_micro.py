@@ -64,3 +64,17 @@ def test_randn(record, n, role, backend):
 def test_ema(record, n_params, width, role):
     """#5's GPU goal: sf.train.EMA (foreach) >= 10x a per-parameter loop (launch-bound at 200 tensors)."""
     _run(record, "ema", (n_params, width), role, "cuda")
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("role", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("B,D", [(64, 3 * 32 * 32), (1024, 3 * 64 * 64)])
+def test_euler_maruyama_step(record, B, D, role, backend):
+    _run(record, "em", (B, D), role, backend)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("role", ["eager", "compile", "fused"])
+@pytest.mark.parametrize("B,D", [(64, 3 * 32 * 32), (1024, 3 * 64 * 64)])
+def test_hutchinson_probes(record, B, D, role, backend):
+    _run(record, "probes", (B, D), role, backend)
