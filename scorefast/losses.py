@@ -185,7 +185,7 @@ def ssm_loss(
         .reshape(B, n_projections, *x.shape[1:])
         .transpose(0, 1)
     )
-    call = (lambda y: score_fn(y, t)) if t is not None else score_fn
+    call = _bind_time(score_fn, t)
     if ad != "vjp":
         try:
             total = _ssm_jvp(call, x.detach(), v)
@@ -198,6 +198,11 @@ def ssm_loss(
     else:
         total = _ssm_vjp(call, x, v)
     return total if return_per_sample else total.mean()
+
+
+def _bind_time(score_fn: Callable, t: Tensor | None) -> Callable:
+    """score_fn(y, t) as a function of y alone (score_fn(y) when no time is given)."""
+    return (lambda y: score_fn(y, t)) if t is not None else score_fn
 
 
 def _ssm_jvp(call: Callable, x: Tensor, v: Tensor) -> Tensor:
@@ -234,7 +239,7 @@ def score_matching_loss(
     B = _checks.check_batched("x", x)
     D = x[0].numel()
     xg = x.detach().requires_grad_(True)
-    s = score_fn(xg, t) if t is not None else score_fn(xg)
+    s = _bind_time(score_fn, t)(xg)
     flat = s.reshape(B, D)
     trace = 0.0
     for i in range(D):

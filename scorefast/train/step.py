@@ -122,8 +122,8 @@ class TrainStep:
         self.parameterisation, self.precision = parameterisation, precision
         self.time_map_name = time_map if isinstance(time_map, str) or time_map is None else "custom"
         self.score_fn = adapters.from_parameterisation(model, sde, parameterisation, time_map=time_map)
-        self._loss = self._named_loss(loss, dict(loss_kwargs or {})) if isinstance(loss, str) else loss
         self.loss_kwargs = dict(loss_kwargs or {})
+        self._loss = self._named_loss(loss, self.loss_kwargs) if isinstance(loss, str) else loss
         self.grad_clip, self.warmup, self.accumulate = grad_clip, warmup, accumulate
         self.skip_nonfinite, self.check_every = bool(skip_nonfinite), check_every
         self.base_lrs = [g["lr"].clone() if isinstance(g["lr"], Tensor) else g["lr"] for g in optimizer.param_groups]
@@ -172,7 +172,7 @@ class TrainStep:
         if self._step_t is not None:  # on the device: lr = base * min(1, (n + 1) / warmup)
             scale = torch.clamp((self._step_t + 1).to(torch.float64) / self.warmup, max=1.0)
             for group, base in zip(self.optimizer.param_groups, self.base_lrs):
-                group["lr"].copy_(base.to(torch.float64) * scale if isinstance(base, Tensor) else base * scale)
+                group["lr"].copy_(base.to(torch.float64) * scale)  # tensor lrs: checked in __init__
             return
         scale = min(1.0, (self.step + 1) / self.warmup)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
