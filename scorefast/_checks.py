@@ -18,9 +18,12 @@ def state_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+CAPTURE: list[str | None] = [None]  # "cuda" or "fx" while scorefast.graphs captures a step
+
+
 def is_capturing_or_compiling() -> bool:
     """True inside torch.compile tracing or CUDA-graph capture: no host reads allowed there."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or CAPTURE[0] is not None:
         return True
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
@@ -107,8 +110,9 @@ def counter_tensor(v: int | torch.Tensor) -> torch.Tensor:
 
 def use_custom_op(*tensors: torch.Tensor | None) -> bool:
     """Go through the torch.library op when tracing (torch.compile) or when autograd must record it;
-    plain eager calls with no grad go straight to the backend kernel (same result, less overhead)."""
-    if torch.compiler.is_compiling():
+    plain eager calls with no grad go straight to the backend kernel (same result, less overhead).
+    The CPU emulation of graphs traces with make_fx, which records only torch.library ops."""
+    if torch.compiler.is_compiling() or CAPTURE[0] == "fx":
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

@@ -40,6 +40,7 @@ class _Replace:
 
     def __init__(self, data: Tensor, mask: Tensor, basis: Tensor | None = None):
         self.data, self.mask, self.basis = data, mask, basis
+        self._noising = None  # (the run's Context, its per-step (mean_coef, std) table)
 
     def _to(self, x: Tensor) -> Tensor:
         if self.basis is None:
@@ -51,17 +52,20 @@ class _Replace:
             return x
         return torch.einsum("bj...,ij->bi...", x, self.basis.to(x))
 
-    def __call__(self, ctx, x: Tensor, n: int, t) -> Tensor:
-        times = ctx.times
+    def __call__(self, ctx, x: Tensor, n, t) -> Tensor:
         known = self._to(self.data)
-        if n + 1 < len(times):
-            # known noised to t_{n+1}: mean_coef * known + std * z, one fused pass, the wrapper's draw
-            t_next = torch.tensor([float(times[n + 1])], dtype=torch.float64)
-            a, std = float(ctx.sde.mean_coef(t_next)), float(ctx.sde.std(t_next))
-            noised = ctx.update(known, [], x_coef=a, noise=std, n=n, j=ctx.draws - 1)
-        else:
-            noised = known  # the data end
-        return self._from(self._to(x) * (1 - self.mask) + noised * self.mask)
+        if self._noising is None or self._noising[0] is not ctx:
+            # known noised to t_{n+1}: mean_coef * known + std * z; after the last step (the data end) known
+            _, t_next = ctx.schedule_times()
+            last = t_next <= 0
+            safe = torch.where(last, ctx.sde.eps, t_next)
+            a = torch.where(last, 1.0, ctx.sde.mean_coef(safe))
+            std = torch.where(last, 0.0, ctx.sde.std(safe))
+            self._noising = (ctx, ctx.table(torch.stack([a, std], 1)))
+        a, std = self._noising[1][n]
+        if isinstance(std, Tensor) or std > 0:  # one fused pass, the wrapper's draw
+            known = ctx.update(known, [], x_coef=a, noise=std, n=n, j=ctx.draws - 1)
+        return self._from(self._to(x) * (1 - self.mask) + known * self.mask)
 
 
 def _run(score_fn, sde, data: Tensor, mask: Tensor, basis, sampler: str, **kwargs) -> Tensor:

@@ -17,6 +17,7 @@ PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 UNIFORM_SCALE = torch.tensor(4.6566127342e-10, dtype=torch.float32)  # Triton's 2**-31 in fp32
 TWO_PI_F32 = torch.tensor(6.283185307179586, dtype=torch.float32)
 MIN_UNIFORM = 1e-7
+MIN_UNIFORM_F32 = float(torch.tensor(MIN_UNIFORM, dtype=torch.float32))  # the clamp, rounded as the kernels round it
 KINDS = {"uniform": 0, "normal": 1, "rademacher": 2}
 
 # Streams of the allocation table (DESIGN.md).
@@ -85,7 +86,7 @@ def noise_ref(
         pair_first = e - e % 2  # element of the pair's radius word
         w_r = words_ref(seed, step, sample_ids, stream, pair_first)
         w_t = words_ref(seed, step, sample_ids, stream, pair_first + 1)
-        u0 = uniform_ref(w_r).double().clamp_min(torch.tensor(MIN_UNIFORM, dtype=torch.float32).item())
+        u0 = uniform_ref(w_r).double().clamp_min(MIN_UNIFORM_F32)
         theta = (TWO_PI_F32 * uniform_ref(w_t)).double()  # 2*pi*u1 rounded as the kernels round it
         r = torch.sqrt(-2.0 * torch.log(u0))
         out = torch.where(e % 2 == 0, r * torch.cos(theta), r * torch.sin(theta))

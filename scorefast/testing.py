@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from . import _checks
 from .rng import FIRST_USER_STREAM, randn
 
 
@@ -105,7 +106,10 @@ class GaussianMixture:
         if sde is not None and t is not None:
             # factor once per distinct time (samplers pass one t for the whole batch)
             t = torch.as_tensor(t, dtype=torch.float64, device=x64.device).reshape(-1).expand(B)
-            times, which = torch.unique(t, return_inverse=True)
+            if _checks.is_capturing_or_compiling():  # static shapes: one factorisation per sample
+                times, which = t, torch.arange(B, device=x64.device)
+            else:
+                times, which = torch.unique(t, return_inverse=True)
             means, covs = self._params(times.shape[0], times, sde, x64.device)
         else:
             which = torch.zeros(B, dtype=torch.long, device=x64.device)

@@ -50,7 +50,8 @@ def coef_matrix(
     coefs: Sequence[float | torch.Tensor], B: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
     """Stack scalar / 0-d / [1] / [B] coefficients into a [K, B] tensor (differentiable)."""
-    if not any(isinstance(c, torch.Tensor) for c in coefs):  # the samplers' case: one small tensor
+    if not any(isinstance(c, torch.Tensor) for c in coefs) and not _checks.is_capturing_or_compiling():
+        # the samplers' eager case: one small host-to-device copy (not allowed in a CUDA-graph capture)
         return torch.tensor(coefs, dtype=dtype, device=device)[:, None].expand(len(coefs), B).contiguous()
     out = []
     for c in coefs:

@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
-from .base import Context
+from .base import Context, StepTable
+from .euler_maruyama import predictor_step, run_predictor
 
 NAME = "ancestral"
 DRAWS = 1
@@ -18,7 +19,7 @@ DEFAULT_STEPS = 1000
 KIND = "sde"
 
 
-def schedule(ctx: Context) -> list[tuple[float, float, float]]:
+def schedule(ctx: Context) -> StepTable:
     """Per step (x coefficient, score coefficient, noise std), once per run."""
     sde = ctx.sde
     times, next_times = ctx.schedule_times()
@@ -31,25 +32,17 @@ def schedule(ctx: Context) -> list[tuple[float, float, float]]:
             sigma = sde.std(times)
             adj = torch.where(next_times > 0, sde.std(next_times.clamp_min(sde.eps)), torch.zeros_like(times))
         var = sigma**2 - adj**2
-        return list(zip([1.0] * len(times), var.tolist(), torch.sqrt(adj**2 * var / sigma**2).tolist()))
+        return ctx.table(torch.stack([torch.ones_like(var), var, torch.sqrt(adj**2 * var / sigma**2)], 1))
     if ctx.score_sde_tables:
         beta = sde.discrete_betas[sde.table_index(times)]
     else:
         beta = 1 - sde.alpha_bar(times) / sde.alpha_bar(next_times)
     inv = 1 / torch.sqrt(1 - beta)
-    return list(zip(inv.tolist(), (beta * inv).tolist(), beta.sqrt().tolist()))
+    return ctx.table(torch.stack([inv, beta * inv, beta.sqrt()], 1))
 
 
 def run(ctx: Context, x, *, denoise: bool = True):
     sde = ctx.sde
     if isinstance(sde, SubVPSDE) or not isinstance(sde, VESDE | EDM | VPSDE | DiscreteVP):
         raise ValueError(f"sampler: ancestral supports VESDE, EDM, VPSDE and DiscreteVP, not {type(sde).__name__}")
-    sched = schedule(ctx)
-    times = ctx.times.tolist()
-    for n, t in enumerate(times):
-        s = ctx.score(x, t)
-        x_coef, s_coef, noise = sched[n]
-        last = denoise and n == len(times) - 1
-        x = ctx.update(x, [(s_coef, s)], x_coef=x_coef, noise=0.0 if last else noise, n=n)
-        x = ctx.step_done(n, x, t)
-    return x
+    return run_predictor(ctx, x, schedule(ctx), predictor_step, denoise)

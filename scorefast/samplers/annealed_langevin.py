@@ -8,7 +8,9 @@ adds NCSNv2's x + sigma_L^2 s (one more NFE).  Draws per level: n_steps_each.
 from __future__ import annotations
 
 from ..sde import EDM, VESDE
-from .base import Context
+import torch
+
+from .base import Context, Step
 
 NAME = "annealed_langevin"
 DEFAULT_STEPS = 10
@@ -38,15 +40,20 @@ def run(
         raise ValueError(f"n_steps_each: must be >= 1, got {n_steps_each}")
     if step_lr <= 0:
         raise ValueError(f"step_lr: must be > 0, got {step_lr}")
-    sigmas = sde.std(ctx.times)
-    sigma_last = float(sigmas[-1])
-    for n in range(len(ctx.times)):
-        t = ctx.t_vec(ctx.times[n], x)
-        alpha = step_lr * float(sigmas[n]) ** 2 / sigma_last**2
+    sigmas = sde.std(ctx.times.to("cpu", torch.float64)).tolist()
+    sigma_last = sigmas[-1]
+    alphas = [step_lr * sigma**2 / sigma_last**2 for sigma in sigmas]
+    sched = ctx.table([(alpha, (2 * alpha) ** 0.5) for alpha in alphas])
+
+    def level(n: Step, x):
+        t = ctx.time(n)
+        alpha, noise = sched[n]
         for j in range(n_steps_each):  # sf.ops.langevin_step's update
-            x = ctx.update(x, [(alpha, ctx.score(x, t))], noise=(2 * alpha) ** 0.5, n=n, j=j)
-        x = ctx.step_done(n, x, t)
+            x = ctx.update(x, [(alpha, ctx.score(x, t))], noise=noise, n=n, j=j)
+        return ctx.step_done(n, x, t)
+
+    x = ctx.steps(level, x, 0, len(sigmas))
     if final_denoise:
-        t = ctx.t_vec(ctx.times[-1], x)
-        x = ctx.update(x, [(sigma_last**2, ctx.score(x, t))], n=len(ctx.times) - 1, j=0)
+        t = ctx.time(len(sigmas) - 1)
+        x = ctx.update(x, [(sigma_last**2, ctx.score(x, t))], n=len(sigmas) - 1, j=0)
     return x

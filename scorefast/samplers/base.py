@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .. import _checks
 from ..backends import resolve
 from ..errors import NonFiniteError
 from ..ops.fused_update import apply
@@ -22,6 +23,27 @@ from ..rng import STREAM_SAMPLER
 from ..sde.base import as_time
 
 CHECK_EVERY = 50  # read the non-finite flag on the host every K steps when not capturing
+Step = int | Tensor  # a step index: a Python int (eager) or a 0-d int64 tensor on the device (graphs)
+
+
+class StepTable:
+    """Per-step values [N, K] (float64, computed once per run) read as ``table[n]``.
+
+    ``table[n]`` is a tuple of K Python floats for an int n, and of K 0-d device tensors for a
+    device step index: that is what a captured step reads, so one graph replays every step.
+    """
+
+    def __init__(self, rows: Tensor, device: torch.device, on_device: bool):
+        self.host = [tuple(r) for r in rows.tolist()]
+        self.dev = rows.to(device) if on_device else None
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def __getitem__(self, n: Step) -> tuple:
+        if isinstance(n, Tensor):
+            return tuple(torch.index_select(self.dev, 0, n.reshape(1))[0].unbind(0))
+        return self.host[n]
 
 
 @dataclass
@@ -45,8 +67,26 @@ class Context:
     _backend_name: str | None = None
     _first_bad: Tensor | None = None
     _bad_time: Tensor | None = None
-    _step: int = 0
+    _step: Step = 0
     _progress: object = None
+    graph: str | None = None  # None (eager), "cuda" (CUDA graphs) or "fx" (the CPU emulation used by tests)
+    _recorded: tuple | None = None  # the callback's tensors of a step being captured
+    _times: StepTable | None = None
+    _tweedie: StepTable | None = None
+
+    # -- per-step tables ------------------------------------------------------------------
+    def table(self, rows) -> StepTable:
+        """Per-step values: rows [N, K] (a float64 tensor or N tuples), kept on the device when graphing."""
+        rows = torch.as_tensor(rows, dtype=torch.float64)
+        if rows.dim() == 1:
+            rows = rows[:, None]
+        return StepTable(rows, self.times.device, on_device=self.graph is not None)
+
+    def time(self, n: Step) -> float | Tensor:
+        """Grid time t_n: a float, or a [1] float64 device tensor for a device step index."""
+        if self._times is None:
+            self._times = self.table(self.times.to("cpu", torch.float64))
+        return self._times[n][0]
 
     # -- score evaluations ----------------------------------------------------------------
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
@@ -57,7 +97,8 @@ class Context:
             else as_time(t, x)
         )
         if self.autocast_dtype is not None:
-            with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            # no cast cache under graphs: cached weight casts must not live in a capture's pool
+            with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=self.graph is None):
                 s = self.score_fn(x, t.to(x.dtype), **self.extra_args)
         else:
             s = self.score_fn(x, t.to(x.dtype), **self.extra_args)
@@ -69,16 +110,21 @@ class Context:
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.int64, device=x.device)
             self._bad_time = torch.zeros((), dtype=torch.float64, device=x.device)
+        # in place, so a replayed graph keeps updating the one flag the host reads at the end
         fresh = bad & (self._first_bad < 0)
-        self._first_bad = torch.where(fresh, torch.full_like(self._first_bad, self._step), self._first_bad)
-        self._bad_time = torch.where(fresh, t[0], self._bad_time)
+        step = self._step if isinstance(self._step, Tensor) else torch.full_like(self._first_bad, self._step)
+        self._first_bad.copy_(torch.where(fresh, step, self._first_bad))
+        self._bad_time.copy_(torch.where(fresh, t[0], self._bad_time))
         return s.to(x.dtype) if s.dtype != x.dtype else s
 
-    def denoised(self, x: Tensor, t: float, score: Tensor) -> Tensor:
-        """Tweedie: x0 = (x + std(t)^2 s) / mean_coef(t), one fused pass (t one time for the batch)."""
-        tt = torch.tensor([t], dtype=torch.float64)
-        a, s = float(self.sde.mean_coef(tt)), float(self.sde.std(tt))
-        return self.update(x, [(s * s / a, score)], x_coef=1.0 / a)
+    def denoised(self, x: Tensor, n: Step, score: Tensor) -> Tensor:
+        """Tweedie at grid time t_n: x0 = (x + std^2 s) / mean_coef, one fused pass."""
+        if self._tweedie is None:
+            times = self.times.to("cpu", torch.float64)
+            a, s = self.sde.mean_coef(times), self.sde.std(times)
+            self._tweedie = self.table(torch.stack([s * s / a, 1.0 / a], 1))
+        s_coef, x_coef = self._tweedie[n]
+        return self.update(x, [(s_coef, score)], x_coef=x_coef)
 
     def schedule_times(self) -> tuple[Tensor, Tensor]:
         """(t_n, t_{n+1}) float64 [N] on the host, t_N = 0 (the data end): for per-run coefficient tables."""
@@ -86,13 +132,13 @@ class Context:
         return times, torch.cat([times[1:], times.new_zeros(1)])
 
     # -- noise ----------------------------------------------------------------------------
-    def counter(self, n: int, j: int = 0) -> int:
-        """Philox step of draw j of step n: n*S + j."""
+    def counter(self, n: Step, j: int = 0) -> Step:
+        """Philox step of draw j of step n: n*S + j (a device tensor for a device step index)."""
         if not 0 <= j < self.draws:
             raise AssertionError(f"draw {j} outside the {self.draws} declared draws")
         return n * self.draws + j
 
-    def update(self, x: Tensor, terms, *, noise=0.0, n: int = 0, j: int = 0, x_coef=1.0) -> Tensor:
+    def update(self, x: Tensor, terms, *, noise=0.0, n: Step = 0, j: int = 0, x_coef=1.0) -> Tensor:
         """fused_update on stream 0 with step n*S + j (arguments were validated once per run)."""
         return apply(
             x,
@@ -114,24 +160,55 @@ class Context:
             self._backend_name = resolve(self.backend, x.device, x.dtype)
         return self._backend_name
 
+    # -- the step loop --------------------------------------------------------------------
+    def steps(self, body: Callable, carry, start: int, stop: int, *, done: Callable | None = None):
+        """carry = body(n, *carry) for n in [start, stop): the sampler's uniform steps.
+
+        ``carry`` is a tensor or a tuple of tensors (the state first).  With ``graph`` set, the
+        body is called with a device step index, captured once and replayed (``scorefast.graphs``);
+        ``body`` must then read every per-step value from tables (``table``, ``time``, ``counter``).
+        ``done(carry) -> bool`` (a host read) ends the loop early: checked before every eager step
+        and every ``graphs.CHECK_DONE_EVERY`` replays; a step after done must change nothing.
+        """
+        single = isinstance(carry, Tensor)
+        carry = (carry,) if single else tuple(carry)
+        n = start
+        if self.graph is not None and stop - start >= 3 and not (done is not None and done(carry)):
+            from ..graphs import run_steps
+
+            carry, n = run_steps(self, body, carry, start, stop, done)
+        for n in range(n, stop):
+            if done is not None and done(carry):
+                break
+            self._step = n
+            out = body(n, *carry)
+            carry = (out,) if isinstance(out, Tensor) else tuple(out)
+        return carry[0] if single else carry
+
     # -- bookkeeping ----------------------------------------------------------------------
-    def step_done(self, n: int, x: Tensor, t, denoised: Tensor | None = None) -> Tensor:
+    def step_done(self, n: Step, x: Tensor, t, denoised: Tensor | None = None) -> Tensor:
         """After step n (taken from time t): the conditional projection, callback, progress, checks."""
         if self.project is not None:
             x = self.project(self, x, n, t)
+        if isinstance(n, Tensor):  # a device step (graphs): the host side runs after each replay
+            self._recorded = (x, t, denoised)
+            return x
         self._step = n + 1
-        if self.callback is not None:
-            if not isinstance(t, Tensor):
-                t = torch.full((x.shape[0],), float(t), dtype=torch.float64, device=x.device)
-            self.callback({"x": x, "i": n, "t": t, "sigma": t, "denoised": denoised})
-        if self._progress is not None:
-            self._progress.update(1)
-        capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-        if not capturing and (n + 1) % CHECK_EVERY == 0:
+        self.report(n, x, t, denoised)
+        if not _checks.is_capturing_or_compiling() and (n + 1) % CHECK_EVERY == 0:
             self.check_finite()
         return x
 
+    def report(self, n: int, x: Tensor, t, denoised: Tensor | None) -> None:
+        """The host side of step n: callback and progress bar."""
+        if self.callback is not None:
+            t = as_time(t, x)
+            self.callback({"x": x, "i": n, "t": t, "sigma": t, "denoised": denoised})
+        if self._progress is not None:
+            self._progress.update(1)
+
     def check_finite(self) -> None:
+        """Read the non-finite flag (one host sync) and raise NonFiniteError naming the first bad step."""
         if self._first_bad is not None and int(self._first_bad) >= 0:
             raise NonFiniteError(
                 f"score_fn returned non-finite values at step {int(self._first_bad)} (t = {float(self._bad_time):.6g})"

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context
+from .base import Context, Step, StepTable
+from .euler_maruyama import predictor_step, run_predictor
 
 NAME = "ddim"
 DRAWS = 1
@@ -17,7 +18,7 @@ DEFAULT_STEPS = 50
 KIND = "sde"
 
 
-def schedule(ctx: Context, eta: float) -> list[tuple[float, float, float]]:
+def schedule(ctx: Context, eta: float) -> StepTable:
     """Per step (x coefficient a_n / a_t, score coefficient, sig), once per run."""
     sde = ctx.sde
     times, next_times = ctx.schedule_times()
@@ -29,18 +30,15 @@ def schedule(ctx: Context, eta: float) -> list[tuple[float, float, float]]:
     sig = eta * (s_n / s_t) * torch.sqrt((s_t**2 - a_t**2 * s_n**2 / a_n**2).clamp_min(0))
     direction = torch.sqrt((s_n**2 - sig**2).clamp_min(0))
     # x_next = (a_n / a_t) x + (a_n s_t^2 / a_t - direction * s_t) score + sig z
-    return list(zip((a_n / a_t).tolist(), (a_n * s_t**2 / a_t - direction * s_t).tolist(), sig.tolist()))
+    return ctx.table(torch.stack([a_n / a_t, a_n * s_t**2 / a_t - direction * s_t, sig], 1))
 
 
 def run(ctx: Context, x, *, eta: float = 0.0, denoise: bool = True):
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta: must lie in [0, 1], got {eta}")
-    sched = schedule(ctx, eta)
-    times = ctx.times.tolist()
-    for n, t in enumerate(times):
-        s = ctx.score(x, t)
-        x_coef, s_coef, sig = sched[n]
-        noisy = eta > 0 and not (denoise and n == len(times) - 1)
-        x = ctx.update(x, [(s_coef, s)], x_coef=x_coef, noise=sig if noisy else 0.0, n=n)
-        x = ctx.step_done(n, x, t)
-    return x
+    # eta = 0: a deterministic step (no noise term at all, also under graphs)
+    return run_predictor(ctx, x, schedule(ctx, eta), predictor_step if eta > 0 else _deterministic_step, denoise)
+
+
+def _deterministic_step(ctx: Context, sched: StepTable, x, s, n: Step, j: int, last: bool):
+    return predictor_step(ctx, sched, x, s, n, j, last=True)

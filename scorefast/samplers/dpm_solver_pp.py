@@ -14,7 +14,7 @@ import math
 
 import torch
 
-from .base import Context
+from .base import Context, Step
 from .ode_euler import tweedie
 
 NAME = "dpm_solver++"
@@ -36,49 +36,59 @@ def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noi
     times_t = ctx.times.to("cpu", torch.float64)
     a_t, s_t_all = sde.mean_coef(times_t), sde.std(times_t)
     lam = (a_t / s_t_all).log().tolist()
-    a_all, s_all, times = a_t.tolist(), s_t_all.tolist(), times_t.tolist()
-    D1 = D2 = None
-    h1 = h2 = None
-    for n in range(len(times) - 1):
-        t = times[n]
-        D = ctx.denoised(x, t, ctx.score(x, t))
-        h = lam[n + 1] - lam[n]
-        a_n, s_n, s_t = a_all[n + 1], s_all[n + 1], s_all[n]
-        h_eta = h * (1 + eta)
-        x_coef = s_n / s_t * math.exp(-eta * h)
-        base = -math.expm1(-h_eta)
-        terms = []
-        if variant == "2m" or variant == "2m-sde":
-            if D1 is None:
-                terms = [(a_n * base, D)]
-            elif variant == "2m":
-                r = h1 / h
-                terms = [(a_n * base * (1 + 1 / (2 * r)), D), (-a_n * base / (2 * r), D1)]
-            else:  # midpoint correction of k-diffusion's 2m-sde
-                r = h1 / h
-                c = 0.5 * base / r
-                terms = [(a_n * (base + c), D), (-a_n * c, D1)]
-        else:
-            phi_2 = math.expm1(-h_eta) / h_eta + 1
-            phi_3 = phi_2 / h_eta - 0.5
-            if D2 is not None:
-                r0, r1 = h1 / h, h2 / h
-                # d1_0 = (D - D1)/r0, d1_1 = (D1 - D2)/r1; d1 = d1_0 + (d1_0 - d1_1) r0/(r0 + r1);
-                # d2 = (d1_0 - d1_1)/(r0 + r1); x += phi_2 d1 - phi_3 d2 (expanded into D, D1, D2 weights)
-                w = r0 / (r0 + r1)
-                k = 1 / (r0 + r1)
-                cD = (1 + w) / r0 * phi_2 - k / r0 * phi_3
-                cD1 = (-(1 + w) / r0 - w / r1) * phi_2 + (k / r0 + k / r1) * phi_3
-                cD2 = (w / r1) * phi_2 - (k / r1) * phi_3
-                terms = [(a_n * (base + cD), D), (a_n * cD1, D1), (a_n * cD2, D2)]
-            elif D1 is not None:
-                r = h1 / h
-                terms = [(a_n * (base + phi_2 / r), D), (-a_n * phi_2 / r, D1)]
-            else:
-                terms = [(a_n * base, D)]
-        noise = s_n * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta > 0 else 0.0
-        x = ctx.update(x, terms, x_coef=x_coef, noise=noise, n=n)
+    history = 1 if variant in ("2m", "2m-sde") else 2  # earlier D's a step uses once warmed up
+    rows = [_coefs(variant, eta, s_noise, n, lam, a_t.tolist(), s_t_all.tolist()) for n in range(len(lam) - 1)]
+    sched = ctx.table(rows)
+
+    def step(n: Step, x, *earlier):
+        """earlier: the previous steps' D, newest first (fewer in the first steps)."""
+        t = ctx.time(n)
+        D = ctx.denoised(x, n, ctx.score(x, t))
+        x_coef, cD, cD1, cD2, noise = sched[n]
+        terms = [(cD, D), *zip((cD1, cD2), earlier)]
+        x = ctx.update(x, terms, x_coef=x_coef, noise=noise if eta > 0 else 0.0, n=n)
         x = ctx.step_done(n, x, t, D)
-        D1, D2 = D, D1
-        h1, h2 = h, h1
+        return (x, D, *earlier[: history - 1])
+
+    N = len(lam)
+    carry = ctx.steps(step, (x,), 0, min(history, N - 1))
+    x = ctx.steps(step, carry, min(history, N - 1), N - 1)[0]
     return tweedie(ctx, x, denoise)
+
+
+def _coefs(variant: str, eta: float, s_noise: float, n: int, lam, a_all, s_all) -> tuple[float, ...]:
+    """Step n's (x, D, D_{n-1}, D_{n-2}, noise) coefficients, in double precision on the host."""
+    h = lam[n + 1] - lam[n]
+    h1 = lam[n] - lam[n - 1] if n >= 1 else None
+    h2 = lam[n - 1] - lam[n - 2] if n >= 2 else None
+    a_n, s_n, s_t = a_all[n + 1], s_all[n + 1], s_all[n]
+    h_eta = h * (1 + eta)
+    x_coef = s_n / s_t * math.exp(-eta * h)
+    base = -math.expm1(-h_eta)
+    terms = [a_n * base, 0.0, 0.0]
+    if variant == "2m" or variant == "2m-sde":
+        if h1 is not None and variant == "2m":
+            r = h1 / h
+            terms = [a_n * base * (1 + 1 / (2 * r)), -a_n * base / (2 * r), 0.0]
+        elif h1 is not None:  # midpoint correction of k-diffusion's 2m-sde
+            r = h1 / h
+            c = 0.5 * base / r
+            terms = [a_n * (base + c), -a_n * c, 0.0]
+    else:
+        phi_2 = math.expm1(-h_eta) / h_eta + 1
+        phi_3 = phi_2 / h_eta - 0.5
+        if h2 is not None:
+            r0, r1 = h1 / h, h2 / h
+            # d1_0 = (D - D1)/r0, d1_1 = (D1 - D2)/r1; d1 = d1_0 + (d1_0 - d1_1) r0/(r0 + r1);
+            # d2 = (d1_0 - d1_1)/(r0 + r1); x += phi_2 d1 - phi_3 d2 (expanded into D, D1, D2 weights)
+            w = r0 / (r0 + r1)
+            k = 1 / (r0 + r1)
+            cD = (1 + w) / r0 * phi_2 - k / r0 * phi_3
+            cD1 = (-(1 + w) / r0 - w / r1) * phi_2 + (k / r0 + k / r1) * phi_3
+            cD2 = (w / r1) * phi_2 - (k / r1) * phi_3
+            terms = [a_n * (base + cD), a_n * cD1, a_n * cD2]
+        elif h1 is not None:
+            r = h1 / h
+            terms = [a_n * (base + phi_2 / r), -a_n * phi_2 / r, 0.0]
+    noise = s_n * math.sqrt(-math.expm1(-2 * eta * h)) * s_noise if eta > 0 else 0.0
+    return (x_coef, *terms, noise)

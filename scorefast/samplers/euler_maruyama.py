@@ -7,7 +7,9 @@ reverse drift is a x + b s, so a step is one fused pass: (1 + a dt) x + (b dt) s
 
 from __future__ import annotations
 
-from .base import Context
+import torch
+
+from .base import Context, Step, StepTable
 
 NAME = "euler_maruyama"
 DRAWS = 1
@@ -15,24 +17,32 @@ DEFAULT_STEPS = 1000
 KIND = "sde"
 
 
-def schedule(ctx: Context) -> list[tuple[float, float, float]]:
+def schedule(ctx: Context) -> StepTable:
     """Per step (x coefficient, score coefficient, noise std), computed once per run."""
     times, next_times = ctx.schedule_times()
     dt = (next_times - times) if not ctx.score_sde_tables else times.new_full(times.shape, -ctx.sde.T / ctx.sde.N)
     a, b = ctx.sde.reverse_coefs(times)
     g = ctx.sde.diffusion(times)
-    return list(zip((1 + a * dt).tolist(), (b * dt).tolist(), (g * dt.abs().sqrt()).tolist()))
+    return ctx.table(torch.stack([1 + a * dt, b * dt, g * dt.abs().sqrt()], 1))
 
 
-def predictor_step(ctx: Context, sched, x, s, n: int, j: int, last: bool):
+def predictor_step(ctx: Context, sched: StepTable, x, s, n: Step, j: int, last: bool):
     x_coef, s_coef, noise = sched[n]
     return ctx.update(x, [(s_coef, s)], x_coef=x_coef, noise=0.0 if last else noise, n=n, j=j)
 
 
 def run(ctx: Context, x, *, denoise: bool = True):
-    sched = schedule(ctx)
-    times = ctx.times.tolist()
-    for n, t in enumerate(times):
-        x = predictor_step(ctx, sched, x, ctx.score(x, t), n, 0, last=denoise and n == len(times) - 1)
-        x = ctx.step_done(n, x, t)
-    return x
+    return run_predictor(ctx, x, schedule(ctx), predictor_step, denoise)
+
+
+def run_predictor(ctx: Context, x, sched: StepTable, predictor, denoise: bool):
+    """The predictor-only loop shared with reverse_diffusion: N steps, the last one returns the mean."""
+    N = len(ctx.times)
+
+    def step(n: Step, x, last: bool = False):
+        t = ctx.time(n)
+        x = predictor(ctx, sched, x, ctx.score(x, t), n, 0, last)
+        return ctx.step_done(n, x, t)
+
+    x = ctx.steps(step, x, 0, N - 1)
+    return step(N - 1, x, last=denoise)

@@ -13,7 +13,7 @@ import math
 import torch
 
 from ..sde import EDM
-from .base import Context
+from .base import Context, Step
 from .ode_euler import tweedie
 
 NAME = "heun"
@@ -40,21 +40,28 @@ def run(
     times = ctx.times.tolist()
     N = len(times)
     # per interval: churned start t_hat, end t_next and the reverse-drift coefficients a x + b s at both
-    t_hat = [t * (1 + (min(s_churn / (N - 1), math.sqrt(2) - 1) if s_tmin <= t <= s_tmax else 0.0)) for t in times[:-1]]
-    a1, b1 = (v.tolist() for v in sde.reverse_coefs(torch.tensor(t_hat, dtype=torch.float64), probability_flow=True))
-    a2, b2 = (
-        v.tolist() for v in sde.reverse_coefs(torch.tensor(times[1:], dtype=torch.float64), probability_flow=True)
+    gamma = min(s_churn / (N - 1), math.sqrt(2) - 1)
+    t_hat = [t * (1 + (gamma if s_tmin <= t <= s_tmax else 0.0)) for t in times[:-1]]
+    th, t_next = torch.tensor(t_hat, dtype=torch.float64), torch.tensor(times[1:], dtype=torch.float64)
+    a1, b1 = sde.reverse_coefs(th, probability_flow=True)
+    a2, b2 = sde.reverse_coefs(t_next, probability_flow=True)
+    t_cur = torch.tensor(times[:-1], dtype=torch.float64)
+    churn = (th**2 - t_cur**2).clamp_min(0).sqrt() * s_noise
+    h = t_next - th
+    # Euler x_e = x + h d with d = a1 x + b1 s1; then x + h (d + d2) / 2 with d2 = a2 x_e + b2 s2
+    sched = ctx.table(
+        torch.stack([th, t_next, churn, 1 + h * a1, h * b1, 1 + h / 2 * a1, h / 2 * b1, h / 2 * a2, h / 2 * b2], 1)
     )
-    for n in range(N - 1):
-        t_cur, t_next, th = times[n], times[n + 1], t_hat[n]
-        if th > t_cur:
-            x = ctx.update(x, [], noise=math.sqrt(th**2 - t_cur**2) * s_noise, n=n)
-        # Euler x_e = x + h d with d = a1 x + b1 s1; then x + h (d + d2) / 2 with d2 = a2 x_e + b2 s2
-        h = t_next - th
+    has_churn = bool((churn > 0).any())
+
+    def step(n: Step, x):
+        th, t_next, churn, e_x, e_s, c_x, c_s1, c_xe, c_s2 = sched[n]
+        if has_churn and (isinstance(churn, torch.Tensor) or churn > 0):
+            x = ctx.update(x, [], noise=churn, n=n)
         s1 = ctx.score(x, th)
-        x_euler = ctx.update(x, [(h * b1[n], s1)], x_coef=1 + h * a1[n], n=n)
+        x_euler = ctx.update(x, [(e_s, s1)], x_coef=e_x, n=n)
         s2 = ctx.score(x_euler, t_next)
-        terms = [(h / 2 * b1[n], s1), (h / 2 * a2[n], x_euler), (h / 2 * b2[n], s2)]
-        x = ctx.update(x, terms, x_coef=1 + h / 2 * a1[n], n=n)
-        x = ctx.step_done(n, x, th)
-    return tweedie(ctx, x, denoise)
+        x = ctx.update(x, [(c_s1, s1), (c_xe, x_euler), (c_s2, s2)], x_coef=c_x, n=n)
+        return ctx.step_done(n, x, th)
+
+    return tweedie(ctx, ctx.steps(step, x, 0, N - 1), denoise)

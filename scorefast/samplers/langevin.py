@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from .._checks import check_finite_scalar
-from .base import Context
+from .base import Context, Step
 
 NAME = "langevin"
 DRAWS = 1
@@ -17,8 +17,10 @@ KIND = "langevin"
 def run(ctx: Context, x, *, step_size: float = 1e-3, denoise: bool = True):
     step_size = check_finite_scalar("step_size", step_size, positive=True)
     t = ctx.t_vec(ctx.sde.eps, x)
-    for n in range(len(ctx.times)):
-        # sf.ops.langevin_step's update, arguments validated once for the run
-        x = ctx.update(x, [(step_size, ctx.score(x, t))], noise=(2 * step_size) ** 0.5, n=n)
-        x = ctx.step_done(n, x, t)
-    return x
+    noise = (2 * step_size) ** 0.5
+
+    def step(n: Step, x):  # sf.ops.langevin_step's update, arguments validated once for the run
+        x = ctx.update(x, [(step_size, ctx.score(x, t))], noise=noise, n=n)
+        return ctx.step_done(n, x, t)
+
+    return ctx.steps(step, x, 0, len(ctx.times))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from .base import Context
+import torch
+
+from .base import Context, Step
 
 NAME = "ode_euler"
 DRAWS = 1
@@ -11,21 +13,25 @@ KIND = "ode"
 
 
 def run(ctx: Context, x, *, denoise: bool = True):
-    times = ctx.times.to("cpu", ctx.times.dtype)
+    times = ctx.times.to("cpu", torch.float64)
     dt = times[1:] - times[:-1]
     a, b = ctx.sde.reverse_coefs(times[:-1], probability_flow=True)
-    sched = list(zip((1 + a * dt).tolist(), (b * dt).tolist()))
-    for n, t in enumerate(times[:-1].tolist()):
+    sched = ctx.table(torch.stack([1 + a * dt, b * dt], 1))
+
+    def step(n: Step, x):
+        t = ctx.time(n)
         x_coef, s_coef = sched[n]
         x = ctx.update(x, [(s_coef, ctx.score(x, t))], x_coef=x_coef, n=n)
-        x = ctx.step_done(n, x, t)
-    return tweedie(ctx, x, denoise)
+        return ctx.step_done(n, x, t)
+
+    return tweedie(ctx, ctx.steps(step, x, 0, len(times) - 1), denoise)
 
 
 def tweedie(ctx: Context, x, denoise: bool):
     """The ODE samplers' last step at eps: x0 = (x + std^2 s) / mean_coef (one NFE)."""
     if not denoise:
         return x
-    t = float(ctx.times[-1])
-    x0 = ctx.denoised(x, t, ctx.score(x, t))
-    return ctx.step_done(len(ctx.times) - 1, x0, t, x0)
+    n = len(ctx.times) - 1
+    t = ctx.time(n)
+    x0 = ctx.denoised(x, n, ctx.score(x, t))
+    return ctx.step_done(n, x0, t, x0)

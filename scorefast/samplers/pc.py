@@ -14,7 +14,7 @@ from ..ops import snr_langevin_step
 from ..rng import STREAM_SAMPLER
 from ..sde import VPSDE, DiscreteVP
 from . import euler_maruyama, reverse_diffusion
-from .base import Context
+from .base import Context, Step
 
 NAME = "pc"
 DEFAULT_STEPS = 1000
@@ -55,18 +55,21 @@ def run(
     if n_corrector < 0:
         raise ValueError(f"n_corrector: must be >= 0, got {n_corrector}")
     times, next_times = ctx.schedule_times()
-    alphas = corrector_alpha(ctx, times, next_times).tolist()
+    alphas = ctx.table(corrector_alpha(ctx, times, next_times))
     stepper = reverse_diffusion if predictor == "reverse_diffusion" else euler_maruyama
     sched = stepper.schedule(ctx) if predictor != "none" else None
     N = len(alphas)
-    for n, t in enumerate(times.tolist()):
+
+    def step(n: Step, x, last: bool = False):
+        t = ctx.time(n)
+        (alpha,) = alphas[n]
         for j in range(n_corrector):
             s = ctx.score(x, t)
             x, _ = snr_langevin_step(
                 x,
                 s,
                 snr,
-                alpha=alphas[n],
+                alpha=alpha,
                 norm=norm,
                 seed=ctx.seed,
                 step=ctx.counter(n, j),
@@ -76,6 +79,8 @@ def run(
                 _trusted=True,
             )
         if sched is not None:
-            x = stepper.predictor_step(ctx, sched, x, ctx.score(x, t), n, n_corrector, denoise and n == N - 1)
-        x = ctx.step_done(n, x, t)
-    return x
+            x = stepper.predictor_step(ctx, sched, x, ctx.score(x, t), n, n_corrector, last)
+        return ctx.step_done(n, x, t)
+
+    x = ctx.steps(step, x, 0, N - 1)
+    return step(N - 1, x, last=denoise)

@@ -23,7 +23,7 @@ def run(ctx: Context, x, *, rtol: float = 1e-5, atol: float = 1e-5, denoise: boo
         return sde.reverse_drift(y, t, ctx.score(y, t), probability_flow=True)
 
     t0 = float(ctx.times[0])
-    sol = solver.solve(drift, x, t0, sde.eps, rtol=rtol, atol=atol, backend=ctx.backend)
+    sol = solver.solve(drift, x, t0, sde.eps, rtol=rtol, atol=atol, backend=ctx.backend, attempts=ctx.steps)
     ctx.per_sample_nfe = sol.nfe + (1 if denoise else 0)
     ctx.step_done(0, sol.y, ctx.t_vec(sde.eps, x))
     return tweedie(ctx, sol.y, denoise)

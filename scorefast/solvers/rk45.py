@@ -4,7 +4,8 @@ Every sample integrates dy/dt = fn(y, t) from its own t0 to t1 with its own step
 accepted where the scaled error norm is <= 1 (masked update), so samples never wait on or
 influence each other: a sample's trajectory, step sequence and NFE do not depend on the batch.
 The error norm goes through ``sf.ops.sample_sumsq`` (fixed summation order, DESIGN.md).  The
-loop ends when every sample reached t1 (one host read per step: this solver is not captured).
+loop ends when every sample reached t1 (one host read per attempt, or per block of replays when
+an attempt is captured as a CUDA graph).
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ def _combine(y: Tensor, h: Tensor, ks: list[Tensor], coefs) -> Tensor:
     return out
 
 
+def _eager_attempts(body, carry, start, stop, *, done):
+    for n in range(start, stop):
+        if done(carry):
+            break
+        carry = body(n, *carry)
+    return carry
+
+
 def solve(
     fn: Callable[[Tensor, Tensor], Tensor],
     y0: Tensor,
@@ -66,10 +75,15 @@ def solve(
     h0: float | None = None,
     max_steps: int = 100_000,
     backend: str | None = None,
+    attempts: Callable | None = None,
 ) -> Solution:
     """Integrate dy/dt = fn(y, t [B] float64) from t0 to t1 (floats or [B]); y0 [B, ...].
 
     Error control per sample: RMS over elements of err / (atol + rtol * max(|y|, |y_new|)) <= 1.
+    ``attempts`` runs the step attempts: ``attempts(body, carry, 0, max_steps, done=done)`` with
+    ``carry = body(n, *carry)`` (default: a loop that reads ``done`` on the host before each
+    attempt; a sampler's ``Context.steps`` captures one attempt, all six stages, as a CUDA graph).
+    An attempt after every sample finished changes nothing.
     """
     for name, v in (("rtol", rtol), ("atol", atol)):
         if not (isinstance(v, int | float) and v > 0):
@@ -82,23 +96,19 @@ def solve(
     span = (t_end - t).abs()
     h = span * (0.01 if h0 is None else float(h0))
     D = y0[0].numel() if B else 1
-    y = y0
-    nfe = torch.zeros(B, dtype=torch.int64, device=dev)
-    steps = torch.zeros_like(nfe)
-    rejected = torch.zeros_like(nfe)
-    k1 = fn(y, t)
-    nfe += 1
-    for _ in range(max_steps):
+    nfe = torch.ones(B, dtype=torch.int64, device=dev)
+    k1 = fn(y0, t)
+
+    def attempt(_n, y, k1, t, h, nfe, steps, rejected):
+        """One Dormand–Prince attempt for every sample (functional: a trace may run it)."""
         active = (t_end - t) * direction > 0
-        if not bool(active.any()):
-            return Solution(y, nfe, steps, rejected)
         h = torch.where(active, torch.minimum(h, (t_end - t).abs()), torch.zeros_like(h))
         hs = h * direction
         ks = [k1]
         for i in range(1, 7):
             yi = _combine(y, hs, ks, A[i])
             ks.append(fn(yi, t + C[i] * hs))
-        nfe += 6 * active.long()
+        nfe = nfe + 6 * active.long()
         y_new = _combine(y, hs, ks[:6], B5[:6])  # = ks[6]'s state (FSAL)
         err = _combine(torch.zeros_like(y), hs, ks, ERR)
         scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
@@ -107,9 +117,20 @@ def solve(
         y = torch.where(_col(accept, y), y_new, y)
         k1 = torch.where(_col(accept, y), ks[6], k1)
         t = torch.where(accept, torch.where((t_end - (t + hs)) * direction <= 0, t_end, t + hs), t)
-        steps += accept.long()
-        rejected += (active & ~accept).long()
+        steps = steps + accept.long()
+        rejected = rejected + (active & ~accept).long()
         factor = (SAFETY * err_norm.clamp_min(1e-10) ** -0.2).clamp(MIN_FACTOR, MAX_FACTOR)
         factor = torch.where(accept, factor, factor.clamp(max=1.0))
         h = torch.where(active, h * factor, h)
-    raise RuntimeError(f"max_steps: rk45 did not reach t1 within {max_steps} steps")
+        return y, k1, t, h, nfe, steps, rejected
+
+    def done(carry) -> bool:  # one host read
+        return not bool(((t_end - carry[2]) * direction > 0).any())
+
+    zeros = torch.zeros_like(nfe)
+    carry = (y0, k1, t, h, nfe, zeros, zeros.clone())
+    carry = (attempts or _eager_attempts)(attempt, carry, 0, max_steps, done=done)
+    if not done(carry):
+        raise RuntimeError(f"max_steps: rk45 did not reach t1 within {max_steps} steps")
+    y, _, _, _, nfe, steps, rejected = carry
+    return Solution(y, nfe, steps, rejected)
