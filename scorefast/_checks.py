@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -25,7 +26,13 @@ def is_capturing_or_compiling() -> bool:
     """True inside torch.compile tracing or CUDA-graph capture: no host reads allowed there."""
     if torch.compiler.is_compiling() or CAPTURE[0] is not None:
         return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return _cuda_available() and torch.cuda.is_current_stream_capturing()
+
+
+@functools.cache
+def _cuda_available() -> bool:
+    """torch.cuda.is_available(), asked once (on first use, never at import)."""
+    return torch.cuda.is_available()
 
 
 def check_float_tensor(name: str, t: object) -> torch.Tensor:

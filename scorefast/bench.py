@@ -35,6 +35,8 @@ SUITES = {
     "cpu-likelihood": "test_cpu_likelihood.py",
     "cpu-compat": "test_cpu_compat.py",
     "gpu": "test_gpu_micro.py",
+    "gpu-e2e-mlp": "test_gpu_e2e.py",
+    "gpu-e2e-unet": "test_gpu_e2e.py",
 }
 MACHINE_KEYS = ("gpu", "cpu", "torch", "triton", "cuda")
 ROW_KEYS = ("name", "backend", "dtype", "size", "median_s")
@@ -101,6 +103,12 @@ def derive(rows: list[dict]) -> list[dict]:
                     row[key] = base[role]["median_s"] / row["median_s"]
             if "copy" in base and row.get("bytes"):
                 row["vs_copy"] = (row["bytes"] / row["median_s"]) / (base["copy"]["bytes"] / base["copy"]["median_s"])
+        if "peer" in base and row.get("nfe"):  # GPU end-to-end: a peer's loop, our eager, graphed, compiled
+            row["samples_per_s"] = row["size"] / row["median_s"]
+            row["s_per_nfe"] = row["median_s"] / row["nfe"]
+            for role, key in (("peer", "ratio_vs_peer"), ("eager", "ratio_vs_eager"), ("compile", "ratio_vs_compile")):
+                if role in base and role != row["role"]:
+                    row[key] = base[role]["median_s"] / row["median_s"]
     return rows
 
 
@@ -170,6 +178,43 @@ def sampler_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def e2e_table(results: dict) -> str:
+    """README table of a GPU end-to-end suite: per sampler and batch, every role's time per NFE side by side."""
+    m = results["machine"]
+    roles = ("peer", "eager", "graph", "eager-bf16", "graph-bf16", "compile")
+    lines = [
+        f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}",
+        "",
+        "| sampler | batch | NFE | " + " | ".join(f"{r} /NFE" for r in roles) + " | graph vs peer | graph vs eager "
+        "| graph vs compile | host CPU /step (graph) |",
+        "|---|---|---|" + "---|" * (len(roles) + 4),
+    ]
+    groups: dict[str, dict[str, dict]] = {}
+    for r in results["results"]:
+        if r.get("role") in roles:
+            groups.setdefault(r["group"], {})[r["role"]] = r
+
+    def per_nfe(row):
+        return f"{row['median_s'] / row['nfe'] * 1e6:.0f} us" if row else "-"
+
+    def ratio(row, key):
+        return f"{row[key]:.2f}x" if row and key in row else "-"
+
+    for group, rows in groups.items():
+        first = next(iter(rows.values()))
+        graph = rows.get("graph")
+        cpu = f"{graph['cpu_s_per_step'] * 1e6:.1f} us" if graph and "cpu_s_per_step" in graph else "-"
+        if graph and not graph.get("graphed", True):
+            cpu += " (not captured)"
+        lines.append(
+            f"| {group.split('-')[0]} | {first['size']} | {first['nfe']} | "
+            + " | ".join(per_nfe(rows.get(role)) for role in roles)
+            + f" | {ratio(graph, 'ratio_vs_peer')} | {ratio(graph, 'ratio_vs_eager')} | "
+            f"{ratio(graph, 'ratio_vs_compile')} | {cpu} |"
+        )
+    return "\n".join(lines)
+
+
 def likelihood_table(results: dict) -> str:
     """README table of the likelihood rows (ours and score_sde's scipy loop), rendered from a results file."""
     m = results["machine"]
@@ -194,6 +239,8 @@ def render_table(results: dict) -> str:
     """The README table for any suite's results file."""
     if results["suite"] == "cpu-likelihood":
         return likelihood_table(results)
+    if any(r.get("role") == "peer" for r in results["results"]):
+        return e2e_table(results)
     if any("nfe" in r for r in results["results"]):
         return sampler_table(results)
     return markdown_table(results)

@@ -48,7 +48,7 @@ def emulated() -> Iterator[None]:
 
 
 def mode_for(device: torch.device, cuda_graph: bool) -> str | None:
-    """"cuda" (capture), "fx" (CPU emulation inside ``emulated()``) or None (eager)."""
+    """ "cuda" (capture), "fx" (CPU emulation inside ``emulated()``) or None (eager)."""
     if not cuda_graph:
         return None
     if device.type == "cuda":
@@ -89,7 +89,7 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     nfe_before = ctx.nfe
     try:
         replay = _CAPTURE[ctx.graph](ctx, call, n_dev, carry)
-    except Exception as err:  # noqa: BLE001 - any capture failure falls back, with the reason
+    except Exception as err:  # any capture failure falls back, with the reason
         ctx.nfe = nfe_before
         reason = (str(err).strip().splitlines() or [""])[0][:240]
         warnings.warn(
@@ -100,6 +100,7 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
         )
         return carry, start + 1
     nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
+    ctx.captured = True
     state, n = carry, start + 1
     for n in range(start + 1, stop):
         if done is not None and (n - start - 1) % CHECK_DONE_EVERY == 0 and done(state):
@@ -183,3 +184,82 @@ def _capture_fx(ctx, call, n_dev: Tensor, carry):
 
 _SYNCING = {"_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select", "_local_scalar_dense"}
 _CAPTURE = {"cuda": _capture_cuda, "fx": _capture_fx}
+
+
+class GraphedTrainStep:
+    """``TrainStep`` captured in a CUDA graph: ``graphed(x) -> loss`` (see ``TrainStep.cuda_graph``).
+
+    The first ``warmup`` calls run eagerly on a side stream (optimizer state, GradScaler, cuBLAS
+    workspaces); the next call captures one step with x copied into a static batch, and every call
+    after that copies x in and replays.  The step counter, warmup learning rates and EMA counter live
+    on the device (``device_state=True``), so replay n is eager step n.  The host keeps ``step.step``
+    in sync and reads the non-finite flag every ``check_every`` replays.  On CPU it calls the step.
+    """
+
+    def __init__(self, step, *, warmup: int = 3):
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+            raise ValueError(f"warmup: must be an int >= 1 (eager steps before the capture), got {warmup!r}")
+        if step._step_t is None:
+            raise ValueError("step: capture needs TrainStep(..., device_state=True) (its counters on the device)")
+        if step.skip_nonfinite:
+            raise ValueError("step: skip_nonfinite reads the loss on the host every step and cannot be captured")
+        if step.check_every == 1:
+            raise ValueError(
+                "step: check_every=1 reads the loss before the update; a captured step needs check_every=0 or K > 1"
+            )
+        self.step, self.warmup = step, warmup
+        self._calls = 0
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static_x: Tensor | None = None
+        self._static_loss: Tensor | None = None
+
+    def _check_capturable(self) -> None:
+        groups = self.step.optimizer.param_groups
+        if not all(group.get("capturable", False) for group in groups):
+            raise ValueError(
+                "optimizer: a captured step needs capturable=True in every param group, e.g. "
+                "Adam(params, lr=torch.tensor(2e-4, device='cuda'), capturable=True, fused=True)"
+            )
+        if self.step.scaler is not None and not all(group.get("fused", False) for group in groups):
+            raise ValueError("optimizer: fp16 under graphs needs a fused optimizer (GradScaler.step syncs otherwise)")
+
+    def __call__(self, x: Tensor) -> Tensor:
+        step = self.step
+        if x.device.type != "cuda":
+            return step(x)
+        if self._graph is None and self._calls < self.warmup:
+            self._check_capturable()
+            self._calls += 1
+            side = torch.cuda.Stream(device=x.device)
+            side.wait_stream(torch.cuda.current_stream(x.device))
+            with torch.cuda.stream(side):
+                loss = step(x)
+            torch.cuda.current_stream(x.device).wait_stream(side)
+            return loss
+        if self._graph is None:
+            self._capture(x)
+        elif x.shape != self._static_x.shape or x.dtype != self._static_x.dtype or x.device != self._static_x.device:
+            raise ValueError(
+                f"x: a captured step replays batches of {tuple(self._static_x.shape)} {self._static_x.dtype}, "
+                f"got {tuple(x.shape)} {x.dtype}"
+            )
+        self._static_x.copy_(x)
+        self._graph.replay()
+        step.step += 1
+        if step.check_every > 1 and step.step % step.check_every == 0:
+            step.check()
+        return self._static_loss.clone()
+
+    def _capture(self, x: Tensor) -> None:
+        step = self.step
+        self._static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        check_every, host_step = step.check_every, step.step
+        step.check_every = 0  # the host reads the flag between replays instead
+        step.optimizer.zero_grad(set_to_none=True)
+        try:
+            with _capturing("cuda"), torch.cuda.graph(graph):
+                self._static_loss = step(self._static_x)
+        finally:
+            step.check_every, step.step = check_every, host_step  # capture ran no step
+        self._graph = graph

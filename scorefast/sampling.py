@@ -89,7 +89,8 @@ def sample(
         cuda_graph: on CUDA, capture one step of network + update as a CUDA graph and replay it for
             the sampler's uniform steps (``scorefast.graphs``); a step that cannot be captured warns
             once and the rest runs eagerly.  Same results either way; on CPU a no-op.
-        return_info: also return {"nfe", "x_mean", "time_s", "sampler", "steps"}.
+        return_info: also return {"nfe", "x_mean", "time_s", "sampler", "steps", "cpu_time_s" (the
+            loop's host CPU time before the final device read), "graphed" (steps were replayed)}.
         dtype: the state's dtype (float32; float64 runs the torch reference backend, for validation).
     Returns samples [shape] (fp32), or (samples, info).
     """
@@ -148,7 +149,9 @@ def sample(
         bar = tqdm(total=len(times), desc=f"{sampler}", unit="step")
         ctx._progress = bar
     try:
+        cpu_start = time.thread_time()
         x = module.run(ctx, x, **sampler_options)
+        cpu_time = time.thread_time() - cpu_start  # host work of the loop, before the one device read
         ctx.check_finite()
     finally:
         if bar is not None:
@@ -162,6 +165,8 @@ def sample(
         "sampler": sampler,
         "steps": steps,
         "draws_per_step": ctx.draws,
+        "cpu_time_s": cpu_time,
+        "graphed": ctx.captured,
     }
     if ctx.per_sample_nfe is not None:
         info["nfe_per_sample"] = ctx.per_sample_nfe

@@ -152,6 +152,29 @@ def test_bench_quick_run_writes_results(tmp_path):
     assert not any("nfe" in r for r in data["results"])  # end-to-end rows live in the cpu-e2e suite
 
 
+def test_gpu_end_to_end_suite_runs_its_grid_on_cpu(tmp_path):
+    """The GPU end-to-end suite's code, smoke-run on CPU (SCOREFAST_BENCH_DEVICE=cpu: graphs a no-op)."""
+    out = tmp_path / "e2e.json"
+    res = subprocess.run(
+        [sys.executable, "-m", "scorefast", "bench", "--suite", "gpu-e2e-mlp", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+        env={**os.environ, "SCOREFAST_BENCH_DEVICE": "cpu"},
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    validate(data)
+    roles = {(r["group"], r["role"]) for r in data["results"]}
+    for sampler in ("pc", "euler_maruyama", "heun", "dpm_solver++"):
+        for role in ("peer", "eager", "graph", "eager-bf16", "graph-bf16"):
+            assert (f"{sampler}-mlp-B8", role) in roles
+    graph = [r for r in data["results"] if r["role"] == "graph"]
+    assert all(r["ratio_vs_peer"] > 0 and r["cpu_s_per_step"] > 0 and r["graphed"] is False for r in graph)
+    assert "| heun | 8 |" in res.stdout
+
+
 def test_sample_command_on_a_checkpoint_writes_an_image_grid(tmp_path):
     from scorefast import models
     from scorefast.sde import VPSDE

@@ -439,47 +439,58 @@ def test_device_state_equals_host_state_bitwise(tmp_path, precision):
         TrainStep(model, torch.optim.Adam(model.parameters(), lr=1e-2), sde=VPSDE(), warmup=2, device_state=True)
 
 
+def _capturable_step(device, precision="fp32", **kw):
+    torch.manual_seed(0)
+    model = models.build("MLP", dim=2, hidden=16, layers=2).to(device)
+    flags = {"capturable": True, "fused": precision == "fp16"} if device == "cuda" else {}  # CPU: no capture
+    opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2, device=device), **flags)
+    return TrainStep(
+        model,
+        opt,
+        "dsm",
+        sde=VPSDE(),
+        ema=EMA(model, decay=0.99, warmup=3),
+        warmup=4,
+        grad_clip=0.5,
+        precision=precision,
+        check_every=kw.pop("check_every", 0),
+        device_state=True,
+        **kw,
+    )
+
+
+def test_train_step_capture_checks_its_requirements_and_is_eager_on_cpu():
+    model = _mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    with pytest.raises(ValueError, match="device_state"):
+        TrainStep(model, opt, sde=VPSDE(), check_every=0).cuda_graph()
+    with pytest.raises(ValueError, match="check_every"):
+        TrainStep(model, opt, sde=VPSDE(), device_state=True).cuda_graph()
+    with pytest.raises(ValueError, match="skip_nonfinite"):
+        TrainStep(model, opt, sde=VPSDE(), device_state=True, skip_nonfinite=True).cuda_graph()
+    with pytest.raises(ValueError, match="warmup"):
+        TrainStep(model, opt, sde=VPSDE(), device_state=True, check_every=0).cuda_graph(warmup=0)
+    eager, graphed = _capturable_step("cpu"), _capturable_step("cpu").cuda_graph()
+    for n in range(6):  # CPU: the same steps, eagerly
+        assert torch.equal(eager(_batch(n)), graphed(_batch(n)))
+    assert graphed.step.step == eager.step == 6
+
+
 @pytest.mark.cuda
-def test_captured_train_step_replays_like_eager():
-    """DESIGN "Host syncs": with device_state, capturable Adam and check_every=0, one TrainStep call can be
-    captured in a CUDA graph; replay n equals eager step n.  (Written without a GPU: first run on a lease.)"""
-
-    def make():
-        torch.manual_seed(0)
-        model = models.build("MLP", dim=2, hidden=16, layers=2).cuda()
-        opt = torch.optim.Adam(model.parameters(), lr=torch.tensor(1e-2, device="cuda"), capturable=True)
-        return TrainStep(
-            model,
-            opt,
-            "dsm",
-            sde=VPSDE(),
-            ema=EMA(model, decay=0.99, warmup=3),
-            warmup=4,
-            grad_clip=0.5,
-            check_every=0,
-            device_state=True,
-        )
-
-    eager, graphed = make(), make()
-    xs = [_batch(n).cuda() for n in range(8)]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up steps (optimizer state, cuBLAS) off the capture stream
-        for n in range(3):
-            eager(xs[n])
-            graphed(xs[n])
-    torch.cuda.current_stream().wait_stream(side)
-    static_x = xs[3].clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = graphed(static_x)
-    for n in range(3, 8):
-        static_x.copy_(xs[n])
-        graph.replay()
-        torch.testing.assert_close(static_loss, eager(xs[n]), rtol=1e-5, atol=1e-6)
-    assert int(graphed._step_t) == eager.step == 8
-    for p, q in zip(graphed.model.parameters(), eager.model.parameters()):
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_captured_train_step_replays_like_eager(precision):
+    """DESIGN "Host syncs": with device_state, capturable (fp16: fused) Adam and check_every=0 or K, the
+    step is captured once; replay n equals eager step n, through warmup lr, clipping, the scaler and EMA."""
+    eager = _capturable_step("cuda", precision, check_every=4)
+    graphed = _capturable_step("cuda", precision, check_every=4).cuda_graph(warmup=3)
+    for n in range(10):  # 3 eager warm-up steps, the capture (and its first replay), 6 more replays
+        x = _batch(n).cuda()
+        torch.testing.assert_close(graphed(x), eager(x), rtol=1e-5, atol=1e-6)
+    assert graphed.step.step == eager.step == 10 and int(graphed.step._step_t) == 10
+    for p, q in zip(graphed.step.model.parameters(), eager.model.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    for p, q in zip(graphed.ema.shadow, eager.ema.shadow):
+    for p, q in zip(graphed.step.ema.shadow, eager.ema.shadow):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
-    graphed.check()
+    graphed.step.check()
+    with pytest.raises(ValueError, match="replays batches of"):
+        graphed(_batch(0).cuda()[:5])

@@ -9,9 +9,11 @@ import math
 
 import torch
 
+from bench.baselines import _col
+
 
 def to_d(x, sigma, denoised):
-    return (x - denoised) / sigma[:, None]
+    return (x - denoised) / _col(sigma, x)
 
 
 @torch.no_grad()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from bench.baselines import _col
+
 
 @torch.no_grad()
 def ddim(score_fn, sde, x, times):
@@ -11,9 +13,9 @@ def ddim(score_fn, sde, x, times):
     with epsilon = -std * score."""
     for i, t in enumerate(times):
         t_vec = torch.full((x.shape[0],), float(t))
-        abar_t = sde.alpha_bar(t_vec.double()).float()[:, None]
+        abar_t = _col(sde.alpha_bar(t_vec.double()).float(), x)
         if i + 1 < len(times):
-            abar_prev = sde.alpha_bar(torch.full_like(t_vec, float(times[i + 1])).double()).float()[:, None]
+            abar_prev = _col(sde.alpha_bar(torch.full_like(t_vec, float(times[i + 1])).double()).float(), x)
         else:
             abar_prev = torch.ones_like(abar_t)
         eps = -torch.sqrt(1 - abar_t) * score_fn(x, t_vec)

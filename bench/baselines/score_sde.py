@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import torch
 
+from bench.baselines import _col
+
 
 def _rsde(sde, score_fn, x, t, probability_flow=False):
     """score_sde's ReverseSDE.sde: drift f - g^2 s (x 0.5 for the probability flow), diffusion g."""
     drift, diffusion = sde.sde(x, t)
     score = score_fn(x, t)
-    drift = drift - diffusion[:, None] ** 2 * score * (0.5 if probability_flow else 1.0)
+    drift = drift - _col(diffusion, x) ** 2 * score * (0.5 if probability_flow else 1.0)
     return drift, diffusion
 
 
 def _rsde_discretize(sde, score_fn, x, t):
     """score_sde's ReverseSDE.discretize on its own grid (tables)."""
     f, G = sde.discretize(x, t, t, score_sde_tables=True)
-    rev_f = f.to(x.dtype) - G[:, None].to(x.dtype) ** 2 * score_fn(x, t)
+    rev_f = f.to(x.dtype) - _col(G, x).to(x.dtype) ** 2 * score_fn(x, t)
     return rev_f, G.to(x.dtype)
 
 
@@ -29,7 +31,7 @@ def reverse_diffusion_predictor(sde, score_fn, x, t):
     f, G = _rsde_discretize(sde, score_fn, x, t)
     z = torch.randn_like(x)
     x_mean = x - f
-    x = x_mean + G[:, None] * z
+    x = x_mean + _col(G, x) * z
     return x, x_mean
 
 
@@ -38,7 +40,7 @@ def euler_maruyama_predictor(sde, score_fn, x, t):
     z = torch.randn_like(x)
     drift, diffusion = _rsde(sde, score_fn, x, t)
     x_mean = x + drift * dt
-    x = x_mean + diffusion[:, None] * (-dt) ** 0.5 * z
+    x = x_mean + _col(diffusion, x) * (-dt) ** 0.5 * z
     return x, x_mean
 
 
@@ -55,8 +57,8 @@ def langevin_corrector(sde, score_fn, x, t, snr, n_steps):
         grad_norm = torch.norm(grad.reshape(grad.shape[0], -1), dim=-1).mean()
         noise_norm = torch.norm(noise.reshape(noise.shape[0], -1), dim=-1).mean()
         step_size = (snr * noise_norm / grad_norm) ** 2 * 2 * alpha
-        x_mean = x + step_size[:, None] * grad
-        x = x_mean + torch.sqrt(step_size * 2)[:, None] * noise
+        x_mean = x + _col(step_size, x) * grad
+        x = x_mean + _col(torch.sqrt(step_size * 2), x) * noise
     return x, x_mean
 
 
@@ -82,9 +84,9 @@ def ancestral_predictor(sde, score_fn, x, t):
     timestep = (t * (sde.N - 1) / sde.T).long()
     beta = sde.discrete_betas.to(t.device)[timestep].to(x.dtype)
     score = score_fn(x, t)
-    x_mean = (x + beta[:, None] * score) / torch.sqrt(1.0 - beta)[:, None]
+    x_mean = (x + _col(beta, x) * score) / _col(torch.sqrt(1.0 - beta), x)
     noise = torch.randn_like(x)
-    x = x_mean + torch.sqrt(beta)[:, None] * noise
+    x = x_mean + _col(torch.sqrt(beta), x) * noise
     return x, x_mean
 
 

@@ -51,8 +51,12 @@ def coef_matrix(
 ) -> torch.Tensor:
     """Stack scalar / 0-d / [1] / [B] coefficients into a [K, B] tensor (differentiable)."""
     if not any(isinstance(c, torch.Tensor) for c in coefs) and not _checks.is_capturing_or_compiling():
-        # the samplers' eager case: one small host-to-device copy (not allowed in a CUDA-graph capture)
-        return torch.tensor(coefs, dtype=dtype, device=device)[:, None].expand(len(coefs), B).contiguous()
+        # Python numbers, eagerly: one small tensor; to a GPU through pinned memory, so the copy is
+        # asynchronous (a pageable one would wait for the GPU); not allowed in a CUDA-graph capture
+        host = torch.tensor(coefs, dtype=dtype)
+        if device.type != "cpu":
+            host = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+        return host[:, None].expand(len(coefs), B).contiguous()
     out = []
     for c in coefs:
         if isinstance(c, torch.Tensor):

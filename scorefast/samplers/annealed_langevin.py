@@ -7,9 +7,9 @@ adds NCSNv2's x + sigma_L^2 s (one more NFE).  Draws per level: n_steps_each.
 
 from __future__ import annotations
 
-from ..sde import EDM, VESDE
 import torch
 
+from ..sde import EDM, VESDE
 from .base import Context, Step
 
 NAME = "annealed_langevin"

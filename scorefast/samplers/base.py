@@ -29,13 +29,16 @@ Step = int | Tensor  # a step index: a Python int (eager) or a 0-d int64 tensor 
 class StepTable:
     """Per-step values [N, K] (float64, computed once per run) read as ``table[n]``.
 
-    ``table[n]`` is a tuple of K Python floats for an int n, and of K 0-d device tensors for a
-    device step index: that is what a captured step reads, so one graph replays every step.
+    ``table[n]`` is a tuple of K Python floats for an int n on CPU, and of K 0-d device tensors for
+    a device step index: that is what a captured step reads, so one graph replays every step.  On a
+    GPU eager steps read device rows too, so no step copies its coefficients host-to-device (a
+    pageable copy would stall the host until the GPU caught up).
     """
 
     def __init__(self, rows: Tensor, device: torch.device, on_device: bool):
         self.host = [tuple(r) for r in rows.tolist()]
-        self.dev = rows.to(device) if on_device else None
+        self.dev = rows.to(device) if on_device or device.type != "cpu" else None
+        self._dev_rows = [tuple(r.unbind(0)) for r in self.dev] if device.type != "cpu" else None
 
     def __len__(self) -> int:
         return len(self.host)
@@ -43,7 +46,7 @@ class StepTable:
     def __getitem__(self, n: Step) -> tuple:
         if isinstance(n, Tensor):
             return tuple(torch.index_select(self.dev, 0, n.reshape(1))[0].unbind(0))
-        return self.host[n]
+        return self._dev_rows[n] if self._dev_rows is not None else self.host[n]
 
 
 @dataclass
@@ -65,11 +68,13 @@ class Context:
     per_sample_nfe: Tensor | None = None  # adaptive solvers
     project: Callable | None = None  # conditional wrappers: project(ctx, x, n, t) -> x after step n
     _backend_name: str | None = None
+    _finite: list = field(default_factory=list)  # eager steps: (step, t, finite) until the next check
     _first_bad: Tensor | None = None
     _bad_time: Tensor | None = None
     _step: Step = 0
     _progress: object = None
     graph: str | None = None  # None (eager), "cuda" (CUDA graphs) or "fx" (the CPU emulation used by tests)
+    captured: bool = False  # some steps were replayed from a captured graph
     _recorded: tuple | None = None  # the callback's tensors of a step being captured
     _times: StepTable | None = None
     _tweedie: StepTable | None = None
@@ -90,7 +95,10 @@ class Context:
 
     # -- score evaluations ----------------------------------------------------------------
     def score(self, x: Tensor, t: Tensor | float) -> Tensor:
-        """score_fn(x, t [B] in the SDE's time, **extra_args) in x's dtype; counts NFE, flags NaN/inf."""
+        """score_fn(x, t [B] in the SDE's time, **extra_args); counts NFE, flags NaN/inf.
+
+        The score comes back in x's dtype, except that a bf16/fp16 score of an fp32 state is kept as
+        it is: every fused op reads it directly and does its arithmetic in fp32."""
         t = (
             torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
             if isinstance(t, float)
@@ -106,15 +114,9 @@ class Context:
             shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
             raise ValueError(f"score_fn: returned {shape}, expected a tensor shaped like x {tuple(x.shape)}")
         self.nfe += 1
-        bad = ~torch.isfinite(s).all()
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.int64, device=x.device)
-            self._bad_time = torch.zeros((), dtype=torch.float64, device=x.device)
-        # in place, so a replayed graph keeps updating the one flag the host reads at the end
-        fresh = bad & (self._first_bad < 0)
-        step = self._step if isinstance(self._step, Tensor) else torch.full_like(self._first_bad, self._step)
-        self._first_bad.copy_(torch.where(fresh, step, self._first_bad))
-        self._bad_time.copy_(torch.where(fresh, t[0], self._bad_time))
+        self._flag(torch.isfinite(s).all(), t)
+        if s.dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32:
+            return s  # the fused ops read low-precision scores directly (fp32 arithmetic, no extra pass)
         return s.to(x.dtype) if s.dtype != x.dtype else s
 
     def denoised(self, x: Tensor, n: Step, score: Tensor) -> Tensor:
@@ -172,12 +174,12 @@ class Context:
         """
         single = isinstance(carry, Tensor)
         carry = (carry,) if single else tuple(carry)
-        n = start
+        first = start
         if self.graph is not None and stop - start >= 3 and not (done is not None and done(carry)):
             from ..graphs import run_steps
 
-            carry, n = run_steps(self, body, carry, start, stop, done)
-        for n in range(n, stop):
+            carry, first = run_steps(self, body, carry, start, stop, done)
+        for n in range(first, stop):
             if done is not None and done(carry):
                 break
             self._step = n
@@ -207,12 +209,36 @@ class Context:
         if self._progress is not None:
             self._progress.update(1)
 
+    def _flag(self, finite: Tensor, t: Tensor) -> None:
+        """Record whether step ``_step``'s score was finite, without reading it on the host.
+
+        Eager steps keep (step, t, finite) in a list (no further device work); a device step (graphs)
+        updates a first-bad-step flag in place, so every replay of a graph keeps updating it.
+        """
+        if not isinstance(self._step, Tensor):
+            self._finite.append((self._step, t, finite))
+            return
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.int64, device=finite.device)
+            self._bad_time = torch.zeros((), dtype=torch.float64, device=finite.device)
+        fresh = ~finite & (self._first_bad < 0)
+        self._first_bad.copy_(torch.where(fresh, self._step, self._first_bad))
+        self._bad_time.copy_(torch.where(fresh, t[0], self._bad_time))
+
     def check_finite(self) -> None:
-        """Read the non-finite flag (one host sync) and raise NonFiniteError naming the first bad step."""
+        """Read the non-finite flags (one host sync) and raise NonFiniteError naming the first bad step."""
+        bad = []
+        if self._finite:
+            flags = torch.stack([finite for _, _, finite in self._finite])
+            if not bool(flags.all()):
+                step, t, _ = self._finite[int((~flags).nonzero()[0, 0])]
+                bad.append((step, float(t[0])))
+            self._finite.clear()
         if self._first_bad is not None and int(self._first_bad) >= 0:
-            raise NonFiniteError(
-                f"score_fn returned non-finite values at step {int(self._first_bad)} (t = {float(self._bad_time):.6g})"
-            )
+            bad.append((int(self._first_bad), float(self._bad_time)))
+        if bad:
+            step, t = min(bad)
+            raise NonFiniteError(f"score_fn returned non-finite values at step {step} (t = {t:.6g})")
 
     def t_vec(self, t: float | Tensor, x: Tensor) -> Tensor:
         return as_time(t, x)

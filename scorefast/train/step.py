@@ -1,4 +1,4 @@
-"""``TrainStep``: one optimisation step of a score network, eager or (later) captured in a CUDA graph.
+"""``TrainStep``: one optimisation step of a score network, eager or captured in a CUDA graph.
 
 The step is a function of the model, the optimizer, the batch and the integer step counter n:
 the loss draws its times (stream 4) and noise (stream 2) at Philox step n with global sample ids,
@@ -239,6 +239,17 @@ class TrainStep:
         if self.check_every > 1 and self.step % self.check_every == 0:
             self.check()
         return total.float()
+
+    def cuda_graph(self, *, warmup: int = 3):
+        """This step captured in a CUDA graph: ``graphed = step.cuda_graph(); loss = graphed(x)``.
+
+        Needs ``device_state=True``, ``check_every`` 0 or K > 1, ``capturable=True`` param groups
+        (tensor learning rates for warmup) and, in fp16, a fused optimizer; batches of one shape.
+        The first ``warmup`` calls are eager steps; on CPU every call is eager (same results).
+        """
+        from ..graphs import GraphedTrainStep
+
+        return GraphedTrainStep(self, warmup=warmup)
 
     # -- checkpoints ------------------------------------------------------------------------
     def config(self) -> dict:
