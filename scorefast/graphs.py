@@ -91,9 +91,8 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
         replay = _CAPTURE[ctx.graph](ctx, call, n_dev, carry)
     except Exception as err:  # any capture failure falls back, with the reason
         ctx.nfe = nfe_before
-        reason = (str(err).strip().splitlines() or [""])[0][:240]
         warnings.warn(
-            f"cuda_graph: step {start + 1} could not be captured ({type(err).__name__}: {reason}); "
+            f"cuda_graph: step {start + 1} could not be captured ({_reason(err)}); "
             "sampling the remaining steps eagerly (same results)",
             RuntimeWarning,
             stacklevel=4,
@@ -116,15 +115,24 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     return state, n
 
 
+def _reason(err: Exception) -> str:
+    """The first line of a capture error, for the fallback warning."""
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:240]}"
+
+
 def _warm_up(mode: str, call, n_dev: Tensor, carry):
-    if mode != "cuda":
-        return call(n_dev, carry)
-    side = torch.cuda.Stream(device=n_dev.device)
-    side.wait_stream(torch.cuda.current_stream(n_dev.device))
+    return _on_side_stream(n_dev.device, call, n_dev, carry) if mode == "cuda" else call(n_dev, carry)
+
+
+def _on_side_stream(device: torch.device, fn: Callable, *args):
+    """fn(*args) on a fresh side stream, ordered after and before the current stream's work: the warm-up
+    a capture needs (lazy initialisation must not happen on the capture stream)."""
+    side = torch.cuda.Stream(device=device)
+    side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        carry = call(n_dev, carry)
-    torch.cuda.current_stream(n_dev.device).wait_stream(side)
-    return carry
+        out = fn(*args)
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
 
 
 def _capture_cuda(ctx, call, n_dev: Tensor, carry):
@@ -209,6 +217,7 @@ class GraphedTrainStep:
             )
         self.step, self.warmup = step, warmup
         self._calls = 0
+        self._failed = False
         self._graph: torch.cuda.CUDAGraph | None = None
         self._static_x: Tensor | None = None
         self._static_loss: Tensor | None = None
@@ -230,14 +239,24 @@ class GraphedTrainStep:
         if self._graph is None and self._calls < self.warmup:
             self._check_capturable()
             self._calls += 1
-            side = torch.cuda.Stream(device=x.device)
-            side.wait_stream(torch.cuda.current_stream(x.device))
-            with torch.cuda.stream(side):
-                loss = step(x)
-            torch.cuda.current_stream(x.device).wait_stream(side)
-            return loss
+            return _on_side_stream(x.device, step, x)
+        if self._failed:
+            return step(x)
         if self._graph is None:
-            self._capture(x)
+            try:
+                self._capture(x)
+            except Exception as err:  # a step that cannot be captured trains eagerly from here on
+                self._failed = True
+                step.optimizer.zero_grad(set_to_none=True)  # gradients of the aborted capture
+                if step.scaler is not None:
+                    step.scaler._per_optimizer_states.clear()  # back to READY (unscale_ ran in the capture)
+                warnings.warn(
+                    f"cuda_graph: the training step could not be captured ({_reason(err)}); "
+                    "training eagerly (same results)",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return step(x)
         elif x.shape != self._static_x.shape or x.dtype != self._static_x.dtype or x.device != self._static_x.device:
             raise ValueError(
                 f"x: a captured step replays batches of {tuple(self._static_x.shape)} {self._static_x.dtype}, "

@@ -494,3 +494,20 @@ def test_captured_train_step_replays_like_eager(precision):
     graphed.step.check()
     with pytest.raises(ValueError, match="replays batches of"):
         graphed(_batch(0).cuda()[:5])
+
+
+@pytest.mark.cuda
+def test_a_train_step_that_syncs_falls_back_to_eager_with_one_warning():
+    def syncing_dsm(score_fn, x, sde, **kw):
+        loss = sf.losses.dsm_loss(score_fn, x, sde, return_per_sample=True, **kw)
+        if float(loss.sum()) < -1.0:  # a host read: cannot be captured
+            raise AssertionError
+        return loss
+
+    eager = _capturable_step("cuda", loss=syncing_dsm)
+    graphed = _capturable_step("cuda", loss=syncing_dsm).cuda_graph(warmup=1)
+    with pytest.warns(RuntimeWarning, match="training step could not be captured") as rec:
+        for n in range(4):
+            x = _batch(n).cuda()
+            torch.testing.assert_close(graphed(x), eager(x), rtol=1e-5, atol=1e-6)
+    assert len(rec) == 1 and graphed.step.step == 4
