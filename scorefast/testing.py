@@ -14,7 +14,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from . import _checks
 from .rng import FIRST_USER_STREAM, randn
 
 
@@ -69,6 +68,7 @@ class GaussianMixture:
         self.means = mu
         self.covs = c.contiguous()
         self.dim = d
+        self._device_params: dict[str, tuple[Tensor, ...]] = {}
 
     @classmethod
     def builtin(cls) -> GaussianMixture:
@@ -84,8 +84,17 @@ class GaussianMixture:
         return cls(torch.ones(n_modes), means, std**2)
 
     # -- the (perturbed) parameters -------------------------------------------------------
+    def _on(self, device: torch.device) -> tuple[Tensor, ...]:
+        """(weights, means, eigenvalues [K, d], eigenvectors [K, d, d]) of the covariances on ``device``,
+        copied once per device: a captured step must not copy host tensors."""
+        key = str(device)
+        if key not in self._device_params:
+            lam, U = torch.linalg.eigh(self.covs)
+            self._device_params[key] = tuple(v.to(device) for v in (self.weights, self.means, lam, U))
+        return self._device_params[key]
+
     def _params(self, B: int, t: Tensor | None, sde, device) -> tuple[Tensor, Tensor]:
-        """Per-sample means [B, K, d] and covariances [B, K, d, d] of p_t."""
+        """Per-sample means [B, K, d] and covariances [B, K, d, d] of p_t (for exact sampling)."""
         mu, cov = self.means.to(device), self.covs.to(device)
         if sde is None:
             return mu.expand(B, *mu.shape), cov.expand(B, *cov.shape)
@@ -99,29 +108,32 @@ class GaussianMixture:
         return means, covs
 
     def _component_terms(self, x: Tensor, t, sde):
+        """(x [B, d] float64, log w_k N_k(x) [B, K], Sigma_k(t)^-1 (x - mu_k(t)) [B, K, d]).
+
+        p_t's component k is N(a mu_k, a^2 Sigma_k + s^2 I), which shares Sigma_k's eigenvectors U_k:
+        its eigenvalues are a^2 lambda_k + s^2, so no factorisation per time (and nothing that syncs
+        or has a data-dependent shape: a CUDA graph can capture it).
+        """
         x64 = x.reshape(x.shape[0], -1).to(torch.float64)
         B = x64.shape[0]
         if x64.shape[1] != self.dim:
             raise ValueError(f"x: expected {self.dim} features per sample, got {x64.shape[1]}")
-        if sde is not None and t is not None:
-            # factor once per distinct time (samplers pass one t for the whole batch)
+        weights, mu, lam, U = self._on(x64.device)
+        if sde is not None:
+            if t is None:
+                raise ValueError("t: needed with sde")
             t = torch.as_tensor(t, dtype=torch.float64, device=x64.device).reshape(-1).expand(B)
-            if _checks.is_capturing_or_compiling():  # static shapes: one factorisation per sample
-                times, which = t, torch.arange(B, device=x64.device)
-            else:
-                times, which = torch.unique(t, return_inverse=True)
-            means, covs = self._params(times.shape[0], times, sde, x64.device)
+            a, s = _marginal_coefs(sde, t, self.dim)
+            means = a[:, None, None] * mu  # [B, K, d]
+            var = a[:, None, None] ** 2 * lam + (s**2)[:, None, None]  # [B, K, d]
         else:
-            which = torch.zeros(B, dtype=torch.long, device=x64.device)
-            means, covs = self._params(1, None, None, x64.device)
-        chol = torch.linalg.cholesky(covs)  # [U, K, d, d]
-        logdet = 2 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)  # [U, K]
-        precision = torch.cholesky_inverse(chol)  # [U, K, d, d]
-        diff = x64[:, None, :] - means[which]  # [B, K, d]
-        sol = torch.einsum("bkij,bkj->bki", precision[which], diff)  # Sigma^-1 (x - mu)
+            means, var = mu.expand(B, *mu.shape), lam.expand(B, *lam.shape)
+        diff = x64[:, None, :] - means  # [B, K, d]
+        proj = torch.einsum("kji,bkj->bki", U, diff) / var  # U^T (x - mu) / eigenvalues
+        sol = torch.einsum("kij,bkj->bki", U, proj)  # Sigma^-1 (x - mu)
         maha = (diff * sol).sum(-1)
-        log_norm = logdet[which] + self.dim * math.log(2 * math.pi)
-        logp_k = torch.log(self.weights.to(x64.device)) - 0.5 * (maha + log_norm)
+        log_norm = torch.log(var).sum(-1) + self.dim * math.log(2 * math.pi)
+        logp_k = torch.log(weights) - 0.5 * (maha + log_norm)
         return x64, logp_k, sol
 
     def log_prob(self, x: Tensor, t: Tensor | float | None = None, sde=None) -> Tensor:

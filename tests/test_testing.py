@@ -29,6 +29,23 @@ def test_score_is_gradient_of_log_prob(sde):
     torch.testing.assert_close(gm.score(x.detach(), t, sde), grad, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("sde", [None, VESDE(), VPSDE(), DiscreteVP.cosine()], ids=lambda s: type(s).__name__)
+def test_log_prob_matches_torch_distributions(sde):
+    """Against torch.distributions with each time's covariance a^2 Sigma_k + s^2 I built explicitly."""
+    gm = _mixture()
+    x = torch.randn(6, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    t = None if sde is None else torch.linspace(sde.eps + 0.01, sde.T * 0.9, 6, dtype=torch.float64)
+    expected = []
+    for i in range(6):
+        a, s = 1.0, 0.0
+        if sde is not None:  # p_t's law as sde.marginal_prob defines it
+            mean, std = sde.marginal_prob(torch.ones(1, 1, dtype=torch.float64), t[i : i + 1])
+            a, s = float(mean), float(std)
+        comps = torch.distributions.MultivariateNormal(a * gm.means, a**2 * gm.covs + s**2 * torch.eye(3, dtype=torch.float64))
+        expected.append(torch.logsumexp(torch.log(gm.weights) + comps.log_prob(x[i]), 0))
+    torch.testing.assert_close(gm.log_prob(x, t, sde), torch.stack(expected), atol=1e-11, rtol=1e-11)
+
+
 def test_single_gaussian_closed_forms():
     gm = sf.testing.GaussianMixture([1.0], [[1.0, -2.0]], [[2.0, 0.5]])
     x = torch.tensor([[0.3, 0.1]], dtype=torch.float64)

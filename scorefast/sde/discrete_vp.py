@@ -44,11 +44,19 @@ class DiscreteVP(SDE):
     def config(self):
         return {"alphas_cumprod": self.alphas_cumprod.tolist()}
 
+    def _log_sigmas_on(self, device: torch.device) -> Tensor:
+        """log sigma table on ``device``, copied once: a score call in a CUDA graph must not copy from the host."""
+        cache = self.__dict__.setdefault("_log_sigmas_by_device", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = self.log_sigmas.to(device)
+        return cache[key]
+
     def _log_sigma_and_slope(self, t: Tensor) -> tuple[Tensor, Tensor]:
         tau = (t * (self.N - 1)).clamp(0, self.N - 1)
         lo = tau.floor().long().clamp(max=self.N - 2)
         w = tau - lo
-        table = self.log_sigmas.to(t.device)
+        table = self._log_sigmas_on(t.device)
         a, b = table[lo], table[lo + 1]
         return a + w * (b - a), (b - a) * (self.N - 1)
 
