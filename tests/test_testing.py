@@ -41,7 +41,8 @@ def test_log_prob_matches_torch_distributions(sde):
         if sde is not None:  # p_t's law as sde.marginal_prob defines it
             mean, std = sde.marginal_prob(torch.ones(1, 1, dtype=torch.float64), t[i : i + 1])
             a, s = float(mean), float(std)
-        comps = torch.distributions.MultivariateNormal(a * gm.means, a**2 * gm.covs + s**2 * torch.eye(3, dtype=torch.float64))
+        cov = a**2 * gm.covs + s**2 * torch.eye(3, dtype=torch.float64)
+        comps = torch.distributions.MultivariateNormal(a * gm.means, cov)
         expected.append(torch.logsumexp(torch.log(gm.weights) + comps.log_prob(x[i]), 0))
     torch.testing.assert_close(gm.log_prob(x, t, sde), torch.stack(expected), atol=1e-11, rtol=1e-11)
 
