@@ -25,6 +25,7 @@ namespace scorefast_cpu {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kTile = 1024;               // elements per tile; a multiple of 4 and of Vec::size()
 constexpr int64_t kMaxGroups = kTile / 4 + 2;  // Philox groups a tile can touch
+constexpr int64_t kPackedRows = 64;            // fused_update packs rows this short into flat spans
 
 enum NoiseKind : int64_t { kUniform = 0, kNormal = 1, kRademacher = 2 };
 
@@ -236,6 +237,43 @@ void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Ten
   for_each_block(B, D, 0, [&](int64_t b0, int64_t nb, int64_t first, int64_t n) {
     alignas(64) std::array<float, kTile> xbuf, tbuf, zbuf, acc;
     if (with_noise) noise_rows(c, id, b0, nb, first, n, kNormal, zbuf.data(), n);
+    if (n == D && D % Vec::size() != 0 && D <= kPackedRows) {
+      // Short rows (low-dimensional data): the block's whole rows are one contiguous span, done as
+      // flat vectors with each row's coefficient repeated over its elements.  Every element sees
+      // the same lane-wise multiply and fmadds as in the row path below, so results are bitwise
+      // the same; it only saves the masked loads a short row costs per term.
+      const int64_t m = nb * D;
+      alignas(64) std::array<float, kTile> cbuf;
+      const auto spread = [&](int64_t k) {
+        for (int64_t r = 0; r < nb; ++r) std::fill_n(cbuf.data() + r * D, D, cf[k * B + b0 + r]);
+      };
+      const float* xv = as_float(xp, xdt, b0 * D, m, xbuf.data());
+      spread(0);
+      for (int64_t i = 0; i < m; i += Vec::size()) {
+        const int64_t cnt = std::min<int64_t>(Vec::size(), m - i);
+        (Vec::loadu(cbuf.data() + i, cnt) * Vec::loadu(xv + i, cnt)).store(acc.data() + i, cnt);
+      }
+      for (int64_t t = 0; t < T; ++t) {
+        const float* tv = as_float(term_ptr[t], term_dtype[t], b0 * D, m, tbuf.data());
+        spread(1 + t);
+        for (int64_t i = 0; i < m; i += Vec::size()) {
+          const int64_t cnt = std::min<int64_t>(Vec::size(), m - i);
+          at::vec::fmadd(Vec::loadu(cbuf.data() + i, cnt), Vec::loadu(tv + i, cnt), Vec::loadu(acc.data() + i, cnt))
+              .store(acc.data() + i, cnt);
+        }
+      }
+      if (with_noise) {
+        spread(T + 1);
+        for (int64_t i = 0; i < m; i += Vec::size()) {
+          const int64_t cnt = std::min<int64_t>(Vec::size(), m - i);
+          at::vec::fmadd(Vec::loadu(cbuf.data() + i, cnt), Vec::loadu(zbuf.data() + i, cnt),
+                         Vec::loadu(acc.data() + i, cnt))
+              .store(acc.data() + i, cnt);
+        }
+      }
+      store_from_float(acc.data(), op, odt, b0 * D, m);
+      return;
+    }
     for (int64_t b = b0; b < b0 + nb; ++b) {
       const float* zv = zbuf.data() + (b - b0) * n;
       const float* xv = as_float(xp, xdt, b * D + first, n, xbuf.data());
