@@ -6,7 +6,7 @@ kernels.  Importing never loads a compiled extension or queries a GPU, unless
 ``SCOREFAST_REQUIRE_BACKENDS`` asks for a backend to be checked.
 """
 
-from . import adapters, backends, conditional, distributed, losses, models, ops, samplers, sde, testing, train
+from . import adapters, backends, conditional, distributed, graphs, losses, models, ops, samplers, sde, testing, train
 from .backends import BackendUnavailableError
 from .compiling import compile
 from .divergence import divergence, hutchinson_trace
@@ -28,6 +28,7 @@ __all__ = [
     "conditional",
     "distributed",
     "divergence",
+    "graphs",
     "hutchinson_trace",
     "log_likelihood",
     "losses",

@@ -60,6 +60,9 @@ def _jsonable(v):
     return repr(v)
 
 
+RESULT_NEUTRAL = ("cuda_graph",)  # sample options that never change a sample: a resume may differ in them
+
+
 def run_config(score_fn, sde, n_samples, sample_shape, chunk, sampler, steps, seed, extra_args, options) -> dict:
     """The settings that determine every sample; a resume must match them all."""
     return {
@@ -73,7 +76,7 @@ def run_config(score_fn, sde, n_samples, sample_shape, chunk, sampler, steps, se
         "sde_config": _jsonable(sde.config()),
         "score_fn": getattr(score_fn, "__qualname__", type(score_fn).__name__),
         "extra_args": _jsonable(extra_args or {}),
-        "sample_options": _jsonable(options),
+        "sample_options": _jsonable({k: v for k, v in options.items() if k not in RESULT_NEUTRAL}),
     }
 
 

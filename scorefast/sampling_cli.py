@@ -88,6 +88,9 @@ def _sample_command(parser):
     parser.add_argument("--backend", default=None, choices=("torch", "cpu", "triton", "cuda"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    parser.add_argument(
+        "--cuda-graph", action="store_true", help="capture and replay sampler steps as CUDA graphs (CPU: no-op)"
+    )
     parser.add_argument("--out", required=True, help="output directory (rerun with the same settings to resume)")
     parser.add_argument("--no-progress", action="store_true")
 
@@ -112,7 +115,7 @@ def _sample_command(parser):
         args.sampler = args.sampler or ("ddim" if images else "pc")
         args.n = args.n or (GRID_IMAGES if images else 10000)
         rank, world, device = _init_distributed(args.device)
-        options = {"backend": args.backend, "precision": args.precision}
+        options = {"backend": args.backend, "precision": args.precision, "cuda_graph": args.cuda_graph}
         if args.sampler == "pc" and math.prod(sample_shape) < 256:
             options["norm"] = "batch"  # low-D data: batch-mean corrector norms (DESIGN.md)
         start = time.perf_counter()
@@ -156,6 +159,7 @@ def _sample_command(parser):
             "backend": args.backend or "default",
             "device": str(device),
             "precision": args.precision,
+            "cuda_graph": args.cuda_graph,
         }
         if target is not None:
             exact = target.sample(args.n, seed=args.seed + 1).float()

@@ -127,6 +127,16 @@ def test_corrupt_chunk_and_manifest_are_recomputed(tmp_path):
     assert torch.equal(load_samples(tmp_path), want)
 
 
+def test_resume_may_switch_cuda_graph_which_changes_no_sample(tmp_path):
+    kw = dict(sample_shape=(3,), chunk=4, sampler="euler_maruyama", steps=6, seed=2)
+    sample_sharded(_score, sf.sde.VPSDE(), 8, tmp_path, **kw)
+    want = load_samples(tmp_path)
+    chunk_path(tmp_path, 1).unlink()
+    with sf.graphs.emulated():  # the second chunk through the captured step
+        sample_sharded(_score, sf.sde.VPSDE(), 8, tmp_path, cuda_graph=True, **kw)
+    assert torch.equal(load_samples(tmp_path), want)
+
+
 def test_changed_config_and_bad_input(tmp_path):
     kw = dict(sample_shape=(3,), chunk=5, sampler="ode_euler", seed=2)
     sample_sharded(_score, sf.sde.VPSDE(), 7, tmp_path, steps=3, **kw)
