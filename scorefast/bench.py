@@ -133,11 +133,16 @@ class ResultsWriter:
         atomic_write_bytes(self.path, (json.dumps(self.data, indent=1) + "\n").encode())
 
 
+def _caption(results: dict) -> str:
+    """A table's first line: suite, date, machine, torch."""
+    m = results["machine"]
+    return f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}"
+
+
 def markdown_table(results: dict, roles: tuple[str, ...] = ("fused", "fused_out")) -> str:
     """README table of the fused rows with their same-run ratios, rendered from a results file."""
-    m = results["machine"]
     lines = [
-        f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}",
+        _caption(results),
         "",
         "| op | backend | dtype | size | median | GB/s | vs copy | vs eager | vs torch.compile |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -159,9 +164,8 @@ def markdown_table(results: dict, roles: tuple[str, ...] = ("fused", "fused_out"
 
 def sampler_table(results: dict) -> str:
     """README table of end-to-end sampler rows (fixed NFE budget), rendered from a results file."""
-    m = results["machine"]
     lines = [
-        f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}",
+        _caption(results),
         "",
         "| sampler | model | batch | NFE | median | per NFE | vs peer loop | peer | sliced W (floor) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -180,10 +184,9 @@ def sampler_table(results: dict) -> str:
 
 def e2e_table(results: dict) -> str:
     """README table of a GPU end-to-end suite: per sampler and batch, every role's time per NFE side by side."""
-    m = results["machine"]
     roles = ("peer", "eager", "graph", "eager-bf16", "graph-bf16", "compile")
     lines = [
-        f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}",
+        _caption(results),
         "",
         "| sampler | batch | NFE | " + " | ".join(f"{r} /NFE" for r in roles) + " | graph vs peer | graph vs eager "
         "| graph vs compile | host CPU /step (graph) |",
@@ -217,9 +220,8 @@ def e2e_table(results: dict) -> str:
 
 def likelihood_table(results: dict) -> str:
     """README table of the likelihood rows (ours and score_sde's scipy loop), rendered from a results file."""
-    m = results["machine"]
     lines = [
-        f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}",
+        _caption(results),
         "",
         "| method | divergence | rtol=atol | batch | NFE | median | per NFE | vs score_sde | mean-NLL error (MC) |",
         "|---|---|---|---|---|---|---|---|---|",
