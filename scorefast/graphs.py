@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
+from .samplers.base import as_carry
 
 _EMULATE = [False]
 CHECK_DONE_EVERY = 8  # replays between host reads of an adaptive loop's done()
@@ -65,10 +66,6 @@ def _capturing(mode: str) -> Iterator[None]:
         _checks.CAPTURE[0] = previous
 
 
-def _as_tuple(out) -> tuple[Tensor, ...]:
-    return (out,) if isinstance(out, Tensor) else tuple(out)
-
-
 def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: int, done: Callable | None = None):
     """Steps [start, stop) of ``body`` with one captured graph; returns (carry, next step to run eagerly).
 
@@ -79,7 +76,7 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
 
     def call(n: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         ctx._step = n
-        return _as_tuple(body(n, *state))
+        return as_carry(body(n, *state))
 
     ctx._recorded = None
     carry = _warm_up(ctx.graph, call, n_dev, carry)
@@ -234,14 +231,12 @@ class GraphedTrainStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         step = self.step
-        if x.device.type != "cuda":
+        if x.device.type != "cuda" or self._failed:
             return step(x)
-        if self._graph is None and self._calls < self.warmup:
+        if self._calls < self.warmup:
             self._check_capturable()
             self._calls += 1
             return _on_side_stream(x.device, step, x)
-        if self._failed:
-            return step(x)
         if self._graph is None:
             try:
                 self._capture(x)
@@ -265,8 +260,7 @@ class GraphedTrainStep:
         self._static_x.copy_(x)
         self._graph.replay()
         step.step += 1
-        if step.check_every > 1 and step.step % step.check_every == 0:
-            step.check()
+        step.periodic_check()
         return self._static_loss.clone()
 
     def _capture(self, x: Tensor) -> None:

@@ -26,6 +26,11 @@ CHECK_EVERY = 50  # read the non-finite flag on the host every K steps when not 
 Step = int | Tensor  # a step index: a Python int (eager) or a 0-d int64 tensor on the device (graphs)
 
 
+def as_carry(out) -> tuple[Tensor, ...]:
+    """A step body's result (a tensor or a tuple of tensors) as a tuple."""
+    return (out,) if isinstance(out, Tensor) else tuple(out)
+
+
 class StepTable:
     """Per-step values [N, K] (float64, computed once per run) read as ``table[n]``.
 
@@ -173,7 +178,7 @@ class Context:
         and every ``graphs.CHECK_DONE_EVERY`` replays; a step after done must change nothing.
         """
         single = isinstance(carry, Tensor)
-        carry = (carry,) if single else tuple(carry)
+        carry = as_carry(carry)
         first = start
         if self.graph is not None and stop - start >= 3 and not (done is not None and done(carry)):
             from ..graphs import run_steps
@@ -183,8 +188,7 @@ class Context:
             if done is not None and done(carry):
                 break
             self._step = n
-            out = body(n, *carry)
-            carry = (out,) if isinstance(out, Tensor) else tuple(out)
+            carry = as_carry(body(n, *carry))
         return carry[0] if single else carry
 
     # -- bookkeeping ----------------------------------------------------------------------

@@ -37,7 +37,8 @@ def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noi
     a_t, s_t_all = sde.mean_coef(times_t), sde.std(times_t)
     lam = (a_t / s_t_all).log().tolist()
     history = 1 if variant in ("2m", "2m-sde") else 2  # earlier D's a step uses once warmed up
-    rows = [_coefs(variant, eta, s_noise, n, lam, a_t.tolist(), s_t_all.tolist()) for n in range(len(lam) - 1)]
+    a_all, s_all = a_t.tolist(), s_t_all.tolist()
+    rows = [_coefs(variant, eta, s_noise, n, lam, a_all, s_all) for n in range(len(lam) - 1)]
     sched = ctx.table(rows)
 
     def step(n: Step, x, *earlier):

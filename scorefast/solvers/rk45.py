@@ -99,9 +99,12 @@ def solve(
     nfe = torch.ones(B, dtype=torch.int64, device=dev)
     k1 = fn(y0, t)
 
+    def still_active(t: Tensor) -> Tensor:  # [B] bool: samples that have not reached t1
+        return (t_end - t) * direction > 0
+
     def attempt(_n, y, k1, t, h, nfe, steps, rejected):
         """One Dormand–Prince attempt for every sample (functional: a trace may run it)."""
-        active = (t_end - t) * direction > 0
+        active = still_active(t)
         h = torch.where(active, torch.minimum(h, (t_end - t).abs()), torch.zeros_like(h))
         hs = h * direction
         ks = [k1]
@@ -125,7 +128,7 @@ def solve(
         return y, k1, t, h, nfe, steps, rejected
 
     def done(carry) -> bool:  # one host read
-        return not bool(((t_end - carry[2]) * direction > 0).any())
+        return not bool(still_active(carry[2]).any())
 
     zeros = torch.zeros_like(nfe)
     carry = (y0, k1, t, h, nfe, zeros, zeros.clone())

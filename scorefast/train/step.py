@@ -144,6 +144,11 @@ class TrainStep:
             if self.ema is not None:
                 self.ema.use_device_counter()
 
+    def periodic_check(self) -> None:
+        """``check()`` every ``check_every`` (K > 1) steps, after step ``self.step`` was counted."""
+        if self.check_every > 1 and self.step % self.check_every == 0:
+            self.check()
+
     def check(self) -> None:
         """Raise ``NonFiniteError`` if any step so far had a non-finite loss (one host read)."""
         first = int(self._first_bad)
@@ -236,8 +241,7 @@ class TrainStep:
         self.step += 1
         if self._step_t is not None:
             self._step_t += 1
-        if self.check_every > 1 and self.step % self.check_every == 0:
-            self.check()
+        self.periodic_check()
         return total.float()
 
     def cuda_graph(self, *, warmup: int = 3):
