@@ -7,7 +7,7 @@ fp32 state; arithmetic in fp32.  Up to 4 terms (unused slots get a dummy pointer
 import triton
 import triton.language as tl
 
-from .philox import contract_words, flat_groups, group_values, load_counter
+from .philox import COMPILE_OPTIONS, contract_words, flat_groups, group_values, load_counter
 
 MAX_TERMS = 4
 
@@ -85,4 +85,5 @@ def fused_update(out, x, terms, coefs, ids, seed, step, stream: int, with_noise:
         hasattr(seed, "data_ptr"),
         hasattr(step, "data_ptr"),
         block_groups,
+        **COMPILE_OPTIONS,
     )

@@ -3,7 +3,7 @@
 import triton
 import triton.language as tl
 
-from .philox import contract_words, flat_groups, group_values, load_counter
+from .philox import COMPILE_OPTIONS, contract_words, flat_groups, group_values, load_counter
 
 
 @triton.jit
@@ -50,4 +50,5 @@ def fill_noise(out, ids, seed, step, stream: int, elem_offset: int, kind: int, b
         hasattr(seed, "data_ptr"),
         hasattr(step, "data_ptr"),
         block_groups,
+        **COMPILE_OPTIONS,
     )

@@ -7,13 +7,19 @@ Precise math only (DESIGN.md): ``tl.sqrt_rn``, ``tl.log``, ``tl.sin``, ``tl.cos`
 import triton
 import triton.language as tl
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-UNIFORM_SCALE: tl.constexpr = 4.6566127342e-10
-TWO_PI: tl.constexpr = 6.283185307179586
-MIN_UNIFORM: tl.constexpr = 1e-7
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+UNIFORM_SCALE = tl.constexpr(4.6566127342e-10)
+TWO_PI = tl.constexpr(6.283185307179586)
+MIN_UNIFORM = tl.constexpr(1e-7)
+
+# Compile options of every launch.  FP contraction stays on, as nvcc (--fmad=true) and g++ -O3
+# compile the CUDA and C++ kernels; named here so the result does not follow Triton's default,
+# which changes in 3.10.  Module globals read inside a kernel must be ``tl.constexpr(...)``
+# objects: the compiler rejects plain or annotated ones (the interpreter does not).
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 
 @triton.jit

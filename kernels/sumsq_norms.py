@@ -8,7 +8,7 @@ chosen from the sample size D alone, so the sums do not depend on the batch (DES
 import triton
 import triton.language as tl
 
-from .philox import contract_words, group_values, load_counter
+from .philox import COMPILE_OPTIONS, contract_words, group_values, load_counter
 
 
 @triton.jit
@@ -102,8 +102,9 @@ def sumsq_norms(out, partial, t, ids, seed, step, D: int, stream: int, with_nois
         hasattr(step, "data_ptr"),
         rows,
         tile_g,
+        **COMPILE_OPTIONS,
     )
-    _sumsq_finish_kernel[(triton.cdiv(2 * B, 1024),)](out, partial, 2 * B, n_tiles, 1024)
+    _sumsq_finish_kernel[(triton.cdiv(2 * B, 1024),)](out, partial, 2 * B, n_tiles, 1024, **COMPILE_OPTIONS)
 
 
 def n_tiles_for(D: int, max_elements: int) -> int:

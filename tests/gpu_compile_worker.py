@@ -1,0 +1,118 @@
+"""Compile every Triton kernel for real GPUs on a machine without one (run by test_gpu_compile.py).
+
+The interpreter (``TRITON_INTERPRET=1``, what CI runs) executes kernels as NumPy, so it accepts
+code that the compiler rejects (globals that are not ``tl.constexpr(...)``, type mixes) and
+it never shows the PTX.  Here the launchers in ``scorefast.kernels`` run as they do on a GPU,
+with the same arguments, but ``kernel[grid](...)`` only compiles (Triton's own warm-up path)
+for a fake driver whose target is sm_80 or sm_90.  Triton then types and specialises the
+arguments exactly as it would on the device, runs its whole pipeline and ``ptxas``.
+
+Prints one JSON line: for each (kernel, arch, specialisation) its PTX instruction census and
+whether a cubin came out.  Run in a fresh process: it replaces Triton's active driver.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+from triton.runtime.jit import JITFunction
+
+# instructions whose presence in noise code would break the contract (DESIGN.md: no fast math)
+APPROX = ("sin.approx", "cos.approx", "lg2.approx", "ex2.approx", "sqrt.approx", "rsqrt.approx", "div.approx")
+ROUNDED = ("sqrt.rn.f32", "div.rn.f32")
+
+
+class _CompileOnlyDriver:
+    """Just enough of a Triton driver for compilation: a target, a device and a stream."""
+
+    def __init__(self, arch: int):
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+
+def _census(kernel) -> dict:
+    ptx = kernel.asm["ptx"]
+    ops = {name: len(re.findall(re.escape(name), ptx)) for name in APPROX + ROUNDED}
+    return {"cubin_bytes": len(kernel.asm.get("cubin", b"")), "ops": ops}
+
+
+def _cases():
+    """(label, thunk) for each launcher configuration a backend uses."""
+    from scorefast.kernels import fused_update, noise, sumsq_norms
+
+    from scorefast.backends.triton_backend import _COMPILED_GROUPS
+
+    B, D = 3, 37
+    ids = torch.arange(B, dtype=torch.int64)
+    seed_t, step_t = torch.tensor(2**40 + 5), torch.tensor(7)
+    counters = {"ints": (2**63 + 11, 7), "tensors": (seed_t, step_t)}
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    max_elements = 4 * _COMPILED_GROUPS
+    n_tiles = sumsq_norms.n_tiles_for(D, max_elements)
+    for cname, (seed, step) in counters.items():
+        for kind in (0, 1, 2):
+            out = torch.empty(B, D)
+            yield (
+                f"noise kind={kind} {cname}",
+                lambda o=out, s=seed, k=step, kd=kind: noise.fill_noise(o, ids, s, k, 3, 5, kd, _COMPILED_GROUPS),
+            )
+        for xname, tname in (("fp32", "fp32"), ("fp32", "bf16"), ("fp32", "fp16"), ("bf16", "bf16"), ("fp16", "fp16")):
+            tdtype = dtypes[tname]
+            for n_terms in range(fused_update.MAX_TERMS + 1):
+                for with_noise in (False, True):
+                    x = torch.zeros(B, D, dtype=dtypes[xname])
+                    terms = [torch.zeros(B, D, dtype=tdtype) for _ in range(n_terms)]
+                    coefs = torch.zeros(n_terms + 2, B)
+                    yield (
+                        f"fused_update x={xname} terms={n_terms} {tname} noise={with_noise} {cname}",
+                        lambda x=x, t=terms, c=coefs, s=seed, k=step, w=with_noise: fused_update.fused_update(
+                            torch.empty_like(x), x, t, c, ids, s, k, 1, w, _COMPILED_GROUPS
+                        ),
+                    )
+        for tname in ("none", *dtypes):
+            t = None if tname == "none" else torch.zeros(B, D, dtype=dtypes[tname])
+            yield (
+                f"sumsq_norms t={tname} {cname}",
+                lambda t=t, s=seed, k=step: sumsq_norms.sumsq_norms(
+                    torch.empty(2, B), torch.zeros(2, B, n_tiles), t, ids, s, k, D, 2, True, max_elements
+                ),
+            )
+
+
+def main(archs: list[int]) -> None:
+    compiled: list = []
+    original = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        compiled.append((self.fn.__name__, kernel))
+        return kernel
+
+    JITFunction.run = compile_only
+    report = []
+    for arch in archs:
+        driver.set_active(_CompileOnlyDriver(arch))
+        for label, launch in _cases():
+            compiled.clear()
+            launch()
+            for name, kernel in compiled:
+                report.append({"arch": arch, "case": label, "kernel": name, **_census(kernel)})
+    print(json.dumps({"triton": triton.__version__, "report": report}))
+
+
+if __name__ == "__main__":
+    main([int(a) for a in sys.argv[1:]] or [80, 90])
