@@ -62,11 +62,13 @@ def _normals_3d(w0, w1, w2, w3):
 
 
 @triton.jit
-def _sumsq_finish_kernel(out_ptr, partial_ptr, rows, n_tiles, BLOCK: tl.constexpr):
+def _sumsq_finish_kernel(out_ptr, partial_ptr, rows, N_TILES: tl.constexpr, BLOCK: tl.constexpr):
+    # N_TILES is a compile-time loop bound: triton 3.6's interpreter cannot take range() of a
+    # runtime scalar under numpy >= 2.4, and it depends on D alone (one compile per sample size class)
     r = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
-    for k in range(0, n_tiles):
-        acc += tl.load(partial_ptr + r * n_tiles + k, mask=r < rows, other=0.0)
+    for k in range(0, N_TILES):
+        acc += tl.load(partial_ptr + r * N_TILES + k, mask=r < rows, other=0.0)
     tl.store(out_ptr + r, acc, mask=r < rows)
 
 

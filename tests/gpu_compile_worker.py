@@ -62,7 +62,6 @@ def _cases():
     counters = {"ints": (2**63 + 11, 7), "tensors": (seed_t, step_t)}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     max_elements = 4 * _COMPILED_GROUPS
-    n_tiles = sumsq_norms.n_tiles_for(D, max_elements)
     for cname, (seed, step) in counters.items():
         for kind in (0, 1, 2):
             out = torch.empty(B, D)
@@ -76,19 +75,28 @@ def _cases():
                 for with_noise in (False, True):
                     x = torch.zeros(B, D, dtype=dtypes[xname])
                     terms = [torch.zeros(B, D, dtype=tdtype) for _ in range(n_terms)]
-                    coefs = torch.zeros(n_terms + 2, B)
+                    coefs = torch.zeros(n_terms + 2, 1 if with_noise else B)  # a shared column, or per sample
                     yield (
                         f"fused_update x={xname} terms={n_terms} {tname} noise={with_noise} {cname}",
                         lambda x=x, t=terms, c=coefs, s=seed, k=step, w=with_noise: fused_update.fused_update(
                             torch.empty_like(x), x, t, c, ids, s, k, 1, w, _COMPILED_GROUPS
                         ),
                     )
-        for tname in ("none", *dtypes):
-            t = None if tname == "none" else torch.zeros(B, D, dtype=dtypes[tname])
+        for tname, size in (("none", D), *((name, D) for name in dtypes), ("fp32", 5000)):  # 5000: 5 tiles
+            t = None if tname == "none" else torch.zeros(B, size, dtype=dtypes[tname])
             yield (
-                f"sumsq_norms t={tname} {cname}",
-                lambda t=t, s=seed, k=step: sumsq_norms.sumsq_norms(
-                    torch.empty(2, B), torch.zeros(2, B, n_tiles), t, ids, s, k, D, 2, True, max_elements
+                f"sumsq_norms t={tname} D={size} {cname}",
+                lambda t=t, s=seed, k=step, size=size: sumsq_norms.sumsq_norms(
+                    torch.empty(2, B),
+                    torch.zeros(2, B, sumsq_norms.n_tiles_for(size, max_elements)),
+                    t,
+                    ids,
+                    s,
+                    k,
+                    size,
+                    2,
+                    True,
+                    max_elements,
                 ),
             )
 

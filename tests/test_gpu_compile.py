@@ -55,8 +55,8 @@ def _by_case(report, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_launch_assembles(report, arch):
     cases = _by_case(report, arch)
-    # 2 counter forms x (3 noise kinds + 5 dtype pairs x 5 term counts x 2 + 4 sumsq inputs)
-    assert len(cases) == 2 * (3 + 5 * 5 * 2 + 4)
+    # 2 counter forms x (3 noise kinds + 5 dtype pairs x 5 term counts x 2 + 5 sumsq inputs)
+    assert len(cases) == 2 * (3 + 5 * 5 * 2 + 5)
     for case, rows in cases.items():
         kernels = [r["kernel"] for r in rows]
         op = case.split()[0]

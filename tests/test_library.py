@@ -26,6 +26,8 @@ def test_opcheck_fused_update(backend):
     s = torch.randn(3, 10, requires_grad=True)
     coefs = torch.rand(3, 3, requires_grad=True)
     torch.library.opcheck(fused_update_op, (x, [s], coefs, seed, step, 0, ids, True, backend))
+    column = torch.rand(3, 1, requires_grad=True)  # coefficients shared by the batch
+    torch.library.opcheck(fused_update_op, (x, [s], column, seed, step, 0, ids, True, backend))
     out = torch.empty(3, 10)
     torch.library.opcheck(
         fused_update_out_op, (out, x.detach(), [s.detach()], coefs.detach(), seed, step, 0, ids, True, backend)

@@ -250,6 +250,48 @@ def test_gradients_flow_to_x_terms_and_coefficients(backend):
     torch.testing.assert_close(n.grad.double(), (w.double() * z).sum(), atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 5), (6, 1), (37, 3), (5, 1001)], ids=str)
+def test_shared_coefficient_column_equals_per_sample_matrix_bitwise(backend, shape):
+    """Coefficients shared by the batch travel as one [K, 1] column; a [B] tensor of the same
+    values makes the full [K, B] matrix.  Every kernel must read both to the same bits."""
+    from scorefast.ops._common import coef_matrix
+
+    B = shape[0]
+    x, s, d = _data(shape, 1), _data(shape, 2), _data(shape, 3, torch.bfloat16)
+
+    def update(c_s, c_d, noise, x_coef):
+        return sf.ops.fused_update(x, [(c_s, s), (c_d, d)], noise=noise, x_coef=x_coef, seed=5, step=2, backend=backend)
+
+    values = (0.7, -0.25, 0.3, 0.9)
+    shared = update(*values)
+    zero_d = update(*(torch.tensor(v) for v in values))
+    per_sample = update(*(torch.full((B,), v) for v in values))
+    assert torch.equal(shared, per_sample) and torch.equal(zero_d, per_sample)
+    cpu = torch.device("cpu")
+    assert coef_matrix(values, B, cpu, torch.float32).shape == (4, 1)
+    assert coef_matrix([torch.tensor(0.7), 0.3], B, cpu, torch.float32).shape == (2, 1)
+    assert coef_matrix([torch.full((B,), 0.7), 0.3], B, cpu, torch.float32).shape == (2, B)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradients_of_shared_coefficients(backend):
+    """0-d coefficients (one [K, 1] column): their gradients sum over the batch."""
+    x = _data((3, 10), 1).requires_grad_()
+    s = _data((3, 10), 2).requires_grad_()
+    c = torch.tensor(0.5, requires_grad=True)
+    n = torch.tensor(0.3, requires_grad=True)
+    out = sf.ops.fused_update(x, [(c, s)], noise=n, x_coef=0.9, seed=4, step=1, backend=backend)
+    w = _data((3, 10), 5)
+    (out * w).sum().backward()
+    z = sf.randn((3, 10), seed=4, step=1, dtype=torch.float64, backend="torch")
+    assert c.grad.shape == () and n.grad.shape == ()
+    torch.testing.assert_close(x.grad.double(), 0.9 * w.double(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(s.grad.double(), 0.5 * w.double(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(c.grad.double(), (w.double() * s.detach().double()).sum(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(n.grad.double(), (w.double() * z).sum(), atol=1e-4, rtol=1e-5)
+
+
 def test_float64_gradcheck_on_reference():
     x = _data((2, 6), 1, torch.float64).requires_grad_()
     s = _data((2, 6), 2, torch.float64).requires_grad_()
@@ -259,6 +301,8 @@ def test_float64_gradcheck_on_reference():
         return sf.ops.fused_update(x, [(c, s)], noise=0.5, seed=1, step=0, backend="torch")
 
     assert torch.autograd.gradcheck(f, (x, s, c))
+    shared = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, s, shared))
     assert torch.autograd.gradcheck(lambda s: sf.ops.snr_langevin_step(x.detach(), s, 0.2, seed=1, step=0)[0], (s,))
 
 

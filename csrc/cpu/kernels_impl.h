@@ -210,7 +210,8 @@ void fill_noise(at::Tensor out, const at::Tensor& ids, uint64_t seed, int64_t st
   });
 }
 
-// out = coefs[0]*x + sum_t coefs[1+t]*terms[t] + coefs[K-1]*z, coefs fp32 [K, B], K = T + 2.
+// out = coefs[0]*x + sum_t coefs[1+t]*terms[t] + coefs[K-1]*z, coefs fp32 [K, C], K = T + 2, with
+// C = B (a coefficient per sample) or C = 1 (one column for the whole batch).
 void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& terms,
                   const at::Tensor& coefs, const at::Tensor& ids, uint64_t seed, int64_t step,
                   int64_t stream, bool with_noise) {
@@ -219,12 +220,15 @@ void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Ten
   check_rows(out, B, D, "out");
   for (const auto& t : terms) check_rows(t, B, D, "terms[i]");
   const int64_t T = static_cast<int64_t>(terms.size());
-  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.size(0) == T + 2 &&
-                  coefs.size(1) == B,
-              "coefs must be float32 [len(terms) + 2, B]");
+  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.dim() == 2 &&
+                  coefs.size(0) == T + 2 && (coefs.size(1) == B || coefs.size(1) == 1),
+              "coefs must be float32 [len(terms) + 2, B or 1]");
   const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
   const int64_t* id = ids.data_ptr<int64_t>();
   const float* cf = coefs.data_ptr<float>();
+  const int64_t cols = coefs.size(1);
+  const int64_t per_sample = cols == 1 ? 0 : 1;
+  const auto coef = [&](int64_t k, int64_t b) { return cf[k * cols + per_sample * b]; };
   std::vector<const void*> term_ptr;
   std::vector<at::ScalarType> term_dtype;
   for (const auto& t : terms) {
@@ -245,7 +249,7 @@ void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Ten
       const int64_t m = nb * D;
       alignas(64) std::array<float, kTile> cbuf;
       const auto spread = [&](int64_t k) {
-        for (int64_t r = 0; r < nb; ++r) std::fill_n(cbuf.data() + r * D, D, cf[k * B + b0 + r]);
+        for (int64_t r = 0; r < nb; ++r) std::fill_n(cbuf.data() + r * D, D, coef(k, b0 + r));
       };
       const float* xv = as_float(xp, xdt, b0 * D, m, xbuf.data());
       spread(0);
@@ -277,21 +281,21 @@ void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Ten
     for (int64_t b = b0; b < b0 + nb; ++b) {
       const float* zv = zbuf.data() + (b - b0) * n;
       const float* xv = as_float(xp, xdt, b * D + first, n, xbuf.data());
-      const Vec xc(cf[b]);
+      const Vec xc(coef(0, b));
       for (int64_t i = 0; i < n; i += Vec::size()) {
         const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
         (xc * Vec::loadu(xv + i, cnt)).store(acc.data() + i, cnt);
       }
       for (int64_t t = 0; t < T; ++t) {
         const float* tv = as_float(term_ptr[t], term_dtype[t], b * D + first, n, tbuf.data());
-        const Vec ct(cf[(1 + t) * B + b]);
+        const Vec ct(coef(1 + t, b));
         for (int64_t i = 0; i < n; i += Vec::size()) {
           const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
           at::vec::fmadd(ct, Vec::loadu(tv + i, cnt), Vec::loadu(acc.data() + i, cnt)).store(acc.data() + i, cnt);
         }
       }
       if (with_noise) {
-        const Vec cz(cf[(T + 1) * B + b]);
+        const Vec cz(coef(T + 1, b));
         for (int64_t i = 0; i < n; i += Vec::size()) {
           const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
           at::vec::fmadd(cz, Vec::loadu(zv + i, cnt), Vec::loadu(acc.data() + i, cnt)).store(acc.data() + i, cnt);

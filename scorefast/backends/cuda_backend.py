@@ -70,6 +70,8 @@ def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
 
 def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
     B, D = x.shape
+    if coefs.shape[1] != B:  # the CUDA kernel reads a [K, B] matrix; a shared column is widened
+        coefs = coefs.expand(coefs.shape[0], B).contiguous()
     load().fused_update(
         out.data_ptr(),
         x.data_ptr(),

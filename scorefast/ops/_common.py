@@ -49,20 +49,27 @@ def into_rows(out: torch.Tensor, fill: Callable[[torch.Tensor], None]) -> torch.
 def coef_matrix(
     coefs: Sequence[float | torch.Tensor], B: int, device: torch.device, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Stack scalar / 0-d / [1] / [B] coefficients into a [K, B] tensor (differentiable)."""
+    """Stack scalar / 0-d / [1] / [B] coefficients into a [K, C] tensor (differentiable).
+
+    C = 1 (one column, shared by every sample) unless some coefficient is a [B] tensor, when
+    C = B and the others are broadcast to it.  Kernels read coefficient (k, b) at
+    ``k * C + (b if C > 1 else 0)``.
+    """
     if not any(isinstance(c, torch.Tensor) for c in coefs) and not _checks.is_capturing_or_compiling():
         # Python numbers, eagerly: one small tensor; to a GPU through pinned memory, so the copy is
         # asynchronous (a pageable one would wait for the GPU); not allowed in a CUDA-graph capture
         host = torch.tensor(coefs, dtype=dtype)
         if device.type != "cpu":
             host = host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
-        return host[:, None].expand(len(coefs), B).contiguous()
+        return host[:, None]
+    per_sample = any(isinstance(c, torch.Tensor) and c.numel() > 1 for c in coefs)
+    cols = B if per_sample else 1
     out = []
     for c in coefs:
         if isinstance(c, torch.Tensor):
-            out.append(c.to(dtype).reshape(-1).expand(B))
+            out.append(c.to(dtype).reshape(-1).expand(cols))
         else:
-            out.append(torch.full((B,), c, dtype=dtype, device=device))
+            out.append(torch.full((cols,), c, dtype=dtype, device=device))
     return torch.stack(out)
 
 

@@ -1,10 +1,10 @@
 """``scorefast::fused_update``: out = x_coef*x + sum_t c_t*terms[t] + noise*z, z made in-kernel.
 
 Public op vs private kernels as in xformers: this file validates, flattens to [B, D], builds the
-[K, B] coefficient matrix and calls the custom op, whose implementation hands the work to the
-resolved backend.  The custom op has ``register_fake`` (shapes for torch.compile) and
-``register_autograd``: gradients flow to x, the terms and tensor coefficients (the noise is
-regenerated in backward, never stored).
+[K, C] coefficient matrix (C = 1 when every coefficient is shared by the batch, else B) and
+calls the custom op, whose implementation hands the work to the resolved backend.  The custom
+op has ``register_fake`` (shapes for torch.compile) and ``register_autograd``: gradients flow to
+x, the terms and tensor coefficients (the noise is regenerated in backward, never stored).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def fused_update_op(
     with_noise: bool,
     backend: str,
 ) -> Tensor:
-    """x, terms: contiguous [B, D]; coefs [len(terms) + 2, B] (x, terms..., noise)."""
+    """x, terms: contiguous [B, D]; coefs [len(terms) + 2, C], C = 1 or B (x, terms..., noise)."""
     out = torch.empty_like(x)
     _run(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend)
     return out
@@ -81,7 +81,10 @@ def _backward(ctx, grad):
             rows.append((g * z).sum(1))
         else:
             rows.append(torch.zeros_like(rows[0]))
-        gcoefs = torch.stack(rows).to(coefs.dtype)
+        gcoefs = torch.stack(rows)
+        if coefs.shape[1] == 1:  # one column shared by the batch
+            gcoefs = gcoefs.sum(1, keepdim=True)
+        gcoefs = gcoefs.to(coefs.dtype)
     return gx, gterms, gcoefs, None, None, None, None, None, None
 
 
