@@ -17,6 +17,9 @@
 #include <algorithm>
 #include <array>
 #include <vector>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 #include "scorefast/philox.h"
 
@@ -41,35 +44,87 @@ struct GroupWords {
   alignas(64) std::array<uint32_t, kMaxGroups> w0, w1, w2, w3;
 };
 
-// Words of groups g0 .. g0+ng-1 of rows b0 .. b0+nb-1, index r * ng + g: one SIMD loop over all
+#if defined(__AVX2__)
+// Philox4x32-10 on 2 x 8 lanes of AVX2 (the avx2 and avx512 builds): the same integer arithmetic
+// as scorefast::philox4x32_10, so the words are identical; two independent vectors per round
+// hide the multiply latency.  Lanes k .. k+15 of (group, sample) -> out words.
+inline void mulhilo_avx2(__m256i a, __m256i m, __m256i& hi, __m256i& lo) {
+  const __m256i even = _mm256_mul_epu32(a, m);                        // 64-bit products of lanes 0, 2, 4, 6
+  const __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);  // of lanes 1, 3, 5, 7
+  hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+  lo = _mm256_mullo_epi32(a, m);
+}
+
+constexpr int64_t kPhiloxLanes = 16;
+
+inline void philox_16_lanes(const uint32_t* group, const uint32_t* sample, uint32_t step, uint32_t stream,
+                            uint32_t k0, uint32_t k1, uint32_t* w0, uint32_t* w1, uint32_t* w2, uint32_t* w3) {
+  const __m256i m0 = _mm256_set1_epi32(static_cast<int>(scorefast::kPhiloxM0));
+  const __m256i m1 = _mm256_set1_epi32(static_cast<int>(scorefast::kPhiloxM1));
+  __m256i c0[2], c1[2], c2[2], c3[2];
+  for (int v = 0; v < 2; ++v) {
+    c0[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(group + 8 * v));
+    c1[v] = _mm256_set1_epi32(static_cast<int>(step));
+    c2[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sample + 8 * v));
+    c3[v] = _mm256_set1_epi32(static_cast<int>(stream));
+  }
+  for (int round = 0; round < 10; ++round) {
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int>(k0)), key1 = _mm256_set1_epi32(static_cast<int>(k1));
+    for (int v = 0; v < 2; ++v) {
+      __m256i hi0, lo0, hi1, lo1;
+      mulhilo_avx2(c0[v], m0, hi0, lo0);
+      mulhilo_avx2(c2[v], m1, hi1, lo1);
+      c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), key0);
+      c1[v] = lo1;
+      c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), key1);
+      c3[v] = lo0;
+    }
+    k0 += scorefast::kPhiloxW0;
+    k1 += scorefast::kPhiloxW1;
+  }
+  for (int v = 0; v < 2; ++v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w0 + 8 * v), c0[v]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w1 + 8 * v), c1[v]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w2 + 8 * v), c2[v]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(w3 + 8 * v), c3[v]);
+  }
+}
+#endif
+
+// Words of groups g0 .. g0+ng-1 of rows b0 .. b0+nb-1, index r * ng + g: one loop over all
 // (row, group) pairs, so rows of a few elements still fill the vector lanes.
 void group_words(const Counter& c, const int64_t* ids, int64_t b0, int64_t nb, int64_t g0, int64_t ng,
                  GroupWords& out) {
   const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
   alignas(64) std::array<uint32_t, kMaxGroups> group, sample;
   const int64_t total = nb * ng;
-  for (int64_t r = 0; r < nb; ++r) {
-    for (int64_t g = 0; g < ng; ++g) {
-      group[r * ng + g] = static_cast<uint32_t>(g0 + g);
-      sample[r * ng + g] = static_cast<uint32_t>(ids[b0 + r]);
+  if (ng == 1) {  // rows of at most 4 elements: one group a row
+    for (int64_t r = 0; r < nb; ++r) {
+      group[r] = static_cast<uint32_t>(g0);
+      sample[r] = static_cast<uint32_t>(ids[b0 + r]);
+    }
+  } else {
+    for (int64_t r = 0; r < nb; ++r) {
+      for (int64_t g = 0; g < ng; ++g) {
+        group[r * ng + g] = static_cast<uint32_t>(g0 + g);
+        sample[r * ng + g] = static_cast<uint32_t>(ids[b0 + r]);
+      }
     }
   }
-#pragma omp simd
-  for (int64_t k = 0; k < total; ++k) {
-    const scorefast::Words4 w = scorefast::philox4x32_10(group[k], c.step, sample[k], c.stream, k0, k1);
-    out.w0[k] = w.w[0];
-    out.w1[k] = w.w[1];
-    out.w2[k] = w.w[2];
-    out.w3[k] = w.w[3];
+  int64_t k = 0;
+#if defined(__AVX2__)
+  for (; k + kPhiloxLanes <= total; k += kPhiloxLanes) {
+    philox_16_lanes(group.data() + k, sample.data() + k, c.step, c.stream, k0, k1, out.w0.data() + k,
+                    out.w1.data() + k, out.w2.data() + k, out.w3.data() + k);
   }
-}
-
-inline uint32_t word_of(const GroupWords& gw, int64_t g, int64_t j) {
-  switch (j) {
-    case 0: return gw.w0[g];
-    case 1: return gw.w1[g];
-    case 2: return gw.w2[g];
-    default: return gw.w3[g];
+#endif
+#pragma omp simd
+  for (int64_t i = k; i < total; ++i) {
+    const scorefast::Words4 w = scorefast::philox4x32_10(group[i], c.step, sample[i], c.stream, k0, k1);
+    out.w0[i] = w.w[0];
+    out.w1[i] = w.w[1];
+    out.w2[i] = w.w[2];
+    out.w3[i] = w.w[3];
   }
 }
 
@@ -83,26 +138,51 @@ void noise_rows(const Counter& c, const int64_t* ids, int64_t b0, int64_t nb, in
   GroupWords gw;
   group_words(c, ids, b0, nb, g0, ng, gw);
   if (kind == kRademacher || kind == kUniform) {
-    for (int64_t r = 0; r < nb; ++r) {
-      for (int64_t i = 0; i < n; ++i) {
-        const int64_t e = first + i;
-        const uint32_t w = word_of(gw, r * ng + e / 4 - g0, e % 4);
-        out[r * out_stride + i] =
-            kind == kRademacher ? scorefast::word_to_rademacher(w) : scorefast::word_to_uniform(w);
+    const uint32_t* words[4] = {gw.w0.data(), gw.w1.data(), gw.w2.data(), gw.w3.data()};
+    const auto fill = [&](auto to_float) {
+      for (int64_t r = 0; r < nb; ++r) {
+        float* o = out + r * out_stride;
+        int64_t i = 0;
+        if (first % 4 == 0) {  // whole groups: element 4g + j is word j of group g
+          const int64_t base = r * ng;
+          for (; i + 4 <= n; i += 4) {
+            const int64_t g = base + i / 4;
+            o[i] = to_float(words[0][g]);
+            o[i + 1] = to_float(words[1][g]);
+            o[i + 2] = to_float(words[2][g]);
+            o[i + 3] = to_float(words[3][g]);
+          }
+        }
+        for (; i < n; ++i) {
+          const int64_t e = first + i;
+          o[i] = to_float(words[e % 4][r * ng + e / 4 - g0]);
+        }
       }
+    };
+    if (kind == kRademacher) {
+      fill([](uint32_t w) { return scorefast::word_to_rademacher(w); });
+    } else {
+      fill([](uint32_t w) { return scorefast::word_to_uniform(w); });
     }
     return;
   }
-  // Box-Muller on pairs (w0, w1) and (w2, w3): pair p of group g is index 2g + p.
+  // Box-Muller on pairs (w0, w1) -> elements 4g, 4g+1 and (w2, w3) -> 4g+2, 4g+3.  Rows that take
+  // at most the first two elements of one group (D <= 2) skip the second pair.  Pair p of group g
+  // is index ppg * g + p.
+  const int64_t ppg = (ng == 1 && first % 4 + n <= 2) ? 1 : 2;
   alignas(64) std::array<float, 2 * kMaxGroups> ua, ub, cos_out, sin_out;
   const int64_t groups = nb * ng;
   for (int64_t g = 0; g < groups; ++g) {
-    ua[2 * g] = scorefast::word_to_uniform(gw.w0[g]);
-    ub[2 * g] = scorefast::word_to_uniform(gw.w1[g]);
-    ua[2 * g + 1] = scorefast::word_to_uniform(gw.w2[g]);
-    ub[2 * g + 1] = scorefast::word_to_uniform(gw.w3[g]);
+    ua[ppg * g] = scorefast::word_to_uniform(gw.w0[g]);
+    ub[ppg * g] = scorefast::word_to_uniform(gw.w1[g]);
   }
-  const int64_t npairs = 2 * groups;
+  if (ppg == 2) {
+    for (int64_t g = 0; g < groups; ++g) {
+      ua[2 * g + 1] = scorefast::word_to_uniform(gw.w2[g]);
+      ub[2 * g + 1] = scorefast::word_to_uniform(gw.w3[g]);
+    }
+  }
+  const int64_t npairs = ppg * groups;
   const Vec min_u(scorefast::kMinUniform), minus_two(-2.0f), two_pi(scorefast::kTwoPi);
   for (int64_t p = 0; p < npairs; p += Vec::size()) {
     const int64_t count = std::min<int64_t>(Vec::size(), npairs - p);
@@ -113,10 +193,27 @@ void noise_rows(const Counter& c, const int64_t* ids, int64_t b0, int64_t nb, in
     (r * theta.sin()).store(sin_out.data() + p, count);
   }
   for (int64_t r = 0; r < nb; ++r) {
-    for (int64_t i = 0; i < n; ++i) {
+    float* o = out + r * out_stride;
+    int64_t i = 0;
+    if (first % 4 == 0) {  // whole groups: elements 4g .. 4g+3 are pairs ppg*g (cos, sin), ppg*g + 1
+      const int64_t base = ppg * r * ng;
+      if (ppg == 1) {
+        o[0] = cos_out[base];
+        if (n == 2) o[1] = sin_out[base];
+        i = n;
+      }
+      for (; i + 4 <= n; i += 4) {
+        const int64_t pair = base + i / 2;
+        o[i] = cos_out[pair];
+        o[i + 1] = sin_out[pair];
+        o[i + 2] = cos_out[pair + 1];
+        o[i + 3] = sin_out[pair + 1];
+      }
+    }
+    for (; i < n; ++i) {
       const int64_t e = first + i;
-      const int64_t pair = 2 * (r * ng + e / 4 - g0) + (e % 4) / 2;
-      out[r * out_stride + i] = (e % 2 == 0) ? cos_out[pair] : sin_out[pair];
+      const int64_t pair = ppg * (r * ng + e / 4 - g0) + (e % 4) / 2;
+      o[i] = (e % 2 == 0) ? cos_out[pair] : sin_out[pair];
     }
   }
 }
