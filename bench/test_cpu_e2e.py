@@ -13,7 +13,8 @@ from bench import _samplers
 from bench.conftest import QUICK
 from scorefast.testing import sliced_wasserstein
 
-B = 512 if QUICK else 4096
+# 64: launch-bound, the per-step overhead of each loop shows; 4096: the network's matmuls dominate
+BATCHES = [512] if QUICK else [64, 4096]
 BUDGET = 64 if QUICK else 200
 SAMPLERS = [
     "pc",
@@ -31,17 +32,18 @@ SAMPLERS = [
 _cache: dict = {}
 
 
-def _group(model):
-    if model not in _cache:
-        _cache[model] = _samplers.cases(model, B, BUDGET)
-    return _cache[model]
+def _group(model, B):
+    if (model, B) not in _cache:
+        _cache[model, B] = _samplers.cases(model, B, BUDGET)
+    return _cache[model, B]
 
 
 @pytest.mark.parametrize("role", ["eager", "fused"])
 @pytest.mark.parametrize("sampler", SAMPLERS)
 @pytest.mark.parametrize("model", ["gmm2d", "mlp"])
-def test_sampler(record, model, sampler, role):
-    target, cases = _group(model)
+@pytest.mark.parametrize("B", BATCHES)
+def test_sampler(record, B, model, sampler, role):
+    target, cases = _group(model, B)
     if role not in cases[sampler]:
         pytest.skip(f"no {role} loop for {sampler}")
     name, fn, nfe, peer = cases[sampler][role]
@@ -57,9 +59,9 @@ def test_sampler(record, model, sampler, role):
         backend="torch" if role == "eager" else "cpu",
         dtype=torch.float32,
         size=B,
-        group=f"{sampler}-{model}",
+        group=f"{sampler}-{model}-{B}",
         role=role,
-        rounds=3,
+        rounds=5,
         nfe=nfe,
         peer=peer,
         model=model,

@@ -274,6 +274,33 @@ def test_shared_coefficient_column_equals_per_sample_matrix_bitwise(backend, sha
     assert coef_matrix([torch.full((B,), 0.7), 0.3], B, cpu, torch.float32).shape == (2, B)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (64, 2), (5, 3, 7), (3, 1001)], ids=str)
+@pytest.mark.parametrize("term_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_samplers_host_number_path_equals_the_op_bitwise(shape, term_dtype, monkeypatch):
+    """Samplers' eager CPU updates hand their host-number coefficients to the kernel directly; the
+    result must be the op's (coefficient tensor) to the bit, with coefficients fp32 cannot hold."""
+    pytest.importorskip("scorefast._C_default")
+    from scorefast.ops.fused_update import apply
+
+    impl = sf.backends.get("cpu")
+    calls = []
+    real = impl.fused_update_scalars
+    monkeypatch.setattr(impl, "fused_update_scalars", lambda *a: calls.append(1) or real(*a))
+    x, s, d = _data(shape, 1), _data(shape, 2, term_dtype), _data(shape, 3)
+    ids = torch.arange(7, 7 + shape[0])
+    coefs = dict(x_coef=1 / 3, noise=0.1)
+    terms = [(2 / 7, s), (-1e-3 / 3, d)]
+    fast = apply(
+        x, terms, seed=2**63 + 9, step=5, stream=0, sample_ids=ids, out=None, backend="cpu", trusted=True, **coefs
+    )
+    op = sf.ops.fused_update(x, terms, seed=2**63 + 9, step=5, sample_ids=ids, backend="cpu", **coefs)
+    assert calls == [1] and torch.equal(fast, op)
+    noiseless = apply(
+        x, terms, seed=1, step=0, stream=0, sample_ids=ids, out=None, backend="cpu", trusted=True, x_coef=0.9, noise=0.0
+    )
+    assert torch.equal(noiseless, sf.ops.fused_update(x, terms, x_coef=0.9, seed=1, sample_ids=ids, backend="cpu"))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradients_of_shared_coefficients(backend):
     """0-d coefficients (one [K, 1] column): their gradients sum over the batch."""

@@ -307,23 +307,18 @@ void fill_noise(at::Tensor out, const at::Tensor& ids, uint64_t seed, int64_t st
   });
 }
 
-// out = coefs[0]*x + sum_t coefs[1+t]*terms[t] + coefs[K-1]*z, coefs fp32 [K, C], K = T + 2, with
-// C = B (a coefficient per sample) or C = 1 (one column for the whole batch).
-void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& terms,
-                  const at::Tensor& coefs, const at::Tensor& ids, uint64_t seed, int64_t step,
-                  int64_t stream, bool with_noise) {
+// out = coef(0)*x + sum_t coef(1+t)*terms[t] + coef(K-1)*z with K = T + 2 coefficients read from
+// cf as a [K, cols] matrix: cols = B (a coefficient per sample) or 1 (one column for the batch).
+void fused_update_core(at::Tensor& out, const at::Tensor& x, const std::vector<at::Tensor>& terms, const float* cf,
+                       int64_t cols, const at::Tensor& ids, uint64_t seed, int64_t step, int64_t stream,
+                       bool with_noise) {
   const int64_t B = x.size(0), D = x.size(1);
   check_rows(x, B, D, "x");
   check_rows(out, B, D, "out");
   for (const auto& t : terms) check_rows(t, B, D, "terms[i]");
   const int64_t T = static_cast<int64_t>(terms.size());
-  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.dim() == 2 &&
-                  coefs.size(0) == T + 2 && (coefs.size(1) == B || coefs.size(1) == 1),
-              "coefs must be float32 [len(terms) + 2, B or 1]");
   const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
   const int64_t* id = ids.data_ptr<int64_t>();
-  const float* cf = coefs.data_ptr<float>();
-  const int64_t cols = coefs.size(1);
   const int64_t per_sample = cols == 1 ? 0 : 1;
   const auto coef = [&](int64_t k, int64_t b) { return cf[k * cols + per_sample * b]; };
   std::vector<const void*> term_ptr;
@@ -403,6 +398,27 @@ void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Ten
   });
 }
 
+// coefs: fp32 [T + 2, B] or [T + 2, 1] tensor.
+void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& terms,
+                  const at::Tensor& coefs, const at::Tensor& ids, uint64_t seed, int64_t step,
+                  int64_t stream, bool with_noise) {
+  const int64_t B = x.size(0), T = static_cast<int64_t>(terms.size());
+  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.dim() == 2 &&
+                  coefs.size(0) == T + 2 && (coefs.size(1) == B || coefs.size(1) == 1),
+              "coefs must be float32 [len(terms) + 2, B or 1]");
+  fused_update_core(out, x, terms, coefs.data_ptr<float>(), coefs.size(1), ids, seed, step, stream, with_noise);
+}
+
+// The same with T + 2 coefficients shared by the batch as host numbers (rounded to fp32 as a
+// float32 tensor of them would be): the samplers' eager path, without a coefficient tensor.
+void fused_update_scalars(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& terms,
+                          const std::vector<double>& coefs, const at::Tensor& ids, uint64_t seed, int64_t step,
+                          int64_t stream, bool with_noise) {
+  TORCH_CHECK(coefs.size() == terms.size() + 2, "coefs must hold len(terms) + 2 numbers");
+  std::vector<float> cf(coefs.begin(), coefs.end());
+  fused_update_core(out, x, terms, cf.data(), 1, ids, seed, step, stream, with_noise);
+}
+
 // Sum of squares of one tile's n values, lanes accumulated from the tile start, then the
 // lanes added in lane order.
 float tile_sumsq(const float* v, int64_t n) {
@@ -469,6 +485,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("tile") = scorefast_cpu::kTile;
   m.def("fill_noise", &scorefast_cpu::fill_noise);
   m.def("fused_update", &scorefast_cpu::fused_update);
+  m.def("fused_update_scalars", &scorefast_cpu::fused_update_scalars);
   m.def("sumsq_norms", &scorefast_cpu::sumsq_norms);
   m.def("philox_words", &scorefast_cpu::philox_words);
 }

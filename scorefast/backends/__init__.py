@@ -10,6 +10,7 @@ contiguous [B, D] tensors, with seed/step as 0-d int64 tensors (see ``torch_back
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 from dataclasses import dataclass
@@ -37,7 +38,9 @@ class BackendState:
 _states: dict[str, BackendState] = {}
 
 
+@functools.cache
 def _load(name: str) -> ModuleType:
+    """The backend's Python module (cached: ops ask for it on every call)."""
     return importlib.import_module(f"{__name__}.{_MODULES[name]}")
 
 

@@ -113,6 +113,17 @@ def _(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend)
     return None
 
 
+def _host_numbers_fast_path(x: Tensor, terms, coef_values) -> bool:
+    """The samplers' eager CPU steps: coefficients are host numbers, nothing traces or records
+    autograd, and every tensor is already rows in memory.  Then the kernel takes the numbers
+    directly (the same fp32 rounding as a coefficient tensor), with no tensor built per call."""
+    if x.shape[0] == 0 or x.numel() == 0 or not x.is_contiguous():
+        return False
+    if any(isinstance(cf, Tensor) for cf in coef_values) or _checks.use_custom_op(x, *(t for _, t in terms)):
+        return False
+    return all(t.is_contiguous() for _, t in terms)
+
+
 def apply(
     x: Tensor,
     terms: Sequence[tuple[float | Tensor, Tensor]],
@@ -154,6 +165,21 @@ def apply(
         name = _common.resolve_backend(backend, x)
         c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     with_noise = isinstance(noise, Tensor) or noise != 0.0
+    if trusted and name == "cpu" and out is None and _host_numbers_fast_path(x, terms, coef_values):
+        result = torch.empty_like(x)
+        D = x.numel() // B
+        backends.get("cpu").fused_update_scalars(
+            result.view(B, D),
+            x.view(B, D),
+            [t.view(B, D) for _, t in terms],
+            coef_values,
+            c.sample_ids,
+            c.seed,
+            c.step,
+            c.stream,
+            with_noise,
+        )
+        return result
     x2 = _common.rows(x)
     t2 = [_common.rows(t) for _, t in terms]
     coefs = _common.coef_matrix(coef_values, B, x.device, _checks.state_dtype(x))

@@ -104,17 +104,17 @@ class Context:
 
         The score comes back in x's dtype, except that a bf16/fp16 score of an fp32 state is kept as
         it is: every fused op reads it directly and does its arithmetic in fp32."""
-        t = (
-            torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
-            if isinstance(t, float)
-            else as_time(t, x)
-        )
+        if isinstance(t, float):  # an eager step's grid time: made in x's dtype at once (one rounding)
+            t_in = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+        else:
+            t = as_time(t, x)
+            t_in = t.to(x.dtype)
         if self.autocast_dtype is not None:
             # no cast cache under graphs: cached weight casts must not live in a capture's pool
             with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=self.graph is None):
-                s = self.score_fn(x, t.to(x.dtype), **self.extra_args)
+                s = self.score_fn(x, t_in, **self.extra_args)
         else:
-            s = self.score_fn(x, t.to(x.dtype), **self.extra_args)
+            s = self.score_fn(x, t_in, **self.extra_args)
         if not isinstance(s, Tensor) or s.shape != x.shape:
             shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
             raise ValueError(f"score_fn: returned {shape}, expected a tensor shaped like x {tuple(x.shape)}")
@@ -213,7 +213,7 @@ class Context:
         if self._progress is not None:
             self._progress.update(1)
 
-    def _flag(self, finite: Tensor, t: Tensor) -> None:
+    def _flag(self, finite: Tensor, t: Tensor | float) -> None:
         """Record whether step ``_step``'s score was finite, without reading it on the host.
 
         Eager steps keep (step, t, finite) in a list (no further device work); a device step (graphs)
@@ -236,7 +236,7 @@ class Context:
             flags = torch.stack([finite for _, _, finite in self._finite])
             if not bool(flags.all()):
                 step, t, _ = self._finite[int((~flags).nonzero()[0, 0])]
-                bad.append((step, float(t[0])))
+                bad.append((step, float(t[0]) if isinstance(t, Tensor) else t))
             self._finite.clear()
         if self._first_bad is not None and int(self._first_bad) >= 0:
             bad.append((int(self._first_bad), float(self._bad_time)))
