@@ -167,11 +167,12 @@ def apply(
     with_noise = isinstance(noise, Tensor) or noise != 0.0
     if trusted and name == "cpu" and out is None and _host_numbers_fast_path(x, terms, coef_values):
         result = torch.empty_like(x)
+        flat = x.dim() == 2  # already [B, D] rows
         D = x.numel() // B
         backends.get("cpu").fused_update_scalars(
-            result.view(B, D),
-            x.view(B, D),
-            [t.view(B, D) for _, t in terms],
+            result if flat else result.view(B, D),
+            x if flat else x.view(B, D),
+            [t if flat else t.view(B, D) for _, t in terms],
             coef_values,
             c.sample_ids,
             c.seed,
