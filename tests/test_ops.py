@@ -282,10 +282,10 @@ def test_samplers_host_number_path_equals_the_op_bitwise(shape, term_dtype, monk
     pytest.importorskip("scorefast._C_default")
     from scorefast.ops.fused_update import apply
 
-    impl = sf.backends.get("cpu")
+    module = sf.backends.get("cpu").load()
     calls = []
-    real = impl.fused_update_scalars
-    monkeypatch.setattr(impl, "fused_update_scalars", lambda *a: calls.append(1) or real(*a))
+    real = module.fused_update_scalars
+    monkeypatch.setattr(module, "fused_update_scalars", lambda *a: calls.append(1) or real(*a))
     x, s, d = _data(shape, 1), _data(shape, 2, term_dtype), _data(shape, 3)
     ids = torch.arange(7, 7 + shape[0])
     coefs = dict(x_coef=1 / 3, noise=0.1)

@@ -67,11 +67,6 @@ def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> N
     load().fused_update(out, x, list(terms), coefs, ids, int(seed) % (1 << 64), int(step), stream, with_noise)
 
 
-def fused_update_scalars(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
-    """fused_update with len(terms) + 2 host-number coefficients shared by the batch."""
-    load().fused_update_scalars(out, x, list(terms), coefs, ids, int(seed) % (1 << 64), int(step), stream, with_noise)
-
-
 def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:
     out = torch.empty(2, ids.shape[0], dtype=torch.float32)
     load().sumsq_norms(out, t, ids, D, int(seed) % (1 << 64), int(step), stream, with_noise)

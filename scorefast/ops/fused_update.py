@@ -124,6 +124,33 @@ def _host_numbers_fast_path(x: Tensor, terms, coef_values) -> bool:
     return all(t.is_contiguous() for _, t in terms)
 
 
+def host_number_update(x: Tensor, terms, x_coef, noise, seed, step, stream: int, sample_ids: Tensor) -> Tensor | None:
+    """The samplers' eager CPU update on the cpu backend with host-number coefficients, by the
+    shortest way (arguments were validated once per run); None when it does not apply (a tensor
+    coefficient, tracing, autograd, a layout that is not rows): then ``apply`` does the work."""
+    coef_values = [x_coef, *(cf for cf, _ in terms), noise]
+    if not _host_numbers_fast_path(x, terms, coef_values):
+        return None
+    from ..backends import cpu_backend
+
+    B = x.shape[0]
+    result = torch.empty_like(x)
+    flat = x.dim() == 2  # already [B, D] rows
+    D = x.numel() // B
+    cpu_backend.load().fused_update_scalars(
+        result if flat else result.view(B, D),
+        x if flat else x.view(B, D),
+        [t if flat else t.view(B, D) for _, t in terms],
+        coef_values,
+        sample_ids,
+        int(seed) % (1 << 64),
+        int(step),
+        stream,
+        noise != 0.0,
+    )
+    return result
+
+
 def apply(
     x: Tensor,
     terms: Sequence[tuple[float | Tensor, Tensor]],
@@ -165,22 +192,10 @@ def apply(
         name = _common.resolve_backend(backend, x)
         c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     with_noise = isinstance(noise, Tensor) or noise != 0.0
-    if trusted and name == "cpu" and out is None and _host_numbers_fast_path(x, terms, coef_values):
-        result = torch.empty_like(x)
-        flat = x.dim() == 2  # already [B, D] rows
-        D = x.numel() // B
-        backends.get("cpu").fused_update_scalars(
-            result if flat else result.view(B, D),
-            x if flat else x.view(B, D),
-            [t if flat else t.view(B, D) for _, t in terms],
-            coef_values,
-            c.sample_ids,
-            c.seed,
-            c.step,
-            c.stream,
-            with_noise,
-        )
-        return result
+    if trusted and name == "cpu" and out is None:
+        result = host_number_update(x, terms, x_coef, noise, c.seed, c.step, c.stream, c.sample_ids)
+        if result is not None:
+            return result
     x2 = _common.rows(x)
     t2 = [_common.rows(t) for _, t in terms]
     coefs = _common.coef_matrix(coef_values, B, x.device, _checks.state_dtype(x))

@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import _checks
 from ..backends import resolve
 from ..errors import NonFiniteError
-from ..ops.fused_update import apply
+from ..ops.fused_update import apply, host_number_update
 from ..rng import STREAM_SAMPLER
 from ..sde.base import as_time
 
@@ -54,6 +54,14 @@ class StepTable:
         return self._dev_rows[n] if self._dev_rows is not None else self.host[n]
 
 
+def _finite_witness(s: Tensor) -> Tensor:
+    """A 0-d tensor that is finite exactly when every entry of s is: the float64 sum (no fp32 or
+    fp16 value can overflow it), one reduction where isfinite + all costs several times more."""
+    if s.device.type == "mps":  # no float64 there
+        return torch.where(torch.isfinite(s).all(), 0.0, float("nan"))
+    return torch.sum(s, dtype=torch.float64)
+
+
 @dataclass
 class Context:
     """What a sampler needs: the wrapped score, the SDE, the grid and the noise counter."""
@@ -73,7 +81,7 @@ class Context:
     per_sample_nfe: Tensor | None = None  # adaptive solvers
     project: Callable | None = None  # conditional wrappers: project(ctx, x, n, t) -> x after step n
     _backend_name: str | None = None
-    _finite: list = field(default_factory=list)  # eager steps: (step, t, finite) until the next check
+    _finite: list = field(default_factory=list)  # eager steps: (step, t, score sum) until the next check
     _first_bad: Tensor | None = None
     _bad_time: Tensor | None = None
     _step: Step = 0
@@ -119,7 +127,7 @@ class Context:
             shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
             raise ValueError(f"score_fn: returned {shape}, expected a tensor shaped like x {tuple(x.shape)}")
         self.nfe += 1
-        self._flag(torch.isfinite(s).all(), t)
+        self._flag(_finite_witness(s), t)
         if s.dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32:
             return s  # the fused ops read low-precision scores directly (fp32 arithmetic, no extra pass)
         return s.to(x.dtype) if s.dtype != x.dtype else s
@@ -147,6 +155,12 @@ class Context:
 
     def update(self, x: Tensor, terms, *, noise=0.0, n: Step = 0, j: int = 0, x_coef=1.0) -> Tensor:
         """fused_update on stream 0 with step n*S + j (arguments were validated once per run)."""
+        if self.backend_name(x) == "cpu" and not isinstance(n, Tensor):
+            out = host_number_update(
+                x, terms, x_coef, noise, self.seed, self.counter(n, j), STREAM_SAMPLER, self.sample_ids
+            )
+            if out is not None:
+                return out
         return apply(
             x,
             terms,
@@ -213,15 +227,16 @@ class Context:
         if self._progress is not None:
             self._progress.update(1)
 
-    def _flag(self, finite: Tensor, t: Tensor | float) -> None:
-        """Record whether step ``_step``'s score was finite, without reading it on the host.
+    def _flag(self, total: Tensor, t: Tensor | float) -> None:
+        """Record whether step ``_step``'s score was finite (its float64 sum is), without a host read.
 
-        Eager steps keep (step, t, finite) in a list (no further device work); a device step (graphs)
+        Eager steps keep (step, t, sum) in a list (no further device work); a device step (graphs)
         updates a first-bad-step flag in place, so every replay of a graph keeps updating it.
         """
         if not isinstance(self._step, Tensor):
-            self._finite.append((self._step, t, finite))
+            self._finite.append((self._step, t, total))
             return
+        finite = torch.isfinite(total)
         if self._first_bad is None:
             self._first_bad = torch.full((), -1, dtype=torch.int64, device=finite.device)
             self._bad_time = torch.zeros((), dtype=torch.float64, device=finite.device)
@@ -233,7 +248,7 @@ class Context:
         """Read the non-finite flags (one host sync) and raise NonFiniteError naming the first bad step."""
         bad = []
         if self._finite:
-            flags = torch.stack([finite for _, _, finite in self._finite])
+            flags = torch.isfinite(torch.stack([total for _, _, total in self._finite]))
             if not bool(flags.all()):
                 step, t, _ = self._finite[int((~flags).nonzero()[0, 0])]
                 bad.append((step, float(t[0]) if isinstance(t, Tensor) else t))
