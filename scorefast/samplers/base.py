@@ -91,6 +91,7 @@ class Context:
     _recorded: tuple | None = None  # the callback's tensors of a step being captured
     _times: StepTable | None = None
     _tweedie: StepTable | None = None
+    _time_in: tuple | None = None  # (t tensor, float64 [B], in x's dtype) of the last tensor time
 
     # -- per-step tables ------------------------------------------------------------------
     def table(self, rows) -> StepTable:
@@ -114,9 +115,13 @@ class Context:
         it is: every fused op reads it directly and does its arithmetic in fp32."""
         if isinstance(t, float):  # an eager step's grid time: made in x's dtype at once (one rounding)
             t_in = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
+        elif self._time_in is not None and self._time_in[0] is t and self._time_in[2].dtype == x.dtype:
+            _, t, t_in = self._time_in  # the same time tensor as the last call (Langevin's fixed t)
         else:
+            source = t
             t = as_time(t, x)
             t_in = t.to(x.dtype)
+            self._time_in = (source, t, t_in)
         if self.autocast_dtype is not None:
             # no cast cache under graphs: cached weight casts must not live in a capture's pool
             with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=self.graph is None):
