@@ -18,7 +18,7 @@ from torch import Tensor
 from .. import _checks
 from ..backends import resolve
 from ..errors import NonFiniteError
-from ..ops.fused_update import apply, host_number_update
+from ..ops.fused_update import apply
 from ..rng import STREAM_SAMPLER
 from ..sde.base import as_time
 
@@ -160,12 +160,6 @@ class Context:
 
     def update(self, x: Tensor, terms, *, noise=0.0, n: Step = 0, j: int = 0, x_coef=1.0) -> Tensor:
         """fused_update on stream 0 with step n*S + j (arguments were validated once per run)."""
-        if self.backend_name(x) == "cpu" and not isinstance(n, Tensor):
-            out = host_number_update(
-                x, terms, x_coef, noise, self.seed, self.counter(n, j), STREAM_SAMPLER, self.sample_ids
-            )
-            if out is not None:
-                return out
         return apply(
             x,
             terms,
