@@ -514,3 +514,23 @@ def test_rk45_solver_both_directions(t0, t1):
     assert (sol.steps > 0).all()
     with pytest.raises(ValueError, match="rtol"):
         solve(lambda y, t: y, y0, 0.0, 1.0, rtol=0.0)
+
+
+def test_score_sees_a_time_tensor_changed_in_place():
+    """The context reuses the converted time of a repeated time tensor (Langevin's fixed t), but
+    never after the tensor was written in place."""
+    from scorefast.samplers.base import Context
+
+    seen = []
+
+    def score_fn(x, t):
+        seen.append(t.clone())
+        return -x
+
+    ctx = Context(score_fn, VPSDE(), torch.linspace(1, 0.001, 3, dtype=torch.float64), 0, torch.arange(2), 1)
+    x, t = torch.zeros(2, 3), torch.full((2,), 0.5, dtype=torch.float64)
+    ctx.score(x, t)
+    ctx.score(x, t)
+    t.fill_(0.25)
+    ctx.score(x, t)
+    assert [v.tolist() for v in seen] == [[0.5, 0.5], [0.5, 0.5], [0.25, 0.25]]

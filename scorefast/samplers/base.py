@@ -91,7 +91,7 @@ class Context:
     _recorded: tuple | None = None  # the callback's tensors of a step being captured
     _times: StepTable | None = None
     _tweedie: StepTable | None = None
-    _time_in: tuple | None = None  # (t tensor, float64 [B], in x's dtype) of the last tensor time
+    _time_in: tuple | None = None  # eager: (t tensor, its version, float64 [B], in x's dtype) of the last one
 
     # -- per-step tables ------------------------------------------------------------------
     def table(self, rows) -> StepTable:
@@ -115,13 +115,14 @@ class Context:
         it is: every fused op reads it directly and does its arithmetic in fp32."""
         if isinstance(t, float):  # an eager step's grid time: made in x's dtype at once (one rounding)
             t_in = torch.full((x.shape[0],), t, dtype=x.dtype, device=x.device)
-        elif self._time_in is not None and self._time_in[0] is t and self._time_in[2].dtype == x.dtype:
-            _, t, t_in = self._time_in  # the same time tensor as the last call (Langevin's fixed t)
+        elif self._reuse_time(t, x):
+            t, t_in = self._time_in[2:]  # the same, unmodified time tensor as the last call (Langevin's t)
         else:
             source = t
             t = as_time(t, x)
             t_in = t.to(x.dtype)
-            self._time_in = (source, t, t_in)
+            if self.graph is None and isinstance(source, Tensor):  # a replay may rewrite a buffer unseen
+                self._time_in = (source, source._version, t, t_in)
         if self.autocast_dtype is not None:
             # no cast cache under graphs: cached weight casts must not live in a capture's pool
             with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=self.graph is None):
@@ -136,6 +137,11 @@ class Context:
         if s.dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32:
             return s  # the fused ops read low-precision scores directly (fp32 arithmetic, no extra pass)
         return s.to(x.dtype) if s.dtype != x.dtype else s
+
+    def _reuse_time(self, t, x: Tensor) -> bool:
+        """t is the eager call's last time tensor, unchanged since (same object and version)."""
+        last = self._time_in
+        return last is not None and last[0] is t and last[1] == t._version and last[3].dtype == x.dtype
 
     def denoised(self, x: Tensor, n: Step, score: Tensor) -> Tensor:
         """Tweedie at grid time t_n: x0 = (x + std^2 s) / mean_coef, one fused pass."""
