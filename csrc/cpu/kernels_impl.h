@@ -349,24 +349,16 @@ void fused_update_core(at::Tensor& out, const at::Tensor& x, const std::vector<a
         const int64_t cnt = std::min<int64_t>(Vec::size(), m - i);
         (Vec::loadu(cbuf.data() + i, cnt) * Vec::loadu(xv + i, cnt)).store(acc.data() + i, cnt);
       }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* tv = as_float(term_ptr[t], term_dtype[t], b0 * D, m, tbuf.data());
-        spread(1 + t);
+      const auto add = [&](int64_t k, const float* v) {  // acc += coefficient k (spread) * v
+        spread(k);
         for (int64_t i = 0; i < m; i += Vec::size()) {
           const int64_t cnt = std::min<int64_t>(Vec::size(), m - i);
-          at::vec::fmadd(Vec::loadu(cbuf.data() + i, cnt), Vec::loadu(tv + i, cnt), Vec::loadu(acc.data() + i, cnt))
+          at::vec::fmadd(Vec::loadu(cbuf.data() + i, cnt), Vec::loadu(v + i, cnt), Vec::loadu(acc.data() + i, cnt))
               .store(acc.data() + i, cnt);
         }
-      }
-      if (with_noise) {
-        spread(T + 1);
-        for (int64_t i = 0; i < m; i += Vec::size()) {
-          const int64_t cnt = std::min<int64_t>(Vec::size(), m - i);
-          at::vec::fmadd(Vec::loadu(cbuf.data() + i, cnt), Vec::loadu(zbuf.data() + i, cnt),
-                         Vec::loadu(acc.data() + i, cnt))
-              .store(acc.data() + i, cnt);
-        }
-      }
+      };
+      for (int64_t t = 0; t < T; ++t) add(1 + t, as_float(term_ptr[t], term_dtype[t], b0 * D, m, tbuf.data()));
+      if (with_noise) add(T + 1, zbuf.data());
       store_from_float(acc.data(), op, odt, b0 * D, m);
       return;
     }
@@ -378,21 +370,15 @@ void fused_update_core(at::Tensor& out, const at::Tensor& x, const std::vector<a
         const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
         (xc * Vec::loadu(xv + i, cnt)).store(acc.data() + i, cnt);
       }
-      for (int64_t t = 0; t < T; ++t) {
-        const float* tv = as_float(term_ptr[t], term_dtype[t], b * D + first, n, tbuf.data());
-        const Vec ct(coef(1 + t, b));
+      const auto add = [&](int64_t k, const float* v) {  // acc += coefficient k of row b * v
+        const Vec ck(coef(k, b));
         for (int64_t i = 0; i < n; i += Vec::size()) {
           const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
-          at::vec::fmadd(ct, Vec::loadu(tv + i, cnt), Vec::loadu(acc.data() + i, cnt)).store(acc.data() + i, cnt);
+          at::vec::fmadd(ck, Vec::loadu(v + i, cnt), Vec::loadu(acc.data() + i, cnt)).store(acc.data() + i, cnt);
         }
-      }
-      if (with_noise) {
-        const Vec cz(coef(T + 1, b));
-        for (int64_t i = 0; i < n; i += Vec::size()) {
-          const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
-          at::vec::fmadd(cz, Vec::loadu(zv + i, cnt), Vec::loadu(acc.data() + i, cnt)).store(acc.data() + i, cnt);
-        }
-      }
+      };
+      for (int64_t t = 0; t < T; ++t) add(1 + t, as_float(term_ptr[t], term_dtype[t], b * D + first, n, tbuf.data()));
+      if (with_noise) add(T + 1, zv);
       store_from_float(acc.data(), op, odt, b * D + first, n);
     }
   });
