@@ -8,6 +8,9 @@
   backends.
 * ``scorefast._cuda``: the CUDA kernels (``csrc/cuda``), compiled by nvcc with no torch headers
   and bound with pybind11; built whenever nvcc is found.
+* ``scorefast._cuda_host``: the same CUDA sources and bindings compiled by the host C++ compiler
+  over ``csrc/cuda/host_emulation.h``, which runs each grid on the CPU; built with ``_cuda``, so
+  the CUDA code is tested on machines without a GPU (``SCOREFAST_CUDA_EMULATE=1``).
 
 Environment: ``SCOREFAST_SKIP_CUDA_BUILD=1`` skips the CUDA module; ``SCOREFAST_CUDA_ARCHS``
 (default ``80;90+PTX``) picks the architectures; ``MAX_JOBS`` caps parallel compile jobs;
@@ -122,10 +125,21 @@ def _cpu_extensions() -> list[Extension]:
 class CudaModule(Extension):
     """The nvcc-built pybind11 module: its sources are compiled by ``BuildExt._build_cuda``."""
 
-    def __init__(self) -> None:
-        super().__init__("scorefast._cuda", sources=[])
+    host_emulation = False
+
+    def __init__(self, name: str = "scorefast._cuda") -> None:
+        super().__init__(name, sources=[])
         self.cu_sources = ["csrc/cuda/kernels.cu"]
         self.cpp_sources = ["csrc/cuda/module.cpp"]
+
+
+class CudaHostModule(CudaModule):
+    """``scorefast._cuda_host``: the CUDA sources compiled as C++ over ``host_emulation.h``."""
+
+    host_emulation = True
+
+    def __init__(self) -> None:
+        super().__init__("scorefast._cuda_host")
 
 
 def _base_build_ext():
@@ -156,7 +170,8 @@ class BuildExt(_base_build_ext()):
         skip = os.environ.get("SCOREFAST_SKIP_CUDA_BUILD", "0") in ("1", "true", "yes")
         if skip or _find_nvcc() is None:
             why = "SCOREFAST_SKIP_CUDA_BUILD is set" if skip else "nvcc was not found at build time"
-            self.report["parts"]["_cuda"] = {"state": "skipped", "why": why}
+            for key in ("_cuda", "_cuda_host"):
+                self.report["parts"][key] = {"state": "skipped", "why": why}
         super().run()
         # Parts that failed are dropped so that setuptools does not look for their files.
         self.extensions = [
@@ -188,13 +203,30 @@ class BuildExt(_base_build_ext()):
         import pybind11
 
         out = self.get_ext_fullpath(ext.name)
-        tmp = os.path.join(self.build_temp, "cuda")
+        tmp = os.path.join(self.build_temp, "cuda_host" if ext.host_emulation else "cuda")
         os.makedirs(tmp, exist_ok=True)
         os.makedirs(os.path.dirname(out), exist_ok=True)
         jobs = os.environ.get("MAX_JOBS", str(os.cpu_count() or 1))
+        cxx = os.environ.get("CXX", "c++")
+        py_include = sysconfig.get_paths()["include"]
+        cxx_flags = [
+            "-O2",
+            "-std=c++17",
+            "-fPIC",
+            "-fvisibility=hidden",
+            f"-I{INCLUDE}",
+            f"-I{os.path.join(cuda_home, 'include')}",
+        ]
+        if ext.host_emulation:
+            cxx_flags.append("-DSCOREFAST_CUDA_HOST_EMULATION")
         objects = []
         for src in ext.cu_sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
+            if ext.host_emulation:
+                emulation = os.path.join(ROOT, "csrc", "cuda", "host_emulation.h")
+                self._run([cxx, "-x", "c++", "-c", src, "-o", obj, *cxx_flags, "-include", emulation])
+                objects.append(obj)
+                continue
             cmd = [
                 nvcc,
                 "-c",
@@ -212,30 +244,14 @@ class BuildExt(_base_build_ext()):
             ]
             self._run(cmd)
             objects.append(obj)
-        cxx = os.environ.get("CXX", "c++")
-        py_include = sysconfig.get_paths()["include"]
         for src in ext.cpp_sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            cmd = [
-                cxx,
-                "-c",
-                src,
-                "-o",
-                obj,
-                "-O2",
-                "-std=c++17",
-                "-fPIC",
-                "-fvisibility=hidden",
-                f"-I{INCLUDE}",
-                f"-I{os.path.join(cuda_home, 'include')}",
-                f"-I{pybind11.get_include()}",
-                f"-I{py_include}",
-            ]
-            self._run(cmd)
+            self._run([cxx, "-c", src, "-o", obj, *cxx_flags, f"-I{pybind11.get_include()}", f"-I{py_include}"])
             objects.append(obj)
         lib = _cudart_dir(cuda_home)
         self._run([cxx, "-shared", "-o", out, *objects, f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"])
-        self.report["cuda"] = {"nvcc": nvcc, "archs": archs, "version": _nvcc_version(nvcc)}
+        if not ext.host_emulation:
+            self.report["cuda"] = {"nvcc": nvcc, "archs": archs, "version": _nvcc_version(nvcc)}
 
     def _run(self, cmd: list[str]) -> None:
         print(" ".join(cmd))
@@ -260,7 +276,7 @@ def _extensions() -> list[Extension]:
     exts = _cpu_extensions()
     if os.environ.get("SCOREFAST_SKIP_CUDA_BUILD", "0") not in ("1", "true", "yes"):
         if _find_nvcc():
-            exts.append(CudaModule())
+            exts += [CudaModule(), CudaHostModule()]
         elif "cuda_module" in _required():
             raise RuntimeError("SCOREFAST_REQUIRE_BACKENDS names cuda_module but nvcc was not found")
     return exts

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ _BLOCK = """
 import sys
 class _Block:
     def find_spec(self, name, path=None, target=None):
-        if name.startswith("scorefast._C") or name == "scorefast._cuda":
+        if name.startswith("scorefast._C") or name.startswith("scorefast._cuda"):
             raise ImportError(f"{name} blocked by test")
         return None
 sys.meta_path.insert(0, _Block())
@@ -78,7 +79,7 @@ import sys, torch
 calls = []
 torch.cuda.is_available = lambda: calls.append(1) or False
 import scorefast
-print(len(calls), any(m.startswith("scorefast._C") or m == "scorefast._cuda" for m in sys.modules))
+print(len(calls), any(m.startswith(("scorefast._C", "scorefast._cuda")) for m in sys.modules))
 """
     res = _python(code)
     assert res.returncode == 0, res.stderr
@@ -109,30 +110,51 @@ def test_default_cpu_backend_is_compiled_when_built():
     assert sf.backends.resolve(None, torch.device("cpu"), torch.float64) == "torch"
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is the interpreter run itself")
-def test_triton_interpreted():
-    """Every triton-parametrised test, in a CUDA-less process with TRITON_INTERPRET=1 (DESIGN.md)."""
-    pytest.importorskip("triton")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""}
-    env.pop("SCOREFAST_BACKEND", None)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "tests",
-        "-q",
-        "-x",
-        "-k",
-        "triton",
-        "-m",
-        "not cuda",
-        "-p",
-        "no:cacheprovider",
-        "-p",
-        "no:randomly",
-    ]
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1200)
+def _run_backend_suite(tmp_path, backend: str, env: dict, select: list[str], allowed_skips: tuple[str, ...]) -> None:
+    """Run the suite's ``backend``-parametrised tests in a subprocess with ``env``; every one must pass.
+
+    A skip is a failure unless its reason is one of ``allowed_skips`` (tests that say why they do
+    not apply there); so a backend that fails to load there cannot pass as skipped.
+    """
+    full_env = {k: v for k, v in os.environ.items() if k not in ("SCOREFAST_BACKEND",)}
+    full_env.update(CUDA_VISIBLE_DEVICES="", **env)
+    report = tmp_path / "report.xml"
+    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-x", *select, f"--junit-xml={report}"]
+    cmd += ["-p", "no:cacheprovider", "-p", "no:randomly"]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=1500)
     tail = "\n".join(res.stdout.splitlines()[-30:])
     assert res.returncode == 0, tail + res.stderr[-3000:]
-    assert " passed" in tail and " failed" not in tail
-    assert "skipped" not in tail.split("\n")[-1] or "triton" not in tail.split("\n")[-1]
+    ran, bad_skips = 0, []
+    for case in ElementTree.parse(report).getroot().iter("testcase"):
+        name = case.get("name", "")
+        if f"[{backend}]" not in name and f"-{backend}]" not in name:
+            continue
+        skipped = case.find("skipped")
+        if skipped is None:
+            ran += 1
+        elif not any(reason in skipped.get("message", "") for reason in allowed_skips):
+            bad_skips.append(f"{case.get('classname')}::{name}: {skipped.get('message')}")
+    assert not bad_skips, "\n".join(bad_skips)
+    assert ran >= 100, f"only {ran} {backend} tests ran:\n{tail}"
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="this is the interpreter run itself")
+def test_triton_interpreted(tmp_path):
+    """Every triton-parametrised test, in a CUDA-less process with TRITON_INTERPRET=1 (DESIGN.md)."""
+    pytest.importorskip("triton")
+    allowed = ("statistics run on the compiled backends", "compile runs the compiled CPU path")
+    _run_backend_suite(tmp_path, "triton", {"TRITON_INTERPRET": "1"}, ["-k", "triton", "-m", "not cuda"], allowed)
+
+
+@pytest.mark.skipif(os.environ.get("SCOREFAST_CUDA_EMULATE") == "1", reason="this is the emulated run itself")
+def test_cuda_kernels_emulated(tmp_path):
+    """Every cuda-parametrised test, with the CUDA kernels, launchers and bindings compiled for the
+    host (``scorefast._cuda_host``): the CUDA code is run and checked on machines without a GPU."""
+    from scorefast.info import build_info
+
+    if build_info().get("parts", {}).get("_cuda_host", {}).get("state") != "built":
+        if "cuda_module" in os.environ.get("SCOREFAST_REQUIRE_BACKENDS", ""):
+            pytest.fail("SCOREFAST_REQUIRE_BACKENDS names cuda_module but scorefast._cuda_host was not built")
+        pytest.skip("scorefast._cuda_host was not built (no CUDA toolkit at build time)")
+    allowed = ("compile runs the compiled CPU path",)
+    _run_backend_suite(tmp_path, "cuda", {"SCOREFAST_CUDA_EMULATE": "1"}, ["-m", "cuda_emulated and not cuda"], allowed)

@@ -38,7 +38,7 @@ def test_philox_known_answers_reference(kat):
     assert [int(w) for w in out] == _hex(kat["out"])
 
 
-@pytest.mark.parametrize("module", ["_C_default", "_C_avx2", "_C_avx512", "_cuda"])
+@pytest.mark.parametrize("module", ["_C_default", "_C_avx2", "_C_avx512", "_cuda", "_cuda_host"])
 @pytest.mark.parametrize("kat", KAT, ids=lambda k: "-".join(k["counter"][:1] + k["key"][:1]))
 def test_philox_known_answers_compiled_header(module, kat):
     """The shared C++/CUDA header (host side of the CUDA module too) gives Random123's answers."""

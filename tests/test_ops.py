@@ -338,3 +338,34 @@ def test_out_refuses_grad(backend):
     x = _data((2, 4), 1).requires_grad_()
     with pytest.raises(ValueError, match="require grad"):
         sf.ops.fused_update(x, [(1.0, x)], out=torch.empty(2, 4), backend=backend)
+
+
+@pytest.mark.parametrize("backend", COMPILED)
+def test_batches_beyond_the_grid_row_limit(backend):
+    """A CUDA grid has at most 65535 rows (gridDim.y): samples past that must still be computed,
+    and computed like the first ones (the cuda kernels stride their block rows over the batch)."""
+    B, D = 65535 + 9, 5
+    ids = torch.arange(B)
+    x, s = _data((B, D), 1), _data((B, D), 2)
+    z64 = sf.randn((B, D), seed=6, step=1, dtype=torch.float64, backend="torch")
+    z = sf.randn((B, D), seed=6, step=1, backend=backend)
+    assert (z.double() - z64).abs().max().item() <= 1e-5
+    got, s_norm, z_norm = sf.ops.fused_update(
+        x, [(0.5, s)], noise=0.3, x_coef=0.9, seed=6, step=1, sample_ids=ids, return_norms=True, backend=backend
+    )
+    ref = 0.9 * x.double() + 0.5 * s.double() + 0.3 * z64
+    torch.testing.assert_close(got.double(), ref, atol=5e-6, rtol=2e-6)
+    torch.testing.assert_close(s_norm.double(), s.double().norm(dim=1), atol=0, rtol=2e-6)
+    torch.testing.assert_close(z_norm.double(), z64.norm(dim=1), atol=0, rtol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_rows(backend):
+    """Samples with no elements: norms are 0 (a kernel grid must not be empty), updates are empty."""
+    x = torch.empty(3, 0)
+    assert torch.equal(sf.ops.sample_norm(x, backend=backend), torch.zeros(3))
+    out, s_norm, z_norm = sf.ops.fused_update(
+        x, [(0.5, x)], noise=1.0, seed=1, step=0, return_norms=True, backend=backend
+    )
+    assert out.shape == (3, 0) and torch.equal(s_norm, torch.zeros(3)) and torch.equal(z_norm, torch.zeros(3))
+    assert sf.randn((3, 0), seed=1, backend=backend).shape == (3, 0)

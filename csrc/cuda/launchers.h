@@ -29,8 +29,11 @@ struct Terms {
 cudaError_t fill_noise(float* out, int64_t B, int64_t D, int64_t elem_offset, int kind,
                        CounterArgs c, cudaStream_t stream);
 
+// coefs: [terms.count + 2, coef_cols] fp32 with coef_cols 1 (shared by the batch) or B; row 0
+// scales x, rows 1.. the terms, the last the noise.
 cudaError_t fused_update(void* out, const void* x, int x_dtype, Terms terms, const float* coefs,
-                         bool with_noise, int64_t B, int64_t D, CounterArgs c, cudaStream_t stream);
+                         int64_t coef_cols, bool with_noise, int64_t B, int64_t D, CounterArgs c,
+                         cudaStream_t stream);
 
 // out [2, B] fp32: sum of squares of t (if non-null) and of the normal noise (if with_noise),
 // per sample, tiles of kNormTile summed in a fixed tree; partial holds B * tiles * 2 floats.

@@ -1,5 +1,6 @@
 // scorefast._cuda: pybind11 bindings of the CUDA launchers.  Built with no torch headers; the
 // Python side passes data_ptr()s (ints) and torch.cuda.current_stream().cuda_stream.
+// Built a second time as scorefast._cuda_host, over the host-emulated kernels (host_emulation.h).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -34,9 +35,19 @@ CounterArgs counter(uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, uint3
 
 }  // namespace
 
-PYBIND11_MODULE(_cuda, m) {
-  m.doc() = "scorefast CUDA kernels (raw-pointer launchers, no torch headers)";
+#if defined(SCOREFAST_CUDA_HOST_EMULATION)
+#define SCOREFAST_CUDA_MODULE _cuda_host
+constexpr bool kEmulated = true;
+#else
+#define SCOREFAST_CUDA_MODULE _cuda
+constexpr bool kEmulated = false;
+#endif
+
+PYBIND11_MODULE(SCOREFAST_CUDA_MODULE, m) {
+  m.doc() = kEmulated ? "scorefast CUDA kernels compiled for the host (emulated grid, for tests)"
+                      : "scorefast CUDA kernels (raw-pointer launchers, no torch headers)";
   m.attr("cuda_runtime_version") = CUDART_VERSION;
+  m.attr("emulated") = kEmulated;
   m.attr("max_terms") = kMaxTerms;
   m.def("fill_noise",
         [](uintptr_t out, int64_t B, int64_t D, int64_t elem_offset, int kind, uintptr_t seed_ptr,
@@ -49,7 +60,7 @@ PYBIND11_MODULE(_cuda, m) {
         });
   m.def("fused_update",
         [](uintptr_t out, uintptr_t x, int x_dtype, const std::vector<uintptr_t>& term_ptrs,
-           const std::vector<int>& term_dtypes, uintptr_t coefs, bool with_noise, int64_t B,
+           const std::vector<int>& term_dtypes, uintptr_t coefs, int64_t coef_cols, bool with_noise, int64_t B,
            int64_t D, uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, uint32_t step,
            uint32_t stream, uintptr_t ids, uintptr_t cuda_stream) {
           if (term_ptrs.size() > kMaxTerms || term_ptrs.size() != term_dtypes.size()) {
@@ -62,7 +73,7 @@ PYBIND11_MODULE(_cuda, m) {
             terms.dtype[t] = term_dtypes[t];
           }
           check(scorefast_cuda::fused_update(ptr<void>(out), ptr<const void>(x), x_dtype, terms,
-                                             ptr<const float>(coefs), with_noise, B, D,
+                                             ptr<const float>(coefs), coef_cols, with_noise, B, D,
                                              counter(seed_ptr, step_ptr, seed, step, stream, ids),
                                              reinterpret_cast<cudaStream_t>(cuda_stream)),
                 "fused_update");

@@ -3,11 +3,18 @@
 Launchers get ``data_ptr()``s and ``torch.cuda.current_stream().cuda_stream``, so launches land
 on the current stream and CUDA graphs capture them.  Seed/step given as CUDA tensors are read on
 the device (graph replay advances them); given on the CPU they pass by value.
+
+With ``SCOREFAST_CUDA_EMULATE=1`` (read when the backend is first loaded, like Triton's
+``TRITON_INTERPRET``) it runs CPU tensors through ``scorefast._cuda_host``: the same kernels,
+launchers and bindings compiled for the host, each grid run on the CPU (``csrc/cuda/host_emulation.h``).
+CPU tensors then play the device's part: a CPU seed/step tensor is read by the kernel through its
+pointer, as a CUDA one is on a GPU.  It is how the CUDA code is tested without a GPU.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 
 import torch
@@ -16,10 +23,18 @@ _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _module: ModuleType | None = None
 
 
+def emulated() -> bool:
+    return os.environ.get("SCOREFAST_CUDA_EMULATE", "0") == "1"
+
+
+_EMULATED = emulated()
+_KERNEL_DEVICE = "cpu" if _EMULATED else "cuda"
+
+
 def load() -> ModuleType:
     global _module
     if _module is None:
-        _module = importlib.import_module("scorefast._cuda")
+        _module = importlib.import_module("scorefast._cuda_host" if _EMULATED else "scorefast._cuda")
     return _module
 
 
@@ -36,6 +51,12 @@ def module_state() -> tuple[bool, str]:
 
 
 def availability():
+    if _EMULATED:
+        try:
+            load()
+        except ImportError as err:
+            return False, f"SCOREFAST_CUDA_EMULATE=1 but scorefast._cuda_host does not load: {err}", ()
+        return True, "scorefast._cuda_host: the CUDA kernels run on the CPU (SCOREFAST_CUDA_EMULATE=1)", ("cpu",)
     ok, why = module_state()
     if not ok:
         return False, why, ()
@@ -45,7 +66,8 @@ def availability():
 
 
 def _on_device(v) -> bool:
-    return isinstance(v, torch.Tensor) and v.is_cuda
+    """Whether the kernel reads ``v`` through its pointer (it lives where the kernels run)."""
+    return isinstance(v, torch.Tensor) and v.device.type == _KERNEL_DEVICE
 
 
 def _counter(seed, step) -> tuple[int, int, int, int]:
@@ -58,7 +80,7 @@ def _counter(seed, step) -> tuple[int, int, int, int]:
 
 
 def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
+    return 0 if _EMULATED else torch.cuda.current_stream(t.device).cuda_stream
 
 
 def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
@@ -70,8 +92,6 @@ def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
 
 def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
     B, D = x.shape
-    if coefs.shape[1] != B:  # the CUDA kernel reads a [K, B] matrix; a shared column is widened
-        coefs = coefs.expand(coefs.shape[0], B).contiguous()
     load().fused_update(
         out.data_ptr(),
         x.data_ptr(),
@@ -79,6 +99,7 @@ def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> N
         [t.data_ptr() for t in terms],
         [_DTYPE_CODES[t.dtype] for t in terms],
         coefs.data_ptr(),
+        coefs.shape[1],
         with_noise,
         B,
         D,
