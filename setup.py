@@ -219,12 +219,14 @@ class BuildExt(_base_build_ext()):
         ]
         if ext.host_emulation:
             cxx_flags.append("-DSCOREFAST_CUDA_HOST_EMULATION")
-        objects = []
+        objects: list[str] = []
+        commands: list[list[str]] = []
         for src in ext.cu_sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             if ext.host_emulation:
                 emulation = os.path.join(ROOT, "csrc", "cuda", "host_emulation.h")
-                self._run([cxx, "-x", "c++", "-c", src, "-o", obj, *cxx_flags, "-include", emulation])
+                commands.append([cxx, "-x", "c++", "-c", src, "-o", obj, *cxx_flags, "-include", emulation])
+                self._run(commands[-1])
                 objects.append(obj)
                 continue
             cmd = [
@@ -246,11 +248,16 @@ class BuildExt(_base_build_ext()):
             objects.append(obj)
         for src in ext.cpp_sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            self._run([cxx, "-c", src, "-o", obj, *cxx_flags, f"-I{pybind11.get_include()}", f"-I{py_include}"])
+            commands.append([cxx, "-c", src, "-o", obj, *cxx_flags, f"-I{pybind11.get_include()}", f"-I{py_include}"])
+            self._run(commands[-1])
             objects.append(obj)
         lib = _cudart_dir(cuda_home)
-        self._run([cxx, "-shared", "-o", out, *objects, f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"])
-        if not ext.host_emulation:
+        commands.append([cxx, "-shared", "-o", out, *objects, f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"])
+        self._run(commands[-1])
+        if ext.host_emulation:
+            # how it was built (run in ROOT), so tests can rebuild it under a sanitizer
+            self.report["cuda_host"] = {"root": ROOT, "commands": commands}
+        else:
             self.report["cuda"] = {"nvcc": nvcc, "archs": archs, "version": _nvcc_version(nvcc)}
 
     def _run(self, cmd: list[str]) -> None:

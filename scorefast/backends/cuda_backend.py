@@ -9,6 +9,8 @@ With ``SCOREFAST_CUDA_EMULATE=1`` (read when the backend is first loaded, like T
 launchers and bindings compiled for the host, each grid run on the CPU (``csrc/cuda/host_emulation.h``).
 CPU tensors then play the device's part: a CPU seed/step tensor is read by the kernel through its
 pointer, as a CUDA one is on a GPU.  It is how the CUDA code is tested without a GPU.
+``SCOREFAST_CUDA_HOST_MODULE=PATH`` loads that build from a file instead (the tests' AddressSanitizer
+build, which finds out-of-bounds accesses as compute-sanitizer would on a GPU).
 """
 
 from __future__ import annotations
@@ -31,10 +33,27 @@ _EMULATED = emulated()
 _KERNEL_DEVICE = "cpu" if _EMULATED else "cuda"
 
 
+def _load_host_module_file(path: str) -> ModuleType:
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.ExtensionFileLoader("scorefast._cuda_host", path)
+    spec = importlib.util.spec_from_file_location("scorefast._cuda_host", path, loader=loader)
+    if spec is None:
+        raise ImportError(f"SCOREFAST_CUDA_HOST_MODULE: cannot load {path}")
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
 def load() -> ModuleType:
     global _module
     if _module is None:
-        _module = importlib.import_module("scorefast._cuda_host" if _EMULATED else "scorefast._cuda")
+        host_file = os.environ.get("SCOREFAST_CUDA_HOST_MODULE") if _EMULATED else None
+        if host_file:
+            _module = _load_host_module_file(host_file)
+        else:
+            _module = importlib.import_module("scorefast._cuda_host" if _EMULATED else "scorefast._cuda")
     return _module
 
 
@@ -56,7 +75,8 @@ def availability():
             load()
         except ImportError as err:
             return False, f"SCOREFAST_CUDA_EMULATE=1 but scorefast._cuda_host does not load: {err}", ()
-        return True, "scorefast._cuda_host: the CUDA kernels run on the CPU (SCOREFAST_CUDA_EMULATE=1)", ("cpu",)
+        where = os.environ.get("SCOREFAST_CUDA_HOST_MODULE") or "scorefast._cuda_host"
+        return True, f"{where}: the CUDA kernels run on the CPU (SCOREFAST_CUDA_EMULATE=1)", ("cpu",)
     ok, why = module_state()
     if not ok:
         return False, why, ()
