@@ -90,6 +90,24 @@ def noise_and_term_norms(
 
     ``trusted=True`` (samplers): ``backend`` is a resolved name and ``sample_ids`` checked ids.
     """
+    sums = noise_and_term_sumsq(
+        t, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids, backend=backend, trusted=trusted
+    )
+    return sums[0].sqrt(), sums[1].sqrt()
+
+
+def noise_and_term_sumsq(
+    t: Tensor | None,
+    x: Tensor,
+    *,
+    seed,
+    step,
+    stream,
+    sample_ids,
+    backend: str | None = None,
+    trusted: bool = False,
+) -> Tensor:
+    """[2, B]: ||t||^2 and ||z||^2 per sample (``noise_and_term_norms`` before its square roots)."""
     B = _checks.check_batched("x", x)
     if trusted:
         name, c = backend, _common.Counter(seed, step, stream, sample_ids)
@@ -98,5 +116,4 @@ def noise_and_term_norms(
         c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     t2 = _common.rows(t) if t is not None else None
     numel = x[0].numel() if B else 0
-    sums = _sumsq(t2, c.sample_ids, c.seed, c.step, numel, c.stream, True, _checks.state_dtype(x), name)
-    return sums[0].sqrt(), sums[1].sqrt()
+    return _sumsq(t2, c.sample_ids, c.seed, c.step, numel, c.stream, True, _checks.state_dtype(x), name)

@@ -1,7 +1,7 @@
 """Langevin corrector with a signal-to-noise step size (score_sde's ``LangevinCorrector``).
 
-Pass 1 takes ||score|| and ||z|| per sample (z made in-kernel, never stored, fixed-order sums);
-eps = 2*alpha*(snr*||z||/||score||)**2; pass 2 regenerates z: x + eps*score + sqrt(2*eps)*z.
+Pass 1 takes ||score||^2 and ||z||^2 per sample (z made in-kernel, never stored, fixed-order sums);
+eps = 2*alpha*snr**2 * ||z||^2/||score||^2; pass 2 regenerates z: x + eps*score + sqrt(2*eps)*z.
 ``norm="batch"`` averages the norms over the batch first, as score_sde and diffusers do.
 """
 
@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .. import _checks
 from .fused_update import apply
-from .sample_norm import noise_and_term_norms
+from .sample_norm import noise_and_term_sumsq
 
 NORMS = ("sample", "batch")
 
@@ -36,13 +36,16 @@ def snr_langevin_step(
     B = x.shape[0]
     if not _trusted:
         _validate(x, score, snr, alpha, norm)
-    g, zn = noise_and_term_norms(
+    sums = noise_and_term_sumsq(
         score, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids, backend=backend, trusted=_trusted
     )
-    if norm == "batch":
-        g, zn = g.mean().expand(B), zn.mean().expand(B)
-    ratio = torch.where(g > 0, snr * zn / torch.where(g > 0, g, torch.ones_like(g)), torch.zeros_like(g))
-    eps = 2.0 * alpha * ratio * ratio
+    if norm == "batch":  # the batch means of the norms (not of their squares), as score_sde
+        sums = sums.sqrt().mean(1, keepdim=True).square().expand(2, B)
+    g2, z2 = sums[0], sums[1]
+    # eps = 2 alpha snr^2 ||z||^2 / ||score||^2, from the squared norms (no square roots); the inner
+    # where keeps the gradient finite where the score is zero (eps = 0 there)
+    scored = g2 > 0
+    eps = torch.where(scored, (2.0 * snr * snr) * alpha * (z2 / torch.where(scored, g2, 1.0)), 0.0)
     x_new = apply(
         x,
         [(eps, score)],
