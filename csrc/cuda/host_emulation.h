@@ -13,6 +13,8 @@
 //   grid one block at a time.  Every CUDA thread of a block is a fiber on the calling thread: it
 //   runs until it exits or reaches __syncthreads(); when every live thread of the block waits
 //   there, they all resume.  Threads that have exited do not hold a barrier (as on sm_70+).
+//   Blocks run forwards on one launch and backwards on the next, threads forwards and backwards
+//   on alternate rounds: a GPU gives no order, so code that needs one fails here too.
 // * fp16/bf16 conversions and fmaf/logf/sqrtf/sinf/cosf come from the CUDA headers' host code and
 //   the C library: the same roundings as the device, and libm's last-ulp differences from the
 //   device's precise sinf/cosf/logf (the noise contract's tolerance covers those).
@@ -138,6 +140,7 @@ inline Block block;
 inline thread_local cudaError_t last_error = cudaSuccess;  // per host thread, as in the runtime
 inline std::mutex launch_mutex;
 inline thread_local bool launching_here = false;
+inline unsigned long long launches = 0;  // under launch_mutex
 
 inline cudaError_t take_last_error() {
   const cudaError_t err = last_error;
@@ -229,13 +232,15 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 threads_per_block, cudaStream_
   blk.in_kernel = true;
   builtins.block_dim = threads_per_block;
   builtins.grid_dim = grid;
-  for (unsigned z = 0; z < grid.z; ++z) {
-    for (unsigned y = 0; y < grid.y; ++y) {
-      for (unsigned x = 0; x < grid.x; ++x) {
-        builtins.block_idx = uint3{x, y, z};
-        run_block(static_cast<unsigned>(threads));
-      }
-    }
+  // A GPU runs blocks in no fixed order: every other launch runs the grid backwards, so a kernel
+  // that depends on block order (reads what another block of the same launch writes) shows it.
+  const unsigned long long blocks = 1ull * grid.x * grid.y * grid.z;
+  const bool backwards = (launches++ % 2) == 1;
+  for (unsigned long long i = 0; i < blocks; ++i) {
+    const unsigned long long k = backwards ? blocks - 1 - i : i;
+    builtins.block_idx = uint3{static_cast<unsigned>(k % grid.x), static_cast<unsigned>((k / grid.x) % grid.y),
+                               static_cast<unsigned>(k / (1ull * grid.x * grid.y))};
+    run_block(static_cast<unsigned>(threads));
   }
   blk.in_kernel = false;
   launching_here = false;
