@@ -220,40 +220,42 @@ class BuildExt(_base_build_ext()):
         if ext.host_emulation:
             cxx_flags.append("-DSCOREFAST_CUDA_HOST_EMULATION")
         objects: list[str] = []
-        commands: list[list[str]] = []
+        commands: list[list[str]] = []  # every command, in order (recorded for the host build)
+
+        def run(cmd: list[str]) -> None:
+            commands.append(cmd)
+            self._run(cmd)
+
         for src in ext.cu_sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
             if ext.host_emulation:
                 emulation = os.path.join(ROOT, "csrc", "cuda", "host_emulation.h")
-                commands.append([cxx, "-x", "c++", "-c", src, "-o", obj, *cxx_flags, "-include", emulation])
-                self._run(commands[-1])
-                objects.append(obj)
-                continue
-            cmd = [
-                nvcc,
-                "-c",
-                src,
-                "-o",
-                obj,
-                "-O3",
-                "-std=c++17",
-                f"-I{INCLUDE}",
-                "--threads",
-                jobs,
-                "-Xcompiler",
-                "-fPIC",
-                *_gencode_flags(archs),
-            ]
-            self._run(cmd)
+                run([cxx, "-x", "c++", "-c", src, "-o", obj, *cxx_flags, "-include", emulation])
+            else:
+                run(
+                    [
+                        nvcc,
+                        "-c",
+                        src,
+                        "-o",
+                        obj,
+                        "-O3",
+                        "-std=c++17",
+                        f"-I{INCLUDE}",
+                        "--threads",
+                        jobs,
+                        "-Xcompiler",
+                        "-fPIC",
+                        *_gencode_flags(archs),
+                    ]
+                )
             objects.append(obj)
         for src in ext.cpp_sources:
             obj = os.path.join(tmp, os.path.basename(src) + ".o")
-            commands.append([cxx, "-c", src, "-o", obj, *cxx_flags, f"-I{pybind11.get_include()}", f"-I{py_include}"])
-            self._run(commands[-1])
+            run([cxx, "-c", src, "-o", obj, *cxx_flags, f"-I{pybind11.get_include()}", f"-I{py_include}"])
             objects.append(obj)
         lib = _cudart_dir(cuda_home)
-        commands.append([cxx, "-shared", "-o", out, *objects, f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"])
-        self._run(commands[-1])
+        run([cxx, "-shared", "-o", out, *objects, f"-L{lib}", "-lcudart", f"-Wl,-rpath,{lib}"])
         if ext.host_emulation:
             # how it was built (run in ROOT), so tests can rebuild it under a sanitizer
             self.report["cuda_host"] = {"root": ROOT, "commands": commands}

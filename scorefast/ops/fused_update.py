@@ -124,7 +124,9 @@ def _host_numbers_fast_path(x: Tensor, terms, coef_values) -> bool:
     return all(t.is_contiguous() for _, t in terms)
 
 
-def host_number_update(x: Tensor, terms, x_coef, noise, seed, step, stream: int, sample_ids: Tensor) -> Tensor | None:
+def host_number_update(
+    x: Tensor, terms, x_coef, noise, seed, step, stream: int, sample_ids: Tensor, with_noise: bool
+) -> Tensor | None:
     """The samplers' eager CPU update on the cpu backend with host-number coefficients, by the
     shortest way (arguments were validated once per run); None when it does not apply (a tensor
     coefficient, tracing, autograd, a layout that is not rows): then ``apply`` does the work."""
@@ -146,7 +148,7 @@ def host_number_update(x: Tensor, terms, x_coef, noise, seed, step, stream: int,
         int(seed) % (1 << 64),
         int(step),
         stream,
-        noise != 0.0,
+        with_noise,
     )
     return result
 
@@ -193,7 +195,7 @@ def apply(
         c = _common.counter(B, x.device, seed, step, stream, sample_ids)
     with_noise = isinstance(noise, Tensor) or noise != 0.0
     if trusted and name == "cpu" and out is None:
-        result = host_number_update(x, terms, x_coef, noise, c.seed, c.step, c.stream, c.sample_ids)
+        result = host_number_update(x, terms, x_coef, noise, c.seed, c.step, c.stream, c.sample_ids, with_noise)
         if result is not None:
             return result
     x2 = _common.rows(x)
