@@ -128,9 +128,8 @@ struct Block {
   std::vector<char> stacks;
   Context scheduler;
   unsigned current = 0;
-  void (*body)(void*) = nullptr;
+  void (*body)(void*) = nullptr;  // the running kernel; null between launches
   void* args = nullptr;
-  bool in_kernel = false;
 };
 
 // One launch at a time in the process (launch() holds launch_mutex): plain globals, no TLS lookups
@@ -139,7 +138,7 @@ inline Builtins builtins;
 inline Block block;
 inline thread_local cudaError_t last_error = cudaSuccess;  // per host thread, as in the runtime
 inline std::mutex launch_mutex;
-inline thread_local bool launching_here = false;
+inline thread_local bool launching_here = false;  // this host thread is running a grid
 inline unsigned long long launches = 0;  // under launch_mutex
 
 inline cudaError_t take_last_error() {
@@ -164,7 +163,7 @@ inline cudaError_t take_last_error() {
 
 inline void syncthreads() {
   Block& blk = block;
-  if (!blk.in_kernel) fail("__syncthreads() outside a kernel");
+  if (blk.body == nullptr) fail("__syncthreads() outside a kernel");
   switch_context(blk.fibers[blk.current], blk.scheduler);  // resumed once every live thread waits
 }
 
@@ -229,7 +228,6 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 threads_per_block, cudaStream_
   if (blk.stacks.size() < threads * kStackBytes) blk.stacks.resize(threads * kStackBytes);
   blk.body = &run_kernel<Params>;
   blk.args = &call;
-  blk.in_kernel = true;
   builtins.block_dim = threads_per_block;
   builtins.grid_dim = grid;
   // A GPU runs blocks in no fixed order: every other launch runs the grid backwards, so a kernel
@@ -242,7 +240,8 @@ void launch(void (*kernel)(P...), dim3 grid, dim3 threads_per_block, cudaStream_
                                static_cast<unsigned>(k / (1ull * grid.x * grid.y))};
     run_block(static_cast<unsigned>(threads));
   }
-  blk.in_kernel = false;
+  blk.body = nullptr;
+  blk.args = nullptr;
   launching_here = false;
 }
 
