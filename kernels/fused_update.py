@@ -8,12 +8,12 @@ fp32 state; arithmetic in fp32.  Up to 4 terms (unused slots get a dummy pointer
 import triton
 import triton.language as tl
 
-from .philox import COMPILE_OPTIONS, contract_words, flat_groups, group_values, load_counter
+from .philox import COMPILE_OPTIONS, COUNTER_ARGS, contract_words, flat_groups, group_values, load_counter
 
 MAX_TERMS = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTER_ARGS)
 def _fused_update_kernel(
     out_ptr,
     x_ptr,

@@ -3,10 +3,10 @@
 import triton
 import triton.language as tl
 
-from .philox import COMPILE_OPTIONS, contract_words, flat_groups, group_values, load_counter
+from .philox import COMPILE_OPTIONS, COUNTER_ARGS, contract_words, flat_groups, group_values, load_counter
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTER_ARGS)
 def _noise_kernel(
     out_ptr,
     ids_ptr,

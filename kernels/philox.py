@@ -20,6 +20,11 @@ MIN_UNIFORM = tl.constexpr(1e-7)
 # which changes in 3.10.  Module globals read inside a kernel must be ``tl.constexpr(...)``
 # objects: the compiler rejects plain or annotated ones (the interpreter does not).
 COMPILE_OPTIONS = {"enable_fp_fusion": True}
+# Triton specialises an int argument equal to 1 into a constant (and keys its cache on whether it is
+# divisible by 16).  The counters change every call and step 1 is every sampler's second step: a
+# constant 1 has no ``.to`` (load_counter) and would recompile per value class.  The kernels that take
+# them say ``@triton.jit(do_not_specialize=COUNTER_ARGS)``.
+COUNTER_ARGS = ("seed", "step")
 
 
 @triton.jit

@@ -8,10 +8,10 @@ chosen from the sample size D alone, so the sums do not depend on the batch (DES
 import triton
 import triton.language as tl
 
-from .philox import COMPILE_OPTIONS, contract_words, group_values, load_counter
+from .philox import COMPILE_OPTIONS, COUNTER_ARGS, contract_words, group_values, load_counter
 
 
-@triton.jit
+@triton.jit(do_not_specialize=COUNTER_ARGS)
 def _sumsq_partial_kernel(
     partial_ptr,
     t_ptr,
@@ -29,8 +29,12 @@ def _sumsq_partial_kernel(
     ROWS: tl.constexpr,
     TILE_G: tl.constexpr,
 ):
-    row_block = tl.program_id(0)
-    tile = tl.program_id(1)
+    # one flat grid axis (CUDA allows 2**31 - 1 programs there, 65535 on axes 1 and 2): program
+    # (row_block, tile) is row_block * n_tiles + tile, so neither the batch nor the sample size is
+    # bounded by a grid axis
+    pid = tl.program_id(0).to(tl.int64)
+    row_block = pid // n_tiles
+    tile = pid % n_tiles
     b = row_block.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # [R]
     g = tile.to(tl.int64) * TILE_G + tl.arange(0, TILE_G).to(tl.int64)  # [G]
     e = 4 * g[None, :, None] + tl.arange(0, 4)[None, None, :].to(tl.int64)  # [1, G, 4]
@@ -87,7 +91,7 @@ def sumsq_norms(out, partial, t, ids, seed, step, D: int, stream: int, with_nois
         return
     rows, tile_g = tile_shape(D, max_elements)
     n_tiles = triton.cdiv(max(D, 1), 4 * tile_g)
-    grid = (triton.cdiv(B, rows), n_tiles)
+    grid = (triton.cdiv(B, rows) * n_tiles,)
     _sumsq_partial_kernel[grid](
         partial,
         t if t is not None else ids,

@@ -112,8 +112,18 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     return state, n
 
 
-def _reason(err: Exception) -> str:
-    """The first line of a capture error, for the fallback warning."""
+def _reason(err: BaseException) -> str:
+    """The first line of the error that started a capture failure, for the fallback warning.
+
+    ``torch.cuda.graph`` ends the capture on its way out even when the body raised, and ending an
+    invalidated capture raises again ("operation failed due to a previous error during capture").
+    The body's error, the one that says what could not be captured, is then the caught one's
+    ``__context__``: name the first error of the chain.
+    """
+    seen = {id(err)}
+    while (earlier := err.__cause__ or err.__context__) is not None and id(earlier) not in seen:
+        seen.add(id(earlier))
+        err = earlier
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:240]}"
 
 

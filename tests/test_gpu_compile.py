@@ -55,8 +55,9 @@ def _by_case(report, arch):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_launch_assembles(report, arch):
     cases = _by_case(report, arch)
-    # 2 counter forms x (3 noise kinds + 5 dtype pairs x 5 term counts x 2 + 5 sumsq inputs)
-    assert len(cases) == 2 * (3 + 5 * 5 * 2 + 5)
+    # 2 counter forms x (3 noise kinds + 5 dtype pairs x 5 term counts x 2 + 5 sumsq inputs),
+    # one case of each launcher with wide ints, and 1 large sample
+    assert len(cases) == 2 * (3 + 5 * 5 * 2 + 5) + 3 + 1
     for case, rows in cases.items():
         kernels = [r["kernel"] for r in rows]
         op = case.split()[0]
@@ -67,6 +68,25 @@ def test_every_launch_assembles(report, arch):
         }[op]
         assert kernels == expected, case
         assert all(r["cubin_bytes"] > 0 for r in rows), case
+
+
+CUDA_GRID_LIMITS = (2**31 - 1, 65535, 65535)  # blocks along x, y, z: a larger grid fails to launch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_launch_fits_the_cuda_grid_limits(report, arch):
+    """The interpreter runs any grid; a GPU refuses a launch past these limits.  The large case is one
+    sample with 65537 norm tiles, which once sat on grid axis 1."""
+    for case, rows in _by_case(report, arch).items():
+        for r in rows:
+            grid = r["grid"]
+            assert 1 <= len(grid) <= 3, (case, r["kernel"], grid)
+            assert all(1 <= n <= limit for n, limit in zip(grid, CUDA_GRID_LIMITS)), (case, r["kernel"], grid)
+    from scorefast.backends.triton_backend import _COMPILED_GROUPS
+
+    sizes = {case: int(case.split("D=")[1].split()[0]) for case in _by_case(report, arch) if "D=" in case}
+    large = [case for case, size in sizes.items() if size > 65535 * 4 * _COMPILED_GROUPS]
+    assert large and all(r["grid"][0] > 65535 for case in large for r in _by_case(report, arch)[case][:1]), large
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -128,6 +128,39 @@ def test_a_network_that_syncs_falls_back_with_one_warning_and_the_same_samples()
     assert torch.equal(a, b)
 
 
+def test_the_fallback_warning_names_the_error_that_broke_the_capture(monkeypatch):
+    """On CUDA, leaving ``torch.cuda.graph`` after a failed body raises a second, generic error
+    (capture_end of an invalidated capture); the warning must still say what the network did."""
+
+    class EndsAnInvalidatedCapture:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            if exc[0] is not None:
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+
+    fx_capture = graphs._CAPTURE["fx"]
+
+    def capture_like_cuda(*args):
+        with EndsAnInvalidatedCapture():
+            return fx_capture(*args)
+
+    monkeypatch.setitem(graphs._CAPTURE, "fx", capture_like_cuda)
+    sde = VPSDE()
+
+    def reads_the_host(x, t):
+        if x.sum().item() > 1e30:  # a device-to-host copy: not permitted while capturing
+            raise AssertionError
+        return GM.score(x, t, sde)
+
+    with graphs.emulated(), pytest.warns(RuntimeWarning, match="could not be captured") as rec:
+        sf.sample(reads_the_host, sde, (4, 2), sampler="euler_maruyama", steps=4, cuda_graph=True)
+    (message,) = [str(w.message) for w in rec if "cuda_graph" in str(w.message)]
+    assert "previous error during capture" not in message
+    assert "_local_scalar_dense" in message, message  # what .item() is to a trace (on CUDA: a D2H copy)
+
+
 def test_dynamic_shapes_fall_back():
     sde = VPSDE()
 
