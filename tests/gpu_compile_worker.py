@@ -104,6 +104,33 @@ def _cases():
                     max_elements,
                 ),
             )
+    # B = D = 1 (and an element offset of 1): every size argument Triton would make a constant
+    one = torch.arange(1, dtype=torch.int64)
+    yield (
+        "noise kind=1 B=1 D=1 ones",
+        lambda: noise.fill_noise(torch.empty(1, 1), one, 1, 1, 3, 1, 1, _COMPILED_GROUPS),
+    )
+    yield (
+        "fused_update x=fp32 terms=1 fp32 noise=True B=1 D=1 ones",
+        lambda: fused_update.fused_update(
+            torch.empty(1, 1),
+            torch.zeros(1, 1),
+            [torch.zeros(1, 1)],
+            torch.zeros(3, 1),
+            one,
+            1,
+            1,
+            1,
+            True,
+            _COMPILED_GROUPS,
+        ),
+    )
+    yield (
+        "sumsq_norms t=fp32 D=1 B=1 ones",
+        lambda: sumsq_norms.sumsq_norms(
+            torch.empty(2, 1), torch.zeros(2, 1, 1), torch.zeros(1, 1), one, 1, 1, 1, 2, True, max_elements
+        ),
+    )
     # one sample of more elements than 65535 tiles hold (a grid axis past x is limited to 65535);
     # torch.empty maps the 2 x 268 MB without touching it, and a compile-only launch reads none of it
     big = 65535 * max_elements + 5
