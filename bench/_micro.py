@@ -11,19 +11,30 @@ import scorefast as sf
 
 
 @cache
-def cases(kind: str, size: tuple, device_type: str, backend: str, compile_sizes: frozenset = frozenset()) -> dict:
-    """{role: (name, fn, bytes)} of one group, built once per run so every role times the same inputs."""
+def cases(
+    kind: str,
+    size: tuple,
+    device_type: str,
+    backend: str,
+    compile_sizes: frozenset = frozenset(),
+    with_compile: bool = True,
+) -> dict:
+    """{role: (name, fn, bytes)} of one group, built once per run so every role times the same inputs.
+
+    ``compile_sizes``: the fused-update sizes that get a torch.compile row; ``with_compile=False``
+    builds no torch.compile row at all (a smoke run).
+    """
     device = torch.device(device_type)
     if kind == "fused_update":
-        made = fused_update_cases(size[0], device, backend, set(compile_sizes))
+        made = fused_update_cases(size[0], device, backend, set(compile_sizes) if with_compile else set())
     elif kind == "snr":
         made = snr_cases(size[0], size[1], device, backend)
     elif kind == "ema":
         made = ema_cases(size[0], size[1], device)
     elif kind == "em":
-        made = em_cases(size[0], size[1], device, backend)
+        made = em_cases(size[0], size[1], device, backend, with_compile)
     elif kind == "probes":
-        made = probe_cases(size[0], size[1], device, backend)
+        made = probe_cases(size[0], size[1], device, backend, with_compile)
     else:
         made = randn_cases(size[0], device, backend)
     return {role: (name, fn, nbytes) for role, name, fn, nbytes in made}
@@ -91,13 +102,15 @@ def snr_cases(B: int, D: int, device, backend: str):
     ]
 
 
-def _with_compile(cases: list, eager, nbytes: int) -> list:
+def _with_compile(cases: list, eager, nbytes: int, with_compile: bool = True) -> list:
+    if not with_compile:
+        return cases
     compiled = torch.compile(eager, dynamic=False)
     compiled()
     return [*cases, ("compile", "torch.compile(eager)", compiled, nbytes)]
 
 
-def em_cases(B: int, D: int, device, backend: str):
+def em_cases(B: int, D: int, device, backend: str, with_compile: bool = True):
     """A reverse Euler–Maruyama step x + f dt + g sqrt(|dt|) z with per-sample g [B]: eager, compiled, fused."""
     x = torch.randn(B, D, device=device)
     f = torch.randn(B, D, device=device)
@@ -117,10 +130,10 @@ def em_cases(B: int, D: int, device, backend: str):
             nbytes,
         ),
     ]
-    return _with_compile(cases, eager, nbytes)
+    return _with_compile(cases, eager, nbytes, with_compile)
 
 
-def probe_cases(B: int, D: int, device, backend: str):
+def probe_cases(B: int, D: int, device, backend: str, with_compile: bool = True):
     """Hutchinson probes: n_probes=4 Rademacher vectors per sample, eager torch vs the stream-1 op."""
     n_probes = 4
     nbytes = 4 * B * D * n_probes  # write the probes
@@ -137,7 +150,7 @@ def probe_cases(B: int, D: int, device, backend: str):
             nbytes,
         ),
     ]
-    return _with_compile(cases, eager, nbytes)
+    return _with_compile(cases, eager, nbytes, with_compile)
 
 
 def randn_cases(n: int, device, backend: str):

@@ -175,6 +175,41 @@ def test_gpu_end_to_end_suite_runs_its_grid_on_cpu(tmp_path):
     assert "| heun | 8 |" in res.stdout
 
 
+def test_gpu_micro_suite_runs_its_grid_on_cpu(tmp_path):
+    """The GPU micro suite's code, smoke-run on CPU: the cuda backend under its host emulation,
+    Triton under its interpreter, one round a benchmark, no torch.compile rows."""
+    out = tmp_path / "micro.json"
+    env = {
+        **os.environ,
+        "SCOREFAST_BENCH_DEVICE": "cpu",
+        "SCOREFAST_CUDA_EMULATE": "1",
+        "TRITON_INTERPRET": "1",
+        "PYTEST_ADDOPTS": "--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off",
+    }
+    env.pop("SCOREFAST_BACKEND", None)
+    res = subprocess.run(
+        [sys.executable, "-m", "scorefast", "bench", "--suite", "gpu", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=900,
+        env=env,
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    data = json.loads(out.read_text())
+    validate(data)
+    rows = {(r["group"].split("-")[0], r["backend"], r["role"]): r for r in data["results"]}
+    for kind in ("fused_update", "snr", "randn", "em", "probes"):
+        for backend in ("cuda", "triton"):
+            fused = rows.get((kind, backend, "fused")) or rows[(kind, backend, "fused_out")]
+            assert fused["ratio_vs_eager"] > 0 and fused["gbps"] > 0, fused
+    for backend in ("cuda", "triton"):
+        assert rows[("fused_update", backend, "fused_out")]["vs_copy"] > 0
+    assert rows[("ema", "cuda", "fused")]["ratio_vs_eager"] > 0
+    assert not [r for r in data["results"] if r["role"] == "compile"]
+    assert "| fused_update(out=) | triton |" in res.stdout
+
+
 def test_sample_command_on_a_checkpoint_writes_an_image_grid(tmp_path):
     from scorefast import models
     from scorefast.sde import VPSDE
