@@ -14,6 +14,7 @@ census and whether a cubin came out.  Run in a fresh process: it replaces Triton
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 
@@ -129,6 +130,34 @@ def _cases():
         "sumsq_norms t=fp32 D=1 B=1 ones",
         lambda: sumsq_norms.sumsq_norms(
             torch.empty(2, 1), torch.zeros(2, 1, 1), torch.zeros(1, 1), one, 1, 1, 1, 2, True, max_elements
+        ),
+    )
+    # rows that start 4 bytes past an allocation (x[1:] of a contiguous batch): pointers Triton
+    # cannot assume 16-byte aligned, so it compiles unvectorised variants
+
+    def offset(*shape, dtype=torch.float32):
+        return torch.zeros(math.prod(shape) + 1, dtype=dtype)[1:].view(shape)
+
+    yield ("noise kind=1 misaligned ones", lambda: noise.fill_noise(offset(B, D), ids, 1, 1, 3, 0, 1, _COMPILED_GROUPS))
+    yield (
+        "fused_update x=fp32 terms=2 bf16 noise=True misaligned ones",
+        lambda: fused_update.fused_update(
+            offset(B, D),
+            offset(B, D),
+            [offset(B, D, dtype=torch.bfloat16), offset(B, D, dtype=torch.bfloat16)],
+            offset(4, 1),
+            ids,
+            1,
+            1,
+            1,
+            True,
+            _COMPILED_GROUPS,
+        ),
+    )
+    yield (
+        "sumsq_norms t=bf16 D=37 misaligned ones",
+        lambda: sumsq_norms.sumsq_norms(
+            offset(2, B), offset(2, B, 1), offset(B, D, dtype=torch.bfloat16), ids, 1, 1, D, 2, True, max_elements
         ),
     )
     # one sample of more elements than 65535 tiles hold (a grid axis past x is limited to 65535);

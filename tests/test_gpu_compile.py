@@ -56,8 +56,8 @@ def _by_case(report, arch):
 def test_every_launch_assembles(report, arch):
     cases = _by_case(report, arch)
     # 2 counter forms x (3 noise kinds + 5 dtype pairs x 5 term counts x 2 + 5 sumsq inputs),
-    # one case of each launcher with wide ints and one with B = D = 1, and 1 large sample
-    assert len(cases) == 2 * (3 + 5 * 5 * 2 + 5) + 3 + 3 + 1
+    # one case of each launcher with wide ints, with B = D = 1 and with misaligned rows; 1 large sample
+    assert len(cases) == 2 * (3 + 5 * 5 * 2 + 5) + 3 + 3 + 3 + 1
     for case, rows in cases.items():
         kernels = [r["kernel"] for r in rows]
         op = case.split()[0]
