@@ -135,18 +135,26 @@ def test_committed_results_follow_the_schema():
         validate(json.loads(f.read_text()))
 
 
-def test_bench_quick_run_writes_results(tmp_path):
-    out = tmp_path / "quick.json"
+def _quick_bench(suite: str, out: Path, **env: str) -> tuple[dict, str]:
+    """``scorefast bench --suite SUITE --quick --out OUT`` with env added: (validated results, stdout)."""
+    environ = {**os.environ, **env}
+    environ.pop("SCOREFAST_BACKEND", None)
     res = subprocess.run(
-        [sys.executable, "-m", "scorefast", "bench", "--suite", "cpu", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "scorefast", "bench", "--suite", suite, "--quick", "--out", str(out)],
         capture_output=True,
         text=True,
         cwd=ROOT,
         timeout=900,
+        env=environ,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     data = json.loads(out.read_text())
     validate(data)
+    return data, res.stdout
+
+
+def test_bench_quick_run_writes_results(tmp_path):
+    data, _ = _quick_bench("cpu", tmp_path / "quick.json")
     fused = [r for r in data["results"] if r.get("role") == "fused_out" and r["group"].startswith("fused_update")]
     assert fused and fused[0]["ratio_vs_eager"] > 0 and "vs_copy" in fused[0]
     assert not any("nfe" in r for r in data["results"])  # end-to-end rows live in the cpu-e2e suite
@@ -154,50 +162,27 @@ def test_bench_quick_run_writes_results(tmp_path):
 
 def test_gpu_end_to_end_suite_runs_its_grid_on_cpu(tmp_path):
     """The GPU end-to-end suite's code, smoke-run on CPU (SCOREFAST_BENCH_DEVICE=cpu: graphs a no-op)."""
-    out = tmp_path / "e2e.json"
-    res = subprocess.run(
-        [sys.executable, "-m", "scorefast", "bench", "--suite", "gpu-e2e-mlp", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-        env={**os.environ, "SCOREFAST_BENCH_DEVICE": "cpu"},
-    )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    data = json.loads(out.read_text())
-    validate(data)
+    data, stdout = _quick_bench("gpu-e2e-mlp", tmp_path / "e2e.json", SCOREFAST_BENCH_DEVICE="cpu")
     roles = {(r["group"], r["role"]) for r in data["results"]}
     for sampler in ("pc", "euler_maruyama", "heun", "dpm_solver++"):
         for role in ("peer", "eager", "graph", "eager-bf16", "graph-bf16"):
             assert (f"{sampler}-mlp-B8", role) in roles
     graph = [r for r in data["results"] if r["role"] == "graph"]
     assert all(r["ratio_vs_peer"] > 0 and r["cpu_s_per_step"] > 0 and r["graphed"] is False for r in graph)
-    assert "| heun | 8 |" in res.stdout
+    assert "| heun | 8 |" in stdout
 
 
 def test_gpu_micro_suite_runs_its_grid_on_cpu(tmp_path):
     """The GPU micro suite's code, smoke-run on CPU: the cuda backend under its host emulation,
     Triton under its interpreter, one round a benchmark, no torch.compile rows."""
-    out = tmp_path / "micro.json"
-    env = {
-        **os.environ,
-        "SCOREFAST_BENCH_DEVICE": "cpu",
-        "SCOREFAST_CUDA_EMULATE": "1",
-        "TRITON_INTERPRET": "1",
-        "PYTEST_ADDOPTS": "--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off",
-    }
-    env.pop("SCOREFAST_BACKEND", None)
-    res = subprocess.run(
-        [sys.executable, "-m", "scorefast", "bench", "--suite", "gpu", "--quick", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-        env=env,
+    data, stdout = _quick_bench(
+        "gpu",
+        tmp_path / "micro.json",
+        SCOREFAST_BENCH_DEVICE="cpu",
+        SCOREFAST_CUDA_EMULATE="1",
+        TRITON_INTERPRET="1",
+        PYTEST_ADDOPTS="--benchmark-min-rounds=1 --benchmark-max-time=0 --benchmark-warmup=off",
     )
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    data = json.loads(out.read_text())
-    validate(data)
     rows = {(r["group"].split("-")[0], r["backend"], r["role"]): r for r in data["results"]}
     for kind in ("fused_update", "snr", "randn", "em", "probes"):
         for backend in ("cuda", "triton"):
@@ -207,7 +192,7 @@ def test_gpu_micro_suite_runs_its_grid_on_cpu(tmp_path):
         assert rows[("fused_update", backend, "fused_out")]["vs_copy"] > 0
     assert rows[("ema", "cuda", "fused")]["ratio_vs_eager"] > 0
     assert not [r for r in data["results"] if r["role"] == "compile"]
-    assert "| fused_update(out=) | triton |" in res.stdout
+    assert "| fused_update(out=) | triton |" in stdout
 
 
 def test_sample_command_on_a_checkpoint_writes_an_image_grid(tmp_path):
