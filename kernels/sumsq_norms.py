@@ -35,8 +35,8 @@ def _sumsq_partial_kernel(
     pid = tl.program_id(0).to(tl.int64)
     row_block = pid // n_tiles
     tile = pid % n_tiles
-    b = row_block.to(tl.int64) * ROWS + tl.arange(0, ROWS).to(tl.int64)  # [R]
-    g = tile.to(tl.int64) * TILE_G + tl.arange(0, TILE_G).to(tl.int64)  # [G]
+    b = row_block * ROWS + tl.arange(0, ROWS).to(tl.int64)  # [R]
+    g = tile * TILE_G + tl.arange(0, TILE_G).to(tl.int64)  # [G]
     e = 4 * g[None, :, None] + tl.arange(0, 4)[None, None, :].to(tl.int64)  # [1, G, 4]
     mask = (b[:, None, None] < B) & (e < D)
     slot = b * n_tiles + tile
