@@ -65,6 +65,17 @@ def _cases():
     counters = {"ones": (1, 1), "tensors": (seed_t, step_t), "wide": (2**63 + 11, 2**40 + 7)}
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     max_elements = 4 * _COMPILED_GROUPS
+
+    def update(x, terms, coefs, ids, seed, step, with_noise, out=None):
+        out = torch.empty_like(x) if out is None else out
+        return fused_update.fused_update(out, x, terms, coefs, ids, seed, step, 1, with_noise, _COMPILED_GROUPS)
+
+    def norms(t, ids, seed, step, size, make=torch.zeros):
+        """sumsq_norms of t [n, size] (None: the noise's alone), out and scratch made by ``make``."""
+        n = ids.shape[0]
+        out, partial = make(2, n), make(2, n, sumsq_norms.n_tiles_for(size, max_elements))
+        return sumsq_norms.sumsq_norms(out, partial, t, ids, seed, step, size, 2, True, max_elements)
+
     for cname, (seed, step) in counters.items():
         every = cname != "wide"
         for kind in (0, 1, 2) if every else (1,):
@@ -83,27 +94,14 @@ def _cases():
                     coefs = torch.zeros(n_terms + 2, 1 if with_noise else B)  # a shared column, or per sample
                     yield (
                         f"fused_update x={xname} terms={n_terms} {tname} noise={with_noise} {cname}",
-                        lambda x=x, t=terms, c=coefs, s=seed, k=step, w=with_noise: fused_update.fused_update(
-                            torch.empty_like(x), x, t, c, ids, s, k, 1, w, _COMPILED_GROUPS
-                        ),
+                        lambda x=x, t=terms, c=coefs, s=seed, k=step, w=with_noise: update(x, t, c, ids, s, k, w),
                     )
         inputs = (("fp32", D), ("none", D), ("bf16", D), ("fp16", D), ("fp32", 5000))  # 5000: 5 tiles
         for tname, size in inputs if every else inputs[:1]:
             t = None if tname == "none" else torch.zeros(B, size, dtype=dtypes[tname])
             yield (
                 f"sumsq_norms t={tname} D={size} {cname}",
-                lambda t=t, s=seed, k=step, size=size: sumsq_norms.sumsq_norms(
-                    torch.empty(2, B),
-                    torch.zeros(2, B, sumsq_norms.n_tiles_for(size, max_elements)),
-                    t,
-                    ids,
-                    s,
-                    k,
-                    size,
-                    2,
-                    True,
-                    max_elements,
-                ),
+                lambda t=t, s=seed, k=step, size=size: norms(t, ids, s, k, size),
             )
     # B = D = 1 (and an element offset of 1): every size argument Triton would make a constant
     one = torch.arange(1, dtype=torch.int64)
@@ -113,25 +111,9 @@ def _cases():
     )
     yield (
         "fused_update x=fp32 terms=1 fp32 noise=True B=1 D=1 ones",
-        lambda: fused_update.fused_update(
-            torch.empty(1, 1),
-            torch.zeros(1, 1),
-            [torch.zeros(1, 1)],
-            torch.zeros(3, 1),
-            one,
-            1,
-            1,
-            1,
-            True,
-            _COMPILED_GROUPS,
-        ),
+        lambda: update(torch.zeros(1, 1), [torch.zeros(1, 1)], torch.zeros(3, 1), one, 1, 1, True),
     )
-    yield (
-        "sumsq_norms t=fp32 D=1 B=1 ones",
-        lambda: sumsq_norms.sumsq_norms(
-            torch.empty(2, 1), torch.zeros(2, 1, 1), torch.zeros(1, 1), one, 1, 1, 1, 2, True, max_elements
-        ),
-    )
+    yield ("sumsq_norms t=fp32 D=1 B=1 ones", lambda: norms(torch.zeros(1, 1), one, 1, 1, 1))
     # rows that start 4 bytes past an allocation (x[1:] of a contiguous batch): pointers Triton
     # cannot assume 16-byte aligned, so it compiles unvectorised variants
 
@@ -141,43 +123,25 @@ def _cases():
     yield ("noise kind=1 misaligned ones", lambda: noise.fill_noise(offset(B, D), ids, 1, 1, 3, 0, 1, _COMPILED_GROUPS))
     yield (
         "fused_update x=fp32 terms=2 bf16 noise=True misaligned ones",
-        lambda: fused_update.fused_update(
-            offset(B, D),
+        lambda: update(
             offset(B, D),
             [offset(B, D, dtype=torch.bfloat16), offset(B, D, dtype=torch.bfloat16)],
             offset(4, 1),
             ids,
             1,
             1,
-            1,
             True,
-            _COMPILED_GROUPS,
+            out=offset(B, D),
         ),
     )
     yield (
         "sumsq_norms t=bf16 D=37 misaligned ones",
-        lambda: sumsq_norms.sumsq_norms(
-            offset(2, B), offset(2, B, 1), offset(B, D, dtype=torch.bfloat16), ids, 1, 1, D, 2, True, max_elements
-        ),
+        lambda: norms(offset(B, D, dtype=torch.bfloat16), ids, 1, 1, D, make=offset),
     )
     # one sample of more elements than 65535 tiles hold (a grid axis past x is limited to 65535);
     # torch.empty maps the 2 x 268 MB without touching it, and a compile-only launch reads none of it
     big = 65535 * max_elements + 5
-    yield (
-        f"sumsq_norms t=fp32 D={big} ones",
-        lambda: sumsq_norms.sumsq_norms(
-            torch.empty(2, 2),
-            torch.empty(2, 2, sumsq_norms.n_tiles_for(big, max_elements)),
-            torch.empty(2, big),
-            ids[:2],
-            1,
-            0,
-            big,
-            2,
-            True,
-            max_elements,
-        ),
-    )
+    yield (f"sumsq_norms t=fp32 D={big} ones", lambda: norms(torch.empty(2, big), ids[:2], 1, 0, big))
 
 
 def main(archs: list[int]) -> None:
