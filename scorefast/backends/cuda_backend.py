@@ -30,6 +30,7 @@ def emulated() -> bool:
 
 
 _EMULATED = emulated()
+_HOST_MODULE_FILE = os.environ.get("SCOREFAST_CUDA_HOST_MODULE") if _EMULATED else None
 _KERNEL_DEVICE = "cpu" if _EMULATED else "cuda"
 
 
@@ -49,9 +50,8 @@ def _load_host_module_file(path: str) -> ModuleType:
 def load() -> ModuleType:
     global _module
     if _module is None:
-        host_file = os.environ.get("SCOREFAST_CUDA_HOST_MODULE") if _EMULATED else None
-        if host_file:
-            _module = _load_host_module_file(host_file)
+        if _HOST_MODULE_FILE:
+            _module = _load_host_module_file(_HOST_MODULE_FILE)
         else:
             _module = importlib.import_module("scorefast._cuda_host" if _EMULATED else "scorefast._cuda")
     return _module
@@ -75,7 +75,7 @@ def availability():
             load()
         except ImportError as err:
             return False, f"SCOREFAST_CUDA_EMULATE=1 but scorefast._cuda_host does not load: {err}", ()
-        where = os.environ.get("SCOREFAST_CUDA_HOST_MODULE") or "scorefast._cuda_host"
+        where = _HOST_MODULE_FILE or "scorefast._cuda_host"
         return True, f"{where}: the CUDA kernels run on the CPU (SCOREFAST_CUDA_EMULATE=1)", ("cpu",)
     ok, why = module_state()
     if not ok:
