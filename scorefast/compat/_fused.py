@@ -20,7 +20,7 @@ def _coef(c, x: Tensor) -> float | Tensor:
     if isinstance(c, Tensor):
         if c.dim() > 1 or (c.dim() == 1 and c.shape[0] != x.shape[0]) or c.device != x.device:
             raise ValueError(f"coefficient: expected a scalar or [B] tensor on {x.device}, got {tuple(c.shape)}")
-        return c.float()
+        return c.to(_checks.state_dtype(x))  # float64 coefficients for a float64 state, as Python numbers get
     c = float(c)
     if not math.isfinite(c):
         raise ValueError(f"coefficient {c} is not finite (check the sigmas / timesteps)")
