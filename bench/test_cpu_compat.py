@@ -67,6 +67,76 @@ def test_k_diffusion(record, sampler, role):
         )
 
 
+# -- k-diffusion: the samplers added for full coverage (issue 20) -------------------------------
+KD_MORE = {  # sampler -> NFE at STEPS sigmas (2 a step but the last, Euler into sigma = 0)
+    "sample_dpm_2_ancestral": 2 * STEPS - 1,
+    "sample_dpmpp_2s_ancestral": 2 * STEPS - 1,
+    "sample_dpmpp_sde": 2 * STEPS - 1,
+}
+
+
+def _record_kd(record, role, sampler, run, nfe, **extra):
+    with torch.no_grad():
+        return record(
+            run,
+            name=f"{'k-diffusion' if role == 'eager' else 'sf.compat.k_diffusion'}.{sampler}",
+            backend="torch" if role == "eager" else "cpu",
+            dtype=torch.float32,
+            size=B,
+            group=f"kd-{sampler}",
+            role=role,
+            rounds=15,
+            nfe=nfe,
+            peer="k-diffusion",
+            model="mlp-denoiser",
+            **extra,
+        )
+
+
+@pytest.mark.parametrize("role", ["eager", "fused"])
+@pytest.mark.parametrize("sampler", list(KD_MORE))
+def test_k_diffusion_more(record, sampler, role):
+    """Ancestral and SDE samplers: both sides draw per-step Gaussian noise (k-diffusion's
+    ``sample_dpmpp_sde`` is given randn_like instead of its default Brownian tree, as ours is Philox)."""
+    mod = _kd() if role == "eager" else ours_kd
+    model = _Denoiser()
+    sigmas = ours_kd.get_sigmas_karras(STEPS, 0.002, 80.0)
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
+    kw = {"noise_sampler": lambda s, sn: torch.randn_like(x0)} if role == "eager" else {}
+    fn = getattr(mod, sampler)
+    _record_kd(record, role, sampler, lambda: fn(model, x0, sigmas, disable=True, **kw), KD_MORE[sampler])
+
+
+@pytest.mark.parametrize("role", ["eager", "fused"])
+def test_k_diffusion_dpm_fast(record, role):
+    mod = _kd() if role == "eager" else ours_kd
+    model = _Denoiser()
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
+    _record_kd(
+        record, role, "sample_dpm_fast", lambda: mod.sample_dpm_fast(model, x0, 0.002, 80.0, STEPS, disable=True), STEPS
+    )
+
+
+@pytest.mark.parametrize("role", ["eager", "fused"])
+def test_k_diffusion_dpm_adaptive(record, role):
+    """Same rtol/atol; NFE is each side's own count (ours: the batch's slowest sample, since every
+    sample controls its own error; k-diffusion: one norm over the batch)."""
+    mod = _kd() if role == "eager" else ours_kd
+    model = _Denoiser()
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
+    kw = {"rtol": 0.05, "atol": 0.0078, "disable": True, "return_info": True}
+    with torch.no_grad():
+        _, info = mod.sample_dpm_adaptive(model, x0, 0.002, 80.0, **kw)
+    _record_kd(
+        record,
+        role,
+        "sample_dpm_adaptive",
+        lambda: mod.sample_dpm_adaptive(model, x0, 0.002, 80.0, **kw),
+        info["nfe"],
+        rtol=0.05,
+    )
+
+
 @pytest.mark.parametrize("role", ["eager", "fused"])
 @pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
 def test_diffusers(record, scheduler, role):

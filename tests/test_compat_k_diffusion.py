@@ -341,49 +341,63 @@ def test_dpm_adaptive_fp32_matches_k_diffusion(order, eta):
     assert info["n_reject"] == 0 and info["steps"] == math.ceil((math.log(80.0) - math.log(0.002)) / 0.8)
 
 
-def _elementwise(x, sigma):
-    """A nonlinear denoiser that is element-wise (so batch-invariant bitwise)."""
+def _elementwise(x, sigma, shift=None, scale=None):
+    """A nonlinear denoiser that is element-wise (so batch-invariant bitwise); shift: per sample
+    [B, ...] (rows follow the samples), scale: broadcast [1, ...]."""
+    if shift is not None:
+        assert shift.shape[0] == x.shape[0] and scale.shape[0] == 1
+        x = x * scale + shift
     s = sigma.reshape(-1, *[1] * (x.dim() - 1))
     return x / (1 + s**2) + 0.5 * torch.tanh(x) * s / (1 + s**2)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_dpm_adaptive_is_batch_invariant(eta):
-    """Per-sample step sizes: a sample's result does not depend on its batch, bitwise (Philox noise)."""
+    """Per-sample step sizes, finished samples leave the batch: a sample's result does not depend on
+    its batch, bitwise (Philox noise; extra_args rows follow their samples)."""
     x = torch.randn(9, 4, 5, generator=torch.Generator().manual_seed(3)) * 20
+    shift = torch.randn(9, 4, 5, generator=torch.Generator().manual_seed(4)) * 0.1
+    scale = torch.full((1, 4, 5), 1.01)
     kw = {"eta": eta, "rtol": 0.01, "disable": True, "return_info": True}
     torch.manual_seed(11)
-    full, info = ours.sample_dpm_adaptive(_elementwise, x, 0.01, 20.0, **kw)
-    assert len(set(info["steps_per_sample"].tolist())) > 1  # the samples did take different steps
-    for rows in ([4], [0, 1, 2], [6, 7, 8]):
-        # sample ids are arange(B) of each call: compare a prefix of the batch, and single samples
-        # through the noise-free run only
+    full, info = ours.sample_dpm_adaptive(
+        _elementwise, x, 0.01, 20.0, extra_args={"shift": shift, "scale": scale}, **kw
+    )
+    assert len(set(info["steps_per_sample"].tolist())) > 1  # samples finished at different attempts
+    for rows in ([4], [0, 1, 2], [6, 7, 8], list(range(6))):
+        # sample ids are arange(B) of each call: with noise, compare prefixes of the batch only
         if eta and rows[0] != 0:
             continue
         torch.manual_seed(11)
-        part, part_info = ours.sample_dpm_adaptive(_elementwise, x[rows], 0.01, 20.0, **kw)
+        part, part_info = ours.sample_dpm_adaptive(
+            _elementwise, x[rows], 0.01, 20.0, extra_args={"shift": shift[rows], "scale": scale}, **kw
+        )
         assert torch.equal(part, full[rows])
         assert part_info["steps_per_sample"].tolist() == info["steps_per_sample"][rows].tolist()
 
 
 def test_dpm_adaptive_noise_is_the_philox_stream():
-    """eta > 0 without a noise_sampler: the Philox draw k = attempt number, seeded by torch.manual_seed."""
-    x = X0.float() / 10
+    """eta > 0 without a noise_sampler: sample b's noise at attempt n is Philox (seed, k = n, id = b),
+    the seed drawn from torch.manual_seed's generator, also after finished samples left the batch."""
+    x = torch.randn(9, 4, 5, generator=torch.Generator().manual_seed(3)) * 20
+    kw = {"eta": 0.5, "rtol": 0.01, "disable": True, "return_info": True}
     torch.manual_seed(4)
-    a = ours.sample_dpm_adaptive(denoiser, x, 0.01, 8.0, eta=0.5, disable=True)
+    a, info = ours.sample_dpm_adaptive(_elementwise, x, 0.01, 20.0, **kw)
+    assert len(set(info["steps_per_sample"].tolist())) > 1  # samples left the batch at different attempts
     torch.manual_seed(4)
     seed = sf.rng.philox_seed()
-    attempts = iter(range(10_000))
+    attempt = [0]
 
-    def philox(sigma, sigma_next):  # called once per accepting attempt here: the samples stay in step
-        return sf.randn(x.shape, seed=seed, step=next(attempts), stream=0)
+    def philox(sigma, sigma_next):  # the whole batch's draw of this attempt; rows are taken by sample id
+        return sf.randn(x.shape, seed=seed, step=attempt[0], stream=0)
 
-    kw = {"eta": 0.5, "disable": True, "pcoeff": 0.0, "icoeff": 0.0, "dcoeff": 0.0, "h_init": 0.5}
-    torch.manual_seed(4)
-    fixed = ours.sample_dpm_adaptive(denoiser, x, 0.01, 8.0, **kw)
-    b = ours.sample_dpm_adaptive(denoiser, x, 0.01, 8.0, noise_sampler=philox, **kw)
-    torch.testing.assert_close(fixed, b, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(a, fixed)
+    def count(info):
+        attempt[0] = info["i"] + 1
+
+    b, _ = ours.sample_dpm_adaptive(_elementwise, x, 0.01, 20.0, noise_sampler=philox, callback=count, **kw)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.manual_seed(5)
+    assert not torch.allclose(ours.sample_dpm_adaptive(_elementwise, x, 0.01, 20.0, **kw)[0], a, atol=1e-3)
 
 
 def test_dpm_adaptive_callback_and_info_keys():

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from ..errors import NonFiniteError
 from ..ops import sample_norm
+from ._fused import RowsUpdater
 
 Coefs = tuple  # (x_coef, c_1, ..., c_k): floats, or [B] float64 tensors
 
@@ -147,8 +148,8 @@ class _PID:
         self.accept_safety, self.eps = accept_safety, eps
         self.errs: list[Tensor] | None = None
 
-    def propose(self, error: Tensor, active: Tensor) -> Tensor:
-        """accept [B] bool; h and the history change for active samples only."""
+    def propose(self, error: Tensor) -> Tensor:
+        """accept [n] bool for the n running samples; their h and error history move on."""
         inv = 1 / (error + self.eps)
         if self.errs is None:
             self.errs = [inv, inv, inv]
@@ -158,10 +159,15 @@ class _PID:
         factor = torch.exp(self.b1 * torch.log(inv) + self.b2 * torch.log(e1) + self.b3 * torch.log(e2))
         factor = 1 + torch.atan(factor - 1)
         accept = factor >= self.accept_safety
-        moved = accept & active
-        self.errs = [torch.where(active, inv, self.errs[0]), torch.where(moved, inv, e1), torch.where(moved, e1, e2)]
-        self.h = torch.where(active, self.h * factor, self.h)
+        self.errs = [inv, torch.where(accept, inv, e1), torch.where(accept, e1, e2)]
+        self.h = self.h * factor
         return accept
+
+    def keep(self, rows: Tensor) -> None:
+        """Only the samples ``rows`` go on."""
+        self.h = self.h[rows]
+        if self.errs is not None:
+            self.errs = [e[rows] for e in self.errs]
 
 
 def adaptive(
@@ -185,9 +191,10 @@ def adaptive(
 ) -> tuple[Tensor, dict]:
     """DPM-Solver-12 (order 2) or -23 (order 3) with error control per sample.
 
-    Each attempt evaluates the whole batch (samples that finished take an identity step at their
-    own sigma); a sample accepts when its own PID factor allows, with its own error norm
-    ||(x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|))|| / sqrt(D).
+    A sample accepts when its own PID factor allows, from its own error norm
+    ||(x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|))|| / sqrt(D).  Samples that reach
+    sigma_min leave the batch: later attempts evaluate the model on the samples still running
+    (``extra_args`` tensors with B rows are taken with them), with their own Philox sample ids.
     """
     B, D = x.shape[0], max(1, x[0].numel())
     f64 = {"dtype": torch.float64, "device": x.device}
@@ -202,83 +209,114 @@ def adaptive(
         accept_safety,
     )
     r = _RS[order]
+    out = x.clone()  # every sample's latest state; rows still running are overwritten when they finish
+    live = _Live(run, x, torch.arange(B, device=x.device))
     s = torch.full((B,), t_start, **f64)
     x_prev_abs = x.abs()
-    zeros = torch.zeros(B, dtype=torch.int64, device=x.device)
-    counts = {"steps": zeros, "nfe": zeros, "n_accept": zeros, "n_reject": zeros}
+    counts = {k: torch.zeros(B, dtype=torch.int64, device=x.device) for k in ("steps", "nfe", "n_accept", "n_reject")}
+    seen = {"s": s.clone(), "h": pid.h.clone(), "error": torch.zeros(B, **f64)} if callback is not None else None
 
     def running(s: Tensor) -> Tensor:
         return s < t_end - 1e-5 if forward else s > t_end + 1e-5
 
     def ev(u, sigma: Tensor) -> Tensor:
         pbar.update(1)
-        return run.denoise(u, sigma.to(x.dtype))
+        return live.model(u, sigma)
 
     def stage(coefs: Coefs, terms: tuple) -> Tensor:
-        """A stage of active samples; others keep x (identity coefficients)."""
-        masked = (torch.where(active, coefs[0], 1.0), *(torch.where(active, c, 0.0) for c in coefs[1:]))
-        return combine(lambda y, ts, x_coef: run.fused(y, ts, x_coef=x_coef), x, masked, terms)
+        return combine(lambda y, ts, x_coef: live.update(y, ts, x_coef=x_coef), x, coefs, terms)
 
-    active = running(s)
+    if not bool(running(s).all()):  # sigma_min and sigma_max within 1e-5 in t: nothing to do
+        return out, _summary(counts) | {f"{k}_per_sample": v for k, v in counts.items()}
     n = 0
-    while bool(active.any()):
+    while True:
         t = torch.clamp(s + pid.h, max=t_end) if forward else torch.clamp(s + pid.h, min=t_end)
         sig_s = torch.exp(-s)
-        t_to, su = t, torch.zeros_like(s)
+        t_to, su = t, None
         if eta:
             sd, _ = _ancestral(sig_s, torch.exp(-t), eta)
             t_to = torch.clamp(-torch.log(sd), max=t_end)  # sd = 0: -log 0 = inf -> t_end
             su = (torch.exp(-t) ** 2 - torch.exp(-t_to) ** 2).clamp_min(0.0).sqrt()
-        stuck = active & (t_to == s)
-        p = plan(s, torch.where(active & ~stuck, t_to, s + 1.0), *r)
+        stuck = t_to == s
+        p = plan(s, torch.where(stuck, s + 1.0, t_to), *r)  # a stuck sample raises below
         D0 = ev(x, sig_s)
         u1 = stage(p["u1"], (D0,))
-        D1 = ev(u1, torch.where(active, p["sigma1"], sig_s))
+        D1 = ev(u1, p["sigma1"])
         if order == 2:
             x_low = stage(p["x1"], (D0,))
             x_high = stage(p["x2"], (D0, u1, D1))
         else:
             u2 = stage(p["u2"], (D0, u1, D1))
-            D2 = ev(u2, torch.where(active, p["sigma2"], sig_s))
+            D2 = ev(u2, p["sigma2"])
             x_low = stage(p["x2"], (D0, u1, D1))
             x_high = stage(p["x3"], (D0, u2, D2))
         low_abs = x_low.abs()
         delta = torch.maximum(low_abs, x_prev_abs).mul_(rtol).clamp_min_(atol)
         error = sample_norm((x_low - x_high).div_(delta)).double() / math.sqrt(D)
-        error = torch.where(active, error, 0.0)
-        bad = active & ~torch.isfinite(error)
-        accept = pid.propose(error, active) & active
+        bad = ~torch.isfinite(error)
+        accept = pid.propose(error)
         a = accept.double()
         terms = [(a, x_high)]
+        noise = 0.0
         if eta and run.noise_sampler is not None:
-            terms.append((a * su * s_noise, _sampled_noise(run.noise_sampler, x, accept & (su > 0), sig_s, t)))
-            noise = 0.0
-        else:
-            noise = a * su * s_noise if eta else 0.0
-        x = run.fused(x, terms, x_coef=1 - a, noise=noise, seed=run.seed, step=n)
+            rows = accept & (su > 0)
+            terms.append((a * su * s_noise, _sampled_noise(run.noise_sampler, x, live.ids, rows, sig_s, t)))
+        elif eta:
+            noise = a * su * s_noise
+        x = live.update(x, terms, x_coef=1 - a, noise=noise, seed=run.seed, step=n)
         x_prev_abs = torch.where(accept.reshape(-1, *[1] * (x.dim() - 1)), low_abs, x_prev_abs)
         s = torch.where(accept, t, s)
-        counts = {
-            "steps": counts["steps"] + active,
-            "nfe": counts["nfe"] + order * active,
-            "n_accept": counts["n_accept"] + accept,
-            "n_reject": counts["n_reject"] + (active & ~accept),
-        }
-        flags = torch.stack([bad.any(), stuck.any()]).tolist()
+        for key, add in (("steps", 1), ("nfe", order), ("n_accept", accept), ("n_reject", ~accept)):
+            counts[key].index_add_(0, live.ids, torch.as_tensor(add, device=x.device).long().expand(len(s)))
+        still = running(s)
+        flags = torch.stack([bad.any(), stuck.any(), still.all()]).tolist()
         if flags[0] or flags[1]:
             b = int((bad | stuck).nonzero()[0, 0])
             what = "the error estimate is not finite" if flags[0] else "the step size underflowed"
-            raise NonFiniteError(f"dpm_adaptive: {what} at attempt {n} for sample {b} (sigma {float(sig_s[b]):.6g})")
-        if callback is not None:
-            sig = torch.exp(-s)
+            raise NonFiniteError(
+                f"dpm_adaptive: {what} at attempt {n} for sample {int(live.ids[b])} (sigma {float(sig_s[b]):.6g})"
+            )
+        if seen is not None:
+            for key, v in (("s", s), ("h", pid.h), ("error", error)):
+                seen[key].index_copy_(0, live.ids, v)
+            cur = out.index_copy(0, live.ids, x)
+            sig = torch.exp(-seen["s"])
             callback(
-                {"sigma": sig, "sigma_hat": sig, "x": x, "i": n, "t": s, "t_up": s, "denoised": D0}
-                | {"error": error, "h": pid.h}
+                {"sigma": sig, "sigma_hat": sig, "x": cur, "i": n, "t": seen["s"], "t_up": seen["s"], "denoised": D0}
+                | {"error": seen["error"], "h": seen["h"]}
                 | _summary(counts)
             )
-        active = running(s)
         n += 1
-    return x, _summary(counts) | {f"{k}_per_sample": v for k, v in counts.items()}
+        if not flags[2]:  # some samples finished: keep their result, go on with the others
+            out.index_copy_(0, live.ids, x)
+            keep = still.nonzero().flatten()
+            if keep.numel() == 0:
+                break
+            x, x_prev_abs, s = x[keep], x_prev_abs[keep], s[keep]
+            pid.keep(keep)
+            live.keep(keep)
+    return out, _summary(counts) | {f"{k}_per_sample": v for k, v in counts.items()}
+
+
+class _Live:
+    """The samples still running: their ids, the model on them (with their rows of the extra_args
+    tensors that have B rows) and the fused update with their own Philox sample ids."""
+
+    def __init__(self, run, x: Tensor, ids: Tensor):
+        self.run, self.ids = run, ids
+        self.extra = dict(run.extra)
+        B = x.shape[0]
+        self.per_sample = [k for k, v in self.extra.items() if isinstance(v, Tensor) and v.dim() and v.shape[0] == B]
+        self.update = RowsUpdater(ids)
+
+    def model(self, u: Tensor, sigma: Tensor) -> Tensor:
+        return self.run.model(u, sigma.to(u.dtype), **self.extra)
+
+    def keep(self, rows: Tensor) -> None:
+        self.ids = self.ids[rows]
+        self.update.ids = self.ids
+        for k in self.per_sample:
+            self.extra[k] = self.extra[k][rows.to(self.extra[k].device)]
 
 
 def _summary(counts: dict) -> dict:
@@ -286,16 +324,16 @@ def _summary(counts: dict) -> dict:
     return {k: int(v.max()) if v.numel() else 0 for k, v in counts.items()}
 
 
-def _sampled_noise(noise_sampler, x: Tensor, rows: Tensor, sig_s: Tensor, t: Tensor) -> Tensor:
-    """Row b of noise_sampler(sigma_b, sigma_next_b), one call per distinct (sigma, sigma_next) pair."""
+def _sampled_noise(noise_sampler, x: Tensor, ids: Tensor, rows: Tensor, sig_s: Tensor, t: Tensor) -> Tensor:
+    """Row r: row ids[r] of noise_sampler(sigma_r, sigma_next_r) (the sampler sees the whole batch's
+    shape), one call per distinct (sigma, sigma_next) pair among ``rows``; zeros elsewhere."""
     out = torch.zeros_like(x)
-    idx = rows.nonzero().flatten().tolist()
     sig_next = torch.exp(-t)
     groups: dict[tuple[float, float], list[int]] = {}
-    for b in idx:
-        groups.setdefault((float(sig_s[b]), float(sig_next[b])), []).append(b)
-    for (a, b_), members in groups.items():
-        z = noise_sampler(torch.tensor(a), torch.tensor(b_))
+    for r in rows.nonzero().flatten().tolist():
+        groups.setdefault((float(sig_s[r]), float(sig_next[r])), []).append(r)
+    for (sigma, sigma_next), members in groups.items():
+        z = noise_sampler(torch.tensor(sigma), torch.tensor(sigma_next))
         sel = torch.tensor(members, device=x.device)
-        out[sel] = z[sel].to(x.dtype)
+        out[sel] = z[ids[sel].to(z.device)].to(device=x.device, dtype=x.dtype)
     return out

@@ -534,10 +534,11 @@ def sample_dpm_adaptive(
     ||(x_low - x_high) / max(atol, rtol max(|x_low|, |x_prev|))|| / sqrt(D) (D elements per sample,
     summed by ``sf.ops.sample_norm`` in a fixed order); k-diffusion takes one norm over the whole
     batch and steps every sample together.  So a sample's result and step count do not depend on
-    the batch it is in, and equal k-diffusion's for that sample alone (B = 1).  The loop runs until
-    the slowest sample is done; samples that finished take identity steps meanwhile (the model
-    still sees the whole batch).  A non-finite error estimate ends the run with
-    ``scorefast.NonFiniteError`` (k-diffusion would loop on NaN).
+    the batch it is in, and equal k-diffusion's for that sample alone (B = 1).  A sample that reaches
+    sigma_min leaves the batch: later model calls see only the samples still running, with their
+    rows of the ``extra_args`` tensors that have B rows (others are passed as they are).  A
+    non-finite error estimate ends the run with ``scorefast.NonFiniteError`` (k-diffusion would
+    loop on NaN).
 
     Noise (eta > 0): Philox, k = attempt number, added where a sample accepts; a noise_sampler is
     called once per distinct (sigma, sigma_next) pair among the accepting samples and row b taken.
@@ -545,7 +546,7 @@ def sample_dpm_adaptive(
     ints, the batch's worst sample (k-diffusion's counts for B = 1), and the same per sample as
     [B] int64 tensors under ``steps_per_sample``, ``nfe_per_sample``, ... .  The callback gets
     k-diffusion's keys after each attempt (x, i, t, t_up, sigma, sigma_hat, denoised, error, h and
-    the counts), with t, sigma, error and h per sample [B].
+    the counts), with x, t, sigma, error and h for the whole batch (a finished sample's last values).
     """
     lo, hi = _sigma_range(sigma_min, sigma_max)
     if order not in (2, 3):
