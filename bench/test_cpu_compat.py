@@ -2,8 +2,9 @@
 
 k-diffusion's samplers (loaded from the installed package as the parity tests do) and diffusers'
 schedulers, each against ``scorefast.compat``'s version on the same denoiser / model output at a
-fixed step count; both draw their noise as they normally would.  Skipped where the peer package
-is not installed.
+fixed step count (``sample_dpm_adaptive``: at the same rtol/atol).  Both draw their noise as they
+normally would, except that k-diffusion's SDE samplers get per-step Gaussian noise instead of a
+Brownian tree.  Skipped where the peer package is not installed.
 """
 
 from __future__ import annotations
@@ -38,43 +39,6 @@ def _kd():
     return k_diffusion_sampling()
 
 
-@pytest.mark.parametrize("role", ["eager", "fused"])
-@pytest.mark.parametrize("sampler", ["sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde"])
-def test_k_diffusion(record, sampler, role):
-    kd = _kd()
-    model = _Denoiser()
-    sigmas = ours_kd.get_sigmas_karras(STEPS, 0.002, 80.0)
-    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
-    mod = kd if role == "eager" else ours_kd
-    kw = {}
-    if sampler == "sample_dpmpp_2m_sde" and role == "eager":  # same per-step Gaussian noise, not a Brownian tree
-        kw["noise_sampler"] = lambda s, sn: torch.randn_like(x0)
-    fn = getattr(mod, sampler)
-    nfe = 2 * STEPS - 1 if sampler == "sample_heun" else STEPS
-    with torch.no_grad():
-        record(
-            lambda: fn(model, x0, sigmas, disable=True, **kw),
-            name=f"{'k-diffusion' if role == 'eager' else 'sf.compat.k_diffusion'}.{sampler}",
-            backend="torch" if role == "eager" else "cpu",
-            dtype=torch.float32,
-            size=B,
-            group=f"kd-{sampler}",
-            role=role,
-            rounds=15,
-            nfe=nfe,
-            peer="k-diffusion",
-            model="mlp-denoiser",
-        )
-
-
-# -- k-diffusion: the samplers added for full coverage (issue 20) -------------------------------
-KD_MORE = {  # sampler -> NFE at STEPS sigmas (2 a step but the last, Euler into sigma = 0)
-    "sample_dpm_2_ancestral": 2 * STEPS - 1,
-    "sample_dpmpp_2s_ancestral": 2 * STEPS - 1,
-    "sample_dpmpp_sde": 2 * STEPS - 1,
-}
-
-
 def _record_kd(record, role, sampler, run, nfe, **extra):
     with torch.no_grad():
         return record(
@@ -93,18 +57,31 @@ def _record_kd(record, role, sampler, run, nfe, **extra):
         )
 
 
+KD_SAMPLERS = {  # sampler -> NFE at STEPS sigmas (two-stage samplers: 2 a step but the last, into sigma = 0)
+    "sample_euler_ancestral": STEPS,
+    "sample_heun": 2 * STEPS - 1,
+    "sample_dpmpp_2m": STEPS,
+    "sample_dpmpp_2m_sde": STEPS,
+    "sample_dpm_2_ancestral": 2 * STEPS - 1,
+    "sample_dpmpp_2s_ancestral": 2 * STEPS - 1,
+    "sample_dpmpp_sde": 2 * STEPS - 1,
+}
+
+
 @pytest.mark.parametrize("role", ["eager", "fused"])
-@pytest.mark.parametrize("sampler", list(KD_MORE))
-def test_k_diffusion_more(record, sampler, role):
-    """Ancestral and SDE samplers: both sides draw per-step Gaussian noise (k-diffusion's
-    ``sample_dpmpp_sde`` is given randn_like instead of its default Brownian tree, as ours is Philox)."""
-    mod = _kd() if role == "eager" else ours_kd
+@pytest.mark.parametrize("sampler", list(KD_SAMPLERS))
+def test_k_diffusion(record, sampler, role):
+    """Samplers on a Karras schedule.  Both sides draw per-step Gaussian noise: k-diffusion's SDE
+    samplers are given randn_like instead of their default Brownian tree (ours draw Philox)."""
     model = _Denoiser()
     sigmas = ours_kd.get_sigmas_karras(STEPS, 0.002, 80.0)
     x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
-    kw = {"noise_sampler": lambda s, sn: torch.randn_like(x0)} if role == "eager" else {}
+    mod = _kd() if role == "eager" else ours_kd
+    kw = {}
+    if sampler.endswith("_sde") and role == "eager":
+        kw["noise_sampler"] = lambda s, sn: torch.randn_like(x0)
     fn = getattr(mod, sampler)
-    _record_kd(record, role, sampler, lambda: fn(model, x0, sigmas, disable=True, **kw), KD_MORE[sampler])
+    _record_kd(record, role, sampler, lambda: fn(model, x0, sigmas, disable=True, **kw), KD_SAMPLERS[sampler])
 
 
 @pytest.mark.parametrize("role", ["eager", "fused"])
@@ -119,8 +96,8 @@ def test_k_diffusion_dpm_fast(record, role):
 
 @pytest.mark.parametrize("role", ["eager", "fused"])
 def test_k_diffusion_dpm_adaptive(record, role):
-    """Same rtol/atol; NFE is each side's own count (ours: the batch's slowest sample, since every
-    sample controls its own error; k-diffusion: one norm over the batch)."""
+    """Same rtol/atol; NFE is each side's own count: ours the slowest sample's (every sample controls
+    its own error; finished samples leave the batch), k-diffusion's one norm over the batch."""
     mod = _kd() if role == "eager" else ours_kd
     model = _Denoiser()
     x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80

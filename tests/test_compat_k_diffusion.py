@@ -213,38 +213,14 @@ def _err_rule(ours_fp32, theirs_fp32, ref64):
 )
 def test_dpm_fast_matches_k_diffusion(n, options):
     kd = k_diffusion_sampling()
+
+    def run(fn, dtype):
+        noise = _Ordered(None, _noises(dtype))
+        return fn(denoiser, X0.to(dtype), 0.002, 80.0, n, disable=True, noise_sampler=noise, **options)
+
     with _default_dtype(torch.float64):
-        ref = kd.sample_dpm_fast(
-            denoiser,
-            X0.clone(),
-            0.002,
-            80.0,
-            n,
-            disable=True,
-            noise_sampler=_Ordered(None, _noises(torch.float64)),
-            **options,
-        )
-    theirs = kd.sample_dpm_fast(
-        denoiser,
-        X0.float(),
-        0.002,
-        80.0,
-        n,
-        disable=True,
-        noise_sampler=_Ordered(None, _noises(torch.float32)),
-        **options,
-    )
-    got = ours.sample_dpm_fast(
-        denoiser,
-        X0.float(),
-        0.002,
-        80.0,
-        n,
-        disable=True,
-        noise_sampler=_Ordered(None, _noises(torch.float32)),
-        **options,
-    )
-    _err_rule(got, theirs, ref)
+        ref = run(kd.sample_dpm_fast, torch.float64)
+    _err_rule(run(ours.sample_dpm_fast, torch.float32), run(kd.sample_dpm_fast, torch.float32), ref)
 
 
 def test_dpm_fast_reverse_and_callback():
