@@ -26,6 +26,7 @@ from ..ops import sample_norm
 from ._fused import RowsUpdater
 
 Coefs = tuple  # (x_coef, c_1, ..., c_k): floats, or [B] float64 tensors
+_RS = {1: (0.5,), 2: (0.5,), 3: (1 / 3, 2 / 3)}  # k-diffusion's r1 (and r2) for each order
 
 
 def plan(s, t_next, r1: float, r2: float | None = None) -> dict:
@@ -134,9 +135,6 @@ def fast(run, x: Tensor, sigma_min: float, sigma_max: float, nfe: int, *, eta, s
     return x
 
 
-_RS = {1: (0.5,), 2: (0.5,), 3: (1 / 3, 2 / 3)}  # k-diffusion's r1 (and r2) for each order
-
-
 class _PID:
     """k-diffusion's ``PIDStepSizeController``, one per sample: [B] float64 step sizes and error history."""
 
@@ -196,7 +194,7 @@ def adaptive(
     sigma_min leave the batch: later attempts evaluate the model on the samples still running
     (``extra_args`` tensors with B rows are taken with them), with their own Philox sample ids.
     """
-    B, D = x.shape[0], max(1, x[0].numel())
+    B, D = x.shape[0], max(1, x[0].numel() if x.shape[0] else 1)
     f64 = {"dtype": torch.float64, "device": x.device}
     t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
     forward = t_end > t_start
@@ -214,7 +212,9 @@ def adaptive(
     s = torch.full((B,), t_start, **f64)
     x_prev_abs = x.abs()
     counts = {k: torch.zeros(B, dtype=torch.int64, device=x.device) for k in ("steps", "nfe", "n_accept", "n_reject")}
-    seen = {"s": s.clone(), "h": pid.h.clone(), "error": torch.zeros(B, **f64)} if callback is not None else None
+    seen = None  # with a callback: the whole batch's latest t, h, error and denoised
+    if callback is not None:
+        seen = {"s": s.clone(), "h": pid.h.clone(), "error": torch.zeros(B, **f64), "denoised": torch.zeros_like(x)}
 
     def running(s: Tensor) -> Tensor:
         return s < t_end - 1e-5 if forward else s > t_end + 1e-5
@@ -226,7 +226,7 @@ def adaptive(
     def stage(coefs: Coefs, terms: tuple) -> Tensor:
         return combine(lambda y, ts, x_coef: live.update(y, ts, x_coef=x_coef), x, coefs, terms)
 
-    if not bool(running(s).all()):  # sigma_min and sigma_max within 1e-5 in t: nothing to do
+    if B == 0 or not bool(running(s).all()):  # sigma_min and sigma_max within 1e-5 in t: nothing to do
         return out, _summary(counts) | {f"{k}_per_sample": v for k, v in counts.items()}
     n = 0
     while True:
@@ -277,13 +277,12 @@ def adaptive(
                 f"dpm_adaptive: {what} at attempt {n} for sample {int(live.ids[b])} (sigma {float(sig_s[b]):.6g})"
             )
         if seen is not None:
-            for key, v in (("s", s), ("h", pid.h), ("error", error)):
+            for key, v in (("s", s), ("h", pid.h), ("error", error), ("denoised", D0)):
                 seen[key].index_copy_(0, live.ids, v)
-            cur = out.index_copy(0, live.ids, x)
             sig = torch.exp(-seen["s"])
             callback(
-                {"sigma": sig, "sigma_hat": sig, "x": cur, "i": n, "t": seen["s"], "t_up": seen["s"], "denoised": D0}
-                | {"error": seen["error"], "h": seen["h"]}
+                {"sigma": sig, "sigma_hat": sig, "x": out.index_copy(0, live.ids, x), "i": n, "t": seen["s"]}
+                | {"t_up": seen["s"], "denoised": seen["denoised"].clone(), "error": seen["error"], "h": seen["h"]}
                 | _summary(counts)
             )
         n += 1
