@@ -439,6 +439,8 @@ def test_brownian_tree_noise_sampler_equals_k_diffusions(seed):
     a = ours.BrownianTreeNoiseSampler(x, lo, hi)(sigmas[1], sigmas[2])
     torch.manual_seed(9)
     assert torch.equal(a, kd.BrownianTreeNoiseSampler(x, lo, hi)(sigmas[1], sigmas[2]))
+    one = ours.BrownianTreeNoiseSampler(x, lo, hi, seed=torch.tensor(7))(sigmas[1], sigmas[2])  # a 0-d tensor seed
+    assert torch.equal(one, ours.BrownianTreeNoiseSampler(x, lo, hi, seed=7)(sigmas[1], sigmas[2]))
     with pytest.raises(ValueError, match="seed"):
         ours.BrownianTreeNoiseSampler(x, 0.05, 10.0, seed=[1, 2])
 

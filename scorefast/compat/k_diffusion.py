@@ -153,6 +153,8 @@ class BatchedBrownianTree:
         w0 = torch.zeros_like(x) if w0 is None else w0
         if seed is None:
             seed = torch.randint(0, 2**63 - 1, []).item()
+        if isinstance(seed, Tensor) and seed.dim() == 0:
+            seed = int(seed)
         self.batched = not isinstance(seed, numbers.Integral)
         if self.batched:
             seed = list(seed)
