@@ -2,8 +2,9 @@
 
 k-diffusion's samplers (loaded from the installed package as the parity tests do) and diffusers'
 schedulers, each against ``scorefast.compat``'s version on the same denoiser / model output at a
-fixed step count; both draw their noise as they normally would.  Skipped where the peer package
-is not installed.
+fixed step count (``sample_dpm_adaptive``: at the same rtol/atol).  Both draw their noise as they
+normally would, except that k-diffusion's SDE samplers get per-step Gaussian noise instead of a
+Brownian tree.  Skipped where the peer package is not installed.
 """
 
 from __future__ import annotations
@@ -38,22 +39,10 @@ def _kd():
     return k_diffusion_sampling()
 
 
-@pytest.mark.parametrize("role", ["eager", "fused"])
-@pytest.mark.parametrize("sampler", ["sample_euler_ancestral", "sample_heun", "sample_dpmpp_2m", "sample_dpmpp_2m_sde"])
-def test_k_diffusion(record, sampler, role):
-    kd = _kd()
-    model = _Denoiser()
-    sigmas = ours_kd.get_sigmas_karras(STEPS, 0.002, 80.0)
-    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
-    mod = kd if role == "eager" else ours_kd
-    kw = {}
-    if sampler == "sample_dpmpp_2m_sde" and role == "eager":  # same per-step Gaussian noise, not a Brownian tree
-        kw["noise_sampler"] = lambda s, sn: torch.randn_like(x0)
-    fn = getattr(mod, sampler)
-    nfe = 2 * STEPS - 1 if sampler == "sample_heun" else STEPS
+def _record_kd(record, role, sampler, run, nfe, **extra):
     with torch.no_grad():
-        record(
-            lambda: fn(model, x0, sigmas, disable=True, **kw),
+        return record(
+            run,
             name=f"{'k-diffusion' if role == 'eager' else 'sf.compat.k_diffusion'}.{sampler}",
             backend="torch" if role == "eager" else "cpu",
             dtype=torch.float32,
@@ -64,7 +53,65 @@ def test_k_diffusion(record, sampler, role):
             nfe=nfe,
             peer="k-diffusion",
             model="mlp-denoiser",
+            **extra,
         )
+
+
+KD_SAMPLERS = {  # sampler -> NFE at STEPS sigmas (two-stage samplers: 2 a step but the last, into sigma = 0)
+    "sample_euler_ancestral": STEPS,
+    "sample_heun": 2 * STEPS - 1,
+    "sample_dpmpp_2m": STEPS,
+    "sample_dpmpp_2m_sde": STEPS,
+    "sample_dpm_2_ancestral": 2 * STEPS - 1,
+    "sample_dpmpp_2s_ancestral": 2 * STEPS - 1,
+    "sample_dpmpp_sde": 2 * STEPS - 1,
+}
+
+
+@pytest.mark.parametrize("role", ["eager", "fused"])
+@pytest.mark.parametrize("sampler", list(KD_SAMPLERS))
+def test_k_diffusion(record, sampler, role):
+    """Samplers on a Karras schedule.  Both sides draw per-step Gaussian noise: k-diffusion's SDE
+    samplers are given randn_like instead of their default Brownian tree (ours draw Philox)."""
+    model = _Denoiser()
+    sigmas = ours_kd.get_sigmas_karras(STEPS, 0.002, 80.0)
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
+    mod = _kd() if role == "eager" else ours_kd
+    kw = {}
+    if sampler.endswith("_sde") and role == "eager":
+        kw["noise_sampler"] = lambda s, sn: torch.randn_like(x0)
+    fn = getattr(mod, sampler)
+    _record_kd(record, role, sampler, lambda: fn(model, x0, sigmas, disable=True, **kw), KD_SAMPLERS[sampler])
+
+
+@pytest.mark.parametrize("role", ["eager", "fused"])
+def test_k_diffusion_dpm_fast(record, role):
+    mod = _kd() if role == "eager" else ours_kd
+    model = _Denoiser()
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
+    _record_kd(
+        record, role, "sample_dpm_fast", lambda: mod.sample_dpm_fast(model, x0, 0.002, 80.0, STEPS, disable=True), STEPS
+    )
+
+
+@pytest.mark.parametrize("role", ["eager", "fused"])
+def test_k_diffusion_dpm_adaptive(record, role):
+    """Same rtol/atol; NFE is each side's own count: ours the slowest sample's (every sample controls
+    its own error; finished samples leave the batch), k-diffusion's one norm over the batch."""
+    mod = _kd() if role == "eager" else ours_kd
+    model = _Denoiser()
+    x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1)) * 80
+    kw = {"rtol": 0.05, "atol": 0.0078, "disable": True, "return_info": True}
+    with torch.no_grad():
+        _, info = mod.sample_dpm_adaptive(model, x0, 0.002, 80.0, **kw)
+    _record_kd(
+        record,
+        role,
+        "sample_dpm_adaptive",
+        lambda: mod.sample_dpm_adaptive(model, x0, 0.002, 80.0, **kw),
+        info["nfe"],
+        rtol=0.05,
+    )
 
 
 @pytest.mark.parametrize("role", ["eager", "fused"])

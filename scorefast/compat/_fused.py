@@ -20,7 +20,7 @@ def _coef(c, x: Tensor) -> float | Tensor:
     if isinstance(c, Tensor):
         if c.dim() > 1 or (c.dim() == 1 and c.shape[0] != x.shape[0]) or c.device != x.device:
             raise ValueError(f"coefficient: expected a scalar or [B] tensor on {x.device}, got {tuple(c.shape)}")
-        return c.float()
+        return c.to(_checks.state_dtype(x))  # float64 coefficients for a float64 state, as Python numbers get
     c = float(c)
     if not math.isfinite(c):
         raise ValueError(f"coefficient {c} is not finite (check the sigmas / timesteps)")
@@ -62,3 +62,29 @@ class FusedUpdater:
             backend=backend,
             trusted=True,
         )
+
+
+class RowsUpdater(FusedUpdater):
+    """A ``FusedUpdater`` whose rows are the samples ``ids`` of a larger batch (a batch that sheds its
+    finished samples): row r's noise is sample ids[r]'s, as it would be in the whole batch.  Assign
+    ``ids`` (int64 [rows], checked here) whenever the rows change."""
+
+    def __init__(self, ids: Tensor):
+        super().__init__()
+        self.ids = ids
+
+    @property
+    def ids(self) -> Tensor:
+        return self._ids
+
+    @ids.setter
+    def ids(self, ids: Tensor) -> None:
+        self._ids = _checks.check_sample_ids(ids, ids.shape[0], ids.device)
+
+    def _resolved(self, x: Tensor) -> tuple[str, Tensor]:
+        backend, _ = super()._resolved(x)
+        if self._ids.shape[0] != x.shape[0] or self._ids.device != x.device:
+            raise ValueError(
+                f"x: {x.shape[0]} rows on {x.device} for {self._ids.shape[0]} sample ids on {self._ids.device}"
+            )
+        return backend, self._ids
