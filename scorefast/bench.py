@@ -34,10 +34,12 @@ SUITES = {
     "cpu-e2e": "test_cpu_e2e.py",
     "cpu-likelihood": "test_cpu_likelihood.py",
     "cpu-compat": "test_cpu_compat.py",
+    "cpu-quality": "test_cpu_quality.py",
     "gpu": "test_gpu_micro.py",
     "gpu-e2e-mlp": "test_gpu_e2e.py",
     "gpu-e2e-unet": "test_gpu_e2e.py",
 }
+SUITE_ALIASES = {"quality": "cpu-quality"}  # --suite quality is the cpu-quality suite (cpu-quality.json)
 MACHINE_KEYS = ("gpu", "cpu", "torch", "triton", "cuda")
 ROW_KEYS = ("name", "backend", "dtype", "size", "median_s")
 
@@ -239,6 +241,10 @@ def likelihood_table(results: dict) -> str:
 
 def render_table(results: dict) -> str:
     """The README table for any suite's results file."""
+    if results["suite"] == "cpu-quality":
+        from .quality.report import quality_table
+
+        return quality_table(results)
     if results["suite"] == "cpu-likelihood":
         return likelihood_table(results)
     if any(r.get("role") == "peer" for r in results["results"]):
@@ -249,7 +255,12 @@ def render_table(results: dict) -> str:
 
 
 def plot_results(results: dict, path: str | os.PathLike) -> Path:
-    """A PNG of a results file: each measured row's speed over its same-run baseline (log scale)."""
+    """A PNG of a results file: each measured row's speed over its same-run baseline (log scale); for the
+    quality suite, quality against NFE (``scorefast.quality.report.plot_quality``)."""
+    if results["suite"] == "cpu-quality":
+        from .quality.report import plot_quality
+
+        return plot_quality(results, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,7 +306,7 @@ def _bench_dir() -> Path:
 
 @register("bench", "run a benchmark suite (pytest-benchmark) and write bench/results/NAME.json")
 def _bench_command(parser):
-    parser.add_argument("--suite", choices=tuple(SUITES), default="cpu")
+    parser.add_argument("--suite", type=lambda s: SUITE_ALIASES.get(s, s), choices=tuple(SUITES), default="cpu")
     parser.add_argument("--out", help="results file (default bench/results/<suite>.json)")
     parser.add_argument("--quick", action="store_true", help="smallest sizes only (a smoke run)")
     parser.add_argument("--table", metavar="RESULTS", help="print the README table of a results file and exit")

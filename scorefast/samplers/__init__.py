@@ -16,6 +16,7 @@ from . import (
     pc,
     reverse_diffusion,
     rk45,
+    unipc,
 )
 
 SAMPLERS: dict[str, ModuleType] = {
@@ -32,6 +33,7 @@ SAMPLERS: dict[str, ModuleType] = {
         heun,
         dpm_solver_pp,
         rk45,
+        unipc,
     )
 }
 
