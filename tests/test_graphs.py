@@ -40,6 +40,9 @@ FIXED_STEP = [
     ("dpm_solver++", VPSDE(), {}),
     ("dpm_solver++", EDM(), {"variant": "2m-sde"}),
     ("dpm_solver++", VESDE(0.01, 10), {"variant": "3m", "eta": 1.0}),
+    ("unipc", VPSDE(), {}),
+    ("unipc", EDM(), {"order": 3, "variant": "bh1"}),
+    ("unipc", VESDE(0.01, 10), {"order": 1, "corrector": False}),
     ("langevin", VESDE(0.01, 10), {}),
     ("annealed_langevin", VESDE(0.01, 10), {"n_steps_each": 3}),
 ]

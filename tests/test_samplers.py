@@ -443,7 +443,7 @@ def test_score_of_wrong_shape_and_non_finite_score():
         return torch.where(t[:, None] < 0.5, torch.full_like(x, float("nan")), -x)
 
     with pytest.raises(sf.NonFiniteError, match=r"step 3 \(t = 0\.4"):
-        sf.sample(bad, sde, (4, 2), sampler="ddim", steps=6)
+        sf.sample(bad, sde, (4, 2), sampler="ddim", steps=6, schedule="uniform")
 
 
 # -- rk45 ---------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """Time grids T = t_0 > ... > t_{N-1} = eps compared by the quality suite's grid study (float64).
 
-- ``uniform``: uniform in t (score_sde's grid; ``sf.sample``'s VP/VE grid before v6).
-- ``quadratic``: t = eps + (T - eps) (1 - i / (N - 1))^2, DPM-Solver's "time_quadratic" for VP.
+- ``uniform``: uniform in t (score_sde's grid; ``sf.sample``'s VE default, and its VP default
+  before the quality suite).
+- ``quadratic``: t = eps + (T - eps) (1 - i / (N - 1))^2, DPM-Solver's "time_quadratic"
+  (``sf.sample``'s VP / sub-VP default).
 - ``logsnr``: uniform in lambda = log(a / s), DPM-Solver's "logSNR" grid.
 - ``karras``: Karras et al.'s rho = 7 spacing in sigma = s / a (EDM's grid, applied to any SDE).
 """
@@ -10,6 +12,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from ..sampling import _grid
 
 SCHEDULES = ("uniform", "quadratic", "logsnr", "karras")
 
@@ -22,8 +26,12 @@ def _invert(sde, values: Tensor, fn) -> Tensor:
         f, fine = f.flip(0), fine.flip(0)
     idx = torch.searchsorted(f, values).clamp(1, f.numel() - 1)
     w = (values - f[idx - 1]) / (f[idx] - f[idx - 1])
-    t = fine[idx - 1] + w * (fine[idx] - fine[idx - 1])
-    t[0], t[-1] = sde.T, sde.eps  # the ends exactly
+    return _ends(fine[idx - 1] + w * (fine[idx] - fine[idx - 1]), sde.T, sde.eps)
+
+
+def _ends(t: Tensor, T: float, eps: float) -> Tensor:
+    """t with its first and last entries exactly T and eps (no rounding at the ends)."""
+    t[0], t[-1] = T, eps
     return t
 
 
@@ -33,10 +41,8 @@ def grid(sde, steps: int, schedule: str) -> Tensor:
     if steps < 2:
         return torch.full((max(steps, 0),), T, dtype=torch.float64)
     u = torch.linspace(0, 1, steps, dtype=torch.float64)
-    if schedule == "uniform":
-        return T + u * (eps - T)
-    if schedule == "quadratic":
-        return eps + (T - eps) * (1 - u) ** 2
+    if schedule in ("uniform", "quadratic"):
+        return _grid(sde, steps, schedule, None, "cpu")[0]
     ends = torch.tensor([T, eps], dtype=torch.float64)
     if schedule == "logsnr":
 

@@ -89,9 +89,9 @@ def quality_table(results: dict) -> str:
         sdes = [s for s in SDE_ORDER if any(k[0] == target and k[1] == s for k in summ)]
         if r0["metric"] == "fd":
             head = (
-                f"**{target}** (n = {r0['size']}): Fréchet distance on classifier features; reference = the model's "
-                f"ODE limit {r0['ode_limit']:.2f} ({r0['ode_limit_by']}, {r0['ode_limit_nfe']} NFE); real-vs-real floor "
-                f"{r0['floor']:.2f}"
+                f"**{target}** (n = {r0['size']}): Fréchet distance on classifier features; reference = the "
+                f"model's ODE limit {r0['ode_limit']:.2f} ({r0['ode_limit_by']}, {r0['ode_limit_nfe']} NFE); "
+                f"real-vs-real floor {r0['floor']:.2f}"
             )
         else:
             head = (

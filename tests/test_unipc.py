@@ -1,0 +1,290 @@
+"""``sampler="unipc"`` (UniPC, Zhao et al. 2023): the peer step by step, exact laws, orders, the mixture.
+
+- diffusers' ``UniPCMultistepScheduler`` (the peer) on the same grid, float64: every step's state and
+  the final sample agree to rounding, for bh1/bh2, orders 1-3, with and without the corrector, on
+  every SDE (diffusers works on the VP-scaled state; UniPC in data prediction is invariant to it).
+- Gaussian data with a linear score makes UniPC affine: its output law (two probes, float64) against
+  the continuous probability-flow limit, and the convergence order in steps (UniC raises UniP-p's
+  order p by one).
+- The ring mixture: sliced W1 to exact samples within the Monte-Carlo floor, and a 10% error in a
+  coefficient fails the same check.
+- At 20 steps it is no worse than dpm_solver++ on the same grid (error to the exact ODE solution).
+- Replayed (graph) steps equal eager ones, also when outputs are copied back into static buffers in
+  order, as a CUDA graph's static state is.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import scorefast as sf
+from scorefast import graphs
+from scorefast.quality import sliced_w1
+from scorefast.samplers import unipc
+from scorefast.sampling import _grid
+from scorefast.sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
+from tests.test_samplers import continuous_limit, exact_law_ode
+
+GM = sf.testing.GaussianMixture.ring(4, 3.0, 0.4)
+SDES = [VPSDE(), VESDE(0.01, 10), SubVPSDE(), EDM(), DiscreteVP.linear()]
+if hasattr(sf.sde, "RectifiedFlow"):
+    SDES.append(sf.sde.RectifiedFlow())
+SDE_IDS = [type(s).__name__ for s in SDES]
+
+
+def _ours(sde, steps, *, B=6, seed=3, **options):
+    """(final samples, [(x after step n, D_n)]) in float64 on the reference backend."""
+    seen = []
+    x = sf.sample(
+        GM.score_fn(sde),
+        sde,
+        (B, 2),
+        sampler="unipc",
+        steps=steps,
+        seed=seed,
+        dtype=torch.float64,
+        backend="torch",
+        callback=lambda d: seen.append((d["x"].clone(), d["denoised"].clone())),
+        **options,
+    )
+    return x, seen
+
+
+def _diffusers(sde, steps, *, B=6, seed=3, order=2, variant="bh2", corrector=True):
+    """diffusers' scheduler on our grid: sigmas = s/a of our times (then 0), float64, model output x0."""
+    diffusers = pytest.importorskip("diffusers")
+    times = _grid(sde, steps, None, None, "cpu")[0]
+    a, s = sde.mean_coef(times), sde.std(times)
+    sigma = s / a
+    sched = diffusers.UniPCMultistepScheduler(
+        solver_order=order,
+        solver_type=variant,
+        prediction_type="sample",
+        disable_corrector=[] if corrector else list(range(steps)),
+    )
+    sched.set_timesteps(steps)
+    sched.sigmas = torch.cat([sigma, sigma.new_zeros(1)])
+    sched.timesteps = torch.arange(steps - 1, -1, -1)
+    # diffusers' state is VP-scaled: x_vp = x / sqrt(1 + sigma^2) / a
+    scale = 1 / torch.sqrt(1 + sigma**2) / a
+    x = sde.prior_sampling((B, 2), seed=seed, dtype=torch.float64, backend="torch") * scale[0]
+    states = []
+    for i in range(steps):
+        x_sde = x / scale[i]
+        D = (x_sde + s[i] ** 2 * GM.score(x_sde, times[i].expand(B), sde)) / a[i]
+        x = sched.step(D, sched.timesteps[i], x).prev_sample
+        states.append(x / scale[i + 1] if i + 1 < steps else x)
+    if variant == "bh1":
+        # diffusers 0.42's bh1 step into sigma = 0 is NaN: B(h) = -h = -inf multiplies a zero
+        # correction.  Its limit, like bh2's value, is the data prediction D of the last step.
+        assert torch.isnan(states[-1]).all()
+        states[-1] = D
+    return states
+
+
+CASES = [(order, variant) for order in (1, 2, 3) for variant in unipc.VARIANTS]
+
+
+@pytest.mark.parametrize("order,variant", CASES, ids=[f"{v}-order{o}" for o, v in CASES])
+@pytest.mark.parametrize("sde", SDES, ids=SDE_IDS)
+def test_matches_diffusers_step_by_step(sde, order, variant):
+    final, seen = _ours(sde, 9, order=order, variant=variant)
+    peer = _diffusers(sde, 9, order=order, variant=variant)
+    assert len(seen) == 9
+    for n, (x, _) in enumerate(seen[:-1]):
+        torch.testing.assert_close(x, peer[n], rtol=1e-12, atol=1e-12, msg=f"step {n}")
+    torch.testing.assert_close(final, peer[-1], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("order", (1, 2, 3))
+@pytest.mark.parametrize("sde", [VPSDE(), EDM()], ids=["VPSDE", "EDM"])
+def test_matches_diffusers_without_corrector(sde, order):
+    final, seen = _ours(sde, 8, order=order, corrector=False)
+    peer = _diffusers(sde, 8, order=order, corrector=False)
+    for n, (x, _) in enumerate(seen[:-1]):
+        torch.testing.assert_close(x, peer[n], rtol=1e-12, atol=1e-12, msg=f"step {n}")
+    torch.testing.assert_close(final, peer[-1], rtol=1e-12, atol=1e-12)
+
+
+def test_matches_diffusers_on_its_own_grid_in_float32():
+    """diffusers as shipped: its DDPM table, its timesteps, epsilon prediction, float32; ours on
+    DiscreteVP(its alphas_cumprod) at t = timestep / 999.  Its sigmas are rounded to float32, so the
+    two agree to float32 rounding, not bitwise."""
+    diffusers = pytest.importorskip("diffusers")
+    sched = diffusers.UniPCMultistepScheduler()
+    sched.set_timesteps(10)
+    sde = DiscreteVP(sched.alphas_cumprod.double())
+    times = sched.timesteps.double() / (sde.N - 1)
+    B = 64
+    x = sde.prior_sampling((B, 2), seed=4)
+    ours = sf.sample(GM.score_fn(sde), sde, (B, 2), sampler="unipc", steps=10, schedule=times, seed=4)
+    for t, tau in zip(times, sched.timesteps, strict=True):
+        t_vec = t.expand(B)
+        eps = -sde.std(t_vec)[:, None].float() * GM.score(x, t_vec, sde)
+        x = sched.step(eps, tau, x).prev_sample
+    assert ours.dtype == x.dtype == torch.float32
+    torch.testing.assert_close(ours, x, rtol=2e-4, atol=2e-4)
+
+
+# -- exact laws ----------------------------------------------------------------------------
+def _law_error(sde, steps, options):
+    m_lim, v_lim = continuous_limit("unipc", sde)
+    sched = "karras" if isinstance(sde, EDM) else None
+    mean, var, _, _ = exact_law_ode("unipc", sde, steps, options, sched)
+    return abs(mean - m_lim) + abs(var - v_lim)
+
+
+@pytest.mark.parametrize("sde", SDES, ids=SDE_IDS)
+def test_exact_law_close_to_the_continuous_limit_on_every_sde(sde):
+    """At 50 steps the affine output law is within 0.03 of the probability-flow limit (mean + variance)."""
+    assert _law_error(sde, 50, {}) < 0.03
+
+
+ORDERS = [
+    ({"order": 1}, 2),
+    ({"order": 1, "variant": "bh1"}, 2),
+    ({"order": 2}, 3),
+    ({"order": 2, "variant": "bh1"}, 3),
+    ({"order": 3}, 3),  # UniC-3 would give 4, but the warm-up and final steps cap it at 3
+    ({"order": 3, "variant": "bh1"}, 3),
+    ({"order": 2, "corrector": False}, 2),
+    ({"order": 3, "corrector": False}, 2),  # without UniC the first-order warm-up step caps it at 2
+]
+
+
+@pytest.mark.parametrize("options,order", ORDERS, ids=[f"{o}" for o, _ in ORDERS])
+@pytest.mark.parametrize("sde", [VESDE(0.01, 10), EDM()], ids=["VESDE", "EDM"])
+def test_convergence_order(sde, options, order):
+    """|exact law - continuous limit| falls like steps^-order between 32 and 64 steps (no MC noise).
+
+    On these grids the log-SNR steps shrink uniformly with 1/steps; on VP's uniform-t grid they do not
+    near eps (lambda ~ -log(t)/2), which caps every multistep solver's observed order there."""
+    e1, e2 = _law_error(sde, 32, options), _law_error(sde, 64, options)
+    observed = math.log2(e1 / e2)
+    assert observed > order - 0.35, (e1, e2, observed)
+
+
+# -- the mixture ---------------------------------------------------------------------------
+def _mixture_quality(sde, steps, n=4096):
+    x = sf.sample(GM.score_fn(sde), sde, (n, 2), sampler="unipc", steps=steps, seed=1)
+    ref = GM.sample(n, seed=100)
+    floor = sum(sliced_w1(GM.sample(n, seed=s), ref) for s in range(4)) / 4
+    return sliced_w1(x, ref), floor
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.01, 10), EDM()], ids=["VPSDE", "VESDE", "EDM"])
+def test_mixture_within_the_floor(sde):
+    sw, floor = _mixture_quality(sde, 20)
+    assert sw < 1.5 * floor, (sw, floor)
+
+
+@pytest.mark.parametrize("column,what", [(2 + unipc.MAX_ORDER + 1, "predictor's D_n"), (1, "corrector's D_n")])
+def test_a_ten_percent_coefficient_error_fails_the_mixture_check(monkeypatch, column, what):
+    """The check above is sharp: a 10% error in one coefficient of every step pushes it over."""
+    right = unipc.coefficients
+
+    def wrong(*args, **kw):
+        rows = right(*args, **kw)
+        for row in rows:
+            row[column] *= 1.1
+        return rows
+
+    monkeypatch.setattr(unipc, "coefficients", wrong)
+    sw, floor = _mixture_quality(VESDE(0.01, 10), 20)
+    assert sw > 1.5 * floor, (what, sw, floor)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.01, 10), EDM(), SubVPSDE()], ids=["VP", "VE", "EDM", "subVP"])
+def test_no_worse_than_dpm_solver_pp_at_20_steps(sde):
+    """Mean distance to the exact probability-flow solution of the same prior draws (rk45 at 1e-9),
+    both on the default grid of the SDE."""
+    kw = dict(seed=1, dtype=torch.float64, backend="torch")
+    score = GM.score_fn(sde)
+    exact = sf.sample(score, sde, (256, 2), sampler="rk45", rtol=1e-9, atol=1e-9, **kw)
+
+    def err(name):
+        return (sf.sample(score, sde, (256, 2), sampler=name, steps=20, **kw) - exact).norm(dim=1).mean().item()
+
+    assert err("unipc") <= err("dpm_solver++")
+
+
+# -- the step contract ---------------------------------------------------------------------
+def _copy_back(ctx, call, n_dev, carry):
+    """A stand-in for CUDA capture: replay re-runs the body on static buffers and copies its outputs
+    back into them in order, as the captured copies of ``graphs._capture_cuda`` do."""
+    static = tuple(c.clone() for c in carry)
+
+    def replay(n):
+        ctx._recorded = None
+        out = call(n_dev, static)
+        for buffer, value in zip(static, out, strict=True):
+            buffer.copy_(value)
+        n_dev.add_(1)
+        return static, ctx._recorded
+
+    return replay
+
+
+@pytest.mark.parametrize("capture", ["fx", "copy-back"])
+@pytest.mark.parametrize("options", [{"order": 1}, {"order": 2}, {"order": 3}, {"order": 3, "corrector": False}])
+def test_replay_equals_eager(monkeypatch, capture, options):
+    sde = VPSDE()
+    kw = dict(sampler="unipc", steps=12, seed=5, **options)
+    eager, info_e = sf.sample(GM.score_fn(sde), sde, (33, 2), return_info=True, **kw)
+    if capture == "copy-back":
+        monkeypatch.setitem(graphs._CAPTURE, "fx", _copy_back)
+    with warnings.catch_warnings(), graphs.emulated():
+        warnings.simplefilter("error")
+        replayed, info_r = sf.sample(GM.score_fn(sde), sde, (33, 2), cuda_graph=True, return_info=True, **kw)
+    assert info_r["graphed"] and info_e["nfe"] == info_r["nfe"] == 12
+    assert torch.equal(eager, replayed)
+
+
+def test_nfe_is_steps_and_the_callback_sees_each_step():
+    sde = EDM()
+    seen = []
+    _, info = sf.sample(
+        GM.score_fn(sde),
+        sde,
+        (5, 2),
+        sampler="unipc",
+        steps=7,
+        return_info=True,
+        callback=lambda d: seen.append(d["i"]),
+    )
+    assert info["nfe"] == 7 and seen == list(range(7))
+
+
+def test_batch_invariance_bitwise():
+    sde = VESDE(0.01, 10)
+
+    def elementwise(x, t, **_):
+        return -x / (1.0 + t[:, None] ** 2)
+
+    big = sf.sample(elementwise, sde, (1000, 5), sampler="unipc", steps=6, seed=3, order=3)
+    ids = [5, 999, 0, 777]
+    small = sf.sample(elementwise, sde, (4, 5), sampler="unipc", steps=6, seed=3, order=3, sample_ids=torch.tensor(ids))
+    assert torch.equal(small, big[ids])
+
+
+@pytest.mark.parametrize(
+    "options,exc,match",
+    [
+        ({"order": 0}, ValueError, "order"),
+        ({"order": 4}, ValueError, "order"),
+        ({"order": 2.0}, ValueError, "order"),
+        ({"variant": "bh3"}, ValueError, "variant"),
+        ({"corrector": "yes"}, TypeError, "corrector"),
+        ({"lower_order_final": 1}, TypeError, "lower_order_final"),
+        ({"denoise": None}, TypeError, "denoise"),
+        ({"eta": 1.0}, TypeError, "eta"),
+    ],
+)
+def test_bad_options_name_the_argument(options, exc, match):
+    sde = VPSDE()
+    with pytest.raises(exc, match=match):
+        sf.sample(GM.score_fn(sde), sde, (2, 2), sampler="unipc", steps=5, **options)
