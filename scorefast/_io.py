@@ -66,15 +66,20 @@ def atomic_savefig(fig, path: str | os.PathLike, **kwargs) -> Path:
     return Path(path)
 
 
-def writable_dir(path: str | os.PathLike, name: str) -> Path:
-    """Create ``path`` if needed and prove it writable; a ValueError naming ``name`` otherwise.
-
-    An empty path is refused (it would silently mean the current directory)."""
+def dir_path(path: str | os.PathLike, name: str) -> Path:
+    """``path`` as a Path, refusing what is not a path and the empty path (which would silently
+    mean the current directory); writes nothing."""
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"{name}: expected a directory path, got {type(path).__name__}")
     if not str(os.fspath(path)).strip():
         raise ValueError(f"{name}: an empty path (give a directory, e.g. runs/samples)")
-    out = Path(path)
+    return Path(path)
+
+
+def writable_dir(path: str | os.PathLike, name: str) -> Path:
+    """Create ``path`` if needed and prove it writable; a ValueError naming ``name`` otherwise
+    (``dir_path``'s checks first)."""
+    out = dir_path(path, name)
     try:
         out.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test_"):

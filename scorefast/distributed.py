@@ -68,8 +68,8 @@ def resolve_device(device, name: str = "device") -> torch.device:
     """``torch.device(device)`` if this machine has it; a ValueError naming ``name`` otherwise."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError) as err:
-        raise ValueError(f"{name}: not a device: {device!r} ({err})") from None
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name}: not a device: {device!r} (e.g. cpu, cuda, cuda:1)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"{name}: {dev} was asked for, but CUDA is not available on this machine")

@@ -216,7 +216,8 @@ def test_a_manifest_of_the_wrong_type_is_a_clear_error(tmp_path, manifest):
     with pytest.raises(ValueError, match=r"out_dir: .*manifest\.json is corrupt: "):
         load_samples(tmp_path)
     with pytest.warns(UserWarning, match=r"manifest\.json is corrupt"):
-        sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+        with pytest.warns(UserWarning, match="rebuilding .* from the headers of 3 chunk"):
+            sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
     assert torch.equal(load_samples(tmp_path), want)
 
 
