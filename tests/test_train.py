@@ -288,10 +288,9 @@ def test_fit_resumes_to_the_same_weights(tmp_path):
     assert shape == (2,) and isinstance(sde, VPSDE)
 
 
-def test_fit_saves_what_it_computed_when_interrupted(tmp_path, monkeypatch):
-    """An error mid-run still leaves the finished steps on disk; the rerun continues from there."""
-    calls = {"n": 0}
-    real = TrainStep.__call__
+def _fit_interrupted_at_call_5(monkeypatch, out, **kw):
+    """fit(out, **kw) with Ctrl-C at its 5th TrainStep call (after 4 finished steps)."""
+    calls, real = {"n": 0}, TrainStep.__call__
 
     def flaky(self, x):
         calls["n"] += 1
@@ -301,8 +300,13 @@ def test_fit_saves_what_it_computed_when_interrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(TrainStep, "__call__", flaky)
     with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path, data="toy2d", steps=8, batch=8, save_every=100, sample_grid=False)
+        fit(out, **kw)
     monkeypatch.setattr(TrainStep, "__call__", real)
+
+
+def test_fit_saves_what_it_computed_when_interrupted(tmp_path, monkeypatch):
+    """An error mid-run still leaves the finished steps on disk; the rerun continues from there."""
+    _fit_interrupted_at_call_5(monkeypatch, tmp_path, data="toy2d", steps=8, batch=8, save_every=100, sample_grid=False)
     assert fit(tmp_path, data="toy2d", steps=8, batch=8, save_every=100, sample_grid=False)["resumed_from"] == 4
     with pytest.raises(ValueError, match=r"batch: .* trained with 8"):
         fit(tmp_path, data="toy2d", steps=9, batch=16, save_every=100, sample_grid=False)
@@ -549,18 +553,7 @@ def test_fit_killed_or_interrupted_then_resumed_logs_what_an_uninterrupted_run_l
     assert res.returncode == 9, res.stderr[-2000:]
     assert fit(killed, steps=8, **kw)["resumed_from"] == 5
 
-    calls, real = {"n": 0}, TrainStep.__call__
-
-    def interrupted(self, x):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(self, x)
-
-    monkeypatch.setattr(TrainStep, "__call__", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path / "ctrl-c", steps=8, **kw)
-    monkeypatch.setattr(TrainStep, "__call__", real)
+    _fit_interrupted_at_call_5(monkeypatch, tmp_path / "ctrl-c", steps=8, **kw)
     assert fit(tmp_path / "ctrl-c", steps=8, **kw)["resumed_from"] == 4
     fit(tmp_path / "longer", steps=4, **kw)
     assert fit(tmp_path / "longer", steps=8, **kw)["resumed_from"] == 4
