@@ -199,7 +199,7 @@ def _check_header(meta: dict, path: Path, k: int, config: dict, digest: str) -> 
     if meta.get("config_hash") != digest:
         try:
             old = json.loads(meta.get("config", "null"))
-        except ValueError:
+        except (ValueError, RecursionError):
             old = None
         problem = _conflict(path, old, config) if isinstance(old, dict) else None
         raise _ChunkError(
@@ -269,8 +269,8 @@ def _read_manifest(out: Path) -> tuple[dict | None, str | None]:
         return None, "missing"
     try:
         manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return None, f"not readable JSON ({err})"
+    except (OSError, ValueError, RecursionError) as err:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None, f"not readable JSON ({type(err).__name__}: {err})"
     problem = _manifest_problem(manifest)
     return (None, problem) if problem else (manifest, None)
 

@@ -207,7 +207,15 @@ def test_lost_manifest_settings_come_from_the_chunks(tmp_path, damage):
 
 @pytest.mark.parametrize(
     "manifest",
-    ['"text"', "5", '{"config": 5}', '{"config": {"chunk": "4", "n_samples": 12}}', '{"config": {}, "n_chunks": []}'],
+    [
+        '"text"',
+        "5",
+        '{"config": 5}',
+        '{"config": {"chunk": "4", "n_samples": 12}}',
+        '{"config": {}, "n_chunks": []}',
+        "[" * 100_000,
+    ],
+    ids=["str", "int", "config-int", "chunk-str", "n_chunks-list", "deep"],
 )
 def test_a_manifest_of_the_wrong_type_is_a_clear_error(tmp_path, manifest):
     sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
