@@ -145,7 +145,7 @@ def _train(out: Path, step: TrainStep, train_data, settings: dict, seed, steps, 
         if not isinstance(saved, dict):
             raise ValueError(f"out_dir: {state_path} records no training settings; use another out_dir")
         for key, value in settings.items():
-            if saved.get(key) != value:
+            if key in saved and saved[key] != value:  # a key an older state did not record is not checked
                 raise ValueError(
                     f"{key}: {out} was trained with {saved.get(key)!r}, this run has {value!r} "
                     "(use another out_dir, or the original settings to resume)"
