@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .backends.torch_backend import tree_sum
+from .solvers.adaptive import tree_sum
 from .rng import STREAM_PROBES, rademacher, randn
 
 PROBES = ("rademacher", "gaussian")
@@ -77,8 +77,8 @@ def probes(x: Tensor, n: int, *, probe: str = "rademacher", seed=0, step=0, samp
 
 def per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
     """[n, B, ...] x [n, B, ...] -> [n, B]: float64 sums over each sample's elements (fixed tree)."""
-    prod = a.double() * b.double()
-    return tree_sum(prod.reshape(prod.shape[0] * prod.shape[1], -1)).reshape(prod.shape[:2])
+    prod = (a if a.dtype == torch.float64 else a.double()) * b.double()
+    return tree_sum(prod.reshape(*prod.shape[:2], -1))
 
 
 def _grad(y: Tensor, xg: Tensor, v: Tensor, retain: bool) -> Tensor:
@@ -86,10 +86,14 @@ def _grad(y: Tensor, xg: Tensor, v: Tensor, retain: bool) -> Tensor:
     return torch.autograd.grad(y, xg, v.to(y.dtype), retain_graph=retain)[0]
 
 
-def vjp_trace(y: Tensor, xg: Tensor, vectors: Tensor) -> Tensor:
-    """Hutchinson's mean over probes of v^T J v [B] (float64) for y = fn(xg) recorded by autograd."""
+def vjp_trace(y: Tensor, xg: Tensor, vectors: Tensor, vectors64: Tensor | None = None) -> Tensor:
+    """Hutchinson's mean over probes of v^T J v [B] (float64) for y = fn(xg) recorded by autograd
+    (``vectors64``: the probes already in float64, when a caller reuses them)."""
+    v64 = vectors if vectors64 is None else vectors64
+    if len(vectors) == 1:
+        return per_sample_dot(v64, _grad(y, xg, vectors[0], False)[None])[0]
     jtv = torch.stack([_grad(y, xg, v, j < len(vectors) - 1) for j, v in enumerate(vectors)])
-    return per_sample_dot(vectors, jtv).mean(0)
+    return per_sample_dot(v64, jtv).mean(0)
 
 
 def diagonal_trace(y: Tensor, xg: Tensor) -> Tensor:

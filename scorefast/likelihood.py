@@ -141,18 +141,24 @@ def log_likelihood(
     time_dtype = torch.float64 if net_dtype == torch.float64 else torch.float32
     fused_dtype = torch.float64 if y0.dtype == torch.float64 else torch.float32
     fused = adaptive.FusedRows(y0, backend)
-    zero = torch.zeros(B, dtype=torch.float64, device=x.device)
+    v64 = v.double() if v is not None else None
 
-    def rhs(y: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
-        """(probability-flow drift a y + b s in the state's dtype, its divergence [B, 1] float64)."""
+    def schedule(t: Tensor) -> tuple[Tensor, ...]:
+        """Per stage time t [S, B], once per solver attempt: the time the network sees, the drift's
+        coefficient matrices [S, 3, B] (a, b, no noise) in the kernels' dtype, and b and a D (float64)
+        for the divergence a D + b div s."""
         a, b = sde.reverse_coefs(t, probability_flow=True)
+        coefs = torch.stack([a, b, torch.zeros_like(a)], 1).to(fused_dtype)
+        return t.to(time_dtype), coefs, b, a * D
+
+    def rhs(y: Tensor, _t: Tensor, t_net: Tensor, coefs: Tensor, b: Tensor, a_dim: Tensor) -> tuple[Tensor, Tensor]:
+        """(probability-flow drift a y + b s in the state's dtype, its divergence [B, 1] float64)."""
         with torch.enable_grad():
             xin = y.detach().to(net_dtype).requires_grad_(True)
-            s = check_fn_output("score_fn", score_fn(xin, t.to(time_dtype)), xin)
-            trace = diagonal_trace(s, xin) if v is None else vjp_trace(s, xin, v)
-        rows = y.reshape(B, -1)
-        drift = fused(rows, [s.detach().reshape(B, -1)], torch.stack([a, b, zero]).to(fused_dtype))
-        return drift.view(y.shape), (a * D + b * trace)[:, None]
+            s = check_fn_output("score_fn", score_fn(xin, t_net), xin)
+            trace = diagonal_trace(s, xin) if v is None else vjp_trace(s, xin, v, v64)
+        drift = fused(y.reshape(B, -1), [s.detach().reshape(B, -1)], coefs)
+        return drift.view(y.shape), torch.addcmul(a_dim, b, trace)[:, None]
 
     def prior(z: Tensor) -> Tensor:
         z = z.to(torch.float64)
@@ -177,6 +183,7 @@ def log_likelihood(
         backend=backend,
         name="log_likelihood",
         sample_ids=ids,
+        time_coefs=schedule,
     )
     logp = prior(sol.y) + sol.q[:, 0]
     nll = -logp

@@ -14,17 +14,18 @@ batch); ``"batch"`` is one RMS over the whole batch, as scipy's ``solve_ivp`` an
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from .. import _checks
+from .. import _checks, backends
 from ..backends import resolve
 from ..errors import NonFiniteError
-from ..ops.fused_update import _run, fused_update_op
-from ..ops.sample_norm import sample_sumsq
+from ..ops.fused_update import fused_update_op
+from ..ops.sample_norm import _sumsq
 
 ERROR_NORMS = ("sample", "batch")
-NONFINITE, STUCK = 1.0, 2.0  # failure codes
 MAX_TERMS = 4  # terms per fused pass on the triton and cuda backends (cpu and torch take any number)
 
 
@@ -111,21 +112,40 @@ class FusedRows:
 
     def __init__(self, like: Tensor, backend: str | None):
         self.name = state_backend(like, backend)
+        self.impl = backends.get(self.name)
         self.ids = torch.zeros(like.shape[0], dtype=torch.int64, device=like.device)
         self.counter = torch.zeros((), dtype=torch.int64, device=like.device)
+
+    def sumsq(self, rows: Tensor) -> Tensor:
+        """Per-sample sums of squares [B] (float64) of [B, D] rows: ``sf.ops.sample_sumsq``'s fixed tree."""
+        dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        return _sumsq(rows, self.ids, 0, 0, rows.shape[1], 0, False, dtype, self.name)[0].double()
 
     def __call__(self, x: Tensor, terms: list[Tensor], coefs: Tensor) -> Tensor:
         if _checks.use_custom_op(x, coefs, *terms):
             return fused_update_op(x, terms, coefs, self.counter, self.counter, 0, self.ids, False, self.name)
         out = torch.empty_like(x)
-        _run(out, x, terms, coefs, 0, 0, 0, self.ids, False, self.name)
+        self.impl.fused_update(out, x, terms, coefs, self.ids, 0, 0, 0, False)  # coefs: the kernel's dtype
         return out
 
 
-def scaled_sumsq(err: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float) -> Tensor:
-    """sum_e (err_e / (atol + rtol max(|y_e|, |y_new_e|)))^2 per sample [B] (float64), fixed tree."""
-    scale = torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
-    return sample_sumsq(err / scale).double()
+def tree_sum(v: Tensor) -> Tensor:
+    """Sums over the last dim in a fixed pairwise tree (zero-padded to a power of two): elementwise
+    adds only, so a sample's sum never depends on the batch (torch's reductions may)."""
+    width = 1
+    while width < v.shape[-1]:
+        width *= 2
+    if width != v.shape[-1]:
+        v = torch.nn.functional.pad(v, (0, width - v.shape[-1]))
+    while v.shape[-1] > 1:
+        half = v.shape[-1] // 2
+        v = v[..., :half] + v[..., half:]
+    return v[..., 0]
+
+
+def scaled(err: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float) -> Tensor:
+    """err / (atol + rtol max(|y|, |y_new|)) elementwise."""
+    return err / torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
 
 
 def error_norm(sumsq: Tensor, numel: int, mode: str) -> Tensor:
@@ -135,42 +155,36 @@ def error_norm(sumsq: Tensor, numel: int, mode: str) -> Tensor:
     return (sumsq / numel).sqrt()
 
 
-def no_failure(device: torch.device) -> Tensor:
-    """The failure record (float64 [5]: attempt, code, time, batch position, step); attempt -1 = none."""
-    return torch.tensor([-1.0, 0.0, 0.0, 0.0, 0.0], dtype=torch.float64, device=device)
+def no_failure(B: int, device: torch.device) -> Tensor:
+    """The per-sample failure record [B] (float64): the attempt where a sample failed, -1 if none."""
+    return torch.full((B,), -1.0, dtype=torch.float64, device=device)
 
 
-def record_failure(failure: Tensor, n, t: Tensor, h: Tensor, nonfinite: Tensor, stuck: Tensor) -> Tensor:
-    """Keep the first failure: attempt n (int or 0-d device tensor), code, the first failing sample's
-    time, batch position and step size.  No host read (a captured attempt runs it)."""
-    bad = nonfinite | stuck
-    first = bad.to(torch.int8).argmax().reshape(1)  # the first failing sample (index_select: no host read)
-    code = torch.where(nonfinite.index_select(0, first), NONFINITE, STUCK)
-    n = n.to(torch.float64) if isinstance(n, Tensor) else torch.tensor(float(n), dtype=torch.float64)
-    new = torch.cat(
-        [n.to(t.device).reshape(1), code, t.index_select(0, first), first.to(torch.float64), h.index_select(0, first)]
-    )
-    return torch.where(bad.any() & (failure[0] < 0), new, failure)
+def record_failure(fail: Tensor, n, turned_down: Tensor, err_norm: Tensor, h: Tensor, t: Tensor) -> Tensor:
+    """Record attempt n (an int or a 0-d device tensor) for samples that just failed: a non-finite
+    error (NaN/inf in a stage, the state or the score) or, on a rejection, a next step too small to
+    move the float64 time (a blow-up).  A failed sample keeps its time (nothing is accepted), so
+    the record needs no more.  No host read: a captured attempt runs it."""
+    stuck = turned_down & (h <= 8 * torch.finfo(torch.float64).eps * t.abs())
+    bad = stuck | ~torch.isfinite(err_norm)
+    return torch.where(bad & (fail < 0), n, fail)
 
 
-def stuck(active: Tensor, t: Tensor, h: Tensor) -> Tensor:
-    """Samples whose step no longer moves their float64 time (h under a few ulps of t)."""
-    return active & (h <= 8 * torch.finfo(torch.float64).eps * t.abs())
+def running(remaining: Tensor, fail: Tensor) -> bool:
+    """One host read: some sample still has time to go and none failed."""
+    return bool((remaining > 0).any() & (fail < 0).all())
 
 
-def running(active: Tensor, failure: Tensor) -> bool:
-    """One host read: some sample is still active and nothing failed."""
-    return bool(active.any() & (failure[0] < 0))
-
-
-def raise_failure(failure: Tensor, name: str, *, ids: Tensor | None = None) -> None:
-    """Raise the recorded failure, if any (one host read)."""
-    n, code, t, pos, h = failure.tolist()
-    if n < 0:
+def raise_failure(fail: Tensor, name: str, t: Tensor, h: Tensor, y: Tensor, *, ids: Tensor | None = None) -> None:
+    """Raise the first recorded failure, if any (host reads): its attempt, time and sample."""
+    failed = fail >= 0
+    if not bool(failed.any()):
         return
-    sample = int(pos) if ids is None else int(ids[int(pos)])
-    where = f"step {int(n)} (the attempt from t = {t:.6g} with step {h:.3g}, sample {sample})"
-    if code == NONFINITE:
+    first = int(torch.where(failed, fail, torch.inf).argmin())
+    n, when, step = int(fail[first]), float(t[first]), float(h[first])
+    sample = first if ids is None else int(ids[first])
+    where = f"step {n} (the attempt from t = {when:.6g}, sample {sample})"
+    if not (math.isfinite(step) and bool(torch.isfinite(y[first]).all())):
         raise NonFiniteError(f"{name}: non-finite values at {where}: the score or the state is NaN/inf")
     raise SolverError(
         f"{name}: the step size underflowed at {where}: the solution blows up or the problem is too stiff "

@@ -78,6 +78,7 @@ def solve(
     q0: Tensor | None = None,
     name: str = "rk45",
     sample_ids: Tensor | None = None,
+    time_coefs: Callable | None = None,
 ) -> Solution:
     """Integrate dy/dt = fn(y, t [B] float64) from t0 to t1 (floats or [B]); y0 [B, ...].
 
@@ -86,6 +87,9 @@ def solve(
     span (default: chosen per sample from the derivatives, Hairer, Norsett & Wanner II.4, one NFE).
     ``q0`` (float64 [B, m]): a quadrature dq/dt = g(y, t) beside y; fn then returns (dy, dq).
     ``name`` and ``sample_ids`` (global ids) are what an error message names.
+    ``time_coefs(t [S, B]) -> tuple of [S, ...] tensors``: coefficients that depend on time only,
+    computed once per attempt for all stage times; fn is then called as fn(y, t, *row_i) with
+    stage i's rows (an ODE drift's schedule, without recomputing it per stage).
     ``attempts`` runs the step attempts: ``attempts(body, carry, 0, max_steps, done=done)`` with
     ``carry = body(n, *carry)`` (default: a loop that reads ``done`` on the host before each
     attempt; a sampler's ``Context.steps`` captures one attempt, all six stages, as a CUDA graph).
@@ -116,81 +120,97 @@ def solve(
     numel = rows.shape[1] + (q0.shape[1] if q0 is not None else 0)
     combine = adaptive.Combos(COMBOS, rows, backend)
     c_stage = torch.tensor(C, dtype=torch.float64, device=dev)[:, None]
-    qcombine = adaptive.Combos(COMBOS, q0, "torch") if q0 is not None else None
+    q_weights = torch.tensor([B5, ERR], dtype=torch.float64, device=dev)  # [2, 7]: q_new - q, q's error
 
-    def evaluate(y: Tensor, t: Tensor) -> tuple[Tensor, Tensor | None]:
-        out = fn(y.view(shape), t)
+    def evaluate(y: Tensor, t: Tensor, coefs=()) -> tuple[Tensor, Tensor | None]:
+        if time_coefs is not None and not coefs:  # a single evaluation (not an attempt's stage)
+            coefs = tuple(c[0] for c in time_coefs(t[None]))
+        out = fn(y.view(shape), t, *coefs)
         k, g = out if q0 is not None else (out, None)
         return k.reshape(B, -1).contiguous(), g
 
     def sumsq(err, y, y_new, qerr=None, q=None, q_new=None) -> Tensor:
-        total = adaptive.scaled_sumsq(err, y, y_new, rtol, atol)
+        total = combine.fused.sumsq(adaptive.scaled(err, y, y_new, rtol, atol))
         if qerr is not None:
-            total = total + adaptive.scaled_sumsq(qerr, q, q_new, rtol, atol)
+            total = total + adaptive.tree_sum(adaptive.scaled(qerr, q, q_new, rtol, atol).square())
         return total
 
     k1, g1 = evaluate(rows, t)
-    nfe = torch.ones(B, dtype=torch.int64, device=dev)
     if h0 is None:
         h = _initial_step(evaluate, rows, k1, q0, g1, t, direction, span, sumsq, numel, error_norm)
-        nfe = nfe + 1
     else:
         h = span * h0
+    first_nfe = 1 if h0 is not None else 2
+    # the step-size factor SAFETY * err^-1/5 within [MIN_FACTOR, MAX_FACTOR], or <= 1 after a
+    # rejection, as bounds on err: factor = SAFETY * err.clamp(lo, E_MAX)^-1/5
+    e_min_grow, e_min_retry = (SAFETY / MAX_FACTOR) ** 5, SAFETY**5
+    e_max = torch.tensor((SAFETY / MIN_FACTOR) ** 5, dtype=torch.float64, device=dev)
 
-    def still_active(t: Tensor) -> Tensor:  # [B] bool: samples that have not reached t1
-        return (t_end - t) * direction > 0
+    def attempt(n, y, k1, q, g1, r, h, steps, rejected, retry, fail):
+        """One Dormand–Prince attempt for every sample (functional: a trace may run it).
 
-    def attempt(n, y, k1, q, g1, t, h, nfe, steps, rejected, failure):
-        """One Dormand–Prince attempt for every sample (functional: a trace may run it)."""
-        active = still_active(t)
-        h = torch.where(active, torch.minimum(h, (t_end - t).abs()), torch.zeros_like(h))
+        r [B] is each sample's remaining distance to t1 (0 when done: its step is then 0 and the
+        attempt changes nothing); ``fail`` [B] the attempt where a sample failed (-1: never)."""
+        active = r > 0
+        h = torch.minimum(h, r)
         hs = h * direction
+        t = torch.addcmul(t_end, direction, r, value=-1.0)
         combine.prepare(hs)
         ks, gs = [k1], [g1]
-        stage_t = torch.addcmul(t[None, :], c_stage, hs[None, :])  # [7, B] stage times
+        stage_t = torch.addcmul(t, c_stage, hs)  # [7, B] stage times
+        tables = time_coefs(stage_t) if time_coefs is not None else ()
         for i in range(1, 7):
             y_new = combine(i, y, ks)  # after the last stage: the 5th-order solution (FSAL)
-            k, g = evaluate(y_new, stage_t[i])
+            k, g = evaluate(y_new, stage_t[i], tuple(c[i] for c in tables))
             ks.append(k)
             gs.append(g)
-        nfe = nfe + 6 * active.long()
         err = combine("err", ks[0], ks[1:])
-        if q0 is not None:
-            qcombine.prepare(hs)
-            q_new = qcombine(6, q, gs)
-            qerr = qcombine("err", gs[0], gs[1:])
+        if q0 is not None:  # sum_j h w_j g_j for both weight rows at once, float64, fixed tree
+            sums = adaptive.tree_sum(torch.stack(gs, -1)[:, :, None, :] * (hs[:, None, None, None] * q_weights))
+            q_new, qerr = q + sums[..., 0], sums[..., 1]
             total = sumsq(err, y, y_new, qerr, q, q_new)
         else:
             total = sumsq(err, y, y_new)
         err_norm = adaptive.error_norm(total, numel, error_norm)
-        accept = active & (err_norm <= 1.0)
-        nonfinite = active & ~torch.isfinite(err_norm)
-        failure = adaptive.record_failure(failure, n, t, h, nonfinite, adaptive.stuck(active & ~accept, t, h))
+        accept = active & (err_norm <= 1.0)  # NaN compares False
+        turned_down = active ^ accept
         keep = accept[:, None]
         y = torch.where(keep, y_new, y)
         k1 = torch.where(keep, ks[6], k1)
         if q0 is not None:
             q = torch.where(keep, q_new, q)
             g1 = torch.where(keep, gs[6], g1)
-        t = torch.where(accept, torch.where((t_end - (t + hs)) * direction <= 0, t_end, t + hs), t)
-        steps = steps + accept.long()
-        rejected = rejected + (active & ~accept).long()
-        factor = (SAFETY * err_norm.clamp_min(1e-10) ** -0.2).clamp(MIN_FACTOR, MAX_FACTOR)
-        factor = torch.where(accept, factor, factor.clamp(max=1.0))
-        h = torch.where(active, h * factor, h)
-        return y, k1, q, g1, t, h, nfe, steps, rejected, failure
+        r = torch.where(accept, r - h, r)
+        steps = steps + accept
+        rejected = rejected + turned_down
+        floor = torch.where(retry | turned_down, e_min_retry, e_min_grow)
+        h = h * (SAFETY * torch.clamp(err_norm, floor, e_max) ** -0.2)
+        fail = adaptive.record_failure(fail, n, turned_down, err_norm, h, t)
+        return y, k1, q, g1, r, h, steps, rejected, turned_down, fail
 
     def done(carry) -> bool:  # one host read
-        return not adaptive.running(still_active(carry[4]), carry[-1])
+        return not adaptive.running(carry[4], carry[-1])
 
-    zeros = torch.zeros_like(nfe)
+    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
     none = rows.new_zeros(B, 0, dtype=torch.float64)
-    q = q0 if q0 is not None else none
-    carry = (rows, k1, q, g1 if g1 is not None else none, t, h, nfe, zeros, zeros.clone(), adaptive.no_failure(dev))
+    carry = (
+        rows,
+        k1,
+        q0 if q0 is not None else none,
+        g1 if g1 is not None else none,
+        span.clone(),
+        h,
+        zeros,
+        zeros.clone(),
+        torch.zeros(B, dtype=torch.bool, device=dev),
+        adaptive.no_failure(B, dev),
+    )
     carry = (attempts or _eager_attempts)(attempt, carry, 0, max_steps, done=done)
-    y, _, q, _, t, h, nfe, steps, rejected, failure = carry
-    adaptive.raise_failure(failure, name, ids=sample_ids)
-    adaptive.raise_max_steps(name, still_active(t), t, h, t_end, max_steps)
+    y, _, q, _, r, h, steps, rejected, _, fail = carry
+    t = torch.addcmul(t_end, direction, r, value=-1.0)
+    adaptive.raise_failure(fail, name, t, h, y, ids=sample_ids)
+    adaptive.raise_max_steps(name, r > 0, t, h, t_end, max_steps)
+    nfe = first_nfe + 6 * (steps + rejected)
     return Solution(y.view(shape), nfe, steps, rejected, q if q0 is not None else None)
 
 
