@@ -17,8 +17,8 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .solvers.adaptive import tree_sum
 from .rng import STREAM_PROBES, rademacher, randn
+from .solvers.adaptive import tree_sum
 
 PROBES = ("rademacher", "gaussian")
 ADS = ("vjp", "jvp")
