@@ -35,12 +35,12 @@ def run(
         a, b = sde.reverse_coefs(t, probability_flow=True)
         return ctx.update(y, [(b, ctx.score(y, t))], x_coef=a)
 
-    t0 = float(ctx.times[0])
+    t0, t1 = float(ctx.times[0]), float(ctx.times[-1])  # T -> eps on the default grids
     sol = solver.solve(
         drift,
         x,
         t0,
-        sde.eps,
+        t1,
         rtol=rtol,
         atol=atol,
         backend=ctx.backend,
@@ -49,5 +49,5 @@ def run(
         max_steps=max_steps,
     )
     ctx.per_sample_nfe = sol.nfe + (1 if denoise else 0)
-    ctx.step_done(0, sol.y, ctx.t_vec(sde.eps, x))
+    ctx.step_done(0, sol.y, ctx.t_vec(t1, x))
     return tweedie(ctx, sol.y, denoise)
