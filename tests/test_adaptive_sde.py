@@ -139,3 +139,9 @@ def test_bad_options_name_the_argument(options, exc, name):
 def test_batch_error_norm_takes_one_step_sequence():
     _, info = sf.sample(elementwise, VPSDE(), (6, 2), sampler="adaptive_sde", error_norm="batch", return_info=True)
     assert (info["nfe_per_sample"] == info["nfe"]).all()
+
+
+def test_conditional_wrappers_are_refused():
+    """A conditional projection runs after every grid step; adaptive attempts have none."""
+    with pytest.raises(ValueError, match="sampler"):
+        sf.conditional.inpaint(elementwise, VPSDE(), torch.zeros(2, 2), torch.ones(2, 2), sampler="adaptive_sde")

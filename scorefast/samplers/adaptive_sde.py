@@ -50,6 +50,8 @@ def run(
     """Options: ``rtol``, ``atol`` (the paper's eps_rel, eps_abs), ``h_init`` (first step as a fraction
     of the time span), ``safety`` (theta) and ``exponent`` (r) of the step rule, ``error_norm``,
     ``max_steps`` (attempts before ``SolverError``), ``denoise``."""
+    if ctx.project is not None:  # inpainting and the like re-project after every grid step
+        raise ValueError(f"sampler: {NAME!r} has no per-step state to condition; use a step-based sampler")
     rtol, atol, max_steps = adaptive.check_options(rtol, atol, max_steps, error_norm)
     h_init = _checks.check_finite_scalar("h_init", h_init, positive=True)
     safety = _checks.check_finite_scalar("safety", safety, positive=True)
