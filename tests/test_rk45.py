@@ -98,3 +98,27 @@ def test_solver_bad_input_names_the_argument():
         args = {"fn": lambda y, t: -y, "y0": y0, "t0": 0.0, "t1": 1.0, **kwargs}
         with pytest.raises(exc, match=name):
             solve(args.pop("fn"), args.pop("y0"), args.pop("t0"), args.pop("t1"), **args)
+
+
+def test_stage_combinations_in_passes_of_four_terms_match_one_pass():
+    """The triton and cuda kernels take at most 4 terms: longer Dormand–Prince combinations run in
+    several passes (here forced on the cpu backend) and agree with the single pass to fp32 rounding."""
+    from scorefast.solvers import adaptive
+    from scorefast.solvers.rk45 import COMBOS
+
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(5, 7, generator=g)
+    ks = [torch.randn(5, 7, generator=g) for _ in range(7)]
+    h = torch.rand(5, generator=g, dtype=torch.float64)
+    one, four = adaptive.Combos(COMBOS, y, "cpu"), adaptive.Combos(COMBOS, y, "cpu", limit=4)
+    assert [len(p) for p in four.passes.values()] == [1, 1, 1, 1, 2, 2, 2]
+    for combos in (one, four):
+        combos.prepare(h)
+    for key in COMBOS:
+        x, terms = (y, ks) if key != "err" else (ks[0], ks[1:])
+        w = COMBOS[key]
+        expected = (w[0][0] + w[0][1] * h[:, None]) * x.double() + sum(
+            (c + m * h[:, None]) * k.double() for (c, m), k in zip(w[1:], terms)
+        )
+        torch.testing.assert_close(one(key, x, terms).double(), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(four(key, x, terms), one(key, x, terms), rtol=1e-6, atol=1e-6)

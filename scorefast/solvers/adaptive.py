@@ -63,12 +63,13 @@ class Combos:
     one ``addcmul`` (one float32 cast for the kernels), laid out so that each pass's coefficient
     matrix [x, terms..., noise] is a contiguous block of rows; ``__call__(key, x, terms)`` then runs
     the passes (terms with zero weight skipped; at most ``MAX_TERMS`` a pass on the triton and cuda
-    backends).  Batch-invariant: each element's arithmetic is one fixed chain of fmas.
+    backends, or ``limit``).  Batch-invariant: each element's arithmetic is one fixed chain of fmas.
     """
 
-    def __init__(self, combos: dict, like: Tensor, backend: str | None):
+    def __init__(self, combos: dict, like: Tensor, backend: str | None, *, limit: int | None = None):
         self.fused = FusedRows(like, backend)
-        limit = None if self.fused.name in ("cpu", "torch") else MAX_TERMS
+        if limit is None:
+            limit = None if self.fused.name in ("cpu", "torch") else MAX_TERMS
         self.dtype = torch.float64 if self.fused.name == "torch" else torch.float32
         base: list[float] = []
         mult: list[float] = []
