@@ -107,7 +107,7 @@ def run(
     carry = (x, x, r, r * h_init, zeros, zeros.clone(), adaptive.no_failure(B, dev))
     x, _, r, h, steps, rejected, fail = ctx.steps(attempt, carry, 0, max_steps, done=done)
     t = r + t_end
-    adaptive.raise_failure(fail, NAME, t, h, x, ids=ctx.sample_ids)
+    adaptive.raise_failure(fail, NAME, t, ids=ctx.sample_ids)
     adaptive.raise_max_steps(NAME, r > 0, t, h, t_end, max_steps)
     ctx.per_sample_nfe = 2 * (steps + rejected) + (1 if denoise else 0)
     ctx.step_done(0, x, ctx.t_vec(t_end, x))

@@ -14,8 +14,6 @@ batch); ``"batch"`` is one RMS over the whole batch, as scipy's ``solve_ivp`` an
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -157,7 +155,8 @@ def error_norm(sumsq: Tensor, numel: int, mode: str) -> Tensor:
 
 
 def no_failure(B: int, device: torch.device) -> Tensor:
-    """The per-sample failure record [B] (float64): the attempt where a sample failed, -1 if none."""
+    """The per-sample failure record [B] (float64): -1 if none, else the attempt n where the sample
+    failed, n for a non-finite value and n + 1/2 for a step size that underflowed."""
     return torch.full((B,), -1.0, dtype=torch.float64, device=device)
 
 
@@ -166,9 +165,9 @@ def record_failure(fail: Tensor, n, turned_down: Tensor, err_norm: Tensor, h: Te
     error (NaN/inf in a stage, the state or the score) or, on a rejection, a next step too small to
     move the float64 time (a blow-up).  A failed sample keeps its time (nothing is accepted), so
     the record needs no more.  No host read: a captured attempt runs it."""
-    stuck = turned_down & (h <= 8 * torch.finfo(torch.float64).eps * t.abs())
-    bad = stuck | ~torch.isfinite(err_norm)
-    return torch.where(bad & (fail < 0), n, fail)
+    nonfinite = ~torch.isfinite(err_norm)
+    stuck = turned_down & (h <= 8 * torch.finfo(torch.float64).eps * t.abs()) & ~nonfinite
+    return torch.where((nonfinite | stuck) & (fail < 0), stuck * 0.5 + n, fail)
 
 
 def running(remaining: Tensor, fail: Tensor) -> bool:
@@ -176,16 +175,16 @@ def running(remaining: Tensor, fail: Tensor) -> bool:
     return bool((remaining > 0).any() & (fail < 0).all())
 
 
-def raise_failure(fail: Tensor, name: str, t: Tensor, h: Tensor, y: Tensor, *, ids: Tensor | None = None) -> None:
+def raise_failure(fail: Tensor, name: str, t: Tensor, *, ids: Tensor | None = None) -> None:
     """Raise the first recorded failure, if any (host reads): its attempt, time and sample."""
     failed = fail >= 0
     if not bool(failed.any()):
         return
     first = int(torch.where(failed, fail, torch.inf).argmin())
-    n, when, step = int(fail[first]), float(t[first]), float(h[first])
+    record = float(fail[first])
     sample = first if ids is None else int(ids[first])
-    where = f"step {n} (the attempt from t = {when:.6g}, sample {sample})"
-    if not (math.isfinite(step) and bool(torch.isfinite(y[first]).all())):
+    where = f"step {int(record)} (the attempt from t = {float(t[first]):.6g}, sample {sample})"
+    if record % 1 == 0:
         raise NonFiniteError(f"{name}: non-finite values at {where}: the score or the state is NaN/inf")
     raise SolverError(
         f"{name}: the step size underflowed at {where}: the solution blows up or the problem is too stiff "

@@ -208,7 +208,7 @@ def solve(
     carry = (attempts or _eager_attempts)(attempt, carry, 0, max_steps, done=done)
     y, _, q, _, r, h, steps, rejected, _, fail = carry
     t = torch.addcmul(t_end, direction, r, value=-1.0)
-    adaptive.raise_failure(fail, name, t, h, y, ids=sample_ids)
+    adaptive.raise_failure(fail, name, t, ids=sample_ids)
     adaptive.raise_max_steps(name, r > 0, t, h, t_end, max_steps)
     nfe = first_nfe + 6 * (steps + rejected)
     return Solution(y.view(shape), nfe, steps, rejected, q if q0 is not None else None)
