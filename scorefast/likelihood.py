@@ -129,7 +129,7 @@ def log_likelihood(
 
     D = x[0].numel()
     state_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    y0 = x.to(torch.float64)
+    y0 = x.detach().to(torch.float64)
     offset = 0.0
     if lo_hi is not None:
         lo, hi = lo_hi
