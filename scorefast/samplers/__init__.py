@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import ModuleType
 
 from . import (
+    adaptive_sde,
     ancestral,
     annealed_langevin,
     ddim,
@@ -32,6 +33,7 @@ SAMPLERS: dict[str, ModuleType] = {
         heun,
         dpm_solver_pp,
         rk45,
+        adaptive_sde,
     )
 }
 
