@@ -20,6 +20,11 @@ from .sde import EDM, VESDE, VPSDE, RectifiedFlow, SubVPSDE
 from .sde.base import SDE, bcast
 
 
+def _perturb(x: Tensor, a: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
+    """x_t = a x + std z in one fused pass, z the stream-2 normals of (seed, step, ids) made in the kernel."""
+    return fused_update(x, [], x_coef=a, noise=std, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
+
+
 def _residual(out: Tensor, coef, other: Tensor | None, noise: float, seed, step, ids: Tensor) -> Tensor:
     """coef out (+ other) + noise z (state dtype) in one fused pass, z the stream-2 normals of
     (seed, step, ids): DSM's std s + z, flow matching's v + x_0 - z."""
@@ -106,8 +111,7 @@ def dsm_loss(
     ids = _checks.check_sample_ids(sample_ids, B, x.device)
     t = _times(sde, B, eps=eps, seed=seed, step=step, sample_ids=ids, device=x.device)
     a, std = sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype)
-    # x_t = a x + std z with z from stream 2 made inside the kernel
-    x_t = fused_update(x, [], x_coef=a, noise=std, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
+    x_t = _perturb(x, a, std, seed, step, ids)
     score = score_fn(x_t, t.to(x.dtype))
     if score.shape != x.shape:
         raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
@@ -158,17 +162,7 @@ def fm_loss(
     u = draw((B, 1), seed=seed, step=step, stream=STREAM_TIMES, sample_ids=ids, device=x.device, dtype=torch.float64)
     u = u[:, 0] if t_dist == "uniform" else torch.sigmoid(logit_mean + logit_std * u[:, 0])
     t = sde.shift_time(u)
-    # x_t = (1 - t) x + t z with z from stream 2 made inside the kernel
-    x_t = fused_update(
-        x,
-        [],
-        x_coef=sde.mean_coef(t).to(x.dtype),
-        noise=t.to(x.dtype),
-        seed=seed,
-        step=step,
-        stream=STREAM_DSM,
-        sample_ids=ids,
-    )
+    x_t = _perturb(x, sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype), seed, step, ids)  # (1 - t) x + t z
     v = velocity_fn(x_t, t.to(x.dtype))
     if not isinstance(v, Tensor) or v.shape != x.shape:
         shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__

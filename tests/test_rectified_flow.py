@@ -27,6 +27,7 @@ from scorefast.rng import STREAM_DSM, STREAM_SAMPLER, STREAM_TIMES
 from scorefast.sde import VPSDE, RectifiedFlow
 from scorefast.testing import GaussianMixture, sliced_wasserstein
 from scorefast.train import TrainStep
+from tests.test_train import _batch, _params, _step
 
 M, C = 0.7, 0.25  # 1-D Gaussian data N(M, C)
 
@@ -467,39 +468,25 @@ def test_fm_loss_and_train_step_bad_input():
         TrainStep(model, opt, "dsm", sde=RectifiedFlow())
 
 
-def _fm_step(seed=0, **kw):
-    torch.manual_seed(seed)
-    model = models.build("MLP", dim=2, hidden=16, layers=2)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    return TrainStep(model, opt, "fm", sde=RectifiedFlow(3.0), ema=0.9, warmup=3, grad_clip=0.5, **kw)
-
-
 def test_fm_train_step_resumes_bitwise(tmp_path):
     """5 steps + save + load into a fresh TrainStep + 5 steps == 10 uninterrupted steps, bitwise."""
-    kw = dict(loss_kwargs={"t_dist": "logit_normal"})
-
-    def batch(n):
-        return torch.randn(32, 2, generator=torch.Generator().manual_seed(100 + n))
-
-    a = _fm_step(**kw)
+    kw = dict(loss="fm", sde=RectifiedFlow(3.0), ema=0.9, warmup=3, grad_clip=0.5)
+    logit = dict(kw, loss_kwargs={"t_dist": "logit_normal"})
+    a, b = _step(**logit), _step(**logit)
     assert a.parameterisation == "velocity"
     for n in range(10):
-        a(batch(n))
-    b = _fm_step(**kw)
-    for n in range(5):
-        b(batch(n))
+        a(_batch(n))
+        if n < 5:
+            b(_batch(n))
     b.save(tmp_path / "state.safetensors")
-    c = _fm_step(seed=123, **kw)
+    c = _step(seed=123, **logit)
     c.load(tmp_path / "state.safetensors")
     for n in range(5, 10):
-        c(batch(n))
-    for p, q in zip(a.model.parameters(), c.model.parameters()):
-        assert torch.equal(p, q)
-    for p, q in zip(a.ema.shadow, c.ema.shadow):
-        assert torch.equal(p, q)
-    d = _fm_step()  # uniform t: another loss setting, refused
-    with pytest.raises(ValueError, match="loss_kwargs"):
-        d.load(tmp_path / "state.safetensors")
+        c(_batch(n))
+    assert all(torch.equal(p, q) for p, q in zip(_params(a), _params(c)))
+    assert all(torch.equal(p, q) for p, q in zip(a.ema.shadow, c.ema.shadow))
+    with pytest.raises(ValueError, match="loss_kwargs"):  # uniform t: another loss setting, refused
+        _step(**kw).load(tmp_path / "state.safetensors")
 
 
 def test_flow_matching_trains_a_small_mlp_end_to_end():
