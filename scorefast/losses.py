@@ -1,4 +1,5 @@
-"""Score-matching losses: denoising (score_sde's ``get_sde_loss_fn``, EDM's), sliced and exact.
+"""Score-matching losses: denoising (score_sde's ``get_sde_loss_fn``, EDM's), sliced and exact, and
+flow matching (``fm_loss``, rectified flow's velocity).
 
 Randomness follows the allocation table: training times t (or EDM's sigma) from stream 4, the
 perturbation noise from stream 2, sliced-SM projections from stream 5 (element j*D + e), all at
@@ -15,17 +16,23 @@ from torch import Tensor
 from . import _checks
 from .ops import fused_update, sample_sumsq
 from .rng import STREAM_DSM, STREAM_SLICED, STREAM_TIMES, rand, randn
-from .sde import EDM, VESDE, VPSDE, SubVPSDE
+from .sde import EDM, VESDE, VPSDE, RectifiedFlow, SubVPSDE
 from .sde.base import SDE, bcast
 
 
-def _dsm_residual(score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
-    """std s + z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
+def _perturb(x: Tensor, a: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
+    """x_t = a x + std z in one fused pass, z the stream-2 normals of (seed, step, ids) made in the kernel."""
+    return fused_update(x, [], x_coef=a, noise=std, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
+
+
+def _residual(out: Tensor, coef, other: Tensor | None, noise: float, seed, step, ids: Tensor) -> Tensor:
+    """coef out (+ other) + noise z (state dtype) in one fused pass, z the stream-2 normals of
+    (seed, step, ids): DSM's std s + z, flow matching's v + x_0 - z."""
     return fused_update(
-        score.to(_checks.state_dtype(score)),
-        [],
-        x_coef=std,
-        noise=1.0,
+        out.to(_checks.state_dtype(out)),
+        [] if other is None else [(1.0, other)],
+        x_coef=coef,
+        noise=noise,
         seed=seed,
         step=step,
         stream=STREAM_DSM,
@@ -33,24 +40,27 @@ def _dsm_residual(score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor
     )
 
 
-class _DSMResidualSq(torch.autograd.Function):
-    """Per-sample ||std s + z||^2 [B]; backward regenerates std s + z by the fused kernel instead of
-    keeping z (or the residual) alive between forward and backward: d/ds = 2 g std (std s + z)."""
+class _ResidualSq(torch.autograd.Function):
+    """Per-sample ||coef out (+ other) + noise z||^2 [B]; backward regenerates the residual r by the
+    fused kernel instead of keeping z (or r) alive between forward and backward: d/d out = 2 g coef r.
+    Gradients flow to ``out`` only (coef, other: the loss's times and data)."""
 
     @staticmethod
-    def forward(ctx, score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
-        ctx.save_for_backward(score, std, ids)
-        ctx.counter = (seed, step)
+    def forward(ctx, out: Tensor, coef, other: Tensor | None, noise: float, seed, step, ids: Tensor) -> Tensor:
+        ctx.save_for_backward(out, coef if isinstance(coef, Tensor) else None, other, ids)
+        ctx.meta = (coef if not isinstance(coef, Tensor) else None, noise, seed, step)
         with torch.no_grad():
-            return sample_sumsq(_dsm_residual(score, std, seed, step, ids))
+            return sample_sumsq(_residual(out, coef, other, noise, seed, step, ids))
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        score, std, ids = ctx.saved_tensors
+        out, coef_t, other, ids = ctx.saved_tensors
+        coef, noise, seed, step = ctx.meta
+        coef = coef_t if coef_t is not None else coef
         with torch.no_grad():
-            r = _dsm_residual(score, std, *ctx.counter, ids)
-            g = bcast(2 * grad.to(r.dtype) * std, r) * r
-        return g.to(score.dtype), None, None, None, None
+            r = _residual(out, coef, other, noise, seed, step, ids)
+            g = bcast(2 * grad.to(r.dtype) * coef, r) * r
+        return g.to(out.dtype), None, None, None, None, None, None
 
 
 def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
@@ -101,15 +111,64 @@ def dsm_loss(
     ids = _checks.check_sample_ids(sample_ids, B, x.device)
     t = _times(sde, B, eps=eps, seed=seed, step=step, sample_ids=ids, device=x.device)
     a, std = sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype)
-    # x_t = a x + std z with z from stream 2 made inside the kernel
-    x_t = fused_update(x, [], x_coef=a, noise=std, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
+    x_t = _perturb(x, a, std, seed, step, ids)
     score = score_fn(x_t, t.to(x.dtype))
     if score.shape != x.shape:
         raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
     # ||std s + z||^2 with z regenerated in-kernel, in forward and in backward (never stored)
-    sq = _DSMResidualSq.apply(score, std.to(_checks.state_dtype(x)), seed, step, ids)
+    sq = _ResidualSq.apply(score, std.to(_checks.state_dtype(x)), None, 1.0, seed, step, ids)
     if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
         sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
+    losses = sq / x[0].numel() if reduce_mean else sq
+    return losses if return_per_sample else losses.mean()
+
+
+T_DISTS = ("uniform", "logit_normal")
+
+
+def fm_loss(
+    velocity_fn: Callable,
+    x: Tensor,
+    sde: RectifiedFlow,
+    *,
+    seed=0,
+    step=0,
+    sample_ids: Tensor | None = None,
+    t_dist: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    reduce_mean: bool = False,
+    return_per_sample: bool = False,
+) -> Tensor:
+    """Flow matching (rectified flow) as SD3 trains it: E ||v(x_t, t) - (z - x_0)||^2.
+
+    u from stream 4: uniform in [0, 1) (``t_dist="uniform"``) or SD3's logit-normal u = sigmoid(
+    logit_mean + logit_std n); t = the SDE's shift of u (as diffusers' training scripts take the
+    scheduler's shifted sigmas; shift 1: t = u).  x_t = (1 - t) x_0 + t z with z from stream 2 (one
+    fused pass); per sample ||v - z + x_0||^2 summed (or, ``reduce_mean``, averaged) over elements,
+    then averaged over the batch.  The residual is regenerated in backward, never stored.
+    ``velocity_fn(x_t, t)`` returns the velocity (``sf.adapters.from_velocity(net, sde).output``).
+    """
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    if not isinstance(sde, RectifiedFlow):
+        raise ValueError(f"sde: fm_loss trains a RectifiedFlow, got {type(sde).__name__}")
+    if t_dist not in T_DISTS:
+        raise ValueError(f"t_dist: expected one of {', '.join(T_DISTS)}, got {t_dist!r}")
+    logit_mean = _checks.check_finite_scalar("logit_mean", logit_mean)
+    logit_std = _checks.check_finite_scalar("logit_std", logit_std, positive=True)
+    ids = _checks.check_sample_ids(sample_ids, B, x.device)
+    draw = rand if t_dist == "uniform" else randn
+    u = draw((B, 1), seed=seed, step=step, stream=STREAM_TIMES, sample_ids=ids, device=x.device, dtype=torch.float64)
+    u = u[:, 0] if t_dist == "uniform" else torch.sigmoid(logit_mean + logit_std * u[:, 0])
+    t = sde.shift_time(u)
+    x_t = _perturb(x, sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype), seed, step, ids)  # (1 - t) x + t z
+    v = velocity_fn(x_t, t.to(x.dtype))
+    if not isinstance(v, Tensor) or v.shape != x.shape:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"velocity_fn: returned {shape} for x of shape {tuple(x.shape)}")
+    # ||v + x - z||^2 with z regenerated in-kernel, in forward and in backward
+    sq = _ResidualSq.apply(v, 1.0, x.to(_checks.state_dtype(x)), -1.0, seed, step, ids)
     losses = sq / x[0].numel() if reduce_mean else sq
     return losses if return_per_sample else losses.mean()
 

@@ -28,8 +28,12 @@ FLAGS = {
 @register("train", "train a built-in score model (digits UNet, 2-D MLP); checkpoints, loss curve, resumable")
 def _train_command(parser):
     from .train.data import DATASETS
+    from .train.fit import SDES
 
     parser.add_argument("--data", default="digits", choices=DATASETS)
+    parser.add_argument(
+        "--sde", default="vp", choices=tuple(SDES), help="vp: eps-prediction DSM; rectified_flow: flow matching"
+    )
     parser.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
     parser.add_argument(
         "--steps", type=positive_int, default=6000, help="total training steps (a resumed run stops here too)"
@@ -53,6 +57,7 @@ def _train_command(parser):
             summary = fit(
                 args.out,
                 data=args.data,
+                sde=args.sde,
                 steps=args.steps,
                 batch=args.batch,
                 lr=args.lr,

@@ -22,13 +22,13 @@ from torch.overrides import TorchFunctionMode
 
 from .. import adapters
 from .._io import atomic_save_file
-from ..sde import EDM, SDE, VESDE, VPSDE, DiscreteVP, SubVPSDE
+from ..sde import EDM, SDE, VESDE, VPSDE, DiscreteVP, RectifiedFlow, SubVPSDE
 from .mlp import MLP
 from .unet import UNet
 
 FORMAT_VERSION = 1
 ARCHS: dict[str, type[torch.nn.Module]] = {"MLP": MLP, "UNet": UNet}
-SDES: dict[str, type[SDE]] = {c.__name__: c for c in (VESDE, VPSDE, SubVPSDE, EDM, DiscreteVP)}
+SDES: dict[str, type[SDE]] = {c.__name__: c for c in (VESDE, VPSDE, SubVPSDE, EDM, DiscreteVP, RectifiedFlow)}
 
 
 def arch_kwargs(model: torch.nn.Module) -> dict:

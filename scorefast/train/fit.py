@@ -22,13 +22,14 @@ import torch
 from .. import _checks, models
 from .._io import atomic_path, atomic_savefig, atomic_write_text, dir_lock, writable_dir
 from ..distributed import resolve_device
-from ..sde import SDE, VPSDE
+from ..sde import SDE, VPSDE, RectifiedFlow
 from . import data as datasets
 from .ema import EMA
 from .state import read_metadata
 from .step import STATE_VERSION, TrainStep
 
 STATE_FILE, MODEL_FILE = "train_state.safetensors", "model.safetensors"
+SDES = {"vp": VPSDE, "rectified_flow": RectifiedFlow}  # ``scorefast train --sde``: eps-DSM or flow matching
 
 PRESETS = {
     # 8x8 digits: a 0.38M-parameter UNet, eps-prediction on score_sde's VP SDE
@@ -42,7 +43,7 @@ def make_model(data: str) -> torch.nn.Module:
     return models.build(preset["arch"], **preset["arch_kwargs"])
 
 
-def _plot_losses(curve: list[list[float]], path: Path) -> None:
+def _plot_losses(curve: list[list[float]], path: Path, loss: str = "dsm") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,7 +55,7 @@ def _plot_losses(curve: list[list[float]], path: Path) -> None:
         ax.plot(steps, values, lw=0.8)
         ax.set_yscale("log")
     ax.set_xlabel("training step")
-    ax.set_ylabel("DSM loss (mean over logged window)")
+    ax.set_ylabel(f"{loss.upper()} loss (mean over logged window)")
     fig.tight_layout()
     atomic_savefig(fig, path, dpi=100)
     plt.close(fig)
@@ -82,7 +83,7 @@ def fit(
     ema_warmup: int = 10,
     precision: str = "fp32",
     seed: int = 0,
-    sde: SDE | None = None,
+    sde: SDE | str | None = None,
     save_every: int = 500,
     log_every: int = 50,
     device=None,
@@ -94,7 +95,10 @@ def fit(
     The loss history holds the mean loss of every ``log_every`` steps, at steps that are multiples
     of it; ``final_loss`` (and the last point of ``loss.png``) is the mean of the window in progress
     when the run stops, or the last logged mean.  Every setting is checked before ``out_dir`` is
-    touched."""
+    touched.
+
+    ``sde``: an SDE, or a name in ``SDES`` (default VP): eps-prediction DSM, or on RectifiedFlow a
+    velocity network trained by flow matching (loss "fm")."""
     for name, value in (("steps", steps), ("batch", batch), ("save_every", save_every), ("log_every", log_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: must be an int >= 1, got {value!r}")
@@ -103,7 +107,12 @@ def fit(
     lr = _checks.check_finite_scalar("lr", lr, positive=True)
     _checks.check_counter("seed", seed, torch.device("cpu"), upper=_checks.UINT64)
     device = resolve_device(device if device is not None else "cpu")
+    if isinstance(sde, str):
+        if sde not in SDES:
+            raise ValueError(f"sde: expected one of {', '.join(SDES)}, got {sde!r}")
+        sde = SDES[sde]()
     sde = sde if sde is not None else VPSDE()
+    loss_name = "fm" if isinstance(sde, RectifiedFlow) else "dsm"
     with torch.random.fork_rng(devices=[]):  # the initial weights from `seed`, the caller's RNG untouched
         torch.manual_seed(seed)
         model = make_model(data)
@@ -111,7 +120,7 @@ def fit(
     step = TrainStep(  # checks precision, grad_clip, warmup, seed, and the EMA its decay and warmup
         model,
         torch.optim.Adam(model.parameters(), lr=lr),
-        "dsm",
+        loss_name,
         sde=sde,
         precision=precision,
         grad_clip=grad_clip,
@@ -169,11 +178,11 @@ def _train(out: Path, step: TrainStep, train_data, settings: dict, seed, steps, 
                 step.model,
                 sde=step.sde,
                 shape=shape,
-                parameterisation="eps",
+                parameterisation=step.parameterisation,
                 data_range=(-1.0, 1.0),
                 extra={"trained_steps": step.step, "data": data},
             )
-        _plot_losses(curve(), out / "loss.png")
+        _plot_losses(curve(), out / "loss.png", step.loss_name)
 
     from tqdm.auto import tqdm
 
@@ -194,7 +203,7 @@ def _train(out: Path, step: TrainStep, train_data, settings: dict, seed, steps, 
         if step.step > saved_at:
             save()
     if not (out / "loss.png").exists():
-        _plot_losses(curve(), out / "loss.png")
+        _plot_losses(curve(), out / "loss.png", step.loss_name)
     final = curve()
     summary = {
         "data": data,

@@ -24,11 +24,11 @@ from .. import _checks, adapters, losses
 from .._io import atomic_save_file
 from ..distributed import rank_and_world
 from ..errors import NonFiniteError
-from ..sde import EDM, SDE, VESDE, VPSDE, SubVPSDE
+from ..sde import EDM, SDE, VESDE, VPSDE, RectifiedFlow, SubVPSDE
 from .ema import EMA
 from .state import flatten, unflatten
 
-LOSSES = ("dsm", "edm")
+LOSSES = ("dsm", "edm", "fm")
 STATE_VERSION = 1
 
 
@@ -39,9 +39,12 @@ class TrainStep:
         model: the network, called as ``model(x, time_map(t))``.
         optimizer: any torch optimizer over the model's parameters.
         loss: ``"dsm"`` (score_sde's DSM on VE / VP / sub-VP, EDM's loss on EDM), ``"edm"`` (EDM
-            only), or a callable ``loss(score_fn, x, sde, *, seed, step, sample_ids) -> [B]``.
+            only), ``"fm"`` (flow matching on RectifiedFlow: the network is a velocity, options such as
+            ``t_dist="logit_normal"`` in ``loss_kwargs``), or a callable ``loss(score_fn, x, sde, *,
+            seed, step, sample_ids) -> [B]``.
         sde: the SDE whose perturbation the loss uses.
-        parameterisation, time_map: how the network's output becomes a score (``sf.adapters``).
+        parameterisation, time_map: how the network's output becomes a score (``sf.adapters``);
+            parameterisation None means "velocity" for the fm loss, else "eps".
         precision: the network's forward in ``"fp32"``, ``"bf16"`` or ``"fp16"`` (autocast; fp16
             with a GradScaler); parameters, optimizer state and the loss arithmetic stay fp32.
         grad_clip: max global gradient norm (None: no clipping).
@@ -69,7 +72,7 @@ class TrainStep:
         loss: str | Callable = "dsm",
         *,
         sde: SDE,
-        parameterisation: str = "eps",
+        parameterisation: str | None = None,
         time_map: str | Callable | None = "default",
         precision: str = "fp32",
         grad_clip: float | None = None,
@@ -96,6 +99,12 @@ class TrainStep:
         if isinstance(loss, str):
             if loss not in LOSSES:
                 raise ValueError(f"loss: expected one of {', '.join(LOSSES)} or a callable, got {loss!r}")
+            if loss == "fm" and not isinstance(sde, RectifiedFlow):
+                raise ValueError(
+                    f"loss: 'fm' is flow matching and needs sde=RectifiedFlow(...), got {type(sde).__name__}"
+                )
+            if loss == "fm" and parameterisation not in (None, "velocity"):
+                raise ValueError(f"parameterisation: the 'fm' loss trains a velocity, got {parameterisation!r}")
             if loss == "edm" and not isinstance(sde, EDM):
                 raise ValueError(f"loss: 'edm' is EDM's loss and needs sde=EDM(...), got {type(sde).__name__}")
             if loss == "dsm" and not isinstance(sde, VESDE | VPSDE | SubVPSDE | EDM):
@@ -118,6 +127,8 @@ class TrainStep:
             ema = EMA(model, decay=ema)
         elif ema is not None and not isinstance(ema, EMA):
             raise TypeError(f"ema: expected an sf.train.EMA or a decay, got {type(ema).__name__}")
+        if parameterisation is None:
+            parameterisation = "velocity" if loss == "fm" else "eps"
         self.model, self.optimizer, self.sde, self.ema = model, optimizer, sde, ema
         self.parameterisation, self.precision = parameterisation, precision
         self.time_map_name = time_map if isinstance(time_map, str) or time_map is None else "custom"
@@ -157,10 +168,11 @@ class TrainStep:
 
     @staticmethod
     def _named_loss(name: str, kwargs: dict) -> Callable:
-        fn = losses.dsm_loss if name == "dsm" else losses.edm_loss
+        fn = {"dsm": losses.dsm_loss, "edm": losses.edm_loss, "fm": losses.fm_loss}[name]
 
         def loss(score_fn, x, sde, *, seed, step, sample_ids):
-            return fn(score_fn, x, sde, seed=seed, step=step, sample_ids=sample_ids, return_per_sample=True, **kwargs)
+            net = score_fn.output if name == "fm" else score_fn  # fm trains the velocity itself
+            return fn(net, x, sde, seed=seed, step=step, sample_ids=sample_ids, return_per_sample=True, **kwargs)
 
         return loss
 
