@@ -137,6 +137,7 @@ def fit(
         "ema_decay": ema_decay,
         "ema_warmup": ema_warmup,
         "log_every": log_every,
+        "sde": type(sde).__name__,
     }
     out = writable_dir(out_dir, "out_dir")  # the first write: every setting is valid
     with dir_lock(out, "out_dir"):
