@@ -57,10 +57,26 @@ def test_fused_update(record, n, role, backend):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("role", ["copy", "fused_out"])
+@pytest.mark.parametrize("n", SIZES[-1:])
+def test_fused_update_table(record, n, role, backend):
+    """The one-launch form (table row, device counter, flag): it must keep the plain op's bandwidth."""
+    _run(record, "table", (n,), role, backend)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("role", ["eager", "fused"])
 @pytest.mark.parametrize("B,D", IMAGES)
 def test_snr_corrector(record, B, D, role, backend):
     _run(record, "snr", (B, D), role, backend)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("role", ["copy", "eager", "fused_out"])
+@pytest.mark.parametrize("B,D", IMAGES)
+def test_snr_corrector_one_kernel(record, B, D, role, backend):
+    """norm="sample": one kernel for D <= 8192 (3 x 32 x 32 = 3072; 3 x 64 x 64 = 12288 takes three)."""
+    _run(record, "snr_sample", (B, D), role, backend)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

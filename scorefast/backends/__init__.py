@@ -10,6 +10,7 @@ contiguous [B, D] tensors, with seed/step as 0-d int64 tensors (see ``torch_back
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -114,3 +115,20 @@ def check_required(spec: str | None = None) -> None:
             ok, why = st.available, st.why
         if not ok:
             raise BackendUnavailableError(f"SCOREFAST_REQUIRE_BACKENDS names {name!r}, which is not available: {why}")
+
+
+def launch_device(x: torch.Tensor, **others) -> contextlib.AbstractContextManager:
+    """The device guard a kernel launch runs under: x's device (a null context for CPU tensors).
+
+    Every other tensor the kernel reads or writes through a pointer (``others``, named as the caller
+    knows them; None entries are skipped) must live on x's device: else a ValueError naming it.
+    Launchers take the stream as ``torch.cuda.current_stream(x.device)`` inside the guard, and
+    Triton takes the current device's current stream, so a launch for tensors on cuda:1 runs there
+    whatever the current device was.
+    """
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
+    if x.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
