@@ -48,7 +48,7 @@ def micro_lines(rows: list[dict]) -> list[str]:
         if r.get("role") not in ("fused", "fused_out"):
             continue
         lines.append(
-            f"  {r['group']:<34} {r['name']:<28} {_fmt(r.get('gbps'), '.0f', ' GB/s'):>10}  "
+            f"  {r['group']:<28} {r['name']:<36} {_fmt(r.get('gbps'), '.0f', ' GB/s'):>10}  "
             f"vs copy {_fmt(r.get('vs_copy'), '.0%'):>5}  vs eager {_fmt(r.get('ratio_vs_eager'), '.2f', 'x'):>6}  "
             f"vs compile {_fmt(r.get('ratio_vs_compile'), '.2f', 'x')}"
         )

@@ -19,10 +19,10 @@ from bench.conftest import QUICK
 DEVICE = torch.device(os.environ.get("SCOREFAST_BENCH_DEVICE", "cuda"))
 SMOKE = DEVICE.type != "cuda"
 pytestmark = pytest.mark.skipif(not SMOKE and not torch.cuda.is_available(), reason="needs a CUDA GPU")
-SIZES = [100_003] if SMOKE else [1_000_000] if QUICK else [1_000_000, 20_000_000, 100_000_000]
+SIZES = ([4099] if QUICK else [100_003]) if SMOKE else [1_000_000] if QUICK else [1_000_000, 20_000_000, 100_000_000]
 COMPILE_SIZES = frozenset({1_000_000} if QUICK else {20_000_000, 100_000_000})
 RANDN_SIZE = 100_003 if SMOKE else 20_000_000
-IMAGES = [(5, 3 * 32 * 32)] if SMOKE else [(64, 3 * 32 * 32), (1024, 3 * 64 * 64)]  # (B, D) of the per-sample ops
+IMAGES = [(5, 3 * 16 * 16 if QUICK else 3 * 32 * 32)] if SMOKE else [(64, 3 * 32 * 32), (1024, 3 * 64 * 64)]  # (B, D)
 BASELINE_ROLES = ("copy", "eager", "compile")
 
 

@@ -46,7 +46,7 @@ def test_dry_run_runs_every_step_and_summarizes_last(tmp_path):
         data = json.loads((out / f"{suite}.json").read_text())
         validate(data)
         assert data["results"], suite
-    assert "vs copy" in summary and "fused_update_table" in summary and "vs peer" in summary
+    assert "vs copy" in summary and "fused_update_table" in summary and "us/NFE" in summary
     assert (out / "summary.txt").read_text().strip() in res.stdout and (out / "lease.log").exists()
 
 
