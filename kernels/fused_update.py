@@ -31,20 +31,24 @@ def record_nonfinite(flag_ptr, stored, mask, n):
         tl.atomic_cas(flag_ptr, n * 0 - 1, n)
 
 
+# One return statement per helper: the compiler types every return of a function, also those of a
+# constexpr branch it does not take (the interpreter does not).
 @triton.jit
 def load_row(row_ptr, HAS_ROW: tl.constexpr):
     """The table row (a device step counter) or 0."""
+    row = tl.zeros([], dtype=tl.int64)
     if HAS_ROW:
-        return tl.load(row_ptr).to(tl.int64)
-    return 0
+        row = tl.load(row_ptr).to(tl.int64)
+    return row
 
 
 @triton.jit
 def load_ids(ids_ptr, b, in_batch, HAS_IDS: tl.constexpr):
     """Sample ids of rows b (ids = arange(B) when there is no id tensor)."""
+    ids = b
     if HAS_IDS:
-        return tl.load(ids_ptr + b, mask=in_batch, other=0)
-    return b
+        ids = tl.load(ids_ptr + b, mask=in_batch, other=0).to(tl.int64)
+    return ids
 
 
 @triton.jit(do_not_specialize=STEP_ARGS)

@@ -31,10 +31,11 @@ def snr_eps(g2, z2, alpha, two_snr2):
 @triton.jit
 def load_alpha(alpha_ptr, row_ptr, b, live, row_stride, b_stride, HAS_ALPHA: tl.constexpr, HAS_ROW: tl.constexpr):
     """alpha of samples b: alpha[row * row_stride + b * b_stride], or 1 without an alpha tensor."""
+    alpha = tl.full(b.shape, 1.0, tl.float32)
     if HAS_ALPHA:
         alpha_ptr += load_row(row_ptr, HAS_ROW) * row_stride
-        return tl.load(alpha_ptr + b * b_stride, mask=live, other=0.0)
-    return tl.full(b.shape, 1.0, tl.float32)
+        alpha = tl.load(alpha_ptr + b * b_stride, mask=live, other=0.0)
+    return alpha
 
 
 @triton.jit(do_not_specialize=STEP_ARGS)
