@@ -407,3 +407,25 @@ def test_step_ops_refuse_gradients_clearly():
     y, _ = sf.ops.snr_langevin_step(x, s, 0.1, seed=0, step=1)
     y.sum().backward()
     torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_misaligned_rows_give_the_aligned_bits(backend, dtype):
+    """Tensors that start one element past an allocation (x[1:] of a batch): the CUDA kernels then
+    load element by element instead of 16 bytes at a time; every element's value must not change."""
+
+    def shifted(t):
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)[1:]
+        return flat.view(t.shape).copy_(t)
+
+    x, s = _data((5, 64), 1, dtype), _data((5, 64), 2, dtype)
+    table, row = _table(1), torch.tensor(1)
+    aligned = sf.ops.fused_update_table(x, [s], table, row, seed=3, draws=S, draw=J, backend=backend)
+    moved = sf.ops.fused_update_table(
+        shifted(x), [shifted(s)], table, row, seed=3, draws=S, draw=J, out=shifted(x), backend=backend
+    )
+    assert torch.equal(moved, aligned)
+    a, ea = sf.ops.snr_langevin_step(x, s, 0.16, seed=3, step=1, backend=backend)
+    b, eb = sf.ops.snr_langevin_step(shifted(x), shifted(s), 0.16, seed=3, step=1, out=shifted(x), backend=backend)
+    assert torch.equal(a, b) and torch.equal(ea, eb)

@@ -4,8 +4,12 @@ Four implementations of every op (DESIGN.md): ``torch`` (readable reference, flo
 ``cpu`` (C++, ``scorefast._C_<isa>``), ``triton`` (``scorefast.kernels``) and ``cuda``
 (``scorefast._cuda``).  Nothing is loaded and no GPU is queried until an op needs a backend.
 
-Each backend module exposes ``fill_noise``, ``fused_update`` and ``sumsq_norms`` on 2-D
-contiguous [B, D] tensors, with seed/step as 0-d int64 tensors (see ``torch_backend``).
+Each backend module exposes ``fill_noise``, ``fused_update``, ``sumsq_norms`` and
+``snr_langevin_step`` on 2-D contiguous [B, D] tensors, with seed/step as ints or 0-d int64 tensors
+(see ``torch_backend``, the reference).  ``fused_update`` and ``snr_langevin_step`` also take the
+step ops' keywords: ``row`` (read a coefficient table at that device step counter), ``draws`` /
+``draw`` (Philox step ``step * draws + draw``) and ``flag`` (set to ``step`` on a non-finite write);
+sample ids may be None (arange(B), made in-kernel).  GPU launches run under ``launch_device``.
 """
 
 from __future__ import annotations
