@@ -133,8 +133,9 @@ def test_cuda_module_carries_each_arch_and_precise_ptx():
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled copy)")
-    import scorefast._cuda as cuda_module
     from gpu_compile_worker import APPROX
+
+    import scorefast._cuda as cuda_module
 
     path = cuda_module.__file__
     elves = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True, check=True).stdout

@@ -523,7 +523,7 @@ def test_cli_trains_and_samples_a_rectified_flow(tmp_path):
     )
     _, sde, shape = models.load(out / "model.safetensors")
     assert isinstance(sde, RectifiedFlow) and shape == (2,)
-    with pytest.raises(SystemExit, match="sde: .* trained with 'RectifiedFlow'"):  # resuming a flow-matching run as VP
+    with pytest.raises(SystemExit, match=r"sde: .* trained with 'RectifiedFlow'"):  # resuming a flow-matching run as VP
         main([*base[:4], "vp", *base[5:], "--steps", "4", "--no-samples"])
     sample = ["sample", "--model", str(out / "model.safetensors"), "--sampler", "heun", "--steps", "4", "--n", "10"]
     assert main([*sample, "--out", str(tmp_path / "s"), "--no-progress"]) == 0
