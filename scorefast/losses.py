@@ -12,24 +12,29 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import _checks
-from .ops import fused_update, sample_sumsq
-from .rng import STREAM_DSM, STREAM_SLICED, STREAM_TIMES, rand, randn
+from . import _checks, backends
+from .ops import _common, fused_update, sample_sumsq
+from .ops.fused_update import apply as apply_update
+from .ops.noise import noise_op
+from .rng import KINDS, STREAM_DSM, STREAM_SLICED, STREAM_TIMES, randn
 from .sde import EDM, VESDE, VPSDE, SubVPSDE
 from .sde.base import SDE, bcast
 
 
-def _dsm_residual(score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
-    """std s + z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
-    return fused_update(
-        score.to(_checks.state_dtype(score)),
+def _noise_plus(v: Tensor, coef: float | Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+    """coef v + z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
+    return apply_update(
+        v.to(_checks.state_dtype(v)),
         [],
-        x_coef=std,
+        x_coef=coef,
         noise=1.0,
         seed=seed,
         step=step,
         stream=STREAM_DSM,
         sample_ids=ids,
+        out=None,
+        backend=backend,
+        trusted=True,
     )
 
 
@@ -38,19 +43,41 @@ class _DSMResidualSq(torch.autograd.Function):
     keeping z (or the residual) alive between forward and backward: d/ds = 2 g std (std s + z)."""
 
     @staticmethod
-    def forward(ctx, score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
+    def forward(ctx, score: Tensor, std: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
         ctx.save_for_backward(score, std, ids)
-        ctx.counter = (seed, step)
+        ctx.counter = (seed, step, backend)
         with torch.no_grad():
-            return sample_sumsq(_dsm_residual(score, std, seed, step, ids))
+            return sample_sumsq(_noise_plus(score, std, seed, step, ids, backend), backend=backend)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         score, std, ids = ctx.saved_tensors
         with torch.no_grad():
-            r = _dsm_residual(score, std, *ctx.counter, ids)
+            seed, step, backend = ctx.counter
+            r = _noise_plus(score, std, seed, step, ids, backend)
             g = bcast(2 * grad.to(r.dtype) * std, r) * r
-        return g.to(score.dtype), None, None, None, None
+        return g.to(score.dtype), None, None, None, None, None
+
+
+class _EpsResidualSq(torch.autograd.Function):
+    """Per-sample ||z - eps||^2 [B] for an eps-prediction network: std s + z with s = -eps / std is
+    z - eps, so no schedule enters.  Backward regenerates z - eps (never stored): d/d eps = -2 g (z - eps)."""
+
+    @staticmethod
+    def forward(ctx, eps: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+        ctx.save_for_backward(eps, ids)
+        ctx.counter = (seed, step, backend)
+        with torch.no_grad():
+            return sample_sumsq(_noise_plus(eps, -1.0, seed, step, ids, backend), backend=backend)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        eps, ids = ctx.saved_tensors
+        seed, step, backend = ctx.counter
+        with torch.no_grad():
+            r = _noise_plus(eps, -1.0, seed, step, ids, backend)
+            g = r.mul_(bcast(grad.to(r.dtype) * -2.0, r))
+        return g.to(eps.dtype), None, None, None, None
 
 
 def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
@@ -59,12 +86,21 @@ def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
     return flat.mean(1) if reduce_mean else flat.sum(1)
 
 
-def _times(sde: SDE, B: int, *, eps: float, seed, step, sample_ids, device) -> Tensor:
+def _uniforms(B: int, *, seed, step, stream: int, ids: Tensor, backend: str) -> Tensor:
+    """[B] fp32 uniforms of element 0 (checked ids, resolved fp32 backend: no host reads).  Their float64
+    values are exactly the contract's float64 uniforms (the reference maps fp32 uniforms to float64)."""
+    if torch.compiler.is_compiling() or _checks.CAPTURE[0] == "fx":
+        seed_t, step_t = _checks.counter_tensor(seed), _checks.counter_tensor(step)
+        return noise_op(ids, seed_t, step_t, 1, stream, 0, KINDS["uniform"], torch.float32, backend)[:, 0]
+    out = torch.empty(B, 1, dtype=torch.float32, device=ids.device)
+    backends.get(backend).fill_noise(out, ids, seed, step, stream, 0, KINDS["uniform"])
+    return out[:, 0]
+
+
+def _times(sde: SDE, B: int, *, eps: float, seed, step, sample_ids, backend: str) -> Tensor:
     """t ~ U(eps, T) per sample from stream 4 (float64 [B])."""
-    u = rand(
-        (B, 1), seed=seed, step=step, stream=STREAM_TIMES, sample_ids=sample_ids, device=device, dtype=torch.float64
-    )[:, 0]
-    return u * (sde.T - eps) + eps
+    u = _uniforms(B, seed=seed, step=step, stream=STREAM_TIMES, ids=sample_ids, backend=backend)
+    return u.to(torch.float64) * (sde.T - eps) + eps
 
 
 def dsm_loss(
@@ -98,20 +134,94 @@ def dsm_loss(
             f"sde: dsm_loss follows score_sde for VESDE, VPSDE and SubVPSDE (EDM: edm_loss), got {type(sde).__name__}"
         )
     eps = _checks.check_finite_scalar("eps", eps, positive=True)
-    ids = _checks.check_sample_ids(sample_ids, B, x.device)
-    t = _times(sde, B, eps=eps, seed=seed, step=step, sample_ids=ids, device=x.device)
+    c = _common.counter(B, x.device, seed, step, STREAM_DSM, sample_ids)
+    losses = dsm_per_sample(
+        score_fn,
+        x,
+        sde,
+        seed=c.seed,
+        step=c.step,
+        sample_ids=c.sample_ids,
+        likelihood_weighting=likelihood_weighting,
+        reduce_mean=reduce_mean,
+        eps=eps,
+        backend=backends.resolve(None, x.device, x.dtype),
+    )
+    return losses if return_per_sample else losses.mean()
+
+
+def _perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids: Tensor, backend: str):
+    """(t float64 [B], a [B], std [B] in x's dtype, x_t = a x + std z) with z from stream 2 made in-kernel."""
+    t = _times(sde, x.shape[0], eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
     a, std = sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype)
-    # x_t = a x + std z with z from stream 2 made inside the kernel
-    x_t = fused_update(x, [], x_coef=a, noise=std, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
+    x_t = apply_update(
+        x,
+        [],
+        x_coef=a,
+        noise=std,
+        seed=seed,
+        step=step,
+        stream=STREAM_DSM,
+        sample_ids=sample_ids,
+        out=None,
+        backend=backend,
+        trusted=True,
+    )
+    return t, std, x_t
+
+
+def _dsm_reduce(sq: Tensor, t: Tensor, sde: SDE, x: Tensor, likelihood_weighting: bool, reduce_mean: bool) -> Tensor:
+    if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
+        sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
+    return sq / x[0].numel() if reduce_mean else sq
+
+
+def dsm_per_sample(
+    score_fn: Callable,
+    x: Tensor,
+    sde: SDE,
+    *,
+    seed,
+    step,
+    sample_ids: Tensor,
+    likelihood_weighting: bool,
+    reduce_mean: bool,
+    eps: float,
+    backend: str,
+) -> Tensor:
+    """``dsm_loss``'s per-sample losses [B] on checked arguments (``TrainStep``: ids it made itself, a
+    resolved ``backend`` for x's dtype); reads nothing on the host, so a training step can be captured."""
+    t, std, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
     score = score_fn(x_t, t.to(x.dtype))
     if score.shape != x.shape:
         raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
     # ||std s + z||^2 with z regenerated in-kernel, in forward and in backward (never stored)
-    sq = _DSMResidualSq.apply(score, std.to(_checks.state_dtype(x)), seed, step, ids)
-    if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
-        sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
-    losses = sq / x[0].numel() if reduce_mean else sq
-    return losses if return_per_sample else losses.mean()
+    sq = _DSMResidualSq.apply(score, std.to(_checks.state_dtype(x)), seed, step, sample_ids, backend)
+    return _dsm_reduce(sq, t, sde, x, likelihood_weighting, reduce_mean)
+
+
+def dsm_eps_per_sample(
+    net: Callable,
+    time_map: Callable,
+    x: Tensor,
+    sde: SDE,
+    *,
+    seed,
+    step,
+    sample_ids: Tensor,
+    likelihood_weighting: bool,
+    reduce_mean: bool,
+    eps: float,
+    backend: str,
+) -> Tensor:
+    """``dsm_per_sample`` for an eps-prediction network ``net(x, time_map(t))`` (score = -eps / std):
+    the residual std s + z is z - eps, one fused pass with no schedule and no division by std."""
+    t, _, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    out = net(x_t, time_map(t).to(x.dtype))
+    if out.shape != x.shape:
+        raise ValueError(f"model: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+    sq = _EpsResidualSq.apply(out, seed, step, sample_ids, backend)
+    return _dsm_reduce(sq, t, sde, x, likelihood_weighting, reduce_mean)
 
 
 def edm_loss(
