@@ -20,11 +20,44 @@ from .rng import KINDS, STREAM_DSM, STREAM_SLICED, STREAM_TIMES, randn
 from .sde import EDM, VESDE, VPSDE, SubVPSDE
 from .sde.base import SDE, bcast
 
+# Eager calls without autograd, tracing or fx capture go straight to the backend's kernels (the
+# interface every backend exposes, as ops/fused_update's own shortcut does); otherwise the ops.
+_COEFS: dict[tuple, Tensor] = {}
+
+
+def _coefs(x_coef: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The [2, 1] coefficient rows (x_coef, noise 1) of the kernels, made once per device and dtype."""
+    key = (x_coef, device, dtype)
+    if key not in _COEFS:
+        _COEFS[key] = torch.tensor([[x_coef], [1.0]], dtype=dtype, device=device)
+    return _COEFS[key]
+
+
+def _update_rows(x2: Tensor, coefs: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+    """coefs[0] x2 + coefs[1] z for contiguous rows x2 [B, D], z the stream-2 normals, by the kernel."""
+    out = torch.empty_like(x2)
+    backends.get(backend).fused_update(out, x2, [], coefs, ids, seed, step, STREAM_DSM, True)
+    return out
+
+
+def _rows_sumsq(r: Tensor, ids: Tensor, backend: str) -> Tensor:
+    """Per-sample sum of squares [B] of r [B, ...] in the fixed, batch-invariant tree."""
+    r2 = r if r.dim() == 2 else r.reshape(r.shape[0], -1)
+    if _checks.use_custom_op(r2) or not r2.is_contiguous():
+        return sample_sumsq(r, backend=backend)
+    dtype = _checks.state_dtype(r)
+    return backends.get(backend).sumsq_norms(r2, ids, r2.shape[1], 0, 0, 0, False, dtype).select(0, 0).to(dtype)
+
 
 def _noise_plus(v: Tensor, coef: float | Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
     """coef v + z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
+    v = v.to(_checks.state_dtype(v))
+    if isinstance(coef, float) and v.is_contiguous() and not _checks.use_custom_op(v):
+        v2 = v if v.dim() == 2 else v.view(v.shape[0], -1)
+        r = _update_rows(v2, _coefs(coef, v.device, v.dtype), seed, step, ids, backend)
+        return r if v.dim() == 2 else r.view(v.shape)
     return apply_update(
-        v.to(_checks.state_dtype(v)),
+        v,
         [],
         x_coef=coef,
         noise=1.0,
@@ -47,7 +80,7 @@ class _DSMResidualSq(torch.autograd.Function):
         ctx.save_for_backward(score, std, ids)
         ctx.counter = (seed, step, backend)
         with torch.no_grad():
-            return sample_sumsq(_noise_plus(score, std, seed, step, ids, backend), backend=backend)
+            return _rows_sumsq(_noise_plus(score, std, seed, step, ids, backend), ids, backend)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -61,23 +94,22 @@ class _DSMResidualSq(torch.autograd.Function):
 
 class _EpsResidualSq(torch.autograd.Function):
     """Per-sample ||z - eps||^2 [B] for an eps-prediction network: std s + z with s = -eps / std is
-    z - eps, so no schedule enters.  Backward regenerates z - eps (never stored): d/d eps = -2 g (z - eps)."""
+    z - eps, so no schedule enters.  The residual r = z - eps (one fused pass, z made in-kernel) is
+    kept for backward, like an activation: d/d eps = -2 g r."""
 
     @staticmethod
     def forward(ctx, eps: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
-        ctx.save_for_backward(eps, ids)
-        ctx.counter = (seed, step, backend)
         with torch.no_grad():
-            return sample_sumsq(_noise_plus(eps, -1.0, seed, step, ids, backend), backend=backend)
+            r = _noise_plus(eps, -1.0, seed, step, ids, backend)
+        ctx.save_for_backward(r)
+        ctx.eps_dtype = eps.dtype
+        return _rows_sumsq(r, ids, backend)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        eps, ids = ctx.saved_tensors
-        seed, step, backend = ctx.counter
-        with torch.no_grad():
-            r = _noise_plus(eps, -1.0, seed, step, ids, backend)
-            g = r.mul_(bcast(grad.to(r.dtype) * -2.0, r))
-        return g.to(eps.dtype), None, None, None, None
+        (r,) = ctx.saved_tensors
+        g = r * bcast(grad.to(r.dtype).mul(-2.0), r)
+        return g.to(ctx.eps_dtype), None, None, None, None
 
 
 def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
@@ -92,9 +124,9 @@ def _uniforms(B: int, *, seed, step, stream: int, ids: Tensor, backend: str) -> 
     if torch.compiler.is_compiling() or _checks.CAPTURE[0] == "fx":
         seed_t, step_t = _checks.counter_tensor(seed), _checks.counter_tensor(step)
         return noise_op(ids, seed_t, step_t, 1, stream, 0, KINDS["uniform"], torch.float32, backend)[:, 0]
-    out = torch.empty(B, 1, dtype=torch.float32, device=ids.device)
-    backends.get(backend).fill_noise(out, ids, seed, step, stream, 0, KINDS["uniform"])
-    return out[:, 0]
+    out = torch.empty(B, dtype=torch.float32, device=ids.device)
+    backends.get(backend).fill_noise(out.view(B, 1), ids, seed, step, stream, 0, KINDS["uniform"])
+    return out
 
 
 def _times(sde: SDE, B: int, *, eps: float, seed, step, sample_ids, backend: str) -> Tensor:
@@ -152,7 +184,13 @@ def dsm_loss(
 
 def _perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids: Tensor, backend: str):
     """(t float64 [B], a [B], std [B] in x's dtype, x_t = a x + std z) with z from stream 2 made in-kernel."""
-    t = _times(sde, x.shape[0], eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    B = x.shape[0]
+    t = _times(sde, B, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    if x.is_contiguous() and not _checks.use_custom_op(x):  # the [2, B] coefficient rows of x and z
+        coefs = torch.stack([sde.mean_coef(t), sde.std(t)]).to(x.dtype)
+        x2 = x if x.dim() == 2 else x.view(B, -1)
+        x_t = _update_rows(x2, coefs.to(_checks.state_dtype(x)), seed, step, sample_ids, backend)
+        return t, coefs[1], x_t if x.dim() == 2 else x_t.view(x.shape)
     a, std = sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype)
     x_t = apply_update(
         x,

@@ -2,7 +2,8 @@
 
 Kept faithful to the original structure: ``losses.get_sde_loss_fn`` (continuous times, no likelihood
 weighting, per-sample ``0.5 * sum`` over elements when ``reduce_mean=False``), ``models.utils
-.get_score_fn``'s VP branch (the network sees ``t * 999``, score = -output / std),
+.get_model_fn`` / ``get_score_fn``'s VP branch (``model.train()`` then the network on ``t * 999``,
+score = -output / std),
 ``losses.optimization_manager`` (linear lr warmup, ``clip_grad_norm_``, ``optimizer.step``),
 ``losses.get_step_fn``'s training step and ``models.ema.ExponentialMovingAverage`` (a Python loop
 over the parameters, three eager ops each).  Noise and times come from ``torch.randn_like`` /
@@ -28,12 +29,23 @@ class VPSDE:
         return mean, std
 
 
+def get_model_fn(model):
+    """``models.utils.get_model_fn(model, train=True)``: the model in training mode, then called."""
+
+    def model_fn(x, labels):
+        model.train()
+        return model(x, labels)
+
+    return model_fn
+
+
 def get_score_fn(sde: VPSDE, model):
     """``models.utils.get_score_fn`` for a continuous VP SDE: score = -model(x, 999 t) / std."""
+    model_fn = get_model_fn(model)
 
     def score_fn(x, t):
         labels = t * 999
-        score = model(x, labels)
+        score = model_fn(x, labels)
         std = sde.marginal_prob(torch.zeros_like(x), t)[1]
         return -score / std.reshape(-1, *([1] * (x.dim() - 1)))
 

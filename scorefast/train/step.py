@@ -56,12 +56,15 @@ class TrainStep:
         check_every: without skipping, a device flag records the first step whose loss was not finite
             and the host reads it every ``check_every`` steps (1: before that step's update, so the
             weights stay finite; 0: only in ``check()``), raising ``NonFiniteError`` naming the step.
-            K > 1 or 0 keeps the loop free of host syncs, as CUDA-graph capture needs.
+            K > 1 or 0 keeps the loop free of host syncs, as CUDA-graph capture needs: eagerly each
+            step's loss is kept and folded into the flag at the check (or every FOLD_EVERY steps), so a
+            step between checks runs no flag op at all; a captured step updates the flag in place.
         device_state: keep the step counter (the loss's Philox step), the warmup learning rates and the
             EMA's update counter as 0-d device tensors updated in place, so a step reads nothing on the
             host (the form a CUDA graph can replay; DESIGN "Host syncs").  Needs tensor learning rates
             (e.g. ``Adam(params, lr=torch.tensor(2e-4), capturable=True)`` on CUDA) when warmup > 0.
-            Results equal the host-state path bitwise.
+            Results equal the host-state path bitwise.  The schedules are device tables indexed by the
+            counter; sample ids are made once per micro-batch and rank.
         loss_kwargs: passed to the named loss (e.g. ``likelihood_weighting``, ``reduce_mean``).
     """
 
@@ -268,7 +271,9 @@ class TrainStep:
         if not self.warmup or self.step >= self.warmup:
             return
         if self._step_t is not None:  # on the device: a table of the schedule at the step counter
-            at = torch.clamp(self._step_t, max=self.warmup - 1)
+            at = self._step_t  # eagerly the counter is self.step < warmup; replays run past the table
+            if _checks.is_capturing_or_compiling():
+                at = torch.clamp(at, max=self.warmup - 1)
             for group, table in zip(self.optimizer.param_groups, self._lr_tables()):
                 torch.take(table, at if at.device == table.device else at.to(table.device), out=group["lr"])
             return
@@ -295,13 +300,19 @@ class TrainStep:
     def _clip(self) -> Tensor:
         """``torch.nn.utils.clip_grad_norm_(params, grad_clip)`` with the same arithmetic (per-tensor norms,
         the norm of their stack, grads times min(1, clip / (norm + 1e-6))), grouped once in __init__."""
-        groups = [grads for ps in self._clip_groups if (grads := [p.grad for p in ps if p.grad is not None])]
+        groups = []
+        for params in self._clip_groups:
+            grads = [p.grad for p in params]
+            if any(g is None for g in grads):
+                grads = [g for g in grads if g is not None]
+            if grads:
+                groups.append(grads)
         if not groups:
             return torch.zeros(())
         first = groups[0][0].device
         norms = [n if n.device == first else n.to(first) for g in groups for n in torch._foreach_norm(g)]
         total = torch.linalg.vector_norm(torch.stack(norms))
-        coef = torch.clamp(self.grad_clip / (total + 1e-6), max=1.0)
+        coef = torch.reciprocal(total + 1e-6).mul_(self.grad_clip).clamp_(max=1.0)  # clip / (total + 1e-6)
         for grads in groups:
             torch._foreach_mul_(grads, coef if grads[0].device == first else coef.to(grads[0].device))
         return total
@@ -317,7 +328,8 @@ class TrainStep:
             self._step_t += 1
 
     def __call__(self, x: Tensor) -> Tensor:
-        """One step on x [A*b, ...] (fp32 data); returns the step's mean loss (a detached 0-d tensor).
+        """One step on x [A*b, ...] (fp32 data); returns the step's mean loss (a detached 0-d tensor,
+        which the non-finite check reads again later: do not modify it in place).
 
         With ``device_state=True`` and ``check_every`` 0 or K > 1 nothing is read on the host between
         checks: the sample ids are the package's own, the counters, learning rates and EMA decay live
