@@ -208,12 +208,6 @@ def _perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids: Tensor,
     return t, std, x_t
 
 
-def _dsm_reduce(sq: Tensor, t: Tensor, sde: SDE, x: Tensor, likelihood_weighting: bool, reduce_mean: bool) -> Tensor:
-    if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
-        sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
-    return sq / x[0].numel() if reduce_mean else sq
-
-
 def dsm_per_sample(
     score_fn: Callable,
     x: Tensor,
@@ -226,40 +220,29 @@ def dsm_per_sample(
     reduce_mean: bool,
     eps: float,
     backend: str,
+    eps_net: tuple[Callable, Callable] | None = None,
 ) -> Tensor:
     """``dsm_loss``'s per-sample losses [B] on checked arguments (``TrainStep``: ids it made itself, a
-    resolved ``backend`` for x's dtype); reads nothing on the host, so a training step can be captured."""
+    resolved ``backend`` for x's dtype); reads nothing on the host, so a training step can be captured.
+
+    ``eps_net=(net, time_map)``: score_fn is an eps-prediction network ``net(x, time_map(t))`` (score =
+    -eps / std), whose residual std s + z is z - eps: one fused pass, no schedule, no division by std."""
     t, std, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
-    score = score_fn(x_t, t.to(x.dtype))
-    if score.shape != x.shape:
-        raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
-    # ||std s + z||^2 with z regenerated in-kernel, in forward and in backward (never stored)
-    sq = _DSMResidualSq.apply(score, std.to(_checks.state_dtype(x)), seed, step, sample_ids, backend)
-    return _dsm_reduce(sq, t, sde, x, likelihood_weighting, reduce_mean)
-
-
-def dsm_eps_per_sample(
-    net: Callable,
-    time_map: Callable,
-    x: Tensor,
-    sde: SDE,
-    *,
-    seed,
-    step,
-    sample_ids: Tensor,
-    likelihood_weighting: bool,
-    reduce_mean: bool,
-    eps: float,
-    backend: str,
-) -> Tensor:
-    """``dsm_per_sample`` for an eps-prediction network ``net(x, time_map(t))`` (score = -eps / std):
-    the residual std s + z is z - eps, one fused pass with no schedule and no division by std."""
-    t, _, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
-    out = net(x_t, time_map(t).to(x.dtype))
-    if out.shape != x.shape:
-        raise ValueError(f"model: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
-    sq = _EpsResidualSq.apply(out, seed, step, sample_ids, backend)
-    return _dsm_reduce(sq, t, sde, x, likelihood_weighting, reduce_mean)
+    if eps_net is not None:
+        net, time_map = eps_net
+        out = net(x_t, time_map(t).to(x.dtype))
+        if out.shape != x.shape:
+            raise ValueError(f"model: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+        sq = _EpsResidualSq.apply(out, seed, step, sample_ids, backend)
+    else:
+        score = score_fn(x_t, t.to(x.dtype))
+        if score.shape != x.shape:
+            raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
+        # ||std s + z||^2 with z regenerated in-kernel, in forward and in backward (never stored)
+        sq = _DSMResidualSq.apply(score, std.to(_checks.state_dtype(x)), seed, step, sample_ids, backend)
+    if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
+        sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
+    return sq / x[0].numel() if reduce_mean else sq
 
 
 def edm_loss(

@@ -198,10 +198,8 @@ def test_eps_residual_equals_the_score_residual_in_value_and_gradients(sde):
         score_fn = sf.adapters.from_eps(model, sde)
         kw = dict(seed=5, step=step, sample_ids=ids, likelihood_weighting=False, reduce_mean=False, eps=1e-5)
         if path == "eps":
-            tmap = sf.adapters.resolve_time_map(sde, None)
-            per = losses.dsm_eps_per_sample(model, tmap, x, sde, backend="cpu", **kw)
-        else:
-            per = losses.dsm_per_sample(score_fn, x, sde, backend="cpu", **kw)
+            kw["eps_net"] = (model, sf.adapters.resolve_time_map(sde, None))
+        per = losses.dsm_per_sample(score_fn, x, sde, backend="cpu", **kw)
         per.mean().backward()
         results.append((per.detach(), [p.grad.clone() for p in model.parameters()]))
     (a, ga), (b, gb) = results
@@ -422,3 +420,15 @@ def test_train_step_refuses_bad_arguments_by_name():
     with pytest.raises(ValueError, match="loss_kwargs"):
         TrainStep(model, opt, "edm", sde=sf.sde.EDM(), loss_kwargs={"likelihood_weighting": True})
     TrainStep(model, opt, "dsm", sde=VPSDE(), ema=np.float64(0.9), loss_kwargs={"reduce_mean": True, "eps": 1e-3})
+
+
+def test_the_training_bench_suite_runs_both_loops(tmp_path):
+    """``scorefast bench --suite cpu-train --quick``: TrainStep and score_sde's loop timed in one run,
+    the same-run ratio derived, the README table printed."""
+    from tests.test_cli import _quick_bench
+
+    data, stdout = _quick_bench("cpu-train", tmp_path / "train.json")
+    rows = {r["role"]: r for r in data["results"]}
+    assert rows["eager"]["group"] == rows["fused"]["group"] and rows["eager"]["peer"].startswith("score_sde")
+    assert rows["fused"]["ratio_vs_eager"] > 0 and rows["fused"]["steps"] > 0
+    assert "| sf.train.TrainStep, Adam(fused=True) | toy2d-mlp | 64 | 1 |" in stdout

@@ -231,16 +231,8 @@ class TrainStep:
             if not isinstance(options[key], bool):
                 raise TypeError(f"loss_kwargs: {key} must be True or False, got {options[key]!r}")
         options["eps"] = _checks.check_finite_scalar("loss_kwargs eps", options["eps"], positive=True)
-        if self.parameterisation == "eps":
-            net, time_map = self.model, adapters.resolve_time_map(self.sde, self._time_map)
-
-            def eps_loss(score_fn, x, sde, *, seed, step, sample_ids):
-                backend = backends.resolve(None, x.device, x.dtype)
-                return losses.dsm_eps_per_sample(
-                    net, time_map, x, sde, seed=seed, step=step, sample_ids=sample_ids, backend=backend, **options
-                )
-
-            return eps_loss
+        if self.parameterisation == "eps":  # the network itself, its residual z - eps
+            options["eps_net"] = (self.model, adapters.resolve_time_map(self.sde, self._time_map))
 
         def loss(score_fn, x, sde, *, seed, step, sample_ids):
             backend = backends.resolve(None, x.device, x.dtype)
