@@ -35,6 +35,7 @@ SUITES = {
     "cpu-e2e": "test_cpu_e2e.py",
     "cpu-likelihood": "test_cpu_likelihood.py",
     "cpu-compat": "test_cpu_compat.py",
+    "cpu-train": "test_cpu_train.py",
     "gpu": "test_gpu_micro.py",
     "gpu-e2e-mlp": "test_gpu_e2e.py",
     "gpu-e2e-unet": "test_gpu_e2e.py",
@@ -248,10 +249,29 @@ def likelihood_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def train_table(results: dict) -> str:
+    """README table of training-step rows (ours and the peer's loop, same group, same run)."""
+    lines = [
+        _caption(results),
+        "",
+        "| loop | model | batch | threads | time / step | vs peer loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["results"]:
+        ratio = f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-"
+        lines.append(
+            f"| {r['name']} | {r['model']} | {r['size']} | {r['threads']} | "
+            f"{r['median_s'] / r['steps'] * 1e3:.2f} ms | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def render_table(results: dict) -> str:
     """The README table for any suite's results file."""
     if results["suite"] == "cpu-likelihood":
         return likelihood_table(results)
+    if results["suite"] == "cpu-train":
+        return train_table(results)
     if any(r.get("role") == "peer" for r in results["results"]):
         return e2e_table(results)
     if any("nfe" in r for r in results["results"]):

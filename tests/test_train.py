@@ -18,7 +18,7 @@ import scorefast as sf
 from scorefast import models
 from scorefast.sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
 from scorefast.train import EMA, TrainStep
-from scorefast.train.fit import fit
+from scorefast.train.fit import fit, make_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -591,6 +591,10 @@ def test_fit_refuses_a_train_state_of_an_unknown_version(tmp_path):
             ValueError, match=r"path: .*train_state\.safetensors is a training state of format version " + match
         ):
             fit(tmp_path, data="toy2d", steps=3, batch=8, sample_grid=False)
+        model = make_model("toy2d")
+        direct = TrainStep(model, torch.optim.Adam(model.parameters()), "dsm", sde=VPSDE())
+        with pytest.raises(ValueError, match=r"format version " + match):  # TrainStep.load itself refuses it
+            direct.load(path)
 
 
 @pytest.mark.parametrize(
