@@ -17,6 +17,8 @@ def _fill(
     out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int, kind: int, backend: str
 ) -> None:
     """Fill ``out`` [B, D] (any float dtype) by ``backend``."""
+    _common.check_devices("noise", out.device, sample_ids=sample_ids)
+    _common.check_ids("noise", sample_ids, out.shape[0])
     impl = backends.get(backend)
     if backend == "torch":
         out.copy_(impl.noise(sample_ids, out.shape[1], seed, step, stream, elem_offset, kind, torch.float64))
@@ -61,6 +63,7 @@ def noise_out_op(
 
 @noise_out_op.register_fake
 def _(out, sample_ids, seed, step, stream, elem_offset, kind, backend):
+    _common.check_devices("noise_out", out.device, sample_ids=sample_ids)
     return None
 
 

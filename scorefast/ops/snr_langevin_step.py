@@ -36,6 +36,8 @@ def snr_langevin_step(
     B = x.shape[0]
     if not _trusted:
         _validate(x, score, snr, alpha, norm)
+    elif type(score) is not Tensor or score.shape != x.shape or score.device != x.device:
+        _checks.check_like("score", score, x)  # the trusted (sampler) path's one cheap check
     sums = noise_and_term_sumsq(
         score, x, seed=seed, step=step, stream=stream, sample_ids=sample_ids, backend=backend, trusted=_trusted
     )
@@ -70,6 +72,4 @@ def _validate(x, score, snr, alpha, norm) -> None:
     alpha = _checks.check_coef("alpha", alpha, B, x.device, positive=True)
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    _checks.check_float_tensor("score", score)
-    if score.shape != x.shape:
-        raise ValueError(f"score: shape {tuple(score.shape)} does not match x {tuple(x.shape)}")
+    _checks.check_like("score", score, x)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from ..sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
-from .base import Context, StepTable
+from .base import Context, StepTable, denoise_only
 from .euler_maruyama import predictor_step, run_predictor
 
 NAME = "ancestral"
@@ -41,8 +41,11 @@ def schedule(ctx: Context) -> StepTable:
     return ctx.table(torch.stack([inv, beta * inv, beta.sqrt()], 1))
 
 
-def run(ctx: Context, x, *, denoise: bool = True):
-    sde = ctx.sde
+def validate(sde, *, denoise) -> dict:
     if isinstance(sde, SubVPSDE) or not isinstance(sde, VESDE | EDM | VPSDE | DiscreteVP):
         raise ValueError(f"sampler: ancestral supports VESDE, EDM, VPSDE and DiscreteVP, not {type(sde).__name__}")
+    return denoise_only(sde, denoise=denoise)
+
+
+def run(ctx: Context, x, *, denoise: bool = True):
     return run_predictor(ctx, x, schedule(ctx), predictor_step, denoise)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_bool, check_real
 from .base import Context, Step, StepTable
 from .euler_maruyama import predictor_step, run_predictor
 
@@ -33,9 +34,11 @@ def schedule(ctx: Context, eta: float) -> StepTable:
     return ctx.table(torch.stack([a_n / a_t, a_n * s_t**2 / a_t - direction * s_t, sig], 1))
 
 
+def validate(sde, *, eta, denoise) -> dict:
+    return {"eta": check_real("eta", eta, lo=0.0, hi=1.0), "denoise": check_bool("denoise", denoise)}
+
+
 def run(ctx: Context, x, *, eta: float = 0.0, denoise: bool = True):
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta: must lie in [0, 1], got {eta}")
     # eta = 0: a deterministic step (no noise term at all, also under graphs)
     return run_predictor(ctx, x, schedule(ctx, eta), predictor_step if eta > 0 else _deterministic_step, denoise)
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, StepTable
+from .base import Context, StepTable, denoise_only
 from .euler_maruyama import predictor_step, run_predictor
 
 NAME = "reverse_diffusion"
 DRAWS = 1
 DEFAULT_STEPS = 1000
 KIND = "sde"
+validate = denoise_only
 
 
 def schedule(ctx: Context) -> StepTable:

@@ -6,6 +6,7 @@ info reports ``nfe_per_sample``.
 
 from __future__ import annotations
 
+from .._checks import check_bool, check_finite_scalar
 from ..solvers import rk45 as solver
 from .base import Context
 from .ode_euler import tweedie
@@ -14,6 +15,14 @@ NAME = "rk45"
 DRAWS = 1
 DEFAULT_STEPS = 2
 KIND = "ode"
+
+
+def validate(sde, *, rtol, atol, denoise) -> dict:
+    return {
+        "rtol": check_finite_scalar("rtol", rtol, positive=True),
+        "atol": check_finite_scalar("atol", atol, positive=True),
+        "denoise": check_bool("denoise", denoise),
+    }
 
 
 def run(ctx: Context, x, *, rtol: float = 1e-5, atol: float = 1e-5, denoise: bool = True):
