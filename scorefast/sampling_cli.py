@@ -12,7 +12,6 @@ NFE, wall time, samples/s; sliced-Wasserstein to exact samples for gmm2d) and ``
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from pathlib import Path
@@ -116,8 +115,6 @@ def _sample_command(parser):
         args.n = args.n or (GRID_IMAGES if images else 10000)
         rank, world, device = _init_distributed(args.device)
         options = {"backend": args.backend, "precision": args.precision, "cuda_graph": args.cuda_graph}
-        if args.sampler == "pc" and math.prod(sample_shape) < 256:
-            options["norm"] = "batch"  # low-D data: batch-mean corrector norms (DESIGN.md)
         start = time.perf_counter()
         try:
             manifest_path = sample_sharded(

@@ -22,21 +22,20 @@ KIND = "sde"
 def schedule(ctx: Context) -> StepTable:
     """Per step (x coefficient, score coefficient, noise std), once per run."""
     sde = ctx.sde
-    times, next_times = ctx.schedule_times()
+    times, _ = ctx.schedule_times()
     if isinstance(sde, VESDE | EDM):
         if ctx.score_sde_tables and isinstance(sde, VESDE):
             i = sde.table_index(times)
             sigma = sde.discrete_sigmas[i]
             adj = torch.where(i == 0, torch.zeros_like(sigma), sde.discrete_sigmas[(i - 1).clamp_min(0)])
         else:
-            sigma = sde.std(times)
-            adj = torch.where(next_times > 0, sde.std(next_times.clamp_min(sde.eps)), torch.zeros_like(times))
+            sigma, adj = sde.std(times), ctx.next_coefs()[1]
         var = sigma**2 - adj**2
         return ctx.table(torch.stack([torch.ones_like(var), var, torch.sqrt(adj**2 * var / sigma**2)], 1))
     if ctx.score_sde_tables:
         beta = sde.discrete_betas[sde.table_index(times)]
     else:
-        beta = 1 - sde.alpha_bar(times) / sde.alpha_bar(next_times)
+        beta = 1 - sde.alpha_bar(times) / ctx.next_coefs()[0] ** 2
     inv = 1 / torch.sqrt(1 - beta)
     return ctx.table(torch.stack([inv, beta * inv, beta.sqrt()], 1))
 

@@ -178,6 +178,14 @@ class Context:
         times = self.times.to("cpu", torch.float64)
         return times, torch.cat([times[1:], times.new_zeros(1)])
 
+    def next_coefs(self) -> tuple[Tensor, Tensor]:
+        """(mean_coef, std) float64 [N] at t_{n+1}, the last step's at the data end (1, 0).  Not the SDE
+        at t = 0: DiscreteVP's grid ends at t = 0 itself, its least noisy table entry (sigma_0 > 0)."""
+        _, next_times = self.schedule_times()
+        a, s = self.sde.mean_coef(next_times), self.sde.std(next_times)
+        a[-1], s[-1] = 1.0, 0.0
+        return a, s
+
     # -- noise ----------------------------------------------------------------------------
     def counter(self, n: Step, j: int = 0) -> Step:
         """Philox step of draw j of step n: n*S + j (a device tensor for a device step index)."""

@@ -22,12 +22,9 @@ KIND = "sde"
 def schedule(ctx: Context, eta: float) -> StepTable:
     """Per step (x coefficient a_n / a_t, score coefficient, sig), once per run."""
     sde = ctx.sde
-    times, next_times = ctx.schedule_times()
+    times, _ = ctx.schedule_times()
     a_t, s_t = sde.mean_coef(times), sde.std(times)
-    end = next_times <= 0
-    safe_next = torch.where(end, times, next_times)
-    a_n = torch.where(end, torch.ones_like(times), sde.mean_coef(safe_next))
-    s_n = torch.where(end, torch.zeros_like(times), sde.std(safe_next))
+    a_n, s_n = ctx.next_coefs()
     sig = eta * (s_n / s_t) * torch.sqrt((s_t**2 - a_t**2 * s_n**2 / a_n**2).clamp_min(0))
     direction = torch.sqrt((s_n**2 - sig**2).clamp_min(0))
     # x_next = (a_n / a_t) x + (a_n s_t^2 / a_t - direction * s_t) score + sig z

@@ -57,8 +57,8 @@ def corrector_alpha(ctx: Context, t, t_next):
     sde = ctx.sde
     if isinstance(sde, VPSDE):
         return sde.corrector_alpha(t, t_next, score_sde_tables=ctx.score_sde_tables)
-    if isinstance(sde, DiscreteVP):
-        return sde.alpha_bar(t) / sde.alpha_bar(t_next)
+    if isinstance(sde, DiscreteVP):  # the last step's t_next is the data end (abar = 1), not DiscreteVP's t = 0
+        return sde.alpha_bar(t) / ctx.next_coefs()[0] ** 2
     return torch.ones_like(t)
 
 
