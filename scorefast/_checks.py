@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -40,6 +41,20 @@ def same_device(a: torch.device, b: torch.device) -> bool:
     if a.type != b.type:
         return False
     return a.index is None or b.index is None or a.index == b.index
+
+
+def check_shape(name: str, shape: object) -> tuple[int, ...]:
+    """A shape: a sequence of non-negative ints (numpy ints and torch.Size too; not bools or floats,
+    which ``int()`` would silently truncate)."""
+    if isinstance(shape, str | bytes) or not isinstance(shape, Sequence):
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(shape).__name__} {shape!r}")
+    for i, size in enumerate(shape):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"{name}: expected ints, got {type(size).__name__} {size!r} at position {i} of {shape!r}")
+    dims = tuple(int(size) for size in shape)
+    if any(size < 0 for size in dims):
+        raise ValueError(f"{name}: sizes must be >= 0, got {dims}")
+    return dims
 
 
 def check_float_tensor(name: str, t: object) -> torch.Tensor:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -91,12 +90,7 @@ def _user_schedule(sde: SDE, schedule) -> Tensor | str | None:
 
 def _check_shape(shape) -> tuple[int, ...]:
     """[B, D...] of ints (numpy ints too; not bools or floats), B >= 0 and every D >= 1."""
-    if isinstance(shape, str | bytes) or not isinstance(shape, Sequence):
-        raise TypeError(f"shape: expected a sequence of ints [B, ...], got {type(shape).__name__} {shape!r}")
-    for i, size in enumerate(shape):
-        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-            raise TypeError(f"shape: expected ints, got {type(size).__name__} {size!r} at position {i} of {shape!r}")
-    dims = tuple(int(size) for size in shape)
+    dims = _checks.check_shape("shape", shape)
     if len(dims) < 2:
         raise ValueError(f"shape: expected [B, ...] with a batch dimension and at least one feature, got {dims}")
     if dims[0] < 0 or any(size < 1 for size in dims[1:]):
@@ -108,9 +102,14 @@ def _device(device, x_init) -> torch.device:
     if device is None:
         return x_init.device if isinstance(x_init, Tensor) else torch.device("cpu")
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"device: not a torch device: {device!r}") from err
+    if device.type == "meta":
+        raise ValueError("device: meta tensors hold no values; sample on a cpu or cuda device")
+    if device.type == "cuda" and not _checks._cuda_available():
+        raise ValueError(f"device: {device} requested, but CUDA is not available to this torch ({torch.__version__})")
+    return device
 
 
 def sample(

@@ -178,3 +178,19 @@ def test_a_score_on_another_device_is_a_named_error_not_a_segfault():
 
     proc = subprocess.run([sys.executable, "-c", SEGFAULT_SCRIPT], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize(
+    "shape,exc", [((2.5, 4), TypeError), ((3, True), TypeError), ((-1, 4), ValueError), (None, TypeError)]
+)
+def test_noise_shape_is_never_truncated(shape, exc):
+    """Same class as sf.sample's shape (issue 18 item 11): int() truncated 2.5 to 2 and True to 1."""
+    with pytest.raises(exc, match="shape"):
+        sf.randn(shape, seed=0)
+
+
+def test_cuda_device_without_cuda_is_a_named_error():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    with pytest.raises(ValueError, match="device"):
+        sf.sample(lambda x, t: -x, sf.sde.VPSDE(), (2, 2), sampler="ddim", steps=3, device="cuda")

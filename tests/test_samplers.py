@@ -456,6 +456,7 @@ def test_schedule_options():
         ({"return_info": "no"}, TypeError, "return_info"),
         ({"cuda_graph": None}, TypeError, "cuda_graph"),
         ({"device": "bogus"}, ValueError, "device"),
+        ({"device": "meta"}, ValueError, "device"),
         ({"precision": ["fp32"]}, ValueError, "precision"),
         ({"sampler": ["pc"]}, ValueError, "sampler"),
         ({"dtype": "float32"}, TypeError, "dtype"),

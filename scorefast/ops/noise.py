@@ -89,16 +89,15 @@ def noise(
         if shape is not None and tuple(out.shape) != tuple(shape):
             raise ValueError(f"out: shape {tuple(out.shape)} does not match shape {tuple(shape)}")
         shape, device, dtype = tuple(out.shape), out.device, out.dtype
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 1 or any(s < 0 for s in shape):
+    shape = _checks.check_shape("shape", shape)
+    if len(shape) < 1:
         raise ValueError(f"shape: expected [B, ...] with B the batch, got {shape}")
     if dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"dtype: expected a float dtype, got {dtype}")
     if device is None:
         device = sample_ids.device if isinstance(sample_ids, Tensor) else torch.device("cpu")
     device = torch.device(device)
-    if elem_offset < 0:
-        raise ValueError(f"elem_offset: must be >= 0, got {elem_offset}")
+    elem_offset = _checks.check_int("elem_offset", elem_offset, minimum=0)
     c = _common.counter(shape[0], device, seed, step, stream, sample_ids)
     # the noise itself is fp32 on every backend; float64 output asks the reference for float64
     name = backends.resolve(backend, device, torch.float32 if dtype != torch.float64 else torch.float64)
