@@ -17,6 +17,7 @@ s = torch.ones(3, 4)
     "call,exc,name",
     [
         (lambda: sf.ops.fused_update(x, [(1.0, torch.ones(3, 5))]), ValueError, "terms\\[0\\]"),
+        (lambda: sf.ops.fused_update(x, [(1.0, s)] * 5), ValueError, "terms: at most 4"),
         (lambda: sf.ops.fused_update(x, [(1.0, torch.ones(2, 4))]), ValueError, "terms\\[0\\]"),
         (lambda: sf.ops.fused_update(torch.zeros(3, 4, dtype=torch.int32), []), TypeError, "x"),
         (lambda: sf.ops.fused_update(x, [(1.0, torch.ones(3, 4, dtype=torch.int64))]), TypeError, "terms\\[0\\]"),

@@ -18,6 +18,8 @@ from .. import _checks, backends
 from . import _common
 from .noise import noise_op
 
+MAX_TERMS = 4
+
 
 def _run(
     out: Tensor,
@@ -192,6 +194,8 @@ def apply(
     else:
         _checks.check_float_tensor("x", x)
         B = _checks.check_batched("x", x)
+        if len(terms) > MAX_TERMS:  # the GPU kernels take at most 4: the same limit on every backend
+            raise ValueError(f"terms: at most {MAX_TERMS} (coefficient, tensor) pairs, got {len(terms)}")
         for i, pair in enumerate(terms):
             if not (isinstance(pair, tuple | list) and len(pair) == 2):
                 raise TypeError(f"terms[{i}]: expected a (coefficient, tensor) pair")
