@@ -127,8 +127,8 @@ def check_like(name: str, t: object, x: torch.Tensor, *, other: str = "x") -> to
     """A float tensor that a kernel reads beside ``x``: its shape, on its device (cheap attribute checks;
     a kernel handed a tensor on another device or of another shape would read foreign memory)."""
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a torch.Tensor shaped like {other} {tuple(x.shape)}, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:  # int, bool, complex: a bug that a silent cast would hide
         raise TypeError(f"{name}: expected a float32/float16/bfloat16/float64 tensor, got {t.dtype}")
     if t.device != x.device:
         raise ValueError(f"{name}: on {t.device}, but {other} is on {x.device}")

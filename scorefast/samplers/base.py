@@ -70,14 +70,7 @@ def _check_score(s: object, x: Tensor) -> None:
     """score_fn's output must be a float tensor shaped like x on x's device: the fused kernels read it
     beside x (another device's memory would crash them), and an int, bool or complex score is a bug
     that a silent cast would hide."""
-    if not isinstance(s, Tensor):
-        raise TypeError(f"score_fn: returned {type(s).__name__}, expected a tensor shaped like x {tuple(x.shape)}")
-    if s.dtype not in _SCORE_DTYPES:
-        raise TypeError(f"score_fn: returned a {s.dtype} tensor, expected a floating-point score (x is {x.dtype})")
-    if s.device != x.device:
-        raise ValueError(f"score_fn: returned a tensor on {s.device}, but the state x is on {x.device}")
-    if s.shape != x.shape:
-        raise ValueError(f"score_fn: returned {tuple(s.shape)}, expected a tensor shaped like x {tuple(x.shape)}")
+    _checks.check_like("score_fn", s, x, other="the state x")
 
 
 def denoise_only(sde, *, denoise) -> dict:
