@@ -79,16 +79,23 @@ def check_term(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
         raise TypeError(f"{name}: float64 term with {x.dtype} x; use float64 x (torch backend) or a lower precision")
 
 
-_LOW = (torch.float32, torch.float16, torch.bfloat16)
+_LOW = frozenset((torch.float32, torch.float16, torch.bfloat16))
+_TERM_DTYPES = {torch.float64: frozenset(_checks.FLOAT_DTYPES), **dict.fromkeys(_LOW, _LOW)}  # x dtype -> terms
 
 
 def check_terms(terms: Sequence[tuple[object, torch.Tensor]], x: torch.Tensor) -> None:
     """The trusted (sampler) entry's one cheap check of what a kernel reads beside x: every term is a
-    float tensor of x's shape on x's device (attribute compares; names are formatted on failure only)."""
-    shape, device = x.shape, x.device
-    dtypes = _checks.FLOAT_DTYPES if x.dtype == torch.float64 else _LOW
+    float tensor of x's shape on x's device (attribute compares, about 1 us a term; names are
+    formatted on failure only)."""
+    shape, on_cpu = x.shape, x.is_cpu
+    dtypes = _TERM_DTYPES.get(x.dtype, frozenset())
     for i, (_, t) in enumerate(terms):
-        if type(t) is not torch.Tensor or t.shape != shape or t.device != device or t.dtype not in dtypes:
+        if (
+            type(t) is not torch.Tensor
+            or t.dtype not in dtypes
+            or (not t.is_cpu if on_cpu else t.device != x.device)
+            or t.shape != shape
+        ):
             check_term(f"terms[{i}]", t, x)  # raises, naming the term (a Tensor subclass passes)
 
 

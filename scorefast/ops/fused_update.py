@@ -124,7 +124,7 @@ def _host_numbers_fast_path(x: Tensor, terms, coef_values) -> bool:
     """The samplers' eager CPU steps: coefficients are host numbers, nothing traces or records
     autograd, and every tensor is already rows in memory.  Then the kernel takes the numbers
     directly (the same fp32 rounding as a coefficient tensor), with no tensor built per call."""
-    if x.shape[0] == 0 or x.numel() == 0 or not x.is_contiguous() or x.device.type != "cpu":
+    if not x.is_cpu or x.shape[0] == 0 or x.numel() == 0 or not x.is_contiguous():
         return False
     if any(isinstance(cf, Tensor) for cf in coef_values) or _checks.use_custom_op(x, *(t for _, t in terms)):
         return False
@@ -141,7 +141,7 @@ def host_number_update(
     coef_values = [x_coef, *(cf for cf, _ in terms), noise]
     if not _host_numbers_fast_path(x, terms, coef_values):
         return None
-    if sample_ids.device.type != "cpu" or sample_ids.shape != x.shape[:1]:
+    if not sample_ids.is_cpu or sample_ids.shape[0] != x.shape[0]:
         _common.check_devices("fused_update", x.device, sample_ids=sample_ids)
         _common.check_ids("fused_update", sample_ids, x.shape[0])
     from ..backends import cpu_backend
