@@ -224,6 +224,8 @@ class Context:
         if self.graph is not None and stop - start >= 3 and not (done is not None and done(carry)):
             from ..graphs import run_steps
 
+            self._device_flags(carry[0].device)  # a captured body need not reach step_done (rk45's attempts)
+
             carry, first = run_steps(self, body, carry, start, stop, done)
         for n in range(first, stop):
             if done is not None and done(carry):
@@ -271,9 +273,7 @@ class Context:
             self._finite.append((n, t, total))
             return
         finite = torch.isfinite(total)
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.int64, device=finite.device)
-            self._bad_time = torch.zeros((), dtype=torch.float64, device=finite.device)
+        self._device_flags(finite.device)
         fresh = ~finite & (self._first_bad < 0)
         self._first_bad.copy_(torch.where(fresh, n, self._first_bad))
         self._bad_time.copy_(torch.where(fresh, t.reshape(-1)[0] if isinstance(t, Tensor) else t, self._bad_time))
@@ -283,6 +283,12 @@ class Context:
         such as NCSNv2's final_denoise, included), then the flags are read (one host sync)."""
         self._flag(_finite_witness(x), self.times[-1], len(self.times) - 1)
         self.check_finite()
+
+    def _device_flags(self, device: torch.device) -> None:
+        """The device-side first-bad-step flag and its time (graphs), made once per run."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+            self._bad_time = torch.zeros((), dtype=torch.float64, device=device)
 
     def check_finite(self) -> None:
         """Read the non-finite flags (one host sync) and raise NonFiniteError naming the first bad step."""
