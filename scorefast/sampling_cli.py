@@ -12,7 +12,6 @@ NFE, wall time, samples/s; sliced-Wasserstein to exact samples for gmm2d) and ``
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -110,8 +109,6 @@ def _sample_command(parser):
         with user_input(FLAGS):
             rank, world, device = init_from_env(args.device)
         options = {"backend": args.backend, "precision": args.precision, "cuda_graph": args.cuda_graph}
-        if args.sampler == "pc" and math.prod(sample_shape) < 256:
-            options["norm"] = "batch"  # low-D data: batch-mean corrector norms (DESIGN.md)
         start = time.perf_counter()
         with user_input(FLAGS):  # bad settings, or a resume whose settings differ: refused before any write
             manifest_path = sample_sharded(

@@ -25,6 +25,8 @@ from .. import _checks, backends
 from . import _common
 from .noise import noise_op
 
+MAX_TERMS = 4
+
 
 def _run(
     out: Tensor,
@@ -38,6 +40,8 @@ def _run(
     with_noise: bool,
     backend: str,
 ) -> None:
+    _common.check_devices("fused_update", out.device, x=x, terms=terms, coefs=coefs, sample_ids=sample_ids)
+    _common.check_ids("fused_update", sample_ids, out.shape[0])
     impl = backends.get(backend)
     if backend != "torch":
         coefs = coefs.to(torch.float32).contiguous()
@@ -64,6 +68,8 @@ def fused_update_op(
 
 @fused_update_op.register_fake
 def _(x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend):
+    # mixed devices dispatch here (the meta key wins): refuse them rather than return an empty tensor
+    _common.check_devices("fused_update", x.device, terms=terms, coefs=coefs, sample_ids=sample_ids)
     return torch.empty_like(x)
 
 
@@ -117,6 +123,7 @@ def fused_update_out_op(
 
 @fused_update_out_op.register_fake
 def _(out, x, terms, coefs, seed, step, stream, sample_ids, with_noise, backend):
+    _common.check_devices("fused_update_out", out.device, x=x, terms=terms, coefs=coefs, sample_ids=sample_ids)
     return None
 
 
@@ -238,7 +245,7 @@ def _host_numbers_fast_path(x: Tensor, terms, coef_values) -> bool:
     """The samplers' eager CPU steps: coefficients are host numbers, nothing traces or records
     autograd, and every tensor is already rows in memory.  Then the kernel takes the numbers
     directly (the same fp32 rounding as a coefficient tensor), with no tensor built per call."""
-    if x.shape[0] == 0 or x.numel() == 0 or not x.is_contiguous():
+    if not x.is_cpu or x.shape[0] == 0 or x.numel() == 0 or not x.is_contiguous():
         return False
     if any(isinstance(cf, Tensor) for cf in coef_values) or _checks.use_custom_op(x, *(t for _, t in terms)):
         return False
@@ -249,11 +256,15 @@ def host_number_update(
     x: Tensor, terms, x_coef, noise, seed, step, stream: int, sample_ids: Tensor, with_noise: bool
 ) -> Tensor | None:
     """The samplers' eager CPU update on the cpu backend with host-number coefficients, by the
-    shortest way (arguments were validated once per run); None when it does not apply (a tensor
-    coefficient, tracing, autograd, a layout that is not rows): then ``apply`` does the work."""
+    shortest way (arguments were validated once per run; the terms' shape, dtype and device are
+    checked by ``apply`` on every call, the ids here); None when it does not apply (a tensor
+    coefficient, tracing, autograd, a layout that is not rows, not on the CPU): ``apply`` does it."""
     coef_values = [x_coef, *(cf for cf, _ in terms), noise]
     if not _host_numbers_fast_path(x, terms, coef_values):
         return None
+    if not sample_ids.is_cpu or sample_ids.shape[0] != x.shape[0]:
+        _common.check_devices("fused_update", x.device, sample_ids=sample_ids)
+        _common.check_ids("fused_update", sample_ids, x.shape[0])
     from ..backends import cpu_backend
 
     B = x.shape[0]
@@ -302,6 +313,7 @@ def apply(
     terms = list(terms)
     stepped = flag is not None or (draws, draw) != (1, 0)
     if trusted:
+        _common.check_terms(terms, x)  # the one per-call check: a kernel must never read foreign memory
         B = x.shape[0]
         name = backend
         c = _common.Counter(seed, step, stream, sample_ids)
@@ -309,6 +321,8 @@ def apply(
     else:
         _checks.check_float_tensor("x", x)
         B = _checks.check_batched("x", x)
+        if len(terms) > MAX_TERMS:  # the GPU kernels take at most 4: the same limit on every backend
+            raise ValueError(f"terms: at most {MAX_TERMS} (coefficient, tensor) pairs, got {len(terms)}")
         for i, pair in enumerate(terms):
             if not (isinstance(pair, tuple | list) and len(pair) == 2):
                 raise TypeError(f"terms[{i}]: expected a (coefficient, tensor) pair")

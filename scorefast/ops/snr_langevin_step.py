@@ -128,6 +128,8 @@ def snr_langevin_step(
     if not _trusted:
         _validate(x, score, snr, alpha, norm, row)
         check_step_args(x, row, draws, draw, flag)
+    elif type(score) is not Tensor or score.shape != x.shape or score.device != x.device:
+        _checks.check_like("score", score, x)  # the trusted (sampler) path's one cheap check
     if step is None:
         if row is None:
             raise TypeError("step: required unless row (the device step counter) is given")
@@ -219,9 +221,7 @@ def _validate(x, score, snr, alpha, norm, row=None) -> None:
         _check_alpha_table(alpha, x)
     if norm not in NORMS:
         raise ValueError(f"norm: expected one of {NORMS}, got {norm!r}")
-    _checks.check_float_tensor("score", score)
-    if score.shape != x.shape:
-        raise ValueError(f"score: shape {tuple(score.shape)} does not match x {tuple(x.shape)}")
+    _checks.check_like("score", score, x)
 
 
 def _check_alpha_table(alpha, x: Tensor) -> None:

@@ -34,6 +34,26 @@ DEFAULT_STEPS = 2
 KIND = "ode"  # integrates between the grid's first and last times and ends with a Tweedie step
 
 
+def validate(sde, *, rtol, atol, h_init, safety, exponent, error_norm, max_steps, denoise) -> dict:
+    """Every option checked and normalised before any work (``sf.sample`` calls this; ``run`` trusts it)."""
+    rtol, atol, max_steps = adaptive.check_options(rtol, atol, max_steps, error_norm)
+    h_init = _checks.check_finite_scalar("h_init", h_init, positive=True)
+    safety = _checks.check_finite_scalar("safety", safety, positive=True)
+    exponent = _checks.check_finite_scalar("exponent", exponent, positive=True)
+    if h_init > 1 or safety > 1:
+        raise ValueError(f"h_init, safety: must lie in (0, 1], got {h_init}, {safety}")
+    return {
+        "rtol": rtol,
+        "atol": atol,
+        "h_init": h_init,
+        "safety": safety,
+        "exponent": exponent,
+        "error_norm": error_norm,
+        "max_steps": max_steps,
+        "denoise": _checks.check_bool("denoise", denoise),
+    }
+
+
 def run(
     ctx: Context,
     x,
@@ -52,12 +72,6 @@ def run(
     ``max_steps`` (attempts before ``SolverError``), ``denoise``."""
     if ctx.project is not None:  # inpainting and the like re-project after every grid step
         raise ValueError(f"sampler: {NAME!r} has no per-step state to condition; use a step-based sampler")
-    rtol, atol, max_steps = adaptive.check_options(rtol, atol, max_steps, error_norm)
-    h_init = _checks.check_finite_scalar("h_init", h_init, positive=True)
-    safety = _checks.check_finite_scalar("safety", safety, positive=True)
-    exponent = _checks.check_finite_scalar("exponent", exponent, positive=True)
-    if h_init > 1 or safety > 1:
-        raise ValueError(f"h_init, safety: must lie in (0, 1], got {h_init}, {safety}")
     sde = ctx.sde
     B, dev = x.shape[0], x.device
     t_end = float(ctx.times[-1])

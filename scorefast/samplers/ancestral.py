@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
-from .base import Context, StepTable
+from .base import Context, StepTable, denoise_only
 from .euler_maruyama import predictor_step, run_predictor
 
 NAME = "ancestral"
@@ -34,26 +34,27 @@ def schedule(ctx: Context) -> StepTable:
             sigma = sde.discrete_sigmas[i]
             adj = torch.where(i == 0, torch.zeros_like(sigma), sde.discrete_sigmas[(i - 1).clamp_min(0)])
         else:
-            sigma = sde.std(times)
-            adj = torch.where(next_times > 0, sde.std(next_times.clamp_min(sde.eps)), torch.zeros_like(times))
+            sigma, adj = sde.std(times), ctx.next_coefs()[1]
         var = sigma**2 - adj**2
         return ctx.table(torch.stack([torch.ones_like(var), var, torch.sqrt(adj**2 * var / sigma**2)], 1))
     if not isinstance(sde, VPSDE | DiscreteVP):  # the exact posterior through the SDE's own transition
         c_minus_1, G = sde.exact_transition(times, next_times)
-        inner = next_times > 0
-        s_next = torch.where(inner, sde.std(torch.where(inner, next_times, times)), torch.zeros_like(times))
+        s_next = ctx.next_coefs()[1]  # 0 at the data end
         c = c_minus_1 + 1
         return ctx.table(torch.stack([1 / c, G * G / c, G * s_next / sde.std(times)], 1))
     if ctx.score_sde_tables:
         beta = sde.discrete_betas[sde.table_index(times)]
     else:
-        beta = 1 - sde.alpha_bar(times) / sde.alpha_bar(next_times)
+        beta = 1 - sde.alpha_bar(times) / ctx.next_coefs()[0] ** 2
     inv = 1 / torch.sqrt(1 - beta)
     return ctx.table(torch.stack([inv, beta * inv, beta.sqrt()], 1))
 
 
-def run(ctx: Context, x, *, denoise: bool = True):
-    sde = ctx.sde
+def validate(sde, *, denoise) -> dict:
     if isinstance(sde, SubVPSDE):
         raise ValueError("sampler: ancestral has no sub-VP form (score_sde has none); use reverse_diffusion or ddim")
+    return denoise_only(sde, denoise=denoise)
+
+
+def run(ctx: Context, x, *, denoise: bool = True):
     return run_predictor(ctx, x, schedule(ctx), predictor_step, denoise)

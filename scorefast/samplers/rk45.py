@@ -9,6 +9,8 @@ The drift a(t) x + b(t) s is one fused pass per stage.  Options: ``rtol``, ``ato
 
 from __future__ import annotations
 
+from .._checks import check_bool
+from ..solvers import adaptive
 from ..solvers import rk45 as solver
 from .base import Context
 from .ode_euler import tweedie
@@ -17,6 +19,17 @@ NAME = "rk45"
 DRAWS = 1
 DEFAULT_STEPS = 2
 KIND = "ode"
+
+
+def validate(sde, *, rtol, atol, denoise, error_norm, max_steps) -> dict:
+    rtol, atol, max_steps = adaptive.check_options(rtol, atol, max_steps, error_norm)
+    return {
+        "rtol": rtol,
+        "atol": atol,
+        "denoise": check_bool("denoise", denoise),
+        "error_norm": error_norm,
+        "max_steps": max_steps,
+    }
 
 
 def run(
