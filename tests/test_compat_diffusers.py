@@ -27,6 +27,7 @@ from tests.peers import KeepFloat64, patch_diffusers_randn, tables_to_float64  #
 SHAPE = (2, 3, 4, 4)
 EPS32 = torch.finfo(torch.float32).eps
 STOCK = {cls.__name__: cls.__mro__[1] for cls in ours.SCHEDULERS}
+_BUILT: dict = {}
 
 
 @pytest.fixture(autouse=True)
@@ -49,9 +50,10 @@ def _fields(out):
 
 
 def _schedulers(name, config, steps, set_kw):
-    stock = STOCK[name]
-    real = stock(**config)
-    mine, ref = copy.deepcopy(real), copy.deepcopy(real)  # some constructors take a second (KDPM2's)
+    key = (name, repr(sorted(config.items())))
+    if key not in _BUILT:  # some constructors take a second (KDPM2's): build each config once
+        _BUILT[key] = STOCK[name](**config)
+    real, mine, ref = (copy.deepcopy(_BUILT[key]) for _ in range(3))
     mine.__class__ = getattr(ours, name)  # from_config / from_pretrained are tested on their own
     for s in (real, mine, ref):
         s.set_timesteps(steps, **set_kw)
@@ -195,8 +197,9 @@ def test_heun_clip():
 
 
 @pytest.mark.parametrize("name", ["KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("sigmas", SIGMAS, ids=SIGMA_IDS)
+@pytest.mark.parametrize(
+    "prediction_type,sigmas", list(zip(["epsilon", "v_prediction"] * 2, SIGMAS)), ids=list(SIGMA_IDS)
+)  # KDPM2's constructor takes a second: each sigma kind once, prediction types alternating
 def test_kdpm2(name, prediction_type, sigmas):
     parity(name, {"prediction_type": prediction_type, **sigmas}, steps=6)
 
@@ -447,3 +450,77 @@ def test_equal_final_sigmas_return_the_sample(name, config):
     assert float(real.sigmas[-1]) == float(real.sigmas[-2])
     compared = parity(name, config, steps=16, limit=_returns_the_sample)
     assert compared in (15, 16)  # every step compared, or all but the last where diffusers gives NaN
+
+
+# -- output dtypes (issue 18, item 5) ---------------------------------------------------------------
+DTYPE_CASES = (
+    [(cls.__name__, {}) for cls in ours.SCHEDULERS if cls.__name__ != "ScoreSdeVeScheduler"]
+    + [
+        (name, {"prediction_type": "sample"})
+        for name in (
+            "DDIMScheduler",
+            "DDPMScheduler",
+            "LMSDiscreteScheduler",
+            "EulerDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "DPMSolverMultistepScheduler",
+            "DPMSolverSinglestepScheduler",
+            "DEISMultistepScheduler",
+            "UniPCMultistepScheduler",
+            "LCMScheduler",
+        )
+    ]
+    + [
+        ("DDIMScheduler", {**THRESHOLD}),
+        ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", **THRESHOLD}),
+        ("DPMSolverSinglestepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+        ("UniPCMultistepScheduler", {"predict_x0": False}),
+        ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    ]
+)
+DTYPES = [(torch.float16,) * 2, (torch.bfloat16,) * 2, (torch.float32, torch.float16), (torch.float16, torch.float32)]
+
+
+@pytest.mark.parametrize(
+    "name,config", DTYPE_CASES, ids=lambda c: c if isinstance(c, str) else "-".join(map(str, c.values()))
+)
+def test_output_dtypes_match_diffusers(name, config):
+    """For half and mixed inputs every output has diffusers' dtype, and our error against diffusers' float64 run
+    of the same (rounded) inputs is at most twice diffusers' own, plus two ulps of the output dtype."""
+    steps = 10 if name == "PNDMScheduler" else 3
+    for sample_dtype, model_dtype in DTYPES:
+        real, mine, ref = _schedulers(name, config, steps, {})
+        if name == "DPMSolverSDEScheduler":
+            _shared_noise_sampler(real, mine, ref)
+        takes_generator = "generator" in inspect.signature(STOCK[name].step).parameters
+        scale = float(getattr(real, "init_noise_sigma", 1.0))
+        x = (torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * scale).to(sample_dtype)
+        for i, t in enumerate(real.timesteps):
+            m = model(x.float(), t).to(model_dtype)
+            outs = []
+            for s, xx, mm in ((real, x, m), (mine, x, m), (ref, x.double(), m.double())):
+                kw = {"generator": torch.Generator().manual_seed(i)} if takes_generator else {}
+                with KeepFloat64() if s is ref else torch.no_grad():
+                    outs.append(_fields(s.step(mm, t, xx, **kw)))
+            a, b, r = outs
+            for key in a:
+                assert b[key].dtype == a[key].dtype, (sample_dtype, model_dtype, i, key)
+                if not bool(torch.isfinite(r[key]).all()):  # diffusers' NaN edge (UniPC eps to sigma 0)
+                    continue
+                err_ours, err_real = (float((o[key].double() - r[key]).abs().max()) for o in (b, a))
+                floor = 2 * torch.finfo(a[key].dtype).eps * float(r[key].abs().max())
+                assert err_ours <= 2 * err_real + floor, (sample_dtype, model_dtype, i, key, err_ours, err_real)
+            x = a["prev_sample"]
+
+
+def test_score_sde_ve_output_dtypes():
+    for sample_dtype, model_dtype in DTYPES:
+        real, mine, _ = _schedulers("ScoreSdeVeScheduler", {}, 5, {})
+        for s in (real, mine):
+            s.set_sigmas(5)
+        x = torch.randn(SHAPE).to(sample_dtype) * 10
+        m = (-x.float() / 100).to(model_dtype)
+        for method, args in (("step_correct", (m, x)), ("step_pred", (m, real.timesteps[1], x))):
+            a = _fields(getattr(real, method)(*args, generator=torch.Generator().manual_seed(0)))
+            b = _fields(getattr(mine, method)(*args, generator=torch.Generator().manual_seed(0)))
+            assert {k: v.dtype for k, v in b.items()} == {k: v.dtype for k, v in a.items()}, (method, sample_dtype)

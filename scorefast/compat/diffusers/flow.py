@@ -92,7 +92,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowHeun):
             derivative = lincomb(
                 model_output, [], x_coef=div(sigma, sigma_hat), dtype=promote(torch.float32, model_output.dtype)
             )
-            prev = lincomb(sample, [(dt, derivative)], dtype=model_output.dtype)
+            prev = lincomb(sample, [(dt * div(sigma, sigma_hat), model_output)], dtype=model_output.dtype)
             self.prev_derivative, self.dt, self.sample = derivative, self.sigmas[i + 1] - sigma_hat, sample
         else:  # x1 + dt/2 (d1 + v)
             dt = f64(self.dt)

@@ -55,7 +55,8 @@ class HeunDiscreteScheduler(_Heun):
             dt = sigma_next - sigma
             x_coef, terms = derivative_terms(sample, model_output, coefs, x0, sigma, 1.0)
             derivative = lincomb(sample, terms, x_coef=x_coef, dtype=dtype)
-            prev = lincomb(sample, [(dt, derivative)], dtype=dtype)
+            x_coef, terms = derivative_terms(sample, model_output, coefs, x0, sigma, dt)  # from (x, m), not d1
+            prev = lincomb(sample, terms, x_coef=1 + x_coef, dtype=dtype)
             self.prev_derivative, self.dt, self.sample = derivative, self.sigmas[i + 1] - self.sigmas[i], sample
         else:  # x1 + dt/2 (d1 + (x - x0)/sigma_next)
             dt = f64(self.dt)
