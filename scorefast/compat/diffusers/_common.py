@@ -28,6 +28,22 @@ def f64(v) -> float:
     return float(v.item() if isinstance(v, Tensor) else v)
 
 
+_TABLES: dict[int, tuple[Tensor, int, list[float]]] = {}
+
+
+def at(table: Tensor, index) -> float:
+    """``table[index]`` as a Python float, from a list cached per table tensor (and its version), so a step
+    reads its scalars without tensor indexing (nor a device sync per step for tables on a GPU)."""
+    if isinstance(index, Tensor) and index.is_floating_point():
+        return f64(table[index])  # diffusers' own indexing error
+    hit = _TABLES.get(id(table))
+    if hit is None or hit[0] is not table or hit[1] != table._version:
+        if len(_TABLES) > 256:
+            _TABLES.clear()
+        hit = _TABLES[id(table)] = (table, table._version, table.tolist())
+    return hit[2][int(index)]
+
+
 def div(a: float, b: float) -> float:
     """a / b with IEEE semantics (inf or NaN for b = 0, as diffusers' tensor arithmetic), never an exception."""
     if b == 0:

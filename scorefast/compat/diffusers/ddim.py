@@ -19,7 +19,7 @@ from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
 from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 
-from ._common import StepNoise, div, eps_coefs_vp, f64, lincomb, need_steps, promote, sqrt, x0_coefs_vp, x0_from
+from ._common import StepNoise, at, div, eps_coefs_vp, f64, lincomb, need_steps, promote, sqrt, x0_coefs_vp, x0_from
 
 
 def _clip(scheduler, x0: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -58,15 +58,15 @@ class DDIMScheduler(_DDIM):
     ):
         need_steps(self)
         prev_timestep = timestep - self.config.num_train_timesteps // self.num_inference_steps
-        abar = f64(self.alphas_cumprod[timestep])
-        abar_prev = f64(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod)
+        abar = at(self.alphas_cumprod, timestep)
+        abar_prev = at(self.alphas_cumprod, prev_timestep) if prev_timestep >= 0 else f64(self.final_alpha_cumprod)
         a, s = math.sqrt(abar), math.sqrt(1 - abar)
         p, q = _x0_coefs(self, abar, "the DDIMScheduler")
         u, v = eps_coefs_vp(self.config.prediction_type, a, s)
         dtype = promote(sample.dtype, model_output.dtype)
         x0 = x0_from(sample, model_output, (p, q), dtype)
         x0, clipped = _clip(self, x0)
-        std = eta * sqrt(f64(self._get_variance(timestep, prev_timestep)))
+        std = eta * sqrt((1 - abar_prev) / (1 - abar) * (1 - div(abar, abar_prev))) if eta else 0.0  # _get_variance
         direction = sqrt(1 - abar_prev - std**2)
         if use_clipped_model_output:  # eps = (x - a x0) / s from the clipped x0
             terms, x_coef = [(math.sqrt(abar_prev) - direction * div(a, s), x0)], div(direction, s)
@@ -112,8 +112,8 @@ class DDPMScheduler(_DDPM):
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
         else:
             predicted_variance = None
-        abar = f64(self.alphas_cumprod[t])
-        abar_prev = f64(self.alphas_cumprod[prev_t]) if prev_t >= 0 else 1.0
+        abar = at(self.alphas_cumprod, t)
+        abar_prev = at(self.alphas_cumprod, prev_t) if prev_t >= 0 else 1.0
         alpha_t = abar / abar_prev
         beta_t = 1 - alpha_t
         p, q = _x0_coefs(self, abar, "the DDPMScheduler")
@@ -154,8 +154,8 @@ class LCMScheduler(_LCM):
             self._init_step_index(timestep)
         prev_step_index = self.step_index + 1
         prev_timestep = self.timesteps[prev_step_index] if prev_step_index < len(self.timesteps) else timestep
-        abar = f64(self.alphas_cumprod[timestep])
-        abar_prev = f64(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod)
+        abar = at(self.alphas_cumprod, timestep)
+        abar_prev = at(self.alphas_cumprod, prev_timestep) if prev_timestep >= 0 else f64(self.final_alpha_cumprod)
         c_skip, c_out = (f64(c) for c in self.get_scalings_for_boundary_condition_discrete(timestep))
         p, q = _x0_coefs(self, abar, "`LCMScheduler`")
         dtype = promote(sample.dtype, model_output.dtype)

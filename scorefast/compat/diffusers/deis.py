@@ -9,7 +9,7 @@ import math
 from diffusers import DEISMultistepScheduler as _DEIS
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from ._common import alpha_sigma, div, f64, lincomb, log_snr, need_steps, promote, x0_coefs_vp, x0_from
+from ._common import alpha_sigma, at, div, lincomb, log_snr, need_steps, promote, x0_coefs_vp, x0_from
 
 
 def _log(v: float) -> float:
@@ -31,12 +31,12 @@ class DEISMultistepScheduler(_DEIS):
 
     def _tables(self, positions):
         flow = bool(self.config.use_flow_sigmas)
-        return [alpha_sigma(f64(self.sigmas[i]), flow) for i in positions]
+        return [alpha_sigma(at(self.sigmas, i), flow) for i in positions]
 
     def convert_model_output(self, model_output, *args, sample=None, **kwargs):
         if args or kwargs or sample is None:
             return super().convert_model_output(model_output, *args, sample=sample, **kwargs)
-        raw = f64(self.sigmas[self.step_index])
+        raw = at(self.sigmas, self.step_index)
         ((alpha, sigma),) = self._tables([self.step_index])
         kind = self.config.prediction_type
         coefs = x0_coefs_vp(kind, alpha, sigma, raw)

@@ -53,8 +53,8 @@ class DPMSolverSDEScheduler(_DPMSDE):
             sigma_up = min(sigma_to, sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2))
             sigma_down = sqrt(sigma_to**2 - sigma_up**2)
             ratio, c = sigma_down / sigma, -math.expm1(t - _t(sigma_down))  # base*ratio + c*x0
-            noise = self.noise_sampler(*self._noise_interval(sigma_t, next_t, first)) * s_noise * sigma_up
-            terms = [(c * p, sample), (c * q, model_output), (1.0, noise)]
+            noise = self.noise_sampler(*self._noise_interval(sigma_t, next_t, first))
+            terms = [(c * p, sample), (c * q, model_output), (s_noise * sigma_up, noise)]
             if base is sample:
                 terms, ratio = terms[1:], ratio + c * p
             prev = lincomb(base, terms, x_coef=ratio, dtype=promote(dtype, base.dtype, noise.dtype))

@@ -23,9 +23,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerOutput
 from ._common import (
     StepNoise,
     alpha_sigma,
+    at,
     div,
     eps_coefs_vp,
-    f64,
     lincomb,
     log_snr,
     merge_terms,
@@ -91,7 +91,7 @@ class _Tables:
 
     def __init__(self, scheduler, positions):
         flow = bool(getattr(scheduler.config, "use_flow_sigmas", False))
-        pairs = [alpha_sigma(f64(scheduler.sigmas[i]), flow) for i in positions]
+        pairs = [alpha_sigma(at(scheduler.sigmas, i), flow) for i in positions]
         self.alpha = [a for a, _ in pairs]
         self.sigma = [s for _, s in pairs]
         self.lam = [log_snr(a, s) for a, s in pairs]
@@ -103,7 +103,7 @@ def convert(scheduler, model_output, sample, name: str):
     kind = cfg.prediction_type
     if kind == "epsilon" and cfg.variance_type in ["learned", "learned_range"]:
         model_output = model_output[:, :3]
-    raw_sigma = f64(scheduler.sigmas[scheduler.step_index])
+    raw_sigma = at(scheduler.sigmas, scheduler.step_index)
     alpha, sigma = alpha_sigma(raw_sigma, bool(getattr(cfg, "use_flow_sigmas", False)))
     dtype = promote(sample.dtype, model_output.dtype)
     if cfg.algorithm_type in _DATA:

@@ -18,7 +18,7 @@ from diffusers.schedulers.scheduling_edm_euler import EDMEulerSchedulerOutput
 from diffusers.schedulers.scheduling_euler_ancestral_discrete import EulerAncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedulerOutput
 
-from ._common import StepNoise, div, f64, lincomb, promote, sqrt, x0_coefs_ve, x0_from
+from ._common import StepNoise, at, div, lincomb, promote, sqrt, x0_coefs_ve, x0_from
 
 
 def check_timestep(scheduler, timestep, logger=None) -> None:
@@ -83,7 +83,7 @@ class EulerDiscreteScheduler(_Euler):
         return_dict=True,
     ):
         check_timestep(self, timestep, scheduling_euler_discrete.logger)
-        sigma = f64(self.sigmas[self.step_index])
+        sigma = at(self.sigmas, self.step_index)
         sample, sigma_hat = churn(
             sample, model_output, sigma, s_churn, s_tmin, s_tmax, s_noise, len(self.sigmas), generator
         )
@@ -92,7 +92,7 @@ class EulerDiscreteScheduler(_Euler):
         if coefs is None:
             raise ValueError(f"prediction_type given as {kind} must be one of `epsilon`, or `v_prediction`")
         x0 = x0_from(sample, model_output, coefs, promote(torch.float32, model_output.dtype))
-        sigma_next = f64(self.sigmas[self.step_index + 1])
+        sigma_next = at(self.sigmas, self.step_index + 1)
         prev = euler_update(sample, model_output, coefs, x0, sigma_hat, sigma_next, model_output.dtype)
         self._step_index += 1
         if not return_dict:
@@ -105,10 +105,10 @@ class EulerAncestralDiscreteScheduler(_EulerAncestral):
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         check_timestep(self, timestep, scheduling_euler_ancestral_discrete.logger)
-        sigma = f64(self.sigmas[self.step_index])
+        sigma = at(self.sigmas, self.step_index)
         coefs = x0_coefs_or_raise(self.config.prediction_type, sigma, sample_ok=False)
         x0 = x0_from(sample, model_output, coefs, promote(torch.float32, model_output.dtype))
-        sigma_to = f64(self.sigmas[self.step_index + 1])
+        sigma_to = at(self.sigmas, self.step_index + 1)
         sigma_up = sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
         sigma_down = sqrt(sigma_to**2 - sigma_up**2)
         noise = (sigma_up, StepNoise(model_output, generator))
@@ -146,7 +146,7 @@ class EDMEulerScheduler(_EDMEuler):
         pred_original_sample=None,
     ):
         check_timestep(self, timestep, scheduling_edm_euler.logger)
-        sigma = f64(self.sigmas[self.step_index])
+        sigma = at(self.sigmas, self.step_index)
         sample, sigma_hat = churn(
             sample, model_output, sigma, s_churn, s_tmin, s_tmax, s_noise, len(self.sigmas), generator
         )
@@ -155,7 +155,7 @@ class EDMEulerScheduler(_EDMEuler):
             coefs = self._denoiser_coefs(sigma_hat)
             dtype = promote(torch.float32, model_output.dtype)
             pred_original_sample = x0_from(sample, model_output, coefs, dtype)
-        sigma_next = f64(self.sigmas[self.step_index + 1])
+        sigma_next = at(self.sigmas, self.step_index + 1)
         prev = euler_update(
             sample, model_output, coefs, pred_original_sample, sigma_hat, sigma_next, model_output.dtype
         )

@@ -12,7 +12,7 @@ from diffusers import FlowMatchHeunDiscreteScheduler as _FlowHeun
 from diffusers.schedulers.scheduling_flow_match_euler_discrete import FlowMatchEulerDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_flow_match_heun_discrete import FlowMatchHeunDiscreteSchedulerOutput
 
-from ._common import StepNoise, div, f64, lincomb, promote
+from ._common import StepNoise, at, div, f64, lincomb, promote
 from .euler import check_timestep, churn
 
 
@@ -50,7 +50,7 @@ class FlowMatchEulerDiscreteScheduler(_FlowEuler):
                 return_dict=return_dict,
             )
         check_timestep(self, timestep)
-        sigma, sigma_next = f64(self.sigmas[self.step_index]), f64(self.sigmas[self.step_index + 1])
+        sigma, sigma_next = at(self.sigmas, self.step_index), at(self.sigmas, self.step_index + 1)
         if self.config.stochastic_sampling:
             noise = (sigma_next, StepNoise(sample, generator))
             terms, x_coef = [(-(1 - sigma_next) * sigma, model_output)], 1 - sigma_next
@@ -82,7 +82,7 @@ class FlowMatchHeunDiscreteScheduler(_FlowHeun):
         first = self.state_in_first_order
         i = self.step_index
         sigma, sigma_next = (
-            (f64(self.sigmas[i]), f64(self.sigmas[i + 1])) if first else (f64(self.sigmas[i - 1]), f64(self.sigmas[i]))
+            (at(self.sigmas, i), at(self.sigmas, i + 1)) if first else (at(self.sigmas, i - 1), at(self.sigmas, i))
         )
         sample, sigma_hat = churn(
             sample, model_output, sigma, s_churn, s_tmin, s_tmax, s_noise, len(self.sigmas), generator
@@ -94,8 +94,10 @@ class FlowMatchHeunDiscreteScheduler(_FlowHeun):
             )
             prev = lincomb(sample, [(dt * div(sigma, sigma_hat), model_output)], dtype=model_output.dtype)
             self.prev_derivative, self.dt, self.sample = derivative, self.sigmas[i + 1] - sigma_hat, sample
+            self._dt64 = dt  # diffusers keeps dt as a float32 tensor; the second stage uses it in float64
         else:  # x1 + dt/2 (d1 + v)
-            dt = f64(self.dt)
+            dt = self.__dict__.pop("_dt64", None)
+            dt = f64(self.dt) if dt is None else dt
             prev = lincomb(
                 self.sample, [(dt / 2, self.prev_derivative), (dt / 2, model_output)], dtype=model_output.dtype
             )

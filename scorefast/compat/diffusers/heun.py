@@ -15,7 +15,7 @@ from diffusers.schedulers.scheduling_heun_discrete import HeunDiscreteSchedulerO
 from diffusers.schedulers.scheduling_k_dpm_2_ancestral_discrete import KDPM2AncestralDiscreteSchedulerOutput
 from diffusers.schedulers.scheduling_k_dpm_2_discrete import KDPM2DiscreteSchedulerOutput
 
-from ._common import StepNoise, div, f64, lincomb, promote, x0_from
+from ._common import StepNoise, at, div, lincomb, promote, x0_from
 from .euler import x0_coefs_or_raise
 
 
@@ -47,7 +47,7 @@ class HeunDiscreteScheduler(_Heun):
         first = self.state_in_first_order
         i = self.step_index
         sigma, sigma_next = (
-            (f64(self.sigmas[i]), f64(self.sigmas[i + 1])) if first else (f64(self.sigmas[i - 1]), f64(self.sigmas[i]))
+            (at(self.sigmas, i), at(self.sigmas, i + 1)) if first else (at(self.sigmas, i - 1), at(self.sigmas, i))
         )
         coefs, x0 = _x0(self, sample, model_output, sigma if first else sigma_next, True)
         dtype = promote(sample.dtype, x0.dtype)
@@ -59,7 +59,7 @@ class HeunDiscreteScheduler(_Heun):
             prev = lincomb(sample, terms, x_coef=1 + x_coef, dtype=dtype)
             self.prev_derivative, self.dt, self.sample = derivative, self.sigmas[i + 1] - self.sigmas[i], sample
         else:  # x1 + dt/2 (d1 + (x - x0)/sigma_next)
-            dt = f64(self.dt)
+            dt = sigma_next - sigma  # diffusers' stored self.dt, in float64
             x_coef, terms = derivative_terms(sample, model_output, coefs, x0, sigma_next, dt / 2)
             base, d1 = self.sample, self.prev_derivative
             prev = lincomb(base, [(x_coef, sample), (dt / 2, d1), *terms], dtype=promote(dtype, base.dtype, d1.dtype))
@@ -79,13 +79,9 @@ class KDPM2DiscreteScheduler(_KDPM2):
         first = self.state_in_first_order
         i = self.step_index
         if first:
-            sigma, sigma_mid, sigma_next = (
-                f64(v) for v in (self.sigmas[i], self.sigmas_interpol[i + 1], self.sigmas[i + 1])
-            )
+            sigma, sigma_mid, sigma_next = (at(self.sigmas, i), at(self.sigmas_interpol, i + 1), at(self.sigmas, i + 1))
         else:
-            sigma, sigma_mid, sigma_next = (
-                f64(v) for v in (self.sigmas[i - 1], self.sigmas_interpol[i], self.sigmas[i])
-            )
+            sigma, sigma_mid, sigma_next = (at(self.sigmas, i - 1), at(self.sigmas_interpol, i), at(self.sigmas, i))
         coefs, x0 = _x0(self, sample, model_output, sigma if first else sigma_mid, False)
         dtype = promote(sample.dtype, x0.dtype)
         if first:  # sample + (sample - x0)/sigma * (sigma_mid - sigma)
@@ -111,8 +107,8 @@ class KDPM2AncestralDiscreteScheduler(_KDPM2A):
             self._init_step_index(timestep)
         first = self.state_in_first_order
         i = self.step_index if first else self.step_index - 1
-        sigma, sigma_mid, sigma_up = (f64(v) for v in (self.sigmas[i], self.sigmas_interpol[i], self.sigmas_up[i]))
-        sigma_down = f64(self.sigmas_down[self.step_index - 1])
+        sigma, sigma_mid, sigma_up = at(self.sigmas, i), at(self.sigmas_interpol, i), at(self.sigmas_up, i)
+        sigma_down = at(self.sigmas_down, self.step_index - 1)
         coefs, x0 = _x0(self, sample, model_output, sigma if first else sigma_mid, False)
         dtype = promote(sample.dtype, x0.dtype)
         if first:

@@ -12,7 +12,7 @@ from diffusers import LMSDiscreteScheduler as _LMS
 from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteSchedulerOutput
 
 from .._fused import lagrange_integral
-from ._common import f64, lincomb, promote, x0_from
+from ._common import at, lincomb, promote, x0_from
 from .euler import x0_coefs_or_raise
 from .heun import derivative_terms
 
@@ -23,8 +23,8 @@ class LMSDiscreteScheduler(_LMS):
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
         """int_{sigma_t}^{sigma_{t+1}} of the Lagrange basis polynomial ``current_order`` over the last
         ``order`` sigmas, exactly (float64)."""
-        nodes = [f64(self.sigmas[t - k]) for k in range(order)]
-        return lagrange_integral(nodes, current_order, f64(self.sigmas[t]), f64(self.sigmas[t + 1]))
+        nodes = [at(self.sigmas, t - k) for k in range(order)]
+        return lagrange_integral(nodes, current_order, at(self.sigmas, t), at(self.sigmas, t + 1))
 
     def step(self, model_output, timestep, sample, order=4, return_dict=True):
         if not self.is_scale_input_called:
@@ -35,7 +35,7 @@ class LMSDiscreteScheduler(_LMS):
             )
         if self.step_index is None:
             self._init_step_index(timestep)
-        sigma = f64(self.sigmas[self.step_index])
+        sigma = at(self.sigmas, self.step_index)
         coefs = x0_coefs_or_raise(self.config.prediction_type, sigma)
         dtype = promote(sample.dtype, model_output.dtype)
         x0 = x0_from(sample, model_output, coefs, dtype)

@@ -12,7 +12,7 @@ import math
 from diffusers import PNDMScheduler as _PNDM
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from ._common import f64, lincomb, need_steps, promote
+from ._common import at, f64, lincomb, need_steps, promote
 
 _PLMS_WEIGHTS = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
 _PRK_WEIGHTS = (1 / 6, 1 / 3, 1 / 3)  # the first three stages' outputs; the fourth's takes 1/6
@@ -23,8 +23,8 @@ class PNDMScheduler(_PNDM):
 
     def _transfer(self, sample, timestep, prev_timestep, eps_terms):
         """``_get_prev_sample`` with the model output given as weighted terms sum(w * e)."""
-        abar = f64(self.alphas_cumprod[timestep])
-        abar_prev = f64(self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod)
+        abar = at(self.alphas_cumprod, timestep)
+        abar_prev = at(self.alphas_cumprod, prev_timestep) if prev_timestep >= 0 else f64(self.final_alpha_cumprod)
         kind = self.config.prediction_type
         x_coef = math.sqrt(abar_prev / abar)
         k = -(abar_prev - abar) / (abar * math.sqrt(1 - abar_prev) + math.sqrt(abar * (1 - abar) * abar_prev))

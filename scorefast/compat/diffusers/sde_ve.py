@@ -29,7 +29,7 @@ class ScoreSdeVeScheduler(_SdeVe):
         dtype = promote(sample.dtype, model_output.dtype, sigma.dtype)
         noise = StepNoise(sample, generator)
         mean = lincomb(sample, [(g2, model_output)], dtype=dtype)
-        prev = lincomb(sample, [(g2, model_output)], noise=(g2.sqrt(), noise), dtype=dtype)
+        prev = lincomb(mean, [], noise=(g2.sqrt(), noise), dtype=dtype)
         if not return_dict:
             return (prev, mean)
         return SdeVeOutput(prev_sample=prev, prev_sample_mean=mean)

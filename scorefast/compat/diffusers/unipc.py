@@ -15,7 +15,7 @@ import numpy as np
 from diffusers import UniPCMultistepScheduler as _UniPC
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from ._common import alpha_sigma, div, f64, lincomb, log_snr, merge_terms, need_steps, promote, x0_coefs_vp, x0_from
+from ._common import alpha_sigma, at, div, lincomb, log_snr, merge_terms, need_steps, promote, x0_coefs_vp, x0_from
 
 
 def _b_vector(hh: float, order: int, bh: str) -> tuple[float, np.ndarray]:
@@ -39,12 +39,12 @@ class UniPCMultistepScheduler(_UniPC):
     """UniPC with diffusers' control flow (corrector first, then the predictor) and state."""
 
     def _alpha_sigma(self, i: int) -> tuple[float, float]:
-        return alpha_sigma(f64(self.sigmas[i]), bool(self.config.use_flow_sigmas))
+        return alpha_sigma(at(self.sigmas, i), bool(self.config.use_flow_sigmas))
 
     def convert_model_output(self, model_output, *args, sample=None, **kwargs):
         if args or kwargs or sample is None:
             return super().convert_model_output(model_output, *args, sample=sample, **kwargs)
-        raw = f64(self.sigmas[self.step_index])
+        raw = at(self.sigmas, self.step_index)
         alpha, sigma = self._alpha_sigma(self.step_index)
         kind = self.config.prediction_type
         dtype = promote(sample.dtype, model_output.dtype)
