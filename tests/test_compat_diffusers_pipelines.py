@@ -188,6 +188,16 @@ def test_injected_noise_has_the_stock_law(name, config, step_kw):
     assert stats.kstest(z.numpy(), "norm").pvalue > 1e-3
 
 
+def _noisy_step(mine, name, x, m, generator, step_kw):
+    """One stochastic step of ``mine`` at its third timestep (KDPM2-ancestral: its noisy second stage)."""
+    mine.set_timesteps(6)
+    t = mine.timesteps[2]
+    mine._step_index = None
+    if name == "KDPM2AncestralDiscreteScheduler":
+        mine.step(m, t, x)
+    return mine.step(m, t, x, generator=generator, **step_kw).prev_sample
+
+
 @pytest.mark.parametrize("name,config,step_kw", STOCHASTIC, ids=[n for n, *_ in STOCHASTIC])
 def test_list_of_generators_one_key_per_image(name, config, step_kw):
     """Image b's noise depends on generator b alone: batch [g5, g6, g7] gives image 1 of batch [g6], bitwise."""
@@ -196,13 +206,7 @@ def test_list_of_generators_one_key_per_image(name, config, step_kw):
     m = 0.1 * torch.tanh(x)
 
     def step(rows, seeds):
-        mine.set_timesteps(6)
-        t = mine.timesteps[2]
-        mine._step_index = None
-        if name == "KDPM2AncestralDiscreteScheduler":
-            mine.step(m[rows], t, x[rows])
-        gens = [torch.Generator().manual_seed(s) for s in seeds]
-        return mine.step(m[rows], t, x[rows], generator=gens, **step_kw).prev_sample
+        return _noisy_step(mine, name, x[rows], m[rows], [torch.Generator().manual_seed(s) for s in seeds], step_kw)
 
     batch = step(slice(0, 3), (5, 6, 7))
     alone = step(slice(1, 2), (6,))
@@ -233,12 +237,7 @@ def test_one_generator_seeds_the_noise_and_batch_size_does_not(name, config, ste
     m = 0.1 * torch.tanh(x)
 
     def step(rows, generator):
-        mine.set_timesteps(6)
-        t = mine.timesteps[2]
-        mine._step_index = None
-        if name == "KDPM2AncestralDiscreteScheduler":
-            mine.step(m[:rows], t, x[:rows])
-        return mine.step(m[:rows], t, x[:rows], generator=generator, **step_kw).prev_sample
+        return _noisy_step(mine, name, x[:rows], m[:rows], generator, step_kw)
 
     a = step(3, torch.Generator().manual_seed(11))
     assert torch.equal(step(3, torch.Generator().manual_seed(11)), a)
@@ -248,3 +247,35 @@ def test_one_generator_seeds_the_noise_and_batch_size_does_not(name, config, ste
     b = step(3, None)
     torch.manual_seed(5)
     assert torch.equal(step(3, None), b) and not torch.equal(b, a)
+
+
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
+def test_ddpm_pipeline_call_with_ours_equals_stock(monkeypatch, tmp_path, unet, name):
+    """diffusers' own DDPMPipeline, saved with our scheduler and loaded back, gives the stock pipeline's images."""
+    patch_diffusers_randn(monkeypatch, [STOCK[name]], ours.philox_noise)
+    DDPMPipeline(unet=unet, scheduler=getattr(ours, name)()).save_pretrained(tmp_path)
+    mine = DiffusionPipeline.from_pretrained(tmp_path)
+    stock = DDPMPipeline(unet=unet, scheduler=STOCK[name]())
+    kw = {"batch_size": 2, "num_inference_steps": 6, "output_type": "np"}
+    a = stock(generator=torch.Generator().manual_seed(1), **kw).images
+    b = mine(generator=torch.Generator().manual_seed(1), **kw).images
+    assert type(mine.scheduler) is getattr(ours, name)
+    assert abs(b - a).max() < 1e-5
+
+
+def test_ddim_pipeline_takes_ours_by_assignment(monkeypatch, tmp_path, unet):
+    """DDIMPipeline's constructor converts any scheduler to diffusers' DDIMScheduler (so a saved DDIMPipeline loads
+    back with the stock class); assigned after construction, ours runs the pipeline and gives its images."""
+    patch_diffusers_randn(monkeypatch, [STOCK["DDIMScheduler"]], ours.philox_noise)
+    stock = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler())
+    mine = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler())
+    mine.scheduler = ours.DDIMScheduler.from_config(mine.scheduler.config)
+    for eta in (0.0, 1.0):
+        kw = {"batch_size": 2, "num_inference_steps": 6, "output_type": "np", "eta": eta}
+        a = stock(generator=torch.Generator().manual_seed(1), **kw).images
+        b = mine(generator=torch.Generator().manual_seed(1), **kw).images
+        assert abs(b - a).max() < 1e-5
+    mine.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "model_index.json").read_text())["scheduler"][0] == "scorefast.compat.diffusers"
+    loaded = DiffusionPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is diffusers.DDIMScheduler  # DDIMPipeline.__init__'s conversion, not ours to change

@@ -159,6 +159,27 @@ def need_steps(scheduler) -> None:
         )
 
 
+def multistep_order(scheduler, model_output, lower_order_final: bool, lower_order_second: bool) -> int:
+    """diffusers' multistep bookkeeping (DPM-Solver, DEIS): push the converted output into ``model_outputs``
+    and return this step's order (lower at the start, and at the end where asked)."""
+    cfg = scheduler.config
+    for j in range(cfg.solver_order - 1):
+        scheduler.model_outputs[j] = scheduler.model_outputs[j + 1]
+    scheduler.model_outputs[-1] = model_output
+    if cfg.solver_order == 1 or scheduler.lower_order_nums < 1 or lower_order_final:
+        return 1
+    if cfg.solver_order == 2 or scheduler.lower_order_nums < 2 or lower_order_second:
+        return 2
+    return 3
+
+
+def multistep_done(scheduler) -> None:
+    """The end of a multistep ``step``: one more output of history, the next step index."""
+    if scheduler.lower_order_nums < scheduler.config.solver_order:
+        scheduler.lower_order_nums += 1
+    scheduler._step_index += 1
+
+
 def x0_coefs_vp(prediction_type: str, alpha: float, sigma: float, raw_sigma: float | None = None):
     """(p, q) with x0 = p*x + q*m for x = alpha*x0 + sigma*eps and model output m; None if unknown.
 

@@ -9,7 +9,19 @@ import math
 from diffusers import DEISMultistepScheduler as _DEIS
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
-from ._common import alpha_sigma, at, div, lincomb, log_snr, need_steps, promote, x0_coefs_vp, x0_from
+from ._common import (
+    alpha_sigma,
+    at,
+    div,
+    lincomb,
+    log_snr,
+    multistep_done,
+    multistep_order,
+    need_steps,
+    promote,
+    x0_coefs_vp,
+    x0_from,
+)
 
 
 def _log(v: float) -> float:
@@ -103,19 +115,9 @@ class DEISMultistepScheduler(_DEIS):
         lower_order_final = (i == n - 1) and cfg.lower_order_final and n < 15
         lower_order_second = (i == n - 2) and cfg.lower_order_final and n < 15
         model_output = self.convert_model_output(model_output, sample=sample)
-        for j in range(cfg.solver_order - 1):
-            self.model_outputs[j] = self.model_outputs[j + 1]
-        self.model_outputs[-1] = model_output
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            order = 1
-        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-            order = 2
-        else:
-            order = 3
+        order = multistep_order(self, model_output, lower_order_final, lower_order_second)
         prev = self._update(order, sample, self.model_outputs)
-        if self.lower_order_nums < cfg.solver_order:
-            self.lower_order_nums += 1
-        self._step_index += 1
+        multistep_done(self)
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)

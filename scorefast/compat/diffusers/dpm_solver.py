@@ -29,6 +29,8 @@ from ._common import (
     lincomb,
     log_snr,
     merge_terms,
+    multistep_done,
+    multistep_order,
     need_steps,
     promote,
     x0_coefs_vp,
@@ -233,22 +235,12 @@ class DPMSolverMultistepScheduler(_DPM):
         )
         lower_order_second = (i == n - 2) and cfg.lower_order_final and n < 15
         model_output = self.convert_model_output(model_output, sample=sample)
-        for j in range(cfg.solver_order - 1):
-            self.model_outputs[j] = self.model_outputs[j + 1]
-        self.model_outputs[-1] = model_output
+        order = multistep_order(self, model_output, lower_order_final, lower_order_second)
         noise = None
         if cfg.algorithm_type in ("sde-dpmsolver", "sde-dpmsolver++"):
             noise = StepNoise(model_output, generator, variance_noise)
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            order = 1
-        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-            order = 2
-        else:
-            order = 3
         prev = multistep_update(self, order, sample, noise, model_output.dtype)
-        if self.lower_order_nums < cfg.solver_order:
-            self.lower_order_nums += 1
-        self._step_index += 1
+        multistep_done(self)
         if not return_dict:
             return (prev,)
         return SchedulerOutput(prev_sample=prev)
