@@ -68,7 +68,9 @@ def _finite(out) -> bool:
     return all(bool(torch.isfinite(v).all()) for v in out.values())
 
 
-def parity(name, config=None, steps=8, step_kw=None, set_kw=None, x_scale=None, seed=0, prepare=None, limit=None):
+def parity(
+    name, config=None, steps=8, step_kw=None, set_kw=None, x_scale=None, seed=0, prepare=None, limit=None, net=None
+):
     """Run the three copies along the reference trajectory; return the number of steps compared.
 
     Where diffusers' own float64 step is not finite (its NaN edges), its float32 step must not be
@@ -88,7 +90,7 @@ def parity(name, config=None, steps=8, step_kw=None, set_kw=None, x_scale=None, 
             xin = real.scale_model_input(x, t)
             mine.scale_model_input(x, t)
             ref.scale_model_input(x.double(), t)
-        m = model(xin, t)
+        m = (net or model)(xin, t)
 
         def run(s, xx, mm, i=i, t=t):
             kw = dict(step_kw or {})
@@ -148,6 +150,21 @@ def test_ddim(prediction_type, extra, step_kw):
 @pytest.mark.parametrize("extra", [{}, {"clip_sample": False}, {**THRESHOLD}], ids=["clip", "plain", "threshold"])
 def test_ddpm(prediction_type, variance_type, extra):
     parity("DDPMScheduler", {"prediction_type": prediction_type, "variance_type": variance_type, **extra}, steps=10)
+
+
+def _with_variance(x, t):
+    """A model output of twice the sample's channels: the prediction, then a learned variance in (0, 0.1)
+    (a variance for "learned", an interpolation weight for "learned_range")."""
+    return torch.cat([model(x, t), 0.05 * (1 + torch.tanh(0.3 * x))], dim=1)
+
+
+@pytest.mark.parametrize("variance_type", ["learned", "learned_range", "fixed_large_log"])
+def test_ddpm_learned_variance(variance_type):
+    """learned / learned_range take the variance from the model's extra channels (a per-element noise scale);
+    fixed_large_log is diffusers' NaN (the square root of a log variance): ours raises ValueError instead."""
+    net = _with_variance if variance_type.startswith("learned") else None
+    compared = parity("DDPMScheduler", {"variance_type": variance_type, "clip_sample": False}, steps=6, net=net)
+    assert compared == (0 if variance_type == "fixed_large_log" else 6)
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])

@@ -94,16 +94,20 @@ class DDIMScheduler(_DDIM):
 class DDPMScheduler(_DDPM):
     """DDPM ancestral steps: the posterior mean and its noise in one pass, for every variance type."""
 
-    def _noise_std(self, t, predicted_variance):
-        """The noise's standard deviation: a float, or a tensor for the learned variance types."""
-        variance = self._get_variance(t, predicted_variance=predicted_variance)
-        if self.variance_type == "fixed_small_log":  # diffusers' _get_variance returns the std there
-            return f64(variance)
-        if self.variance_type == "learned_range":
-            return torch.exp(0.5 * variance)
-        if self.variance_type == "learned":
-            return variance**0.5
-        return sqrt(f64(variance))  # NaN for fixed_large_log (a log variance < 0), as diffusers
+    def _noise_std(self, t, predicted_variance, abar: float, abar_prev: float):
+        """The noise's standard deviation (diffusers' ``_get_variance``): a float from the table's floats for the
+        fixed variance types, a tensor for the learned ones."""
+        if self.variance_type in ("learned", "learned_range"):
+            variance = self._get_variance(t, predicted_variance=predicted_variance)
+            return variance**0.5 if self.variance_type == "learned" else torch.exp(0.5 * variance)
+        beta_t = 1 - div(abar, abar_prev)
+        if self.variance_type in ("fixed_small", "fixed_small_log"):
+            return sqrt(max(div(1 - abar_prev, 1 - abar) * beta_t, 1e-20))
+        if self.variance_type == "fixed_large":
+            return sqrt(beta_t)
+        if self.variance_type == "fixed_large_log":  # diffusers takes the square root of log(beta): NaN
+            return sqrt(math.log(beta_t)) if beta_t > 0 else math.nan
+        return sqrt(f64(self._get_variance(t, predicted_variance=predicted_variance)))
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         t = timestep
@@ -125,7 +129,7 @@ class DDPMScheduler(_DDPM):
         terms, x_coef = ([(c0, x0)], cx) if clipped else ([(c0 * q, model_output)], c0 * p + cx)
         noise = None
         if t > 0:
-            std = self._noise_std(t, predicted_variance)
+            std = self._noise_std(t, predicted_variance, abar, abar_prev)
             source = StepNoise(model_output, generator)
             if isinstance(std, torch.Tensor):  # a learned, per-element standard deviation
                 z = source.tensor if source.tensor is not None else _dense(source, model_output)
@@ -160,7 +164,9 @@ class LCMScheduler(_LCM):
         p, q = _x0_coefs(self, abar, "`LCMScheduler`")
         dtype = promote(sample.dtype, model_output.dtype)
         last = self.step_index == self.num_inference_steps - 1
-        x0, clipped = _clip(self, x0_from(sample, model_output, (p, q), dtype)) if self._clips() else (None, False)
+        x0, clipped = None, False
+        if self.config.thresholding or self.config.clip_sample:
+            x0, clipped = _clip(self, x0_from(sample, model_output, (p, q), dtype))
         if clipped:
             terms, x_coef = [(c_out, x0)], c_skip
         else:
@@ -176,6 +182,3 @@ class LCMScheduler(_LCM):
         if not return_dict:
             return (prev, denoised)
         return LCMSchedulerOutput(prev_sample=prev, denoised=denoised)
-
-    def _clips(self) -> bool:
-        return bool(self.config.thresholding or self.config.clip_sample)
