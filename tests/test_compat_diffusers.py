@@ -158,6 +158,12 @@ def _with_variance(x, t):
     return torch.cat([model(x, t), 0.05 * (1 + torch.tanh(0.3 * x))], dim=1)
 
 
+def test_ddpm_last_train_steps():
+    """Custom timesteps 3, 2, 1, 0: beta_t = 1 - abar_t/abar_(t-1) ~ 1e-4 loses half its digits in diffusers' float32
+    (diffusers' own test_full_loop_with_noise pins that rounding); ours takes it in float64 from the same table."""
+    parity("DDPMScheduler", {}, steps=None, set_kw={"timesteps": [3, 2, 1, 0]})
+
+
 @pytest.mark.parametrize("variance_type", ["learned", "learned_range", "fixed_large_log"])
 def test_ddpm_learned_variance(variance_type):
     """learned / learned_range take the variance from the model's extra channels (a per-element noise scale);
