@@ -18,6 +18,7 @@ from .samplers.base import Context
 from .sde.base import SDE, bcast
 
 PRECISIONS = _checks.PRECISIONS
+MAX_STEPS = 1 << 24  # grid times a run may have: its float64 tables stay far below a GB
 
 
 def _grid(sde: SDE, steps: int, schedule, t_start, device) -> tuple[Tensor, bool]:
@@ -277,6 +278,12 @@ def _plan(
     steps = _checks.check_int("steps", module.DEFAULT_STEPS if steps is None else steps, minimum=1)
     if module.KIND == "ode" and steps < 2:
         raise ValueError(f"steps: {sampler} integrates between grid times and needs steps >= 2")
+    draws = samplers.draws_per_step(module, options) + 1  # + a conditional wrapper's draw
+    if steps > MAX_STEPS or steps * draws >= _checks.UINT32:
+        raise ValueError(
+            f"steps: {steps} is more than a run can hold (at most {MAX_STEPS} grid times, and "
+            f"steps x draws per step below 2**32, the noise counter's range)"
+        )
     device = _device(device, x_init)
     backends.resolve(backend, device, dtype)  # a backend that cannot run says so before any work
     ids = _checks.check_sample_ids(sample_ids, shape[0], device)

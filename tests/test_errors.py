@@ -195,3 +195,15 @@ def test_cuda_device_without_cuda_is_a_named_error():
         pytest.skip("CUDA is available here")
     with pytest.raises(ValueError, match="device"):
         sf.sample(lambda x, t: -x, sf.sde.VPSDE(), (2, 2), sampler="ddim", steps=3, device="cuda")
+
+
+@pytest.mark.parametrize("steps", [5_000_000_000, (1 << 24) + 1, (1 << 31)])
+def test_steps_beyond_what_a_run_holds_are_refused_before_any_allocation(steps):
+    """steps x draws must stay below the noise counter's 2**32, and the grid small: the old code built a
+    40 GB float64 grid for steps=5e9 before any check."""
+    gm = sf.testing.GaussianMixture.ring(4, 3.0, 0.3)
+    sde = sf.sde.VPSDE()
+    calls = []
+    with pytest.raises(ValueError, match=r"^steps: .* more than a run can hold"):
+        sf.sample(lambda x, t: calls.append(1) or gm.score_fn(sde)(x, t), sde, (2, 2), sampler="pc", steps=steps)
+    assert not calls
