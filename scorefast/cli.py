@@ -145,6 +145,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"scorefast {args.command}: interrupted (rerun the same command to resume)", file=sys.stderr)
         raise SystemExit(130) from None
+    except BrokenPipeError:  # the reader of our output went away (`scorefast bench --table F | head`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        raise SystemExit(141) from None
     return int(code or 0)
 
 

@@ -420,3 +420,19 @@ def test_sample_outputs_are_written_atomically_with_a_normal_files_mode(tmp_path
     for name in ("samples.safetensors", "samples.png", "timing.json", "shards/manifest.json"):
         assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
     assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temp file left behind
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`scorefast bench --table FILE | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    results = sorted((ROOT / "bench" / "results").glob("*.json"))[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scorefast", "bench", "--table", str(results)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141
