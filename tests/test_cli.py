@@ -374,7 +374,7 @@ def test_every_user_mistake_is_one_line_naming_the_option(tmp_path, capsys, monk
         *no_cuda,
         (["--lr", "-1"], "--lr: must be > 0"),
         (["--lr", "nan"], "argument --lr: expected a finite number"),
-        (["--ema", "7"], r"--ema: must lie in \(0, 1\)"),
+        (["--ema", "7"], r"--ema: must be a number in \(0, 1\)"),
         (["--grad-clip", "0"], "--grad-clip: must be > 0"),
         (["--seed", "-3"], "--seed: must lie in"),
         (["--warmup", "-1"], "argument --warmup: expected an int >= 0"),
