@@ -29,6 +29,10 @@ def cases(
         made = fused_update_cases(size[0], device, backend, set(compile_sizes) if with_compile else set())
     elif kind == "snr":
         made = snr_cases(size[0], size[1], device, backend)
+    elif kind == "snr_sample":
+        made = snr_sample_cases(size[0], size[1], device, backend)
+    elif kind == "table":
+        made = table_cases(size[0], device, backend)
     elif kind == "ema":
         made = ema_cases(size[0], size[1], device)
     elif kind == "em":
@@ -97,6 +101,56 @@ def snr_cases(B: int, D: int, device, backend: str):
             "fused",
             "snr_langevin_step(norm=batch)",
             lambda: sf.ops.snr_langevin_step(x, g, 0.16, norm="batch", seed=1, step=0, backend=backend),
+            nbytes,
+        ),
+    ]
+
+
+def table_cases(n: int, device, backend: str):
+    """The one-launch step's form of the same update: coefficients from a device table row, the
+    Philox step n*S + j, the seed and the non-finite flag all read on the device (what a captured
+    sampler step replays), against the same-bytes copy and the float-coefficient op."""
+    x = torch.randn(1, n, device=device)
+    s = torch.randn(1, n, device=device)
+    out = torch.empty_like(x)
+    table = torch.tensor([[1.0, 0.5, 0.1]] * 8, device=device)
+    row, seed = torch.tensor(3, device=device), torch.tensor(1, device=device)
+    flag = torch.tensor(-1, device=device)
+    nbytes = 3 * 4 * n
+    return [
+        ("copy", "torch.add(x, s, out=o)", lambda: torch.add(x, s, out=out), nbytes),
+        ("eager", "x + c*s + sigma*randn_like(x)", lambda: x + 0.5 * s + 0.1 * torch.randn_like(x), nbytes),
+        (
+            "fused_out",
+            "fused_update_table(out=, flag=)",
+            lambda: sf.ops.fused_update_table(
+                x, [s], table, row, seed=seed, draws=2, draw=1, flag=flag, out=out, backend=backend
+            ),
+            nbytes,
+        ),
+    ]
+
+
+def snr_sample_cases(B: int, D: int, device, backend: str):
+    """The per-sample-norm corrector (one kernel for D <= 8192) against eager torch doing the same
+    and a copy moving its bytes (read x and score, write out)."""
+    x = torch.randn(B, D, device=device)
+    g = torch.randn(B, D, device=device)
+    out = torch.empty_like(x)
+    nbytes = 4 * B * D * 3
+
+    def eager():
+        noise = torch.randn_like(x)
+        eps = 2 * (0.16 * noise.norm(dim=1) / g.norm(dim=1)) ** 2
+        return x + eps[:, None] * g + torch.sqrt(2 * eps)[:, None] * noise
+
+    return [
+        ("copy", "torch.add(x, s, out=o)", lambda: torch.add(x, g, out=out), nbytes),
+        ("eager", "per-sample LangevinCorrector", eager, nbytes),
+        (
+            "fused_out",
+            "snr_langevin_step(norm=sample, out=)",
+            lambda: sf.ops.snr_langevin_step(x, g, 0.16, seed=1, step=0, out=out, backend=backend),
             nbytes,
         ),
     ]

@@ -114,34 +114,76 @@ def test_k_diffusion_dpm_adaptive(record, role):
     )
 
 
+# -- diffusers: every scheduler of scorefast.compat.diffusers against diffusers' own -------------------
+DIFFUSERS_SCHEDULERS = [  # (class name, config, label suffix)
+    ("DDIMScheduler", {}, ""),
+    ("DDPMScheduler", {}, ""),
+    ("PNDMScheduler", {"skip_prk_steps": True}, ""),
+    ("LMSDiscreteScheduler", {}, ""),
+    ("EulerDiscreteScheduler", {}, ""),
+    ("EulerAncestralDiscreteScheduler", {}, ""),
+    ("HeunDiscreteScheduler", {}, ""),
+    ("DPMSolverMultistepScheduler", {}, ""),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, "[sde-dpmsolver++]"),
+    ("DPMSolverSinglestepScheduler", {}, ""),
+    ("KDPM2DiscreteScheduler", {}, ""),
+    ("KDPM2AncestralDiscreteScheduler", {}, ""),
+    ("DEISMultistepScheduler", {}, ""),
+    ("UniPCMultistepScheduler", {}, ""),
+    ("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}, ""),
+    ("EDMEulerScheduler", {}, ""),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}, ""),
+    ("FlowMatchHeunDiscreteScheduler", {}, ""),
+    ("LCMScheduler", {}, ""),
+    ("ScoreSdeVeScheduler", {}, ""),
+]
+
+
+# DPMSolverSDE's Brownian-tree noise (torchsde, diffusers' own in both roles) costs ~100x its arithmetic
+_FEW_STEPS = {"DPMSolverSDEScheduler": 10, "LCMScheduler": 4}
+
+
+def _diffusers_loop(sched, x0, out):
+    """The pipelines' loop with a fixed model output: set_timesteps, then one step per timestep."""
+    if hasattr(sched, "set_sigmas"):  # score_sde's VE: corrector then predictor, as its pipeline
+        sched.set_timesteps(STEPS)
+        sched.set_sigmas(STEPS)
+        x = x0 * sched.init_noise_sigma
+        for t in sched.timesteps:
+            x = sched.step_correct(out, x).prev_sample
+            x = sched.step_pred(out, t, x).prev_sample
+        return x
+    sched.set_timesteps(_FEW_STEPS.get(sched.__class__.__name__, STEPS))
+    x = x0 * getattr(sched, "init_noise_sigma", 1.0)
+    for t in sched.timesteps:
+        x = sched.step(out, t, x).prev_sample
+    return x
+
+
 @pytest.mark.parametrize("role", ["eager", "fused"])
-@pytest.mark.parametrize("scheduler", ["EulerDiscreteScheduler", "DDIMScheduler", "DPMSolverMultistepScheduler"])
-def test_diffusers(record, scheduler, role):
+@pytest.mark.parametrize(
+    "scheduler,config,label", DIFFUSERS_SCHEDULERS, ids=[n + s for n, _, s in DIFFUSERS_SCHEDULERS]
+)
+def test_diffusers(record, scheduler, config, label, role):
     diffusers = pytest.importorskip("diffusers")
     from scorefast.compat import diffusers as ours_df
 
     cls = getattr(diffusers if role == "eager" else ours_df, scheduler)
-    sched = cls()
+    sched = cls(**config)
     x0 = torch.randn(B, D, generator=torch.Generator().manual_seed(1))
     out = 0.1 * torch.randn(B, D, generator=torch.Generator().manual_seed(2))
-
-    def run():
-        sched.set_timesteps(STEPS)
-        x = x0 * sched.init_noise_sigma
-        for t in sched.timesteps:
-            x = sched.step(out, t, x).prev_sample
-        return x
-
+    _diffusers_loop(sched, x0, out)  # builds the timestep tables once, outside the timing
+    nfe = len(sched.timesteps) * (2 if hasattr(sched, "set_sigmas") else 1)
     record(
-        run,
-        name=f"{'diffusers' if role == 'eager' else 'sf.compat.diffusers'}.{scheduler}.step",
+        lambda: _diffusers_loop(sched, x0, out),
+        name=f"{'diffusers' if role == 'eager' else 'sf.compat.diffusers'}.{scheduler}{label}.step",
         backend="torch" if role == "eager" else "cpu",
         dtype=torch.float32,
         size=B,
-        group=f"diffusers-{scheduler}",
+        group=f"diffusers-{scheduler}{label}",
         role=role,
-        rounds=15,
-        nfe=STEPS,
+        rounds=3 if scheduler == "DPMSolverSDEScheduler" else 15,
+        nfe=nfe,
         peer="diffusers",
         model="fixed model output",
     )

@@ -19,10 +19,10 @@ from bench.conftest import QUICK
 DEVICE = torch.device(os.environ.get("SCOREFAST_BENCH_DEVICE", "cuda"))
 SMOKE = DEVICE.type != "cuda"
 pytestmark = pytest.mark.skipif(not SMOKE and not torch.cuda.is_available(), reason="needs a CUDA GPU")
-SIZES = [100_003] if SMOKE else [1_000_000] if QUICK else [1_000_000, 20_000_000, 100_000_000]
+SIZES = ([4099] if QUICK else [100_003]) if SMOKE else [1_000_000] if QUICK else [1_000_000, 20_000_000, 100_000_000]
 COMPILE_SIZES = frozenset({1_000_000} if QUICK else {20_000_000, 100_000_000})
 RANDN_SIZE = 100_003 if SMOKE else 20_000_000
-IMAGES = [(5, 3 * 32 * 32)] if SMOKE else [(64, 3 * 32 * 32), (1024, 3 * 64 * 64)]  # (B, D) of the per-sample ops
+IMAGES = [(5, 3 * 16 * 16 if QUICK else 3 * 32 * 32)] if SMOKE else [(64, 3 * 32 * 32), (1024, 3 * 64 * 64)]  # (B, D)
 BASELINE_ROLES = ("copy", "eager", "compile")
 
 
@@ -57,10 +57,26 @@ def test_fused_update(record, n, role, backend):
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("role", ["copy", "fused_out"])
+@pytest.mark.parametrize("n", SIZES[-1:])
+def test_fused_update_table(record, n, role, backend):
+    """The one-launch form (table row, device counter, flag): it must keep the plain op's bandwidth."""
+    _run(record, "table", (n,), role, backend)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
 @pytest.mark.parametrize("role", ["eager", "fused"])
 @pytest.mark.parametrize("B,D", IMAGES)
 def test_snr_corrector(record, B, D, role, backend):
     _run(record, "snr", (B, D), role, backend)
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("role", ["copy", "eager", "fused_out"])
+@pytest.mark.parametrize("B,D", IMAGES)
+def test_snr_corrector_one_kernel(record, B, D, role, backend):
+    """norm="sample": one kernel for D <= 8192 (3 x 32 x 32 = 3072; 3 x 64 x 64 = 12288 takes three)."""
+    _run(record, "snr_sample", (B, D), role, backend)
 
 
 @pytest.mark.parametrize("backend", ["cuda", "triton"])

@@ -8,16 +8,19 @@ chosen from the sample size D alone, so the sums do not depend on the batch (DES
 import triton
 import triton.language as tl
 
-from .philox import COMPILE_OPTIONS, COUNTER_ARGS, contract_words, group_values, load_counter
+from .fused_update import STEP_ARGS, load_ids
+from .philox import COMPILE_OPTIONS, contract_words, group_values, load_counter
 
 
-@triton.jit(do_not_specialize=COUNTER_ARGS)
+@triton.jit(do_not_specialize=STEP_ARGS)
 def _sumsq_partial_kernel(
     partial_ptr,
     t_ptr,
     ids_ptr,
     seed,
     step,
+    draws,
+    draw,
     B,
     D,
     n_tiles,
@@ -26,6 +29,7 @@ def _sumsq_partial_kernel(
     WITH_NOISE: tl.constexpr,
     SEED_IS_PTR: tl.constexpr,
     STEP_IS_PTR: tl.constexpr,
+    HAS_IDS: tl.constexpr,
     ROWS: tl.constexpr,
     TILE_G: tl.constexpr,
 ):
@@ -45,9 +49,9 @@ def _sumsq_partial_kernel(
         tl.store(partial_ptr + slot, tl.sum(tl.sum(v * v, axis=2), axis=1), mask=b < B)
     if WITH_NOISE:
         seed, step = load_counter(seed, step, SEED_IS_PTR, STEP_IS_PTR)
-        sample_id = tl.load(ids_ptr + b, mask=b < B, other=0)
+        sample_id = load_ids(ids_ptr, b, b < B, HAS_IDS)
         w0, w1, w2, w3 = contract_words(
-            seed, g[None, :] + 0 * sample_id[:, None], step, sample_id[:, None] + 0 * g[None, :], stream
+            seed, g[None, :] + 0 * sample_id[:, None], step * draws + draw, sample_id[:, None] + 0 * g[None, :], stream
         )
         z = _normals_3d(w0, w1, w2, w3)
         z = tl.where(mask, z, 0.0)
@@ -84,20 +88,21 @@ def tile_shape(D: int, max_elements: int) -> tuple[int, int]:
     return rows, tile_g
 
 
-def sumsq_norms(out, partial, t, ids, seed, step, D: int, stream: int, with_noise: bool, max_elements: int) -> None:
-    """Launcher: ``out`` fp32 [2, B]; ``partial`` fp32 [2, B, n_tiles] scratch; ``t`` [B, D] or None."""
-    B = ids.shape[0]
-    if B == 0:
-        return
+def sumsq_partial(
+    partial, t, ids, seed, step, B: int, D: int, stream: int, with_noise: bool, max_elements: int, draws=1, draw=0
+) -> int:
+    """Pass 1 into ``partial`` fp32 [2, B, n_tiles]; ``ids`` None: arange(B).  Returns n_tiles."""
     rows, tile_g = tile_shape(D, max_elements)
     n_tiles = triton.cdiv(max(D, 1), 4 * tile_g)
     grid = (triton.cdiv(B, rows) * n_tiles,)
     _sumsq_partial_kernel[grid](
         partial,
-        t if t is not None else ids,
-        ids,
+        t if t is not None else partial,
+        ids if ids is not None else partial,
         seed,
         step,
+        draws,
+        draw,
         B,
         D,
         n_tiles,
@@ -106,10 +111,20 @@ def sumsq_norms(out, partial, t, ids, seed, step, D: int, stream: int, with_nois
         with_noise,
         hasattr(seed, "data_ptr"),
         hasattr(step, "data_ptr"),
+        ids is not None,
         rows,
         tile_g,
         **COMPILE_OPTIONS,
     )
+    return n_tiles
+
+
+def sumsq_norms(out, partial, t, ids, seed, step, D: int, stream: int, with_noise: bool, max_elements: int) -> None:
+    """Launcher: ``out`` fp32 [2, B]; ``partial`` fp32 [2, B, n_tiles] scratch; ``t`` [B, D] or None."""
+    B = ids.shape[0]
+    if B == 0:
+        return
+    n_tiles = sumsq_partial(partial, t, ids, seed, step, B, D, stream, with_noise, max_elements)
     _sumsq_finish_kernel[(triton.cdiv(2 * B, 1024),)](out, partial, 2 * B, n_tiles, 1024, **COMPILE_OPTIONS)
 
 

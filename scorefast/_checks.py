@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -35,6 +36,27 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def same_device(a: torch.device, b: torch.device) -> bool:
+    """a and b are one device (``cuda`` without an index means the current one)."""
+    if a.type != b.type:
+        return False
+    return a.index is None or b.index is None or a.index == b.index
+
+
+def check_shape(name: str, shape: object) -> tuple[int, ...]:
+    """A shape: a sequence of non-negative ints (numpy ints and torch.Size too; not bools or floats,
+    which ``int()`` would silently truncate)."""
+    if isinstance(shape, str | bytes) or not isinstance(shape, Sequence):
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(shape).__name__} {shape!r}")
+    for i, size in enumerate(shape):
+        if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+            raise TypeError(f"{name}: expected ints, got {type(size).__name__} {size!r} at position {i} of {shape!r}")
+    dims = tuple(int(size) for size in shape)
+    if any(size < 0 for size in dims):
+        raise ValueError(f"{name}: sizes must be >= 0, got {dims}")
+    return dims
+
+
 def check_float_tensor(name: str, t: object) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
@@ -60,6 +82,59 @@ def check_finite_scalar(name: str, v: object, *, positive: bool = False, nonzero
     if nonzero and v == 0:
         raise ValueError(f"{name}: must be nonzero, got {v}")
     return v
+
+
+def check_real(
+    name: str, v: object, *, lo: float | None = None, hi: float | None = None, allow_inf: bool = False
+) -> float:
+    """A real Python number (numpy scalars too; not bool) in [lo, hi], finite unless ``allow_inf``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    v = float(v)
+    if math.isnan(v) or (not allow_inf and math.isinf(v)):
+        raise ValueError(f"{name}: must be {'a number' if allow_inf else 'finite'}, got {v}")
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name}: must lie in {bounds}, got {v}")
+    return v
+
+
+def check_int(name: str, v: object, *, minimum: int | None = None) -> int:
+    """A Python or numpy integer (not bool, not a float such as 2.0) >= ``minimum``."""
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__} {v!r}")
+    v = int(v)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {v}")
+    return v
+
+
+def check_bool(name: str, v: object) -> bool:
+    """True or False (or a numpy bool): a string such as "no" is not a bool."""
+    if isinstance(v, bool) or (type(v).__module__ == "numpy" and type(v).__name__ in ("bool", "bool_")):
+        return bool(v)
+    raise TypeError(f"{name}: expected True or False, got {type(v).__name__} {v!r}")
+
+
+def check_choice(name: str, v: object, choices: tuple) -> object:
+    """One of ``choices`` (compared by equality, so an unhashable value is an error, not a crash)."""
+    if not any(type(v) is type(c) and v == c for c in choices):
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {v!r}")
+    return v
+
+
+def check_like(name: str, t: object, x: torch.Tensor, *, other: str = "x") -> torch.Tensor:
+    """A float tensor that a kernel reads beside ``x``: its shape, on its device (cheap attribute checks;
+    a kernel handed a tensor on another device or of another shape would read foreign memory)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor shaped like {other} {tuple(x.shape)}, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:  # int, bool, complex: a bug that a silent cast would hide
+        raise TypeError(f"{name}: expected a float32/float16/bfloat16/float64 tensor, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name}: on {t.device}, but {other} is on {x.device}")
+    if t.shape != x.shape:
+        raise ValueError(f"{name}: shape {tuple(t.shape)} does not match {other} {tuple(x.shape)}")
+    return t
 
 
 def check_coef(
@@ -131,7 +206,10 @@ def check_stream(stream: object) -> int:
 
 
 def check_sample_ids(sample_ids: object, B: int, device: torch.device) -> torch.Tensor:
-    """int64 [B] ids on ``device`` in [0, 2**32); default arange(B).  Checked on the host unless capturing."""
+    """int64 [B] ids on ``device`` in [0, 2**32); default arange(B).  Checked on the host unless capturing.
+
+    Ids on ``device`` are used as they are and host (CPU) ids are copied to it; ids on any other
+    device are a ValueError."""
     if sample_ids is None:
         if B > UINT32:
             raise ValueError(f"sample_ids: batch {B} exceeds 2**32 ids")
@@ -142,6 +220,10 @@ def check_sample_ids(sample_ids: object, B: int, device: torch.device) -> torch.
         raise TypeError(f"sample_ids: expected an int64 tensor, got {sample_ids.dtype}")
     if sample_ids.dim() != 1 or sample_ids.shape[0] != B:
         raise ValueError(f"sample_ids: expected shape [{B}] (one id per sample), got {tuple(sample_ids.shape)}")
+    if sample_ids.device.type != "cpu" and not same_device(sample_ids.device, device):  # host ids: copied
+        raise ValueError(f"sample_ids: on {sample_ids.device}, but the op runs on {device}")
+    if sample_ids.device.type == "meta":
+        raise ValueError("sample_ids: a meta tensor holds no ids")
     sample_ids = sample_ids.to(device=device, dtype=torch.int64)
     if B and not is_capturing_or_compiling():
         lo, hi = int(sample_ids.min()), int(sample_ids.max())

@@ -1,13 +1,17 @@
 """Turn a network of any common parameterisation into ``score_fn(x, t, **extra_args)``.
 
 ``t`` is [B] in the SDE's own time.  The network sees ``time_map(t)`` (default: the SDE's own map,
-VPSDE / SubVPSDE t*999, VESDE sigma(t), DiscreteVP its table position tau, EDM sigma) and may run in
+VPSDE / SubVPSDE t*999, VESDE sigma(t), DiscreteVP its table position tau, EDM sigma, RectifiedFlow t;
+diffusers' FlowMatch networks take "t*1000") and may run in
 bf16/fp16; its output is cast to fp32 and every conversion below runs in fp32 (float64 state stays
 float64).  With a(t) = mean coefficient and s(t) = std of the perturbation kernel x_t = a x_0 + s n:
 
 - ``from_eps``: score = -eps / s
 - ``from_x0``: score = (a x0 - x) / s^2
 - ``from_v`` (VP-type, a^2 + s^2 = 1): eps = s x + a v, score = -eps / s
+- ``from_velocity`` (flow matching, v = n - x_0; on RectifiedFlow a = 1 - t, s = t): the score is
+  affine in the output, score = A(t) x + B(t) v with A = -1 / (s (a + s)), B = -a / (s (a + s)),
+  i.e. A = -1/t, B = -(1 - t)/t: score = -(x + (1 - t) v) / t
 - ``from_denoiser`` (k-diffusion / EDM D(x, sigma) with its own preconditioning): sigma = s / a,
   score = (a D(x / a, sigma) - x) / s^2
 - ``from_score``: the network's output is the score already (time map applied).
@@ -23,8 +27,8 @@ from torch import Tensor
 from ._checks import state_dtype
 from .sde.base import SDE, as_time, bcast
 
-PARAMETERISATIONS = ("score", "eps", "x0", "v", "denoiser")
-TIME_MAPS = ("default", "t", "t*999", "sigma", "c_noise")
+PARAMETERISATIONS = ("score", "eps", "x0", "v", "velocity", "denoiser")
+TIME_MAPS = ("default", "t", "t*999", "t*1000", "sigma", "c_noise")
 
 
 def resolve_time_map(sde: SDE, time_map: str | Callable | None) -> Callable[[Tensor], Tensor]:
@@ -37,6 +41,8 @@ def resolve_time_map(sde: SDE, time_map: str | Callable | None) -> Callable[[Ten
         return lambda t: t
     if time_map == "t*999":
         return lambda t: t * 999
+    if time_map == "t*1000":
+        return lambda t: t * 1000
     if time_map == "sigma":
         return lambda t: sde.std(t) / sde.mean_coef(t)
     if time_map == "c_noise":
@@ -55,13 +61,17 @@ def _wrap(net, sde, time_map, convert) -> Callable:
     _check(net, sde)
     tmap = resolve_time_map(sde, time_map)
 
+    def output(x: Tensor, t, **extra_args) -> Tensor:
+        """The network's own output at (x, t [B] in the SDE's time), in the state dtype."""
+        return net(x, tmap(as_time(t, x)).to(x.dtype), **extra_args).to(state_dtype(x))
+
     def score_fn(x: Tensor, t, **extra_args) -> Tensor:
         t = as_time(t, x)
         out = net(x, tmap(t).to(x.dtype), **extra_args)
         dt = state_dtype(x)
         return convert(out.to(dt), x.to(dt), t)
 
-    score_fn.net, score_fn.sde = net, sde
+    score_fn.net, score_fn.sde, score_fn.output = net, sde, output
     return score_fn
 
 
@@ -97,6 +107,29 @@ def from_v(net: Callable, sde: SDE, *, time_map=None) -> Callable:
     return _wrap(net, sde, time_map, convert)
 
 
+def velocity_coefs(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(A, B), float64 [B], with score = A x + B v for the velocity v = n - x_0 of x_t = a x_0 + s n:
+    E[n | x] = (x + a v) / (a + s), score = -E[n | x] / s.  RectifiedFlow: A = -1/t, B = -(1 - t)/t."""
+    a, s = sde.mean_coef(t), sde.std(t)
+    scale = -1 / (s * (a + s))
+    return scale, scale * a
+
+
+def from_velocity(net: Callable, sde: SDE, *, time_map=None) -> Callable:
+    """Flow matching's velocity v = n - x_0 (SD3, Flux; the ODE dx/dt = v on RectifiedFlow):
+    score = A(t) x + B(t) v = -(x + (1 - t) v) / t on RectifiedFlow (``velocity_coefs``).
+
+    ``score_fn.output(x, t)`` is the velocity itself (what ``fm_loss`` trains).  The default time map
+    is the SDE's (t on RectifiedFlow); diffusers' FlowMatch networks take ``time_map="t*1000"``.
+    """
+
+    def convert(v, x, t):
+        A, B = velocity_coefs(sde, t)
+        return bcast(A, x) * x + bcast(B, x) * v
+
+    return _wrap(net, sde, time_map, convert)
+
+
 def from_denoiser(denoiser: Callable, sde: SDE) -> Callable:
     """A k-diffusion / EDM denoiser D(x, sigma) (preconditioning inside D): score = (a D(x/a, s/a) - x) / s^2."""
     _check(denoiser, sde)
@@ -117,7 +150,7 @@ def from_parameterisation(net: Callable, sde: SDE, parameterisation: str, *, tim
     """Dispatch on a parameterisation name (``PARAMETERISATIONS``), as checkpoints record it."""
     if parameterisation == "denoiser":
         return from_denoiser(net, sde)
-    makers = {"score": from_score, "eps": from_eps, "x0": from_x0, "v": from_v}
+    makers = {"score": from_score, "eps": from_eps, "x0": from_x0, "v": from_v, "velocity": from_velocity}
     if parameterisation not in makers:
         raise ValueError(f"parameterisation: expected one of {', '.join(PARAMETERISATIONS)}, got {parameterisation!r}")
     return makers[parameterisation](net, sde, time_map=time_map)

@@ -14,6 +14,7 @@ row by row (atomically), so a run that is cut off still leaves its results.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -24,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from ._io import atomic_write_bytes
-from .cli import register
+from ._io import atomic_savefig, atomic_write_bytes, writable_dir
+from .cli import CommandError, one_line, register, user_input
 
 SCHEMA_KEYS = ("suite", "date", "machine", "results")
 # suite -> pytest-benchmark file in bench/ (micro-benchmarks and end-to-end run as separate commands)
@@ -35,6 +36,7 @@ SUITES = {
     "cpu-likelihood": "test_cpu_likelihood.py",
     "cpu-compat": "test_cpu_compat.py",
     "cpu-quality": "test_cpu_quality.py",
+    "cpu-train": "test_cpu_train.py",
     "gpu": "test_gpu_micro.py",
     "gpu-e2e-mlp": "test_gpu_e2e.py",
     "gpu-e2e-unet": "test_gpu_e2e.py",
@@ -74,14 +76,24 @@ def machine_info() -> dict:
 
 def validate(results: dict) -> None:
     """Raise ValueError unless ``results`` follows the schema."""
+    if not isinstance(results, dict):
+        raise ValueError(f"results: expected a JSON object, got {type(results).__name__}")
     for key in SCHEMA_KEYS:
         if key not in results:
             raise ValueError(f"results: missing {key!r}")
+    if not isinstance(results["date"], str):
+        raise ValueError("results.date: must be an ISO 8601 string")
     datetime.datetime.fromisoformat(results["date"])
+    if not isinstance(results["machine"], dict):
+        raise ValueError("results.machine: must be an object")
     for key in MACHINE_KEYS:
         if key not in results["machine"]:
             raise ValueError(f"results.machine: missing {key!r}")
+    if not isinstance(results["results"], list):
+        raise ValueError("results.results: must be a list of rows")
     for i, row in enumerate(results["results"]):
+        if not isinstance(row, dict):
+            raise ValueError(f"results[{i}]: must be an object")
         for key in ROW_KEYS:
             if key not in row:
                 raise ValueError(f"results[{i}]: missing {key!r}")
@@ -239,6 +251,23 @@ def likelihood_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def train_table(results: dict) -> str:
+    """README table of training-step rows (ours and the peer's loop, same group, same run)."""
+    lines = [
+        _caption(results),
+        "",
+        "| loop | model | batch | threads | time / step | vs peer loop |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["results"]:
+        ratio = f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-"
+        lines.append(
+            f"| {r['name']} | {r['model']} | {r['size']} | {r['threads']} | "
+            f"{r['median_s'] / r['steps'] * 1e3:.2f} ms | {ratio} |"
+        )
+    return "\n".join(lines)
+
+
 def render_table(results: dict) -> str:
     """The README table for any suite's results file."""
     if results["suite"] == "cpu-quality":
@@ -247,6 +276,8 @@ def render_table(results: dict) -> str:
         return quality_table(results)
     if results["suite"] == "cpu-likelihood":
         return likelihood_table(results)
+    if results["suite"] == "cpu-train":
+        return train_table(results)
     if any(r.get("role") == "peer" for r in results["results"]):
         return e2e_table(results)
     if any("nfe" in r for r in results["results"]):
@@ -292,9 +323,38 @@ def plot_results(results: dict, path: str | os.PathLike) -> Path:
     ax.set_title(f"{results['suite']}, {results['date'][:10]}, {m['gpu'] or m['cpu']}", fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path, dpi=110)
+    atomic_savefig(fig, path, dpi=110)
     plt.close(fig)
     return path
+
+
+def read_results(path: str | os.PathLike, option: str) -> dict:
+    """A results file, read and checked against the schema; a ``CommandError`` naming ``option``
+    if it is missing, unreadable, not JSON or not a results file."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CommandError(f"{option}: cannot read {path}: {one_line(err)}") from err
+    try:
+        results = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise CommandError(f"{option}: {path} is not JSON ({one_line(err)})") from err
+    try:
+        validate(results)
+    except ValueError as err:
+        raise CommandError(f"{option}: {path} is not a scorefast results file: {one_line(err)}") from err
+    return results
+
+
+@contextlib.contextmanager
+def _rendering(path, option: str):
+    """Within: a results file that follows the schema but lacks what a table or plot needs is a
+    ``CommandError`` naming ``option`` (``SCOREFAST_DEBUG=1`` shows where)."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as err:
+        what = f"missing field {err}" if isinstance(err, KeyError) else one_line(err, {"results": "its rows"})
+        raise CommandError(f"{option}: {path}: cannot render it: {what}") from err
 
 
 def _bench_dir() -> Path:
@@ -315,14 +375,25 @@ def _bench_command(parser):
 
     def run(args):
         if args.table:
-            print(render_table(json.loads(Path(args.table).read_text())))
+            results = read_results(args.table, "--table")
+            with _rendering(args.table, "--table"):
+                print(render_table(results))
             return 0
         if args.plot:
-            png = plot_results(json.loads(Path(args.plot).read_text()), args.png or Path(args.plot).with_suffix(".png"))
+            results = read_results(args.plot, "--plot")
+            png = Path(args.png or Path(args.plot).with_suffix(".png"))
+            with _rendering(args.plot, "--plot"):
+                try:
+                    plot_results(results, png)
+                except OSError as err:
+                    raise CommandError(f"--png: cannot write {png}: {one_line(err)}") from err
             print(f"wrote {png}")
             return 0
-        bench = _bench_dir()
+        with user_input():
+            bench = _bench_dir()
         out = Path(args.out or bench / "results" / f"{args.suite}.json").resolve()
+        with user_input({"out_dir": "--out"}):
+            writable_dir(out.parent, "out_dir")
         env = {
             **os.environ,
             "SCOREFAST_BENCH_OUT": str(out),

@@ -14,7 +14,7 @@ works with any sampler.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import Tensor
@@ -55,12 +55,9 @@ class _Replace:
     def __call__(self, ctx, x: Tensor, n, t) -> Tensor:
         known = self._to(self.data)
         if self._noising is None or self._noising[0] is not ctx:
-            # known noised to t_{n+1}: mean_coef * known + std * z; after the last step (the data end) known
-            _, t_next = ctx.schedule_times()
-            last = t_next <= 0
-            safe = torch.where(last, ctx.sde.eps, t_next)
-            a = torch.where(last, 1.0, ctx.sde.mean_coef(safe))
-            std = torch.where(last, 0.0, ctx.sde.std(safe))
+            # known noised to t_{n+1}: mean_coef * known + std * z; after the last step (the data end,
+            # also on DiscreteVP whose last grid time t = 0 is still noisy) known itself
+            a, std = ctx.next_coefs()
             self._noising = (ctx, ctx.table(torch.stack([a, std], 1)))
         a, std = self._noising[1][n]
         if isinstance(std, Tensor) or std > 0:  # one fused pass, the wrapper's draw
@@ -83,20 +80,25 @@ def _run(score_fn, sde, data: Tensor, mask: Tensor, basis, sampler: str, **kwarg
 
 
 def inpaint(score_fn: Callable, sde, data: Tensor, mask: Tensor, *, sampler: str = "pc", **kwargs) -> Tensor:
-    """Fill the unknown part of ``data`` [B, ...]: ``mask`` is 1 where data is known, 0 elsewhere.
+    """Fill the unknown part of ``data`` [B, ...]: ``mask`` is 1 where data is known, 0 elsewhere
+    (the unknown part of ``data`` may hold anything, NaN included: it is never read).
 
     Other keyword arguments go to ``sf.sample`` (steps, seed, sample_ids, progress, ...).
     """
     _checks.check_float_tensor("data", data)
     _checks.check_batched("data", data)
-    if not isinstance(mask, Tensor):
-        raise TypeError("mask: expected a tensor of 0/1 values")
+    if not isinstance(mask, Tensor) or mask.is_complex():
+        raise TypeError("mask: expected a real tensor of 0/1 values")
     try:
         mask = torch.broadcast_to(mask.to(device=data.device, dtype=data.dtype), data.shape)
     except RuntimeError as err:
         raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to data {tuple(data.shape)}") from err
     if not bool(((mask == 0) | (mask == 1)).all()):
         raise ValueError("mask: values must be 0 (unknown) or 1 (known)")
+    known = mask == 1
+    if not bool(torch.isfinite(data[known]).all()):
+        raise ValueError("data: the known part (mask 1) contains NaN or inf")
+    data = torch.where(known, data, torch.zeros((), dtype=data.dtype, device=data.device))  # unknown: any value
     return _run(score_fn, sde, data, mask, None, sampler, **kwargs)
 
 
@@ -109,6 +111,8 @@ def colorize(score_fn: Callable, sde, gray: Tensor, *, sampler: str = "pc", **kw
     _checks.check_float_tensor("gray", gray)
     if gray.dim() != 4 or gray.shape[1] not in (1, 3):
         raise ValueError(f"gray: expected [B, 1, H, W] or [B, 3, H, W], got {tuple(gray.shape)}")
+    if not bool(torch.isfinite(gray).all()):
+        raise ValueError("gray: contains NaN or inf")
     data = gray.expand(-1, 3, -1, -1).contiguous() if gray.shape[1] == 1 else gray
     mask = torch.zeros_like(data)
     mask[:, 0] = 1
@@ -130,6 +134,8 @@ def guided(
     ``score_fn(x, t, **extra_args)`` and s_u the same with ``uncond_args`` overriding extra_args
     (e.g. ``{"label": null_label}``).
     """
+    if not callable(score_fn):
+        raise TypeError("score_fn: must be callable as score_fn(x, t, **extra_args)")
     if classifier_grad is None and cfg_scale is None:
         raise ValueError("classifier_grad, cfg_scale: give at least one")
     if classifier_grad is not None and not callable(classifier_grad):
@@ -139,6 +145,10 @@ def guided(
         cfg_scale = _checks.check_finite_scalar("cfg_scale", cfg_scale)
         if uncond_args is None:
             raise ValueError("uncond_args: classifier-free guidance needs the unconditional arguments")
+        if not isinstance(uncond_args, Mapping):
+            raise TypeError(
+                f"uncond_args: expected a dict of score_fn keyword arguments, got {type(uncond_args).__name__}"
+            )
 
     def score(x: Tensor, t: Tensor, **extra_args) -> Tensor:
         s = score_fn(x, t, **extra_args)

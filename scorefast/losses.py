@@ -12,24 +12,62 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from . import _checks
-from .ops import fused_update, sample_sumsq
-from .rng import STREAM_DSM, STREAM_SLICED, STREAM_TIMES, rand, randn
-from .sde import EDM, VESDE, VPSDE, SubVPSDE
+from . import _checks, backends
+from .ops import _common, fused_update, sample_sumsq
+from .ops.fused_update import apply as apply_update
+from .ops.noise import noise_op
+from .rng import KINDS, STREAM_DSM, STREAM_SLICED, STREAM_TIMES, rand, randn
+from .sde import EDM, VESDE, VPSDE, RectifiedFlow, SubVPSDE
 from .sde.base import SDE, bcast
 
+# Eager calls without autograd, tracing or fx capture go straight to the backend's kernels (the
+# interface every backend exposes, as ops/fused_update's own shortcut does); otherwise the ops.
+_COEFS: dict[tuple, Tensor] = {}
 
-def _dsm_residual(score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
-    """std s + z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
-    return fused_update(
-        score.to(_checks.state_dtype(score)),
+
+def _coefs(x_coef: float, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The [2, 1] coefficient rows (x_coef, noise 1) of the kernels, made once per device and dtype."""
+    key = (x_coef, device, dtype)
+    if key not in _COEFS:
+        _COEFS[key] = torch.tensor([[x_coef], [1.0]], dtype=dtype, device=device)
+    return _COEFS[key]
+
+
+def _update_rows(x2: Tensor, coefs: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+    """coefs[0] x2 + coefs[1] z for contiguous rows x2 [B, D], z the stream-2 normals, by the kernel."""
+    out = torch.empty_like(x2)
+    backends.get(backend).fused_update(out, x2, [], coefs, ids, seed, step, STREAM_DSM, True)
+    return out
+
+
+def _rows_sumsq(r: Tensor, ids: Tensor, backend: str) -> Tensor:
+    """Per-sample sum of squares [B] of r [B, ...] in the fixed, batch-invariant tree."""
+    r2 = r if r.dim() == 2 else r.reshape(r.shape[0], -1)
+    if _checks.use_custom_op(r2) or not r2.is_contiguous():
+        return sample_sumsq(r, backend=backend)
+    dtype = _checks.state_dtype(r)
+    return backends.get(backend).sumsq_norms(r2, ids, r2.shape[1], 0, 0, 0, False, dtype).select(0, 0).to(dtype)
+
+
+def _noise_plus(v: Tensor, coef: float | Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+    """coef v + z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
+    v = v.to(_checks.state_dtype(v))
+    if isinstance(coef, float) and v.is_contiguous() and not _checks.use_custom_op(v):
+        v2 = v if v.dim() == 2 else v.view(v.shape[0], -1)
+        r = _update_rows(v2, _coefs(coef, v.device, v.dtype), seed, step, ids, backend)
+        return r if v.dim() == 2 else r.view(v.shape)
+    return apply_update(
+        v,
         [],
-        x_coef=std,
+        x_coef=coef,
         noise=1.0,
         seed=seed,
         step=step,
         stream=STREAM_DSM,
         sample_ids=ids,
+        out=None,
+        backend=backend,
+        trusted=True,
     )
 
 
@@ -38,19 +76,40 @@ class _DSMResidualSq(torch.autograd.Function):
     keeping z (or the residual) alive between forward and backward: d/ds = 2 g std (std s + z)."""
 
     @staticmethod
-    def forward(ctx, score: Tensor, std: Tensor, seed, step, ids: Tensor) -> Tensor:
+    def forward(ctx, score: Tensor, std: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
         ctx.save_for_backward(score, std, ids)
-        ctx.counter = (seed, step)
+        ctx.counter = (seed, step, backend)
         with torch.no_grad():
-            return sample_sumsq(_dsm_residual(score, std, seed, step, ids))
+            return _rows_sumsq(_noise_plus(score, std, seed, step, ids, backend), ids, backend)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         score, std, ids = ctx.saved_tensors
         with torch.no_grad():
-            r = _dsm_residual(score, std, *ctx.counter, ids)
+            seed, step, backend = ctx.counter
+            r = _noise_plus(score, std, seed, step, ids, backend)
             g = bcast(2 * grad.to(r.dtype) * std, r) * r
-        return g.to(score.dtype), None, None, None, None
+        return g.to(score.dtype), None, None, None, None, None
+
+
+class _EpsResidualSq(torch.autograd.Function):
+    """Per-sample ||z - eps||^2 [B] for an eps-prediction network: std s + z with s = -eps / std is
+    z - eps, so no schedule enters.  The residual r = z - eps (one fused pass, z made in-kernel) is
+    kept for backward, like an activation: d/d eps = -2 g r."""
+
+    @staticmethod
+    def forward(ctx, eps: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+        with torch.no_grad():
+            r = _noise_plus(eps, -1.0, seed, step, ids, backend)
+        ctx.save_for_backward(r)
+        ctx.eps_dtype = eps.dtype
+        return _rows_sumsq(r, ids, backend)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (r,) = ctx.saved_tensors
+        g = r * bcast(grad.to(r.dtype).mul(-2.0), r)
+        return g.to(ctx.eps_dtype), None, None, None, None
 
 
 def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
@@ -59,12 +118,21 @@ def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
     return flat.mean(1) if reduce_mean else flat.sum(1)
 
 
-def _times(sde: SDE, B: int, *, eps: float, seed, step, sample_ids, device) -> Tensor:
+def _uniforms(B: int, *, seed, step, stream: int, ids: Tensor, backend: str) -> Tensor:
+    """[B] fp32 uniforms of element 0 (checked ids, resolved fp32 backend: no host reads).  Their float64
+    values are exactly the contract's float64 uniforms (the reference maps fp32 uniforms to float64)."""
+    if torch.compiler.is_compiling() or _checks.CAPTURE[0] == "fx":
+        seed_t, step_t = _checks.counter_tensor(seed), _checks.counter_tensor(step)
+        return noise_op(ids, seed_t, step_t, 1, stream, 0, KINDS["uniform"], torch.float32, backend)[:, 0]
+    out = torch.empty(B, dtype=torch.float32, device=ids.device)
+    backends.get(backend).fill_noise(out.view(B, 1), ids, seed, step, stream, 0, KINDS["uniform"])
+    return out
+
+
+def _times(sde: SDE, B: int, *, eps: float, seed, step, sample_ids, backend: str) -> Tensor:
     """t ~ U(eps, T) per sample from stream 4 (float64 [B])."""
-    u = rand(
-        (B, 1), seed=seed, step=step, stream=STREAM_TIMES, sample_ids=sample_ids, device=device, dtype=torch.float64
-    )[:, 0]
-    return u * (sde.T - eps) + eps
+    u = _uniforms(B, seed=seed, step=step, stream=STREAM_TIMES, ids=sample_ids, backend=backend)
+    return u.to(torch.float64) * (sde.T - eps) + eps
 
 
 def dsm_loss(
@@ -98,18 +166,176 @@ def dsm_loss(
             f"sde: dsm_loss follows score_sde for VESDE, VPSDE and SubVPSDE (EDM: edm_loss), got {type(sde).__name__}"
         )
     eps = _checks.check_finite_scalar("eps", eps, positive=True)
-    ids = _checks.check_sample_ids(sample_ids, B, x.device)
-    t = _times(sde, B, eps=eps, seed=seed, step=step, sample_ids=ids, device=x.device)
+    c = _common.counter(B, x.device, seed, step, STREAM_DSM, sample_ids)
+    losses = dsm_per_sample(
+        score_fn,
+        x,
+        sde,
+        seed=c.seed,
+        step=c.step,
+        sample_ids=c.sample_ids,
+        likelihood_weighting=likelihood_weighting,
+        reduce_mean=reduce_mean,
+        eps=eps,
+        backend=backends.resolve(None, x.device, x.dtype),
+    )
+    return losses if return_per_sample else losses.mean()
+
+
+def _perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids: Tensor, backend: str):
+    """(t float64 [B], std [B] in x's dtype, x_t = a x + std z) with t ~ U(eps, T) from stream 4 and z from
+    stream 2 made in-kernel."""
+    t = _times(sde, x.shape[0], eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    return (t, *_perturb_at(x, t, sde, seed=seed, step=step, sample_ids=sample_ids, backend=backend))
+
+
+def _perturb_at(x: Tensor, t: Tensor, sde: SDE, *, seed, step, sample_ids: Tensor, backend: str):
+    """(std [B] in x's dtype, x_t = mean_coef(t) x + std(t) z) at times t [B], z from stream 2 made in-kernel."""
+    B = x.shape[0]
+    if x.is_contiguous() and not _checks.use_custom_op(x):  # the [2, B] coefficient rows of x and z
+        coefs = torch.stack([sde.mean_coef(t), sde.std(t)]).to(x.dtype)
+        x2 = x if x.dim() == 2 else x.view(B, -1)
+        x_t = _update_rows(x2, coefs.to(_checks.state_dtype(x)), seed, step, sample_ids, backend)
+        return coefs[1], x_t if x.dim() == 2 else x_t.view(x.shape)
     a, std = sde.mean_coef(t).to(x.dtype), sde.std(t).to(x.dtype)
-    # x_t = a x + std z with z from stream 2 made inside the kernel
-    x_t = fused_update(x, [], x_coef=a, noise=std, seed=seed, step=step, stream=STREAM_DSM, sample_ids=ids)
-    score = score_fn(x_t, t.to(x.dtype))
-    if score.shape != x.shape:
-        raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
-    # ||std s + z||^2 with z regenerated in-kernel, in forward and in backward (never stored)
-    sq = _DSMResidualSq.apply(score, std.to(_checks.state_dtype(x)), seed, step, ids)
+    x_t = apply_update(
+        x,
+        [],
+        x_coef=a,
+        noise=std,
+        seed=seed,
+        step=step,
+        stream=STREAM_DSM,
+        sample_ids=sample_ids,
+        out=None,
+        backend=backend,
+        trusted=True,
+    )
+    return std, x_t
+
+
+def dsm_per_sample(
+    score_fn: Callable,
+    x: Tensor,
+    sde: SDE,
+    *,
+    seed,
+    step,
+    sample_ids: Tensor,
+    likelihood_weighting: bool,
+    reduce_mean: bool,
+    eps: float,
+    backend: str,
+    eps_net: tuple[Callable, Callable] | None = None,
+) -> Tensor:
+    """``dsm_loss``'s per-sample losses [B] on checked arguments (``TrainStep``: ids it made itself, a
+    resolved ``backend`` for x's dtype); reads nothing on the host, so a training step can be captured.
+
+    ``eps_net=(net, time_map)``: score_fn is an eps-prediction network ``net(x, time_map(t))`` (score =
+    -eps / std), whose residual std s + z is z - eps: one fused pass, no schedule, no division by std."""
+    t, std, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    if eps_net is not None:
+        net, time_map = eps_net
+        out = net(x_t, time_map(t).to(x.dtype))
+        if out.shape != x.shape:
+            raise ValueError(f"model: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+        sq = _EpsResidualSq.apply(out, seed, step, sample_ids, backend)
+    else:
+        score = score_fn(x_t, t.to(x.dtype))
+        if score.shape != x.shape:
+            raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
+        # ||std s + z||^2 with z regenerated in-kernel, in forward and in backward (never stored)
+        sq = _DSMResidualSq.apply(score, std.to(_checks.state_dtype(x)), seed, step, sample_ids, backend)
     if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
         sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
+    return sq / x[0].numel() if reduce_mean else sq
+
+
+class _FMResidualSq(torch.autograd.Function):
+    """Per-sample ||v + x_0 - z||^2 [B] (flow matching's residual, v - (z - x_0)); backward regenerates the
+    residual by the fused kernel instead of keeping z alive: d/dv = 2 g r.  Gradients flow to v only."""
+
+    @staticmethod
+    def forward(ctx, v: Tensor, x0: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+        ctx.save_for_backward(v, x0, ids)
+        ctx.counter = (seed, step, backend)
+        with torch.no_grad():
+            return _rows_sumsq(_fm_residual(v, x0, seed, step, ids, backend), ids, backend)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        v, x0, ids = ctx.saved_tensors
+        with torch.no_grad():
+            r = _fm_residual(v, x0, *ctx.counter[:2], ids, ctx.counter[2])
+            g = bcast(2 * grad.to(r.dtype), r) * r
+        return g.to(v.dtype), None, None, None, None, None
+
+
+def _fm_residual(v: Tensor, x0: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+    """v + x_0 - z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
+    return apply_update(
+        v.to(_checks.state_dtype(v)),
+        [(1.0, x0)],
+        x_coef=1.0,
+        noise=-1.0,
+        seed=seed,
+        step=step,
+        stream=STREAM_DSM,
+        sample_ids=ids,
+        out=None,
+        backend=backend,
+        trusted=True,
+    )
+
+
+T_DISTS = ("uniform", "logit_normal")
+
+
+def fm_loss(
+    velocity_fn: Callable,
+    x: Tensor,
+    sde: RectifiedFlow,
+    *,
+    seed=0,
+    step=0,
+    sample_ids: Tensor | None = None,
+    t_dist: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    reduce_mean: bool = False,
+    return_per_sample: bool = False,
+) -> Tensor:
+    """Flow matching (rectified flow) as SD3 trains it: E ||v(x_t, t) - (z - x_0)||^2.
+
+    u from stream 4: uniform in [0, 1) (``t_dist="uniform"``) or SD3's logit-normal u = sigmoid(
+    logit_mean + logit_std n); t = the SDE's shift of u (as diffusers' training scripts take the
+    scheduler's shifted sigmas; shift 1: t = u).  x_t = (1 - t) x_0 + t z with z from stream 2 (one
+    fused pass); per sample ||v - z + x_0||^2 summed (or, ``reduce_mean``, averaged) over elements,
+    then averaged over the batch.  The residual is regenerated in backward, never stored.
+    ``velocity_fn(x_t, t)`` returns the velocity (``sf.adapters.from_velocity(net, sde).output``).
+    """
+    _checks.check_float_tensor("x", x)
+    B = _checks.check_batched("x", x)
+    if not isinstance(sde, RectifiedFlow):
+        raise ValueError(f"sde: fm_loss trains a RectifiedFlow, got {type(sde).__name__}")
+    if t_dist not in T_DISTS:
+        raise ValueError(f"t_dist: expected one of {', '.join(T_DISTS)}, got {t_dist!r}")
+    logit_mean = _checks.check_finite_scalar("logit_mean", logit_mean)
+    logit_std = _checks.check_finite_scalar("logit_std", logit_std, positive=True)
+    c = _common.counter(B, x.device, seed, step, STREAM_DSM, sample_ids)
+    backend = backends.resolve(None, x.device, x.dtype)
+    draw = rand if t_dist == "uniform" else randn
+    u = draw(
+        (B, 1), seed=seed, step=step, stream=STREAM_TIMES, sample_ids=c.sample_ids, device=x.device, dtype=torch.float64
+    )
+    u = u[:, 0] if t_dist == "uniform" else torch.sigmoid(logit_mean + logit_std * u[:, 0])
+    t = sde.shift_time(u)
+    _, x_t = _perturb_at(x, t, sde, seed=c.seed, step=c.step, sample_ids=c.sample_ids, backend=backend)
+    v = velocity_fn(x_t, t.to(x.dtype))
+    if not isinstance(v, Tensor) or v.shape != x.shape:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"velocity_fn: returned {shape} for x of shape {tuple(x.shape)}")
+    sq = _FMResidualSq.apply(v, x.to(_checks.state_dtype(x)), c.seed, c.step, c.sample_ids, backend)
     losses = sq / x[0].numel() if reduce_mean else sq
     return losses if return_per_sample else losses.mean()
 

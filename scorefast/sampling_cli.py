@@ -12,18 +12,28 @@ NFE, wall time, samples/s; sliced-Wasserstein to exact samples for gmm2d) and ``
 from __future__ import annotations
 
 import json
-import math
-import os
 import time
 from pathlib import Path
 
-import torch
-
-from ._io import writable_dir
-from .cli import register
+from ._io import atomic_path, atomic_save_file, atomic_write_text, dir_path
+from .cli import positive_int, register, user_input
 
 MODELS = ("gmm2d", "digits")
 PLOT_POINTS, GRID_IMAGES = 20_000, 64
+# API argument names in the package's error messages -> this command's options
+FLAGS = {
+    "sampler": "--sampler",
+    "steps": "--steps",
+    "n_samples": "--n",
+    "chunk": "--batch",
+    "seed": "--seed",
+    "backend": "--backend",
+    "device": "--device",
+    "precision": "--precision",
+    "cuda_graph": "--cuda-graph",
+    "out_dir": "--out",
+    "path": "--model",
+}
 
 
 def gmm2d():
@@ -46,44 +56,32 @@ def _file_digest(path: Path) -> str:
 
 
 def resolve_model(name: str):
-    """(score_fn, sde, sample shape, exact target or None, identity for resume checks) for --model."""
+    """(score_fn, sde, sample shape, exact target or None, identity for resume checks) for --model;
+    a ValueError naming ``path`` for a missing, unreadable or malformed checkpoint."""
     from . import models
 
     if name == "gmm2d":
         return (*gmm2d(), {"model": "gmm2d"})
     path = models.digits_checkpoint() if name == "digits" else Path(name)
-    if not path.exists():
-        raise SystemExit(f"--model: {name!r} is neither a built-in model ({', '.join(MODELS)}) nor a checkpoint file")
-    try:
-        score_fn, sde, shape = models.load(path)
-    except ValueError as err:
-        raise SystemExit(f"--model: {err}") from err
+    if not path.is_file():
+        raise ValueError(f"path: {name!r} is neither a built-in model ({', '.join(MODELS)}) nor a checkpoint file")
+    score_fn, sde, shape = models.load(path)
     return score_fn, sde, shape, None, {"model": name, "checkpoint_sha256": _file_digest(path)}
-
-
-def _init_distributed(device_arg):
-    """Join the torchrun group if launched by torchrun; (rank, world, device)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and device_arg != "cpu" else "gloo"
-        torch.distributed.init_process_group(backend)
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if device_arg:
-        device = torch.device(device_arg)
-    elif torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    else:
-        device = torch.device("cpu")
-    return rank, world, device
 
 
 @register("sample", "draw samples with a built-in model or a checkpoint; write samples, a PNG and timing/NFE")
 def _sample_command(parser):
     parser.add_argument("--model", default="gmm2d", help=f"one of {', '.join(MODELS)}, or a checkpoint path")
     parser.add_argument("--sampler", default=None, help="default: pc for gmm2d, ddim for image models")
-    parser.add_argument("--steps", type=int, default=None, help="grid times N (default: the sampler's; ddim 50)")
-    parser.add_argument("--n", type=int, default=None, help="number of samples (default: 10000 points, 64 images)")
-    parser.add_argument("--batch", type=int, default=4096, help="samples per chunk (global ids keep results equal)")
+    parser.add_argument(
+        "--steps", type=positive_int, default=None, help="grid times N (default: the sampler's; ddim 50)"
+    )
+    parser.add_argument(
+        "--n", type=positive_int, default=None, help="number of samples (default: 10000 points, 64 images)"
+    )
+    parser.add_argument(
+        "--batch", type=positive_int, default=4096, help="samples per chunk (global ids keep results equal)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--backend", default=None, choices=("torch", "cpu", "triton", "cuda"))
     parser.add_argument("--device", default=None)
@@ -95,31 +93,24 @@ def _sample_command(parser):
     parser.add_argument("--no-progress", action="store_true")
 
     def run(args):
-        from safetensors.torch import save_file
-
         from . import samplers
-        from .distributed import load_samples, sample_sharded
+        from .distributed import init_from_env, load_samples, sample_sharded
         from .testing import sliced_wasserstein
         from .visualize import save_samples_png
 
-        if args.sampler is not None:
-            samplers.get(args.sampler)  # an unknown sampler fails before any work
-        if (args.n is not None and args.n < 1) or args.batch < 1:
-            raise SystemExit("--n and --batch must be >= 1")
-        try:
-            out = writable_dir(args.out, "--out")
-        except ValueError as err:
-            raise SystemExit(str(err)) from err
-        score_fn, sde, sample_shape, target, identity = resolve_model(args.model)
+        with user_input(FLAGS):  # the user's settings: checked (nothing written) before any work
+            if args.sampler is not None:
+                samplers.get(args.sampler)
+            out = dir_path(args.out, "--out")
+            score_fn, sde, sample_shape, target, identity = resolve_model(args.model)
         images = len(sample_shape) == 3  # a few image samples by default: a UNet step costs far more than a 2-D one
         args.sampler = args.sampler or ("ddim" if images else "pc")
         args.n = args.n or (GRID_IMAGES if images else 10000)
-        rank, world, device = _init_distributed(args.device)
+        with user_input(FLAGS):
+            rank, world, device = init_from_env(args.device)
         options = {"backend": args.backend, "precision": args.precision, "cuda_graph": args.cuda_graph}
-        if args.sampler == "pc" and math.prod(sample_shape) < 256:
-            options["norm"] = "batch"  # low-D data: batch-mean corrector norms (DESIGN.md)
         start = time.perf_counter()
-        try:
+        with user_input(FLAGS):  # bad settings, or a resume whose settings differ: refused before any write
             manifest_path = sample_sharded(
                 score_fn,
                 sde,
@@ -135,8 +126,6 @@ def _sample_command(parser):
                 config_extra=identity,
                 **options,
             )
-        except ValueError as err:  # bad settings, or a resume whose settings differ: say which
-            raise SystemExit(f"scorefast sample: {err}") from err
         seconds = time.perf_counter() - start
         if rank != 0:
             return 0
@@ -167,17 +156,20 @@ def _sample_command(parser):
             report["sliced_wasserstein_exact_vs_exact"] = sliced_wasserstein(
                 target.sample(args.n, seed=args.seed + 2).float(), exact
             )
-        save_file(
-            {"samples": samples.contiguous()}, str(out / "samples.safetensors"), metadata={"report": json.dumps(report)}
-        )
-        title = f"{args.sampler}, {nfe} NFE, {args.n} samples in {seconds:.2f} s"
-        if samples.dim() == 2 and samples.shape[1] == 2:
-            reference = target.sample(min(args.n, PLOT_POINTS), seed=args.seed + 1).float() if target else None
-            save_samples_png(samples[:PLOT_POINTS], out / "samples.png", title=title, reference=reference)
-        elif samples.dim() == 4:
-            data_range = tuple(getattr(score_fn, "metadata", {}).get("data_range", (-1.0, 1.0)))
-            save_samples_png(samples[:GRID_IMAGES], out / "samples.png", title=title, data_range=data_range)
-        (out / "timing.json").write_text(json.dumps(report, indent=2) + "\n")
+        with user_input({}, errors=(OSError,)):  # e.g. a full disk: one line, the samples stay in shards/
+            atomic_save_file(
+                {"samples": samples.contiguous()}, out / "samples.safetensors", {"report": json.dumps(report)}
+            )
+            title = f"{args.sampler}, {nfe} NFE, {args.n} samples in {seconds:.2f} s"
+            if samples.dim() == 2 and samples.shape[1] == 2:
+                reference = target.sample(min(args.n, PLOT_POINTS), seed=args.seed + 1).float() if target else None
+                with atomic_path(out / "samples.png") as tmp:
+                    save_samples_png(samples[:PLOT_POINTS], tmp, title=title, reference=reference)
+            elif samples.dim() == 4:
+                data_range = tuple(getattr(score_fn, "metadata", {}).get("data_range", (-1.0, 1.0)))
+                with atomic_path(out / "samples.png") as tmp:
+                    save_samples_png(samples[:GRID_IMAGES], tmp, title=title, data_range=data_range)
+            atomic_write_text(out / "timing.json", json.dumps(report, indent=2) + "\n")
         print(json.dumps(report, indent=2))
         print(f"wrote {out / 'samples.safetensors'}, {out / 'samples.png'}, {out / 'timing.json'}")
         return 0

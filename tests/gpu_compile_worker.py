@@ -53,9 +53,8 @@ def _census(kernel) -> dict:
 
 def _cases():
     """(label, thunk) for each launcher configuration a backend uses."""
-    from scorefast.kernels import fused_update, noise, sumsq_norms
-
     from scorefast.backends.triton_backend import _COMPILED_GROUPS
+    from scorefast.kernels import fused_update, noise, snr_langevin_step, sumsq_norms
 
     B, D = 3, 37
     ids = torch.arange(B, dtype=torch.int64)
@@ -137,6 +136,57 @@ def _cases():
     yield (
         "sumsq_norms t=bf16 D=37 misaligned ones",
         lambda: norms(offset(B, D, dtype=torch.bfloat16), ids, 1, 1, D, make=offset),
+    )
+    # the step ops: a coefficient table read at a device row, the Philox step n*S + j made in-kernel,
+    # ids = arange(B) made in-kernel, the non-finite flag (atomic compare-and-swap)
+    row_t, flag_t = torch.tensor(3), torch.tensor(-1)
+    step_forms = {
+        "tensors": dict(seed=seed_t, step=row_t, draws=3, draw=2),
+        "ones": dict(seed=1, step=1, draws=1, draw=1),
+    }
+    for cname, form in step_forms.items():
+        for xname, tname in (("fp32", "fp32"), ("fp32", "bf16"), ("fp16", "fp16")):
+            x = torch.zeros(B, D, dtype=dtypes[xname])
+            terms = [torch.zeros(B, D, dtype=dtypes[tname]) for _ in range(2)]
+            yield (
+                f"fused_update table x={xname} terms=2 {tname} noise=True {cname}",
+                lambda x=x, t=terms, f=form: fused_update.fused_update(
+                    torch.empty_like(x), x, t, torch.zeros(6, 4), None, f["seed"], f["step"], 0, True,
+                    _COMPILED_GROUPS, row=row_t, draws=f["draws"], draw=f["draw"], flag=flag_t,
+                ),
+            )  # fmt: skip
+    yield (
+        "fused_update x=fp32 terms=1 fp32 noise=False flag=True per-sample ones",
+        lambda: fused_update.fused_update(
+            torch.empty(B, D), torch.zeros(B, D), [torch.zeros(B, D)], torch.zeros(3, B), ids, 1, 1, 0, False,
+            _COMPILED_GROUPS, flag=flag_t,
+        ),
+    )  # fmt: skip
+
+    def snr(size, alpha, form, x_dtype=torch.float32, score_dtype=torch.float32, flag=None):
+        x = torch.zeros(B, size, dtype=x_dtype)
+        alphas = {"none": (None, (0, 0), None), "batch": (torch.zeros(B), (0, 1), None)}
+        alphas["table"] = (torch.zeros(9), (1, 0), row_t)
+        a, strides, row = alphas[alpha]
+        n = snr_langevin_step.scratch_floats(B, size, max_elements)
+        return snr_langevin_step.snr_langevin_step(
+            torch.empty_like(x), torch.empty(B), x, torch.zeros(B, size, dtype=score_dtype), a, strides, 0.05,
+            None if alpha == "table" else ids, form["seed"], form["step"], 0, max_elements,
+            torch.zeros(n) if n else None, row=row, draws=form["draws"], draw=form["draw"], flag=flag,
+        )  # fmt: skip
+
+    for size in (37, 8193):  # one kernel; partial sums + step sizes + update
+        yield (
+            f"snr_langevin_step D={size} alpha=table noise=True tensors",
+            lambda size=size: snr(size, "table", step_forms["tensors"], flag=flag_t),
+        )
+        yield (
+            f"snr_langevin_step D={size} alpha=none noise=True ones",
+            lambda size=size: snr(size, "none", step_forms["ones"]),
+        )
+    yield (
+        "snr_langevin_step D=300 x=bf16 score=fp16 alpha=batch noise=True ones",
+        lambda: snr(300, "batch", step_forms["ones"], torch.bfloat16, torch.float16),
     )
     # one sample of more elements than 65535 tiles hold (a grid axis past x is limited to 65535);
     # torch.empty maps the 2 x 268 MB without touching it, and a compile-only launch reads none of it

@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 _KD = None
 
@@ -58,3 +59,43 @@ def k_diffusion_sampling():
                 sys.modules[name] = old
     _KD = pkg.sampling
     return _KD
+
+
+# -- diffusers: a float64 run of a stock scheduler, and the same noise for stock and ours -------------
+class KeepFloat64(torch.overrides.TorchFunctionMode):
+    """Inside, ``t.float()`` / ``t.to(torch.float32)`` of a float64 tensor keep it float64.
+
+    diffusers' steps cast the sample to float32 in places (``sample.to(torch.float32)``); with the
+    scheduler's tables made float64 (``tables_to_float64``) and float64 inputs, a stock scheduler then
+    runs its own arithmetic in float64 end to end: the reference the parity tests measure against.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        name = getattr(func, "__name__", "")
+        if name in ("to", "float") and args and isinstance(args[0], torch.Tensor) and args[0].dtype == torch.float64:
+            if name == "float":
+                return args[0]
+            args = tuple(torch.float64 if a is torch.float32 else a for a in args)
+            if kwargs.get("dtype") is torch.float32:
+                kwargs["dtype"] = torch.float64
+        return func(*args, **kwargs)
+
+
+def tables_to_float64(scheduler) -> None:
+    """The scheduler's float32 tables (sigmas, alphas_cumprod, ...) as float64 with the same values."""
+    for key, value in vars(scheduler).items():
+        if key != "timesteps" and isinstance(value, torch.Tensor) and value.dtype == torch.float32:
+            setattr(scheduler, key, value.double())
+
+
+def patch_diffusers_randn(monkeypatch, classes, randn) -> None:
+    """Make these stock diffusers schedulers' modules draw noise with ``randn(shape, generator, device, dtype)``."""
+
+    def randn_tensor(shape, generator=None, device=None, dtype=None, layout=None):
+        return randn(shape, generator, device or "cpu", dtype or torch.float32)
+
+    for cls in classes:
+        module = sys.modules[cls.__module__]
+        if hasattr(module, "randn_tensor"):
+            monkeypatch.setattr(module, "randn_tensor", randn_tensor)

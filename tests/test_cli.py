@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -76,7 +77,7 @@ def test_sample_command_bad_input(tmp_path):
     blocker.write_text("")
     with pytest.raises(SystemExit, match="--out"):
         main(["sample", "--out", str(blocker / "sub"), "--n", "10"])
-    with pytest.raises(ValueError, match="unknown sampler"):
+    with pytest.raises(SystemExit, match="--sampler: unknown sampler 'euler'"):
         main(["sample", "--sampler", "euler", "--out", str(tmp_path), "--n", "10", "--no-progress"])
 
 
@@ -303,3 +304,135 @@ def test_bench_plot_renders_a_results_file(tmp_path):
 
     with pytest.raises(ValueError, match="no row"):
         plot_results(results, tmp_path / "x.png")
+
+
+def _one_line_error(capsys, argv: list[str], match: str) -> str:
+    """``scorefast ARGV`` fails with one line naming the option, no traceback, a non-zero exit."""
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    code = exc.value.code
+    message = (code if isinstance(code, str) else capsys.readouterr().err).strip()
+    assert code not in (0, None), argv
+    assert "\n" not in message and "Traceback" not in message and re.search(match, message), (argv, message)
+    return message
+
+
+def _checkpoint(tmp_path, name, *, meta=None, drop=None):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from scorefast import models
+    from scorefast.sde import VPSDE
+
+    torch.manual_seed(0)
+    path = models.save(tmp_path / name, models.build("MLP", dim=2, hidden=8, layers=1), sde=VPSDE(), shape=(2,))
+    with safe_open(str(path), framework="pt") as f:
+        raw = json.loads(f.metadata()["scorefast"])
+    tensors = {k: v for k, v in load_file(str(path)).items() if k != drop}
+    text = "[" * 100_000 if meta == "deep" else json.dumps({**raw, **(meta or {})})
+    save_file(tensors, str(path), metadata={"scorefast": text})
+    return str(path)
+
+
+def test_every_user_mistake_is_one_line_naming_the_option(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", str(tmp_path / "o"), "--no-progress"]
+    sample = ["sample", "--n", "8", "--steps", "3", *out]
+    no_cuda = [(["--device", "cuda"], "--device: cuda was asked for, but CUDA is not")] * (
+        not torch.cuda.is_available()
+    )
+    for extra, match in [
+        (["--sampler", "bogus"], r"^scorefast sample: --sampler: unknown sampler 'bogus'"),
+        (["--device", "bogus"], r"^scorefast sample: --device: not a device: 'bogus'"),
+        *no_cuda,
+        (["--backend", "cuda"] if not torch.cuda.is_available() else ["--backend", "bogus"], "backend"),
+        (["--n", "0"], "argument --n: expected an int >= 1, got '0'"),
+        (["--batch", "x"], "argument --batch: expected an int >= 1, got 'x'"),
+        (["--steps", "0"], "argument --steps: expected an int >= 1"),
+        (["--sampler", "heun", "--steps", "1"], "--steps: heun .* needs steps >= 2"),
+        (["--seed", "-1"], r"--seed: must lie in \[0, 2\*\*64\)"),
+        (["--seed", "x"], "argument --seed: invalid int value"),
+        (["--precision", "fp8"], "argument --precision: invalid choice"),
+        (["--model", str(tmp_path / "missing.safetensors")], "--model: .* neither a built-in model"),
+        (["--model", str(tmp_path)], "--model: .* neither a built-in model"),
+        (["--model", __file__], "--model: .* is not a readable safetensors file"),
+        (["--model", _checkpoint(tmp_path, "a.st", meta={"arch_kwargs": [8]})], "--model: .*'arch_kwargs' must be"),
+        (["--model", _checkpoint(tmp_path, "b.st", meta={"arch_kwargs": {"x": 1}})], "--model: .*no argument 'x'"),
+        (["--model", _checkpoint(tmp_path, "c.st", meta={"arch": None})], "--model: .*'arch' must be one of"),
+        (["--model", _checkpoint(tmp_path, "d.st", meta={"shape": ["2"]})], "--model: .*'shape' must be"),
+        (["--model", _checkpoint(tmp_path, "e.st", meta="deep")], "--model: .*nested too deeply"),
+        (["--model", _checkpoint(tmp_path, "f.st", drop="out.1.weight")], "--model: .*'out.1.weight' is missing"),
+        (["--model", _checkpoint(tmp_path, "g.st", meta={"arch_kwargs": {"dim": 2, "hidden": 200000}})], "200000"),
+    ]:
+        _one_line_error(capsys, [*sample, *extra], match)
+    _one_line_error(capsys, ["sample", "--out", ""], r"^scorefast sample: --out: an empty path")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "shards").exists()  # nothing was written
+
+    train = ["train", "--data", "toy2d", "--steps", "2", "--batch", "8", "--no-samples", *out]
+    for extra, match in [
+        (["--device", "bogus"], r"^scorefast train: --device: not a device"),
+        *no_cuda,
+        (["--lr", "-1"], "--lr: must be > 0"),
+        (["--lr", "nan"], "argument --lr: expected a finite number"),
+        (["--ema", "7"], r"--ema: must be a number in \(0, 1\)"),
+        (["--grad-clip", "0"], "--grad-clip: must be > 0"),
+        (["--seed", "-3"], "--seed: must lie in"),
+        (["--warmup", "-1"], "argument --warmup: expected an int >= 0"),
+        (["--data", "cifar"], "argument --data: invalid choice"),
+    ]:
+        _one_line_error(capsys, [*train, *extra], match)
+    _one_line_error(capsys, ["train", "--out", ""], r"^scorefast train: --out: an empty path")
+    assert not (tmp_path / "o").exists()
+
+    from scorefast._io import dir_lock
+
+    (tmp_path / "o").mkdir()
+    with dir_lock(tmp_path / "o", "x"):  # a training already running there
+        _one_line_error(capsys, train, r"^scorefast train: --out: .* in use by another scorefast process")
+    assert main(train) == 0
+    _one_line_error(capsys, [*train[:-3], "--batch", "16", *out], "--batch: .* was trained with 8, this run has 16")
+
+    (tmp_path / "r.json").write_text("{not json")
+    (tmp_path / "s.json").write_text('["a list"]')
+    for option in ("--table", "--plot"):
+        _one_line_error(capsys, ["bench", option, str(tmp_path / "x.json")], f"^scorefast bench: {option}: cannot read")
+        _one_line_error(capsys, ["bench", option, str(tmp_path / "r.json")], f"{option}: .*r.json is not JSON")
+        _one_line_error(capsys, ["bench", option, str(tmp_path / "s.json")], f"{option}: .*not a scorefast results")
+    _one_line_error(capsys, ["bench", "--suite", "nope"], "argument --suite: invalid choice")
+
+
+def test_a_user_mistake_is_one_line_on_stderr_and_debug_shows_the_traceback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SCOREFAST_DEBUG")}
+    argv = [sys.executable, "-m", "scorefast", "sample", "--sampler", "bogus", "--out", str(tmp_path / "o")]
+    res = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and res.stdout == ""
+    assert res.stderr.splitlines() == [res.stderr.strip()] and res.stderr.startswith("scorefast sample: --sampler:")
+    res = subprocess.run(argv, env={**env, "SCOREFAST_DEBUG": "1"}, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and "Traceback" in res.stderr and "unknown sampler 'bogus'" in res.stderr
+
+
+def test_sample_outputs_are_written_atomically_with_a_normal_files_mode(tmp_path):
+    out = tmp_path / "run"
+    args = ["sample", "--sampler", "ddim", "--steps", "3", "--n", "20", "--batch", "8", "--out", str(out)]
+    assert main([*args, "--no-progress"]) == 0
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in ("samples.safetensors", "samples.png", "timing.json", "shards/manifest.json"):
+        assert (out / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # no temp file left behind
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`scorefast bench --table FILE | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    results = sorted((ROOT / "bench" / "results").glob("*.json"))[0]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "scorefast", "bench", "--table", str(results)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=ROOT,
+    )
+    proc.stdout.close()  # the reader is gone before anything is written
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert proc.returncode == 141

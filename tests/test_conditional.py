@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -124,3 +126,41 @@ def test_conditional_bad_input():
         sf.conditional.guided(lambda x, t: -x)
     with pytest.raises(ValueError, match="uncond_args"):
         sf.conditional.guided(lambda x, t: -x, cfg_scale=2.0)
+
+
+def test_conditional_bad_input_is_named():
+    sde = VPSDE()
+    with pytest.raises(TypeError, match="score_fn"):
+        sf.conditional.guided(None, cfg_scale=2.0, uncond_args={})
+    with pytest.raises(TypeError, match="uncond_args"):
+        sf.conditional.guided(lambda x, t: -x, cfg_scale=2.0, uncond_args=[0])
+    with pytest.raises(ValueError, match="data: the known part"):
+        sf.conditional.inpaint(lambda x, t: -x, sde, torch.full((2, 2), math.nan), torch.ones(2, 2), steps=3)
+    with pytest.raises(TypeError, match="mask"):
+        sf.conditional.inpaint(lambda x, t: -x, sde, torch.zeros(2, 2), torch.ones(2, 2, dtype=torch.complex64))
+    with pytest.raises(ValueError, match="gray"):
+        sf.conditional.colorize(lambda x, t: -x, sde, torch.full((1, 1, 2, 2), math.inf), steps=3)
+
+
+def test_inpainting_never_reads_the_unknown_part():
+    """Before: NaN in the unknown part of data (a common placeholder) reached the state through
+    known * mask (NaN * 0 = NaN) and ended the run with a NonFiniteError blamed on the score."""
+    sde = VPSDE()
+    data = torch.tensor([[1.0, math.nan], [2.0, math.nan]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    out = sf.conditional.inpaint(lambda x, t: -x, sde, data, mask, sampler="ddim", steps=5, seed=3)
+    zeros = sf.conditional.inpaint(lambda x, t: -x, sde, torch.nan_to_num(data), mask, sampler="ddim", steps=5, seed=3)
+    assert torch.equal(out, zeros) and torch.equal(out[:, 0], data[:, 0])
+
+
+def test_inpainting_on_discrete_vp_noises_the_known_part_to_the_last_grid_time():
+    """DiscreteVP's grid ends at t = 0, its least noisy table entry (sigma_0 > 0), not the data end:
+    the known part must still be noised there before the last step (it was taken as the data end)."""
+    sde = sf.sde.DiscreteVP.linear()
+    data, mask = torch.ones(3, 2), torch.tensor([1.0, 0.0])
+    seen = []
+    sf.conditional.inpaint(lambda x, t: -x, sde, data, mask, sampler="ddim", steps=4, callback=seen.append)
+    before_last = seen[-2]["x"][:, 0]  # after step N-2: known noised to t_{N-1} = 0, i.e. sigma_0
+    a0 = sde.mean_coef(torch.zeros(1, dtype=torch.float64)).item()
+    assert not torch.equal(before_last, data[:, 0]) and (before_last - a0).abs().max() < 0.1
+    assert torch.equal(seen[-1]["x"][:, 0], data[:, 0])

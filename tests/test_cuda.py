@@ -112,3 +112,110 @@ def test_sampler_on_gpu_matches_cpu_after_one_step():
     gpu = sf.sample(score, sde, (64, 2), sampler="euler_maruyama", steps=1, device="cuda", denoise=False)
     cpu = sf.sample(score, sde, (64, 2), sampler="euler_maruyama", steps=1, device="cpu", denoise=False)
     torch.testing.assert_close(gpu.cpu(), cpu, atol=1e-5, rtol=1e-5)
+
+
+# -- the one-launch step ops on a GPU --------------------------------------------------------------
+
+
+def _table_ref(x, terms, table, n, seed, k):
+    c = table[n].double()
+    acc = c[0] * x.double()
+    for i, t in enumerate(terms):
+        acc = acc + c[1 + i] * t.double()
+    z = sf.randn(x.shape, seed=seed, step=k, dtype=torch.float64, device=x.device, backend="torch")
+    return acc + c[-1] * z
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1001), (2, 3, 33, 17), (1, 20_000_003)], ids=str)
+@pytest.mark.parametrize("term_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_update_table_vs_reference(backend, shape, term_dtype):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(shape, device="cuda", generator=g)
+    terms = [torch.randn(shape, device="cuda", generator=g).to(term_dtype) for _ in range(2)]
+    table = torch.rand(5, 4, device="cuda") + 0.25
+    row, seed, flag = torch.tensor(3, device="cuda"), torch.tensor(9, device="cuda"), torch.tensor(-1, device="cuda")
+    got = sf.ops.fused_update_table(x, terms, table, row, seed=seed, draws=3, draw=2, flag=flag, backend=backend)
+    torch.testing.assert_close(got.double(), _table_ref(x, terms, table, 3, 9, 11), atol=5e-6 + 1e-5, rtol=2e-6)
+    assert flag.item() == -1
+
+
+@pytest.mark.parametrize("D", [1, 3, 13, 300, 2100, 5000, 8192, 8193, 3 * 64 * 64])
+def test_snr_one_kernel_and_large_vs_reference(backend, D):
+    x = torch.randn(6, D, device="cuda")
+    s = torch.randn_like(x).to(torch.bfloat16)
+    s[1] = 0
+    alphas = torch.tensor([0.5, 0.9], device="cuda")
+    row = torch.tensor(1, device="cuda")
+    got, eps = sf.ops.snr_langevin_step(x, s, 0.16, alpha=alphas, row=row, draws=2, draw=1, seed=1, backend=backend)
+    ref, eps_ref = sf.ops.snr_langevin_step(
+        x.double(), s.double(), 0.16, alpha=alphas.double(), row=row, draws=2, draw=1, seed=1, backend="torch"
+    )
+    torch.testing.assert_close(eps.double(), eps_ref, atol=0, rtol=5e-6)
+    torch.testing.assert_close(got.double(), ref, atol=1e-5, rtol=5e-6)
+    assert eps[1] == 0 and torch.equal(got[1], x[1])
+
+
+@pytest.mark.parametrize("D", [3, 37, 300, 1031, 5000])
+def test_step_ops_batch_invariance_bitwise_on_gpu(backend, D):
+    ids = torch.arange(1000, device="cuda")
+    x = sf.randn((1000, D), seed=7, sample_ids=ids, device="cuda", backend=backend)
+    table, row = torch.rand(4, 3, device="cuda"), torch.tensor(2, device="cuda")
+    alphas = torch.rand(4, device="cuda") + 0.5
+
+    def run(x, ids):
+        a = sf.ops.fused_update_table(x, [-x], table, row, seed=1, draws=2, draw=1, sample_ids=ids, backend=backend)
+        b = sf.ops.snr_langevin_step(x, -x, 0.16, alpha=alphas, row=row, seed=1, sample_ids=ids, backend=backend)
+        return a, *b
+
+    big = run(x, ids)
+    for pick in ([640], [3, 999, 0, 640, 17, 250, 8]):
+        p = torch.tensor(pick, device="cuda")
+        for small, full in zip(run(x[p], p), big):
+            assert torch.equal(small, full[p])
+
+
+def test_graph_replay_of_a_table_step_reads_the_counter_and_sets_the_flag(backend):
+    """Captured once; each replay reads the row (coefficients, Philox step) and checks the score."""
+    x = torch.randn(4, 4099, device="cuda")
+    score = torch.randn_like(x)
+    table = torch.rand(6, 3, device="cuda")
+    row, seed, flag = (torch.tensor(v, device="cuda") for v in (0, 5, -1))
+    out = torch.empty_like(x)
+
+    def step():
+        sf.ops.fused_update_table(
+            x, [score], table, row, seed=seed, draws=2, draw=1, flag=flag, out=out, backend=backend
+        )
+
+    step()  # warm up / compile
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    for n in (2, 5):
+        row.fill_(n)
+        graph.replay()
+        eager = sf.ops.fused_update_table(x, [score], table, torch.tensor(n, device="cuda"), seed=5, draws=2, draw=1)
+        assert torch.equal(out, eager)
+    assert flag.item() == -1
+    score[1, 7] = float("nan")
+    row.fill_(4)
+    graph.replay()
+    assert flag.item() == 4
+
+
+def test_launches_on_a_second_gpu_run_there():
+    """Tensors on cuda:1 while cuda:0 is current: the device guard runs the kernels on cuda:1."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    for backend in GPU_BACKENDS:
+        if not sf.backends.state(backend).available:
+            continue
+        x = torch.randn(3, 1001, device="cuda:1")
+        table, row = torch.rand(2, 3, device="cuda:1"), torch.tensor(1, device="cuda:1")
+        with torch.cuda.device(0):
+            got = sf.ops.fused_update_table(x, [x], table, row, seed=3, backend=backend)
+            snr, _ = sf.ops.snr_langevin_step(x, -x, 0.16, seed=3, step=1, backend=backend)
+        ref = sf.ops.fused_update_table(x.cpu().double(), [x.cpu().double()], table.cpu().double(), row.cpu(), seed=3)
+        torch.testing.assert_close(got.cpu().double(), ref, atol=1e-5, rtol=5e-6)
+        assert torch.isfinite(snr).all()

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,3 +159,179 @@ def test_changed_config_and_bad_input(tmp_path):
     chunk_path(tmp_path, 0).unlink()
     with pytest.raises(ValueError, match="chunk 0"):
         load_samples(tmp_path)
+
+
+KW = dict(sample_shape=(3,), chunk=4, sampler="euler_maruyama", steps=3, seed=2)
+
+
+def _bytes(out):
+    return {p.name: p.read_bytes() for p in sorted((out / "chunks").iterdir())}
+
+
+def test_a_chunk_copied_over_another_is_refused_by_load_and_resume(tmp_path):
+    sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    chunk_path(tmp_path, 1).write_bytes(chunk_path(tmp_path, 2).read_bytes())  # same size, same run
+    before = _bytes(tmp_path)
+    with pytest.raises(ValueError, match=r"chunk 1: .*chunk_000001\.safetensors holds chunk 2 \(ids 8\.\.11\)"):
+        load_samples(tmp_path)
+    with pytest.raises(ValueError, match=r"chunk_000001\.safetensors holds chunk 2 .* name is chunk 1 \(ids 4\.\.7\)"):
+        sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    assert _bytes(tmp_path) == before  # refused, not overwritten
+    shutil.copy(chunk_path(tmp_path, 2), chunk_path(tmp_path, 7))  # a name past the run's last chunk
+    chunk_path(tmp_path, 1).unlink()
+    with pytest.raises(ValueError, match=r"chunk_000007\.safetensors holds chunk 2 .* name is no chunk of this run"):
+        sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+
+
+@pytest.mark.parametrize("damage", ["delete", "garbage", "wrong type"])
+def test_lost_manifest_settings_come_from_the_chunks(tmp_path, damage):
+    sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    want, before = load_samples(tmp_path), _bytes(tmp_path)
+    manifest = tmp_path / "manifest.json"
+    if damage == "delete":
+        manifest.unlink()
+    else:
+        manifest.write_text("{not json" if damage == "garbage" else "[1, 2]")
+        with pytest.raises(ValueError, match=r"manifest\.json is corrupt"):
+            load_samples(tmp_path)
+    with pytest.raises(ValueError, match=r"seed: .*chunk_000000\.safetensors holds a run with seed=2, this call has 3"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **{**KW, "seed": 3})
+    assert _bytes(tmp_path) == before and not manifest.exists()  # nothing overwritten; the damaged one kept
+    assert len(list(tmp_path.glob("manifest.json.corrupt-*"))) == (damage != "delete")
+    with pytest.warns(UserWarning, match="rebuilding .*manifest.json from the headers of 3 chunk"):
+        sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    assert torch.equal(load_samples(tmp_path), want) and _bytes(tmp_path) == before
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        '"text"',
+        "5",
+        '{"config": 5}',
+        '{"config": {"chunk": "4", "n_samples": 12}}',
+        '{"config": {}, "n_chunks": []}',
+        "[" * 100_000,
+    ],
+    ids=["str", "int", "config-int", "chunk-str", "n_chunks-list", "deep"],
+)
+def test_a_manifest_of_the_wrong_type_is_a_clear_error(tmp_path, manifest):
+    sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    want = load_samples(tmp_path)
+    (tmp_path / "manifest.json").write_text(manifest)
+    with pytest.raises(ValueError, match=r"out_dir: .*manifest\.json is corrupt: "):
+        load_samples(tmp_path)
+    with pytest.warns(UserWarning, match=r"manifest\.json is corrupt"):
+        with pytest.warns(UserWarning, match="rebuilding .* from the headers of 3 chunk"):
+            sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    assert torch.equal(load_samples(tmp_path), want)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"sampler": "bogus"}, "sampler: unknown sampler 'bogus'"),
+        ({"steps": 0}, "steps: "),
+        ({"sampler": "heun", "steps": 1}, "steps: heun"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 1 << 64}, "seed"),
+        ({"snr": 0.1}, "snr: not an option of sampler 'euler_maruyama'"),
+        ({"extra_args": {"c": torch.ones(5, 1)}}, r"extra_args\['c'\]"),
+        ({"sample_shape": (3, 0)}, "sample_shape"),
+        ({"precision": "fp8"}, "precision"),
+        ({"device": "bogus"}, "device: not a device"),
+        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "cuda:999"}, "device: cuda"),
+    ],
+)
+def test_a_bad_setting_writes_nothing(tmp_path, bad, match):
+    out = tmp_path / "run"
+    with pytest.raises((ValueError, TypeError), match=match):
+        sample_sharded(_score, sf.sde.VPSDE(), 12, out, **{**KW, **bad})
+    assert not out.exists()  # validated before anything was written: the corrected call is not locked out
+    sample_sharded(_score, sf.sde.VPSDE(), 12, out, **KW)
+    assert load_samples(out).shape == (12, 3)
+
+
+def test_a_run_that_wrote_no_chunk_does_not_lock_the_directory(tmp_path):
+    def broken(x, t):
+        raise RuntimeError("network failed")
+
+    with pytest.raises(RuntimeError, match="network failed"):
+        sample_sharded(broken, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    assert (tmp_path / "manifest.json").exists() and not _bytes(tmp_path)
+    with pytest.warns(UserWarning, match="wrote no chunk"):
+        sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **{**KW, "steps": 4})
+    assert load_samples(tmp_path).shape == (12, 3)
+
+
+def test_a_damaged_chunk_is_moved_aside_not_deleted(tmp_path):
+    sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    want = load_samples(tmp_path)
+    data = bytearray(chunk_path(tmp_path, 0).read_bytes())
+    data[-1] ^= 0x01
+    chunk_path(tmp_path, 0).write_bytes(bytes(data))
+    with pytest.warns(UserWarning, match=r"chunk 0: .* moved to chunk_000000\.safetensors\.corrupt-1"):
+        sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    assert (tmp_path / "chunks" / "chunk_000000.safetensors.corrupt-1").read_bytes() == bytes(data)
+    assert torch.equal(load_samples(tmp_path), want)
+
+
+def test_a_directory_in_use_is_refused(tmp_path):
+    from scorefast._io import dir_lock
+
+    tmp_path.mkdir(exist_ok=True)
+    with dir_lock(tmp_path, "out_dir"):
+        with pytest.raises(ValueError, match=rf"out_dir: .* in use by another scorefast process \(pid {os.getpid()}\)"):
+            sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)
+    sample_sharded(_score, sf.sde.VPSDE(), 12, tmp_path, **KW)  # free again
+
+
+class _FakeCuda:
+    """What the CUDA and torch.distributed calls return on a 4-GPU node, recorded in call order."""
+
+    def __init__(self, monkeypatch, *, cuda=True, local_rank=2, world=4):
+        self.calls, self.initialised = [], False
+        monkeypatch.setenv("WORLD_SIZE", str(world))
+        monkeypatch.setenv("LOCAL_RANK", str(local_rank))
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 4 if cuda else 0)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: self.calls.append(("set_device", torch.device(d))))
+        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: self.initialised)
+        monkeypatch.setattr(torch.distributed, "init_process_group", self.init)
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda: local_rank)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda: world)
+
+    def init(self, backend, **kwargs):
+        self.calls.append(("init_process_group", backend))
+        self.initialised = True
+
+
+def test_under_torchrun_each_rank_uses_cuda_local_rank_set_before_nccl(monkeypatch):
+    from scorefast.distributed import init_from_env, local_device
+
+    fake = _FakeCuda(monkeypatch)
+    assert init_from_env() == (2, 4, torch.device("cuda", 2))
+    assert fake.calls == [("set_device", torch.device("cuda", 2)), ("init_process_group", "nccl")]
+    assert local_device() == local_device("cuda") == torch.device("cuda", 2)  # sample_sharded's default
+    assert local_device("cuda:3") == torch.device("cuda", 3)
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(ValueError, match="LOCAL_RANK: cuda:5 was asked for, but 4 CUDA device"):
+        local_device()
+    monkeypatch.setenv("LOCAL_RANK", "x")
+    with pytest.raises(ValueError, match="LOCAL_RANK: expected an int"):
+        local_device()
+
+
+def test_under_torchrun_without_cuda_ranks_use_gloo_on_the_cpu(monkeypatch):
+    from scorefast.distributed import init_from_env, local_device
+
+    fake = _FakeCuda(monkeypatch, cuda=False)
+    assert init_from_env() == (2, 4, torch.device("cpu"))
+    assert fake.calls == [("init_process_group", "gloo")]
+    with pytest.raises(ValueError, match="device: cuda was asked for, but CUDA is not available"):
+        local_device("cuda")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    fake.initialised, fake.calls = False, []
+    assert init_from_env("cpu")[2] == torch.device("cpu") and fake.calls == []  # alone: no group

@@ -56,15 +56,21 @@ def _by_case(report, arch):
 def test_every_launch_assembles(report, arch):
     cases = _by_case(report, arch)
     # 2 counter forms x (3 noise kinds + 5 dtype pairs x 5 term counts x 2 + 5 sumsq inputs),
-    # one case of each launcher with wide ints, with B = D = 1 and with misaligned rows; 1 large sample
-    assert len(cases) == 2 * (3 + 5 * 5 * 2 + 5) + 3 + 3 + 3 + 1
+    # one case of each launcher with wide ints, with B = D = 1 and with misaligned rows; the step
+    # ops (2 counter forms x 3 dtype pairs of table updates, 1 flagged per-sample update, 5 SNR
+    # correctors of one kernel or three); 1 large sample
+    assert len(cases) == 2 * (3 + 5 * 5 * 2 + 5) + 3 + 3 + 3 + (2 * 3 + 1 + 5) + 1
     for case, rows in cases.items():
         kernels = [r["kernel"] for r in rows]
         op = case.split()[0]
+        one_kernel_snr = op == "snr_langevin_step" and int(case.split("D=")[1].split()[0]) <= 8192
         expected = {
             "noise": ["_noise_kernel"],
             "fused_update": ["_fused_update_kernel"],
             "sumsq_norms": ["_sumsq_partial_kernel", "_sumsq_finish_kernel"],
+            "snr_langevin_step": ["_snr_rows_kernel"]
+            if one_kernel_snr
+            else ["_sumsq_partial_kernel", "_snr_coef_kernel", "_fused_update_kernel"],
         }[op]
         assert kernels == expected, case
         assert all(r["cubin_bytes"] > 0 for r in rows), case
@@ -96,7 +102,7 @@ def test_noise_code_uses_precise_math_only(report, arch):
     for case, rows in _by_case(report, arch).items():
         for r in rows:
             assert not any(r["ops"][op] for op in APPROX), (case, r["kernel"], r["ops"])
-        draws_normals = "kind=1" in case or "noise=True" in case or case.startswith("sumsq_norms")
+        draws_normals = "kind=1" in case or "noise=True" in case or case.startswith(("sumsq_norms", "snr"))
         first = rows[0]["ops"]
         # Box-Muller's square root, correctly rounded (tl.sqrt_rn), twice per group of 4 normals
         assert (first["sqrt.rn.f32"] > 0) == draws_normals, (case, first)
@@ -127,8 +133,9 @@ def test_cuda_module_carries_each_arch_and_precise_ptx():
     tool = _cuobjdump()
     if tool is None:
         pytest.skip("no cuobjdump (CUDA toolkit or Triton's bundled copy)")
-    import scorefast._cuda as cuda_module
     from gpu_compile_worker import APPROX
+
+    import scorefast._cuda as cuda_module
 
     path = cuda_module.__file__
     elves = subprocess.run([tool, "--list-elf", path], capture_output=True, text=True, check=True).stdout
@@ -138,7 +145,7 @@ def test_cuda_module_carries_each_arch_and_precise_ptx():
         assert f".sm_{arch}.cubin" in elves, (entry, elves)
         assert (f".sm_{arch}.ptx" in ptx_list) == entry.endswith("+PTX"), (entry, ptx_list)
     ptx = subprocess.run([tool, "-ptx", path], capture_output=True, text=True, check=True).stdout
-    for kernel in ("fill_noise_kernel", "fused_update_kernel", "sumsq_partial_kernel"):
+    for kernel in ("fill_noise_kernel", "fused_update_kernel", "sumsq_partial_kernel", "snr_row_kernel"):
         assert kernel in ptx
     assert "sqrt.rn.f32" in ptx
     assert not [op for op in APPROX if op in ptx]

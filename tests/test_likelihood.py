@@ -125,3 +125,162 @@ def test_dequantised_bits_per_dim_and_bad_input():
         sf.divergence(linear, torch.zeros(2, 6), method="hutch++", n_probes=4)
     with pytest.raises(ValueError, match="probe"):
         sf.hutchinson_trace(linear, torch.zeros(2, 6), probe="uniform")
+
+
+# -- networks in their own dtype (issue 18, item 1) -----------------------------------------
+TOL_BY_DTYPE = {torch.float32: (1e-6, 5e-4), torch.float16: (1e-4, 0.05), torch.bfloat16: (1e-3, 0.1)}
+
+
+def _mlp(dtype, seen):
+    torch.manual_seed(0)
+    net = sf.models.MLP(dim=2, hidden=32, layers=2).to(dtype)
+    net.register_forward_pre_hook(lambda _m, args: seen.add(args[0].dtype))
+    return net
+
+
+@pytest.fixture(scope="module")
+def mlp_reference():
+    """The MLP's exact-divergence NLL with float64 weights, data and state, at a tight tolerance."""
+    sde = VPSDE()
+    x = sf.testing.GaussianMixture.ring(4, 2.0, 0.5).sample(8, seed=1)
+    score = sf.adapters.from_eps(_mlp(torch.float64, set()), sde, time_map="t")
+    nll, _ = sf.log_likelihood(score, sde, x, divergence="exact", rtol=1e-8, atol=1e-8)
+    return x, nll
+
+
+@pytest.mark.parametrize("dtype", list(TOL_BY_DTYPE), ids=str)
+@pytest.mark.parametrize("data", [torch.float32, torch.float64], ids=["fp32-data", "fp64-data"])
+def test_likelihood_of_fp32_bf16_fp16_networks(mlp_reference, dtype, data):
+    """An sf.models MLP through from_eps runs in its parameters' dtype (the old code cast x to float64
+    and failed with a dtype mismatch) and agrees with the float64 network within its precision."""
+    x, reference = mlp_reference
+    sde = VPSDE()
+    seen = set()
+    score = sf.adapters.from_eps(_mlp(dtype, seen), sde, time_map="t")
+    rtol, tol = TOL_BY_DTYPE[dtype]
+    nll, bpd = sf.log_likelihood(score, sde, x.to(data), divergence="exact", rtol=rtol, atol=rtol)
+    assert seen == {dtype}
+    assert nll.dtype == torch.float64 and bpd.dtype == torch.float64
+    torch.testing.assert_close(nll, reference, atol=tol, rtol=0)
+
+
+def test_likelihood_of_the_shipped_digits_model_in_fp32():
+    """The digits checkpoint (fp32 UNet) as loaded, against the same weights in float64 (same probes)."""
+    from sklearn.datasets import load_digits
+
+    score, sde, shape = sf.models.load(sf.models.digits_checkpoint())
+    model, _ = sf.models.load_model(sf.models.digits_checkpoint())
+    reference = sf.adapters.from_eps(model.double(), sde)
+    images = torch.tensor(load_digits().images[:2], dtype=torch.float32).reshape(2, *shape) / 8 - 1
+    kw = dict(rtol=1e-2, atol=1e-2, data_range=(-1.0, 1.0), seed=3)
+    _, bpd = sf.log_likelihood(score, sde, images, **kw)
+    _, ref = sf.log_likelihood(reference, sde, images.double(), **kw)
+    torch.testing.assert_close(bpd, ref, atol=1e-3, rtol=0)
+    assert ((bpd > 1) & (bpd < 8)).all()  # bits per dim of 4-bit-ish digits under a trained model
+
+
+def test_likelihood_is_batch_invariant_and_error_norm_batch_is_one_step_sequence():
+    sde = VPSDE()
+
+    def elementwise(x, t):  # a per-element score: each sample's result may not depend on the batch
+        return -x / (1 + t[:, None]) - 0.3 * torch.sin(2 * x)
+
+    x = torch.linspace(-2, 2, 14).reshape(7, 2)
+    kw = dict(rtol=1e-4, atol=1e-4, return_nfe=True, seed=5)
+    nll, _, nfe = sf.log_likelihood(elementwise, sde, x, **kw)
+    assert nfe.min() < nfe.max()  # per-sample steps
+    for i in (0, 3, 6):
+        one, _, one_nfe = sf.log_likelihood(elementwise, sde, x[i : i + 1], sample_ids=torch.tensor([i]), **kw)
+        assert torch.equal(one, nll[i : i + 1]) and torch.equal(one_nfe, nfe[i : i + 1])
+    batch, _, batch_nfe = sf.log_likelihood(elementwise, sde, x, error_norm="batch", **kw)
+    assert (batch_nfe == batch_nfe[0]).all()
+    torch.testing.assert_close(batch, nll, atol=5e-3, rtol=0)
+
+
+# -- bad input names the argument (issue 18, item 14) ---------------------------------------
+def _bad_calls():
+    gm = sf.testing.GaussianMixture.ring(4, 2.0, 0.5)
+    sde = VPSDE()
+    ok = gm.score_fn(sde)
+    x = gm.sample(4, seed=1).float()
+    prior = _exact_prior(gm, sde)
+    return (
+        [
+            (dict(score_fn=lambda z, t: ok(z, t)[:, :1]), ValueError, "score_fn"),  # [B, 1] for [B, 2]: no broadcast
+            (dict(score_fn=lambda z, t: ok(z, t).long()), TypeError, "score_fn"),
+            (dict(score_fn=lambda z, t: (ok(z, t),)), TypeError, "score_fn"),
+            (dict(score_fn=None), TypeError, "score_fn"),
+            (dict(sde=None), TypeError, "sde"),
+            (dict(x=x.long()), TypeError, "x"),
+            (dict(x=[[0.0, 1.0]]), TypeError, "x"),
+            (dict(n_probes=0), ValueError, "n_probes"),
+            (dict(n_probes=1.5), TypeError, "n_probes"),
+            (dict(n_probes=True), TypeError, "n_probes"),
+            (dict(probe="uniform"), ValueError, "probe"),
+            (dict(prior_logp=lambda z: prior(z)[:, None]), ValueError, "prior_logp"),
+            (dict(prior_logp=lambda z: prior(z)[:2]), ValueError, "prior_logp"),
+            (dict(prior_logp=5), TypeError, "prior_logp"),
+            (dict(data_range="abc"), TypeError, "data_range"),
+            (dict(data_range=(1.0, 1.0)), ValueError, "data_range"),
+            (dict(data_range=(0.0, float("nan"))), ValueError, "data_range"),
+            (dict(error_norm="max"), ValueError, "error_norm"),
+            (dict(rtol=float("nan")), ValueError, "rtol"),
+            (dict(atol=float("inf")), ValueError, "atol"),
+            (dict(rtol=0.0), ValueError, "rtol"),
+            (dict(rtol="1e-3"), TypeError, "rtol"),
+            (dict(max_steps=0), ValueError, "max_steps"),
+            (dict(max_steps=2.5), TypeError, "max_steps"),
+            (dict(eps=float("nan")), ValueError, "eps"),
+            (dict(seed=-1), ValueError, "seed"),
+            (dict(step=1.5), TypeError, "step"),
+            (dict(sample_ids=torch.arange(3)), ValueError, "sample_ids"),
+            (dict(network_dtype=torch.int32), TypeError, "network_dtype"),
+            (dict(solver="euler"), ValueError, "solver"),
+        ],
+        dict(score_fn=ok, sde=sde, x=x, prior_logp=prior),
+    )
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls()[0])))
+def test_log_likelihood_bad_input_names_the_argument(case):
+    bad, good = _bad_calls()
+    change, exc, name = bad[case]
+    args = {**good, "rtol": 1e-2, "atol": 1e-2, **change}
+    with pytest.raises(exc, match=name):
+        sf.log_likelihood(args.pop("score_fn"), args.pop("sde"), args.pop("x"), **args)
+
+
+def test_a_wrongly_shaped_prior_fails_before_the_solve_and_an_empty_batch_is_empty():
+    calls = []
+    sde = VPSDE()
+
+    def score(x, t):
+        calls.append(1)
+        return -x
+
+    with pytest.raises(ValueError, match="prior_logp"):
+        sf.log_likelihood(score, sde, torch.zeros(3, 2), prior_logp=lambda z: z)
+    assert not calls
+    nll, bpd, nfe = sf.log_likelihood(score, sde, torch.zeros(0, 2), return_nfe=True)
+    assert nll.shape == bpd.shape == nfe.shape == (0,)
+
+
+@pytest.mark.parametrize("method", ["exact", "hutchinson", "hutch++", "jvp"])
+def test_divergence_refuses_an_output_that_would_broadcast(method):
+    x = torch.randn(3, 6, dtype=torch.float64)
+    narrow = lambda z: linear(z)[:, :1]  # noqa: E731
+    kw = dict(method="hutchinson", ad="jvp") if method == "jvp" else dict(method=method)
+    if method == "hutch++":
+        kw["n_probes"] = 3
+    with pytest.raises(ValueError, match="fn"):
+        sf.divergence(narrow, x, **kw)
+    with pytest.raises(TypeError, match="fn"):
+        sf.divergence(lambda z: (z,), x, **kw)
+    with pytest.raises(TypeError, match="fn"):
+        sf.divergence(None, x, **kw)
+    with pytest.raises(TypeError, match="x"):
+        sf.divergence(linear, [[1.0] * 6], **kw)
+    with pytest.raises(TypeError, match="n_probes"):
+        sf.hutchinson_trace(linear, x, n_probes=True)
+    with pytest.raises(ValueError, match="n_probes"):
+        sf.hutchinson_trace(linear, x, n_probes=0)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import scorefast as sf
 from scorefast import adapters, models
@@ -214,3 +214,82 @@ def test_sf_compile_matches_eager_and_refuses_graph_modes():
         sf.compile(score_fn, mode="reduce-overhead")
     with pytest.raises(TypeError, match="score_fn"):
         sf.compile(None)
+
+
+def _crafted(tmp_path, meta_changes=None, *, raw=None, tensors=None, drop=()):
+    """A small MLP checkpoint whose metadata or tensors were edited."""
+    torch.manual_seed(0)
+    net = models.build("MLP", dim=2, hidden=16, layers=2)
+    path = models.save(tmp_path / "ok.safetensors", net, sde=VPSDE(), shape=(2,))
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["scorefast"])
+    meta.update(meta_changes or {})
+    for key in drop:
+        meta.pop(key)
+    weights = {**load_file(str(path)), **(tensors or {})}
+    weights = {k: v for k, v in weights.items() if v is not None}
+    out = tmp_path / "crafted.safetensors"
+    save_file(weights, str(out), metadata={"scorefast": raw if raw is not None else json.dumps(meta)})
+    return out
+
+
+def test_declared_architecture_is_checked_against_the_stored_tensors_before_building(tmp_path, monkeypatch):
+    """The issue's crafted file (hidden=200000, layers=40: ~160 GB of parameters) is refused from its
+    header, before any module is built; so are subtler mismatches, each naming what is wrong."""
+    built = []  # modules built with real (not meta) parameters, and tensor data read
+
+    def build(*args, **kwargs):
+        model = models.build(*args, **kwargs)
+        if any(p.device.type != "meta" for p in model.parameters()):
+            built.append(args)
+        return model
+
+    monkeypatch.setattr(models.checkpoint, "build", build)
+    monkeypatch.setattr(models.checkpoint, "load_file", lambda *a: built.append(a) or load_file(*a))
+    cases = [
+        ({"arch_kwargs": {"dim": 2, "hidden": 200000, "layers": 40}}, {}, "200000 is not in"),
+        ({"arch_kwargs": {"dim": 2, "hidden": 16, "layers": 16}}, {}, "far more parameter tensors than the file's 16"),
+        ({}, {"out.1.weight": None}, "tensor 'out.1.weight' is missing"),
+        ({}, {"out.1.weight": torch.zeros(3, 16)}, r"'out.1.weight' is stored as \[3, 16\], the architecture needs"),
+        ({}, {"out.1.weight": torch.zeros(2, 16, dtype=torch.int32)}, "I32, not a floating-point type"),
+        ({}, {"extra": torch.zeros(2)}, "holds tensor 'extra', which a MLP does not have"),
+        ({"arch_kwargs": {"dim": 2, "hidden": 16, "layers": 1}}, {}, "holds tensor 'blocks.1.1.bias'"),
+    ]
+    for meta, tensors, match in cases:
+        built.clear()
+        with pytest.raises(ValueError, match=match):
+            models.load(_crafted(tmp_path, meta, tensors=tensors))
+        assert not built  # refused from the header alone: the real module was never built
+    assert models.load(_crafted(tmp_path))[2] == (2,) and built
+
+
+@pytest.mark.parametrize(
+    "changes,drop,raw,match",
+    [
+        ({"arch_kwargs": [16, 2]}, (), None, "'arch_kwargs' must be an object"),
+        ({"arch_kwargs": {"width": 3}}, (), None, "arch_kwargs: MLP takes no argument 'width'"),
+        ({}, ("arch",), None, "'arch' must be one of MLP, UNet, got None"),
+        ({"arch": ["MLP"]}, (), None, "'arch' must be one of"),
+        ({"arch_kwargs": {"dim": 2, "hidden": "16"}}, (), None, "arch_kwargs .* do not build a MLP"),
+        ({"sde_kwargs": {"beta_min": "a"}}, (), None, "sde_kwargs"),
+        ({"sde_kwargs": {"N": 10**10}}, (), None, r"sde_kwargs: N .* \[1, 1000000\]"),  # a 80 GB table
+        ({"sde": None}, (), None, "'sde' must be one of"),
+        ({"shape": "2"}, (), None, "'shape' must be a list"),
+        ({"shape": [3]}, (), None, r"shape \[3\] does not fit the MLP"),
+        ({"data_range": [1, -1]}, (), None, "'data_range'"),
+        ({"parameterisation": 3}, (), None, "'parameterisation' must be one of"),
+        ({"version": "1"}, (), None, "'version' must be an int"),
+        ({"version": 99}, (), None, "checkpoint format 99 is newer"),
+        ({}, (), '{"a": ' * 50_000 + "1" + "}" * 50_000, "nested too deeply"),
+        ({"extra": [[[[[[[[[1]]]]]]]]]}, (), None, "nested deeper than 8 levels"),
+        ({}, (), "[1, 2]", "must be a JSON object, got list"),
+        ({}, (), "{oops", "is not JSON"),
+        ({}, (), " " * (9 << 20), "characters"),
+    ],
+    ids=lambda v: None if isinstance(v, str) and len(v) < 40 else "",
+)
+def test_malformed_checkpoint_metadata_is_a_clear_error(tmp_path, changes, drop, raw, match):
+    with pytest.raises(ValueError, match=r"path: .*crafted\.safetensors.*" + match):
+        models.load(_crafted(tmp_path, changes, raw=raw, drop=drop))

@@ -3,7 +3,12 @@ SSM's JVP path, ``fit`` / ``scorefast train`` and the shipped digits model."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +18,9 @@ import scorefast as sf
 from scorefast import models
 from scorefast.sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
 from scorefast.train import EMA, TrainStep
-from scorefast.train.fit import fit
+from scorefast.train.fit import fit, make_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _mlp(seed=0, dim=2):
@@ -281,10 +288,9 @@ def test_fit_resumes_to_the_same_weights(tmp_path):
     assert shape == (2,) and isinstance(sde, VPSDE)
 
 
-def test_fit_saves_what_it_computed_when_interrupted(tmp_path, monkeypatch):
-    """An error mid-run still leaves the finished steps on disk; the rerun continues from there."""
-    calls = {"n": 0}
-    real = TrainStep.__call__
+def _fit_interrupted_at_call_5(monkeypatch, out, **kw):
+    """fit(out, **kw) with Ctrl-C at its 5th TrainStep call (after 4 finished steps)."""
+    calls, real = {"n": 0}, TrainStep.__call__
 
     def flaky(self, x):
         calls["n"] += 1
@@ -294,8 +300,13 @@ def test_fit_saves_what_it_computed_when_interrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(TrainStep, "__call__", flaky)
     with pytest.raises(KeyboardInterrupt):
-        fit(tmp_path, data="toy2d", steps=8, batch=8, save_every=100, sample_grid=False)
+        fit(out, **kw)
     monkeypatch.setattr(TrainStep, "__call__", real)
+
+
+def test_fit_saves_what_it_computed_when_interrupted(tmp_path, monkeypatch):
+    """An error mid-run still leaves the finished steps on disk; the rerun continues from there."""
+    _fit_interrupted_at_call_5(monkeypatch, tmp_path, data="toy2d", steps=8, batch=8, save_every=100, sample_grid=False)
     assert fit(tmp_path, data="toy2d", steps=8, batch=8, save_every=100, sample_grid=False)["resumed_from"] == 4
     with pytest.raises(ValueError, match=r"batch: .* trained with 8"):
         fit(tmp_path, data="toy2d", steps=9, batch=16, save_every=100, sample_grid=False)
@@ -511,3 +522,98 @@ def test_a_train_step_that_syncs_falls_back_to_eager_with_one_warning():
             x = _batch(n).cuda()
             torch.testing.assert_close(graphed(x), eager(x), rtol=1e-5, atol=1e-6)
     assert len(rec) == 1 and graphed.step.step == 4
+
+
+def _log(out):
+    """(history, unfinished window, final_loss, loss.png bytes) of a fit() output directory."""
+    from scorefast.train.state import read_metadata
+
+    extra = read_metadata(out / "train_state.safetensors", "scorefast_train", 1)["extra"]
+    summary = json.loads((out / "summary.json").read_text())
+    return extra["history"], extra["window"], summary["final_loss"], (out / "loss.png").read_bytes()
+
+
+def test_fit_killed_or_interrupted_then_resumed_logs_what_an_uninterrupted_run_logs(tmp_path, monkeypatch):
+    """Loss history, loss.png and final_loss equal an uninterrupted run's after a kill -9 (the state
+    saved at step 5, mid log window), a Ctrl-C at step 4, and a shorter run continued."""
+    kw = dict(data="toy2d", batch=8, log_every=3, save_every=5, sample_grid=False)
+    fit(tmp_path / "straight", steps=8, **kw)
+    want = _log(tmp_path / "straight")
+    assert [h[0] for h in want[0]] == [3, 6] and len(want[1]) == 2 and want[2] == sum(want[1]) / 2
+
+    killed = tmp_path / "killed"  # a real process death: no finally, no last save
+    script = (
+        "import os, sys\nfrom scorefast.train import TrainStep\nfrom scorefast.train.fit import fit\n"
+        "real = TrainStep.__call__\n"
+        "def dies(self, x):\n    if self.step == 6:\n        os._exit(9)\n    return real(self, x)\n"
+        f"TrainStep.__call__ = dies\nfit(sys.argv[1], steps=8, **{kw!r})\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-c", script, str(killed)], env=env, capture_output=True, text=True)
+    assert res.returncode == 9, res.stderr[-2000:]
+    assert fit(killed, steps=8, **kw)["resumed_from"] == 5
+
+    _fit_interrupted_at_call_5(monkeypatch, tmp_path / "ctrl-c", steps=8, **kw)
+    assert fit(tmp_path / "ctrl-c", steps=8, **kw)["resumed_from"] == 4
+    fit(tmp_path / "longer", steps=4, **kw)
+    assert fit(tmp_path / "longer", steps=8, **kw)["resumed_from"] == 4
+    for name in ("killed", "ctrl-c", "longer"):
+        assert _log(tmp_path / name) == want, name
+
+
+def test_fit_refuses_a_second_training_into_its_directory(tmp_path):
+    from scorefast._io import dir_lock
+
+    kw = dict(data="toy2d", batch=8, save_every=100, sample_grid=False)
+    with dir_lock(tmp_path, "out_dir"):  # another training is running there
+        with pytest.raises(ValueError, match=rf"out_dir: .* in use by another scorefast process \(pid {os.getpid()}\)"):
+            fit(tmp_path, steps=2, **kw)
+    assert not (tmp_path / "train_state.safetensors").exists()
+    fit(tmp_path, steps=2, **kw)
+    with pytest.raises(ValueError, match=r"log_every: .* trained with 50, this run has 10"):
+        fit(tmp_path, steps=3, log_every=10, **kw)
+    with pytest.raises(ValueError, match=r"lr: .* trained with 0\.002, this run has 0\.001"):
+        fit(tmp_path, steps=3, lr=1e-3, **kw)
+
+
+def test_fit_refuses_a_train_state_of_an_unknown_version(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    fit(tmp_path, data="toy2d", steps=2, batch=8, sample_grid=False)
+    path = tmp_path / "train_state.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["scorefast_train"])
+    tensors = load_file(str(path))
+    for version, match in [(99, "99; .* reads version 1 .*newer scorefast"), ("1", "'1'"), (0, "0;")]:
+        save_file(tensors, str(path), metadata={"scorefast_train": json.dumps({**meta, "version": version})})
+        with pytest.raises(
+            ValueError, match=r"path: .*train_state\.safetensors is a training state of format version " + match
+        ):
+            fit(tmp_path, data="toy2d", steps=3, batch=8, sample_grid=False)
+        model = make_model("toy2d")
+        direct = TrainStep(model, torch.optim.Adam(model.parameters()), "dsm", sde=VPSDE())
+        with pytest.raises(ValueError, match=r"format version " + match):  # TrainStep.load itself refuses it
+            direct.load(path)
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ({"lr": float("nan")}, "lr"),
+        ({"lr": -1.0}, "lr"),
+        ({"grad_clip": 0.0}, "grad_clip"),
+        ({"ema_decay": 7.0}, "decay"),
+        ({"warmup": -1}, "warmup"),
+        ({"seed": -1}, "seed"),
+        ({"precision": "fp8"}, "precision"),
+        ({"data": "cifar"}, "data"),
+        ({"device": "bogus"}, "device: not a device"),
+        ({"device": "cuda:0"} if not torch.cuda.is_available() else {"device": "cuda:999"}, "device: cuda"),
+        ({"log_every": 0}, "log_every"),
+    ],
+)
+def test_fit_checks_every_setting_before_writing(tmp_path, bad, match):
+    with pytest.raises(ValueError, match=match):
+        fit(tmp_path / "run", **{"data": "toy2d", "steps": 2, "batch": 8, "sample_grid": False, **bad})
+    assert not (tmp_path / "run").exists()

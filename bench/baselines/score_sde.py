@@ -134,15 +134,30 @@ def ode_sampler(score_fn, sde, shape, *, rtol=1e-3, atol=1e-3, eps=None, device=
     return x, solution.nfev + 1
 
 
-def likelihood(score_fn, sde, data, *, rtol=1e-5, atol=1e-5, eps=1e-5, hutchinson_type="Rademacher", prior_logp=None):
+def likelihood(
+    score_fn,
+    sde,
+    data,
+    *,
+    rtol=1e-5,
+    atol=1e-5,
+    eps=1e-5,
+    hutchinson_type="Rademacher",
+    prior_logp=None,
+    epsilon=None,
+):
     """score_sde's get_likelihood_fn: scipy RK45 from eps to T on [x, delta log p] with a host round
     trip per evaluation; drift_fn and div_fn each call the model (two forwards per evaluation, as
-    there); the Hutchinson probe is drawn once (torch RNG).  Returns (nll [B] nats, nfe)."""
+    there); the Hutchinson probe is drawn once (torch RNG), or is ``epsilon`` when given (the one
+    change to the loop: a race can hand both sides the same probe, so both estimate the same
+    integral and their errors compare).  Returns (nll [B] nats, nfe)."""
     import numpy as np
     from scipy import integrate
 
     shape = data.shape
-    if hutchinson_type == "Gaussian":
+    if epsilon is not None:
+        pass
+    elif hutchinson_type == "Gaussian":
         epsilon = torch.randn_like(data)
     else:
         epsilon = torch.randint_like(data, low=0, high=2).float() * 2 - 1.0

@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
+#include <cmath>
 #include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -92,7 +94,7 @@ inline void philox_16_lanes(const uint32_t* group, const uint32_t* sample, uint3
 #endif
 
 // Words of groups g0 .. g0+ng-1 of rows b0 .. b0+nb-1, index r * ng + g: one loop over all
-// (row, group) pairs, so rows of a few elements still fill the vector lanes.
+// (row, group) pairs, so rows of a few elements still fill the vector lanes.  ids null: arange(B).
 void group_words(const Counter& c, const int64_t* ids, int64_t b0, int64_t nb, int64_t g0, int64_t ng,
                  GroupWords& out) {
   const uint32_t k0 = static_cast<uint32_t>(c.seed), k1 = static_cast<uint32_t>(c.seed >> 32);
@@ -101,13 +103,13 @@ void group_words(const Counter& c, const int64_t* ids, int64_t b0, int64_t nb, i
   if (ng == 1) {  // rows of at most 4 elements: one group a row
     for (int64_t r = 0; r < nb; ++r) {
       group[r] = static_cast<uint32_t>(g0);
-      sample[r] = static_cast<uint32_t>(ids[b0 + r]);
+      sample[r] = static_cast<uint32_t>(ids ? ids[b0 + r] : b0 + r);
     }
   } else {
     for (int64_t r = 0; r < nb; ++r) {
       for (int64_t g = 0; g < ng; ++g) {
         group[r * ng + g] = static_cast<uint32_t>(g0 + g);
-        sample[r * ng + g] = static_cast<uint32_t>(ids[b0 + r]);
+        sample[r * ng + g] = static_cast<uint32_t>(ids ? ids[b0 + r] : b0 + r);
       }
     }
   }
@@ -307,20 +309,44 @@ void fill_noise(at::Tensor out, const at::Tensor& ids, uint64_t seed, int64_t st
   });
 }
 
-// out = coef(0)*x + sum_t coef(1+t)*terms[t] + coef(K-1)*z with K = T + 2 coefficients read from
-// cf as a [K, cols] matrix: cols = B (a coefficient per sample) or 1 (one column for the batch).
-void fused_update_core(at::Tensor& out, const at::Tensor& x, const std::vector<at::Tensor>& terms, const float* cf,
-                       int64_t cols, const at::Tensor& ids, uint64_t seed, int64_t step, int64_t stream,
-                       bool with_noise) {
+// Whether any of the n values stored at base + offset (as dtype) is not finite: v * 0 is 0 for a
+// finite v and NaN otherwise, so one multiply-add per element and a look at the lanes at the end.
+bool any_nonfinite(const float* acc, const void* base, at::ScalarType dtype, int64_t offset, int64_t n,
+                   float* buf) {
+  const float* v = dtype == at::kFloat ? acc : as_float(base, dtype, offset, n, buf);  // fp16 may overflow
+  Vec probe(0.0f);
+  const Vec zero(0.0f);
+  for (int64_t i = 0; i < n; i += Vec::size()) {
+    const int64_t cnt = std::min<int64_t>(Vec::size(), n - i);
+    probe = at::vec::fmadd(Vec::loadu(v + i, cnt), zero, probe);
+  }
+  alignas(64) float lanes[Vec::size()];
+  probe.store(lanes);
+  bool bad = false;
+  for (int64_t l = 0; l < Vec::size(); ++l) bad |= lanes[l] != lanes[l];
+  return bad;
+}
+
+// Where a launch's coefficients live: coefficient k of sample b is base[k * k_stride + b * b_stride]
+// (a [K, C] matrix: k_stride C, b_stride C > 1; a table row: base at the row, k_stride 1, b_stride 0).
+struct CoefSource {
+  const float* base;
+  int64_t k_stride;
+  int64_t b_stride;
+  float operator()(int64_t k, int64_t b) const { return base[k * k_stride + b * b_stride]; }
+};
+
+// out = coef(0)*x + sum_t coef(1+t)*terms[t] + coef(K-1)*z with K = T + 2 coefficients from `coef`.
+// Returns whether a stored value is not finite (checked only when check_finite).
+bool fused_update_core(at::Tensor& out, const at::Tensor& x, const std::vector<at::Tensor>& terms, CoefSource coef,
+                       const int64_t* id, uint64_t seed, int64_t step, int64_t stream, bool with_noise,
+                       bool check_finite) {
   const int64_t B = x.size(0), D = x.size(1);
   check_rows(x, B, D, "x");
   check_rows(out, B, D, "out");
   for (const auto& t : terms) check_rows(t, B, D, "terms[i]");
   const int64_t T = static_cast<int64_t>(terms.size());
   const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const int64_t per_sample = cols == 1 ? 0 : 1;
-  const auto coef = [&](int64_t k, int64_t b) { return cf[k * cols + per_sample * b]; };
   std::vector<const void*> term_ptr;
   std::vector<at::ScalarType> term_dtype;
   for (const auto& t : terms) {
@@ -330,6 +356,7 @@ void fused_update_core(at::Tensor& out, const at::Tensor& x, const std::vector<a
   const void* xp = x.data_ptr();
   void* op = out.data_ptr();
   const auto xdt = x.scalar_type(), odt = out.scalar_type();
+  std::atomic<bool> bad{false};
   for_each_block(B, D, 0, [&](int64_t b0, int64_t nb, int64_t first, int64_t n) {
     alignas(64) std::array<float, kTile> xbuf, tbuf, zbuf, acc;
     if (with_noise) noise_rows(c, id, b0, nb, first, n, kNormal, zbuf.data(), n);
@@ -360,6 +387,7 @@ void fused_update_core(at::Tensor& out, const at::Tensor& x, const std::vector<a
       for (int64_t t = 0; t < T; ++t) add(1 + t, as_float(term_ptr[t], term_dtype[t], b0 * D, m, tbuf.data()));
       if (with_noise) add(T + 1, zbuf.data());
       store_from_float(acc.data(), op, odt, b0 * D, m);
+      if (check_finite && any_nonfinite(acc.data(), op, odt, b0 * D, m, tbuf.data())) bad = true;
       return;
     }
     for (int64_t b = b0; b < b0 + nb; ++b) {
@@ -380,8 +408,34 @@ void fused_update_core(at::Tensor& out, const at::Tensor& x, const std::vector<a
       for (int64_t t = 0; t < T; ++t) add(1 + t, as_float(term_ptr[t], term_dtype[t], b * D + first, n, tbuf.data()));
       if (with_noise) add(T + 1, zv);
       store_from_float(acc.data(), op, odt, b * D + first, n);
+      if (check_finite && any_nonfinite(acc.data(), op, odt, b * D + first, n, tbuf.data())) bad = true;
     }
   });
+  return bad;
+}
+
+// The non-finite flag (an int64 scalar starting at -1) records the step counter n the first time.
+void record_nonfinite(const c10::optional<at::Tensor>& flag, bool bad, int64_t n) {
+  if (!bad || !flag.has_value() || !flag->defined()) return;
+  int64_t* f = flag->data_ptr<int64_t>();
+  if (*f == -1) *f = n;
+}
+
+void check_flag(const c10::optional<at::Tensor>& flag) {
+  if (!flag.has_value() || !flag->defined()) return;
+  TORCH_CHECK(flag->scalar_type() == at::kLong && flag->numel() == 1, "flag must be a 0-d int64 tensor");
+}
+
+// Elements from a tensor's first to its last (a strided view spans more than its numel).
+int64_t span_of(const at::Tensor& t) {
+  if (t.numel() == 0) return 0;
+  int64_t span = 1;
+  for (int64_t d = 0; d < t.dim(); ++d) span += (t.size(d) - 1) * t.stride(d);
+  return span;
+}
+
+const int64_t* ids_or_null(const c10::optional<at::Tensor>& ids) {
+  return ids.has_value() && ids->defined() ? ids->data_ptr<int64_t>() : nullptr;
 }
 
 // coefs: fp32 [T + 2, B] or [T + 2, 1] tensor.
@@ -392,7 +446,26 @@ void fused_update(at::Tensor out, const at::Tensor& x, const std::vector<at::Ten
   TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.dim() == 2 &&
                   coefs.size(0) == T + 2 && (coefs.size(1) == B || coefs.size(1) == 1),
               "coefs must be float32 [len(terms) + 2, B or 1]");
-  fused_update_core(out, x, terms, coefs.data_ptr<float>(), coefs.size(1), ids, seed, step, stream, with_noise);
+  const CoefSource coef{coefs.data_ptr<float>(), coefs.size(1), coefs.size(1) > 1 ? 1 : 0};
+  fused_update_core(out, x, terms, coef, ids.data_ptr<int64_t>(), seed, step, stream, with_noise, false);
+}
+
+// The general form (the step ops): coefficient k of sample b at coefs[offset + k * k_stride + b *
+// b_stride] (a table row or a [K, C] matrix), ids optional (arange(B)), the Philox step given, and
+// the non-finite flag set to the step counter n.
+void fused_update_step(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& terms,
+                       const at::Tensor& coefs, int64_t offset, int64_t k_stride, int64_t b_stride,
+                       const c10::optional<at::Tensor>& ids, uint64_t seed, int64_t philox_step, int64_t stream,
+                       bool with_noise, const c10::optional<at::Tensor>& flag, int64_t n) {
+  const int64_t B = x.size(0), T = static_cast<int64_t>(terms.size());
+  TORCH_CHECK(coefs.scalar_type() == at::kFloat, "coefs must be float32");
+  const int64_t last = offset + (T + 1) * k_stride + (B > 0 ? B - 1 : 0) * b_stride;
+  TORCH_CHECK(offset >= 0 && last < span_of(coefs), "coefficient indices out of range");
+  check_flag(flag);
+  const CoefSource coef{coefs.data_ptr<float>() + offset, k_stride, b_stride};
+  const bool bad = fused_update_core(out, x, terms, coef, ids_or_null(ids), seed, philox_step, stream, with_noise,
+                                     flag.has_value() && flag->defined());
+  record_nonfinite(flag, bad, n);
 }
 
 // The same with T + 2 coefficients shared by the batch as host numbers (rounded to fp32 as a
@@ -402,7 +475,8 @@ void fused_update_scalars(at::Tensor out, const at::Tensor& x, const std::vector
                           int64_t stream, bool with_noise) {
   TORCH_CHECK(coefs.size() == terms.size() + 2, "coefs must hold len(terms) + 2 numbers");
   std::vector<float> cf(coefs.begin(), coefs.end());
-  fused_update_core(out, x, terms, cf.data(), 1, ids, seed, step, stream, with_noise);
+  fused_update_core(out, x, terms, CoefSource{cf.data(), 1, 0}, ids.data_ptr<int64_t>(), seed, step, stream,
+                    with_noise, false);
 }
 
 // Sum of squares of one tile's n values, lanes accumulated from the tile start, then the
@@ -421,31 +495,23 @@ float tile_sumsq(const float* v, int64_t n) {
   return s;
 }
 
-// out fp32 [2, B]: row 0 = sum of squares of t per sample (0 when t is undefined), row 1 = the
-// same of the normal noise z of (seed, step, stream, ids) with elem offset 0.  z is never stored.
-void sumsq_norms(at::Tensor out, const c10::optional<at::Tensor>& t, const at::Tensor& ids,
-                 int64_t D, uint64_t seed, int64_t step, int64_t stream, bool with_noise) {
-  const int64_t B = ids.size(0);
+// Per-sample sums of squares into o [2 * B]: row 0 of t (when given), row 1 of the normal noise z
+// of (seed, step, stream, ids) with elem offset 0 (when with_noise); z is never stored.  Tiles of
+// kTile elements from each sample's first one, their partials added in tile order.
+void sumsq_rows(float* o, const void* tp, at::ScalarType tdt, const int64_t* id, int64_t B, int64_t D,
+                uint64_t seed, int64_t step, int64_t stream, bool with_noise) {
   const int64_t tiles = (D + kTile - 1) / kTile;
-  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == 2 * B,
-              "out must be float32 [2, B]");
-  const bool has_t = t.has_value() && t->defined();
-  if (has_t) check_rows(*t, B, D, "t");
   std::vector<float> partial(static_cast<size_t>(2 * B * tiles), 0.0f);
   const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
-  const int64_t* id = ids.data_ptr<int64_t>();
-  const void* tp = has_t ? t->data_ptr() : nullptr;
-  const auto tdt = has_t ? t->scalar_type() : at::kFloat;
   for_each_block(B, D, 0, [&](int64_t b0, int64_t nb, int64_t first, int64_t n) {
     alignas(64) std::array<float, kTile> buf, zbuf;
     if (with_noise) noise_rows(c, id, b0, nb, first, n, kNormal, zbuf.data(), n);
     for (int64_t b = b0; b < b0 + nb; ++b) {
       const int64_t slot = b * tiles + first / kTile;
-      if (has_t) partial[slot] = tile_sumsq(as_float(tp, tdt, b * D + first, n, buf.data()), n);
+      if (tp) partial[slot] = tile_sumsq(as_float(tp, tdt, b * D + first, n, buf.data()), n);
       if (with_noise) partial[B * tiles + slot] = tile_sumsq(zbuf.data() + (b - b0) * n, n);
     }
   });
-  float* o = out.data_ptr<float>();
   for (int64_t row = 0; row < 2; ++row) {
     for (int64_t b = 0; b < B; ++b) {
       float s = 0.0f;
@@ -453,6 +519,54 @@ void sumsq_norms(at::Tensor out, const c10::optional<at::Tensor>& t, const at::T
       o[row * B + b] = s;
     }
   }
+}
+
+// out fp32 [2, B]: row 0 = sum of squares of t per sample (0 when t is undefined), row 1 = the
+// same of the normal noise z of (seed, step, stream, ids) with elem offset 0.  z is never stored.
+void sumsq_norms(at::Tensor out, const c10::optional<at::Tensor>& t, const at::Tensor& ids,
+                 int64_t D, uint64_t seed, int64_t step, int64_t stream, bool with_noise) {
+  const int64_t B = ids.size(0);
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() == 2 * B,
+              "out must be float32 [2, B]");
+  const bool has_t = t.has_value() && t->defined();
+  if (has_t) check_rows(*t, B, D, "t");
+  sumsq_rows(out.data_ptr<float>(), has_t ? t->data_ptr() : nullptr, has_t ? t->scalar_type() : at::kFloat,
+             ids.data_ptr<int64_t>(), B, D, seed, step, stream, with_noise);
+}
+
+// score_sde's Langevin corrector with per-sample norms: eps_b = (two_snr2 * alpha_b) * (|z_b|^2 /
+// |score_b|^2) in fp32 (0 where the score norm is not > 0), out = x + eps*score + sqrt(2 eps)*z.
+// alpha_b = alpha[alpha_offset + b * alpha_b_stride]; eps: fp32 [B].  Norms as sumsq_norms.
+void snr_langevin_step(at::Tensor out, at::Tensor eps, const at::Tensor& x, const at::Tensor& score,
+                       const at::Tensor& alpha, int64_t alpha_offset, int64_t alpha_b_stride, double two_snr2,
+                       const c10::optional<at::Tensor>& ids, uint64_t seed, int64_t philox_step, int64_t stream,
+                       const c10::optional<at::Tensor>& flag, int64_t n) {
+  const int64_t B = x.size(0), D = x.size(1);
+  check_rows(score, B, D, "score");
+  TORCH_CHECK(eps.scalar_type() == at::kFloat && eps.is_contiguous() && eps.numel() == B, "eps must be float32 [B]");
+  TORCH_CHECK(alpha.scalar_type() == at::kFloat, "alpha must be float32");
+  TORCH_CHECK(alpha_offset >= 0 && alpha_offset + (B > 0 ? B - 1 : 0) * alpha_b_stride < span_of(alpha),
+              "alpha index out of range");
+  check_flag(flag);
+  const int64_t* id = ids_or_null(ids);
+  std::vector<float> sums(static_cast<size_t>(2 * B));
+  sumsq_rows(sums.data(), score.data_ptr(), score.scalar_type(), id, B, D, seed, philox_step, stream, true);
+  const float c2 = static_cast<float>(two_snr2);
+  const float* a = alpha.data_ptr<float>() + alpha_offset;
+  float* e = eps.data_ptr<float>();
+  std::vector<float> cf(static_cast<size_t>(3 * B));
+  for (int64_t b = 0; b < B; ++b) {
+    const float g2 = sums[b], z2 = sums[B + b];
+    const float step_size = g2 > 0.0f ? (c2 * a[b * alpha_b_stride]) * (z2 / g2) : 0.0f;
+    e[b] = step_size;
+    cf[b] = 1.0f;
+    cf[B + b] = step_size;
+    cf[2 * B + b] = std::sqrt(2.0f * step_size);
+  }
+  if (D == 0) return;
+  const bool bad = fused_update_core(out, x, {score}, CoefSource{cf.data(), B, 1}, id, seed, philox_step, stream,
+                                     true, flag.has_value() && flag->defined());
+  record_nonfinite(flag, bad, n);
 }
 
 // Philox words for explicit counters: the known-answer check of the shared header.
@@ -472,6 +586,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fill_noise", &scorefast_cpu::fill_noise);
   m.def("fused_update", &scorefast_cpu::fused_update);
   m.def("fused_update_scalars", &scorefast_cpu::fused_update_scalars);
+  m.def("fused_update_step", &scorefast_cpu::fused_update_step);
+  m.def("snr_langevin_step", &scorefast_cpu::snr_langevin_step);
   m.def("sumsq_norms", &scorefast_cpu::sumsq_norms);
   m.def("philox_words", &scorefast_cpu::philox_words);
 }

@@ -1,11 +1,24 @@
-// scorefast CUDA kernels: noise fill, fused update, per-sample sums of squares.
+// scorefast CUDA kernels: noise fill, fused update, per-sample sums of squares, the SNR corrector.
 // Pure CUDA (no torch headers); launched on the caller's stream so CUDA graphs capture them.
-// Each thread owns one Philox group of 4 consecutive elements (4 normals per Philox call).
-// Samples run on grid rows: a block row strides over the batch, since gridDim.y <= 65535.
+//
+// Layout.  The update kernels give each thread one *unit* of kUnit = 8 consecutive elements of one
+// sample (two Philox groups): one 16-byte load of 16-bit data or two of fp32, where the sample's
+// row starts 16-byte aligned and the unit is whole, else element by element (a tail, or a row of a
+// size that leaves it misaligned).  The arithmetic of an element is the same on either path, so
+// results do not depend on it.  Units are numbered flat over the batch (sample b, unit u is thread
+// b * units + u), so samples of a few elements pack many to a block and every thread has work.
+// The SNR corrector gives each sample T threads (a sub-warp, a warp or a block, T from D alone),
+// which keep the score and z in registers between the norms and the update.
+//
+// Dtypes are template parameters: the state's, and the terms' when they share one (a mixed set of
+// term dtypes takes one switch per term and unit, never per element).
 //
 // The same file, compiled by a host compiler with host_emulation.h, is scorefast._cuda_host.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cfloat>
+#include <type_traits>
 
 #include "launchers.h"
 #include "scorefast/philox.h"
@@ -18,53 +31,237 @@ namespace scorefast_cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kNormTile = 4096;  // elements per partial sum; fixed, so sums are batch-invariant
+constexpr int kWarp = 32;
+constexpr int kUnit = 8;           // elements a thread owns: 2 Philox groups, 16 bytes of 16-bit data
+constexpr int kNormTile = 4096;    // elements per partial sum; fixed, so sums are batch-invariant
 constexpr int64_t kMaxGridRows = 65535;  // the limit of gridDim.y
+constexpr int64_t kMaxGridX = 0x7fffffff;
+constexpr unsigned kFullMask = 0xffffffffu;
 
-__device__ __forceinline__ float load_f32(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case kF16:
-      return __half2float(static_cast<const __half*>(p)[i]);
-    case kBF16:
-      return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[i]);
-    default:
-      return static_cast<const float*>(p)[i];
+// ---- element types -----------------------------------------------------------------------------
+
+template <typename T>
+struct Elem;
+
+template <>
+struct Elem<float> {
+  __device__ __forceinline__ static float to_f32(float v) { return v; }
+  __device__ __forceinline__ static float from_f32(float v) { return v; }
+  __device__ __forceinline__ static bool finite(float v) { return fabsf(v) <= FLT_MAX; }
+};
+
+template <>
+struct Elem<__half> {
+  __device__ __forceinline__ static float to_f32(__half v) { return __half2float(v); }
+  __device__ __forceinline__ static __half from_f32(float v) { return __float2half_rn(v); }
+  __device__ __forceinline__ static unsigned short bits(__half v) { return static_cast<__half_raw>(v).x; }
+  __device__ __forceinline__ static __half from_bits(unsigned short b) {
+    __half_raw r;
+    r.x = b;
+    return __half(r);
+  }
+  __device__ __forceinline__ static bool finite(__half v) { return (bits(v) & 0x7c00u) != 0x7c00u; }
+};
+
+template <>
+struct Elem<__nv_bfloat16> {
+  __device__ __forceinline__ static float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+  __device__ __forceinline__ static __nv_bfloat16 from_f32(float v) { return __float2bfloat16_rn(v); }
+  __device__ __forceinline__ static unsigned short bits(__nv_bfloat16 v) {
+    return static_cast<__nv_bfloat16_raw>(v).x;
+  }
+  __device__ __forceinline__ static __nv_bfloat16 from_bits(unsigned short b) {
+    __nv_bfloat16_raw r;
+    r.x = b;
+    return __nv_bfloat16(r);
+  }
+  __device__ __forceinline__ static bool finite(__nv_bfloat16 v) { return (bits(v) & 0x7f80u) != 0x7f80u; }
+};
+
+// A term of a mixed-dtype set: its dtype is read once per unit (a uniform branch).
+struct AnyDtype {};
+
+__device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// Elements [e0, e0 + n) of a row as fp32 (n <= kUnit; the rest 0): 16-byte loads when `vec` (the
+// row starts 16-byte aligned; e0 is a multiple of 8, so the unit is too) and the unit is whole.
+template <typename T>
+__device__ __forceinline__ void load_unit(const T* row, int64_t e0, int n, bool vec, float v[kUnit]) {
+  if (vec && n == kUnit) {
+    if constexpr (sizeof(T) == 4) {
+      const float4* p = reinterpret_cast<const float4*>(row + e0);
+      const float4 a = p[0], b = p[1];
+      v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w;
+      v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+    } else {
+      const uint4 raw = *reinterpret_cast<const uint4*>(row + e0);
+      const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        v[2 * i] = Elem<T>::to_f32(Elem<T>::from_bits(static_cast<unsigned short>(w[i] & 0xffffu)));
+        v[2 * i + 1] = Elem<T>::to_f32(Elem<T>::from_bits(static_cast<unsigned short>(w[i] >> 16)));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) v[j] = j < n ? Elem<T>::to_f32(row[e0 + j]) : 0.0f;
   }
 }
 
-__device__ __forceinline__ void store_f32(void* p, int dtype, int64_t i, float v) {
+__device__ __forceinline__ void load_unit_any(const void* row, int dtype, int64_t e0, int n, bool vec,
+                                              float v[kUnit]) {
   switch (dtype) {
     case kF16:
-      static_cast<__half*>(p)[i] = __float2half_rn(v);
+      load_unit(static_cast<const __half*>(row), e0, n, vec, v);
       break;
     case kBF16:
-      static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn(v);
+      load_unit(static_cast<const __nv_bfloat16*>(row), e0, n, vec, v);
       break;
     default:
-      static_cast<float*>(p)[i] = v;
+      load_unit(static_cast<const float*>(row), e0, n, vec, v);
   }
 }
 
-__device__ __forceinline__ scorefast::Words4 group_words(const CounterArgs& c, int64_t b, int64_t g) {
+// Term t's unit as fp32: TT is the terms' shared dtype, or AnyDtype for a mixed set.
+template <typename TT>
+__device__ __forceinline__ void load_term(const Terms& terms, int t, int64_t at, int64_t e0, int n,
+                                          float v[kUnit]) {
+  if constexpr (std::is_same<TT, AnyDtype>::value) {
+    const int dtype = terms.dtype[t];
+    const int size = dtype == kF32 ? 4 : 2;
+    const char* row = static_cast<const char*>(terms.ptr[t]) + at * size;
+    load_unit_any(row, dtype, e0, n, aligned16(row), v);
+  } else {
+    const TT* row = static_cast<const TT*>(terms.ptr[t]) + at;
+    load_unit(row, e0, n, aligned16(row), v);
+  }
+}
+
+// Stores the unit's n values (converted to T); returns whether a stored value is not finite.
+template <typename T>
+__device__ __forceinline__ bool store_unit(T* row, int64_t e0, int n, bool vec, const float acc[kUnit]) {
+  bool bad = false;
+  if (vec && n == kUnit) {
+    if constexpr (sizeof(T) == 4) {
+      float4* p = reinterpret_cast<float4*>(row + e0);
+      p[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
+      p[1] = make_float4(acc[4], acc[5], acc[6], acc[7]);
+#pragma unroll
+      for (int j = 0; j < kUnit; ++j) bad |= !Elem<float>::finite(acc[j]);
+    } else {
+      unsigned w[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const T lo = Elem<T>::from_f32(acc[2 * i]), hi = Elem<T>::from_f32(acc[2 * i + 1]);
+        bad |= !Elem<T>::finite(lo) || !Elem<T>::finite(hi);
+        w[i] = static_cast<unsigned>(Elem<T>::bits(lo)) | (static_cast<unsigned>(Elem<T>::bits(hi)) << 16);
+      }
+      *reinterpret_cast<uint4*>(row + e0) = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      if (j < n) {
+        const T v = Elem<T>::from_f32(acc[j]);
+        bad |= !Elem<T>::finite(v);
+        row[e0 + j] = v;
+      }
+    }
+  }
+  return bad;
+}
+
+// ---- counters, coefficients, the non-finite flag -----------------------------------------------
+
+struct Resolved {
+  uint64_t seed;
+  uint32_t philox_step;  // n * draws + draw
+  int64_t n;             // the step counter (what the flag records)
+};
+
+__device__ __forceinline__ Resolved resolve(const CounterArgs& c) {
   const uint64_t seed = c.seed_ptr ? static_cast<uint64_t>(*c.seed_ptr) : c.seed;
-  const uint32_t step = c.step_ptr ? static_cast<uint32_t>(*c.step_ptr) : c.step;
-  const uint32_t id = c.ids ? static_cast<uint32_t>(c.ids[b]) : static_cast<uint32_t>(b);
-  return scorefast::contract_words(seed, static_cast<uint32_t>(g), step, id, c.stream);
+  const int64_t n = c.step_ptr ? *c.step_ptr : c.step;
+  const uint64_t k = static_cast<uint64_t>(n) * static_cast<uint64_t>(c.draws) + static_cast<uint64_t>(c.draw);
+  return Resolved{seed, static_cast<uint32_t>(k), n};
+}
+
+__device__ __forceinline__ uint32_t sample_id(const CounterArgs& c, int64_t b) {
+  return c.ids ? static_cast<uint32_t>(c.ids[b]) : static_cast<uint32_t>(b);
+}
+
+// Coefficient 0 of sample b; coefficient k is at [k * cf.k_stride].
+__device__ __forceinline__ const float* coef_base(const CoefArgs& cf, int64_t b) {
+  const int64_t row = cf.row_ptr ? *cf.row_ptr : 0;
+  return cf.ptr + row * cf.row_stride + b * cf.b_stride;
+}
+
+// The corrector's alpha of sample b: coefficient 0 of `alpha`, or 1 when there is none.
+__device__ __forceinline__ float alpha_of(const CoefArgs& alpha, int64_t b) {
+  return alpha.ptr ? coef_base(alpha, b)[0] : 1.0f;
+}
+
+// The first launch that writes a non-finite value records its step counter (flag starts at -1).
+__device__ __forceinline__ void record_nonfinite(int64_t* flag, int64_t n) {
+  if (*reinterpret_cast<volatile int64_t*>(flag) != -1) return;
+  atomicCAS(reinterpret_cast<unsigned long long*>(flag), static_cast<unsigned long long>(-1LL),
+            static_cast<unsigned long long>(n));
+}
+
+// ---- noise -------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void group_normals(const scorefast::Words4& w, float v[4]) {
+  scorefast::box_muller(scorefast::word_to_uniform(w.w[0]), scorefast::word_to_uniform(w.w[1]), &v[0], &v[1]);
+  scorefast::box_muller(scorefast::word_to_uniform(w.w[2]), scorefast::word_to_uniform(w.w[3]), &v[2], &v[3]);
 }
 
 // kind 0 uniform, 1 normal, 2 rademacher: the 4 values of one group.
 __device__ __forceinline__ void group_noise(const scorefast::Words4& w, int kind, float v[4]) {
   if (kind == 1) {
-    scorefast::box_muller(scorefast::word_to_uniform(w.w[0]), scorefast::word_to_uniform(w.w[1]),
-                          &v[0], &v[1]);
-    scorefast::box_muller(scorefast::word_to_uniform(w.w[2]), scorefast::word_to_uniform(w.w[3]),
-                          &v[2], &v[3]);
+    group_normals(w, v);
   } else {
     for (int j = 0; j < 4; ++j) {
       v[j] = kind == 2 ? scorefast::word_to_rademacher(w.w[j]) : scorefast::word_to_uniform(w.w[j]);
     }
   }
 }
+
+// The normals of the unit at element e0 (n valid elements; the second group only when needed).
+__device__ __forceinline__ void unit_normals(const Resolved& r, uint32_t id, uint32_t stream, int64_t e0, int n,
+                                             float z[kUnit]) {
+  const uint32_t g = static_cast<uint32_t>(e0 / 4);
+  group_normals(scorefast::contract_words(r.seed, g, r.philox_step, id, stream), z);
+  if (n > 4) {
+    group_normals(scorefast::contract_words(r.seed, g + 1, r.philox_step, id, stream), z + 4);
+  } else {
+    z[4] = z[5] = z[6] = z[7] = 0.0f;
+  }
+}
+
+__device__ __forceinline__ scorefast::Words4 group_words(const CounterArgs& c, int64_t b, int64_t g) {
+  const Resolved r = resolve(c);
+  return scorefast::contract_words(r.seed, static_cast<uint32_t>(g), r.philox_step, sample_id(c, b), c.stream);
+}
+
+// The (sample, unit) of this thread over B samples of `units` units each; false past the end.
+__device__ __forceinline__ bool thread_unit(int64_t B, int64_t units, int64_t& b, int64_t& u) {
+  const int64_t f = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t total = B * units;
+  if (f >= total) return false;
+  if (total <= 0xffffffffLL) {  // 32-bit division where it suffices (most launches)
+    const uint32_t f32 = static_cast<uint32_t>(f), units32 = static_cast<uint32_t>(units);
+    b = f32 / units32;
+    u = f32 - static_cast<uint32_t>(b) * units32;
+  } else {
+    b = f / units;
+    u = f - b * units;
+  }
+  return true;
+}
+
+// ---- kernels -----------------------------------------------------------------------------------
 
 // grid: (groups per sample / kThreads, min(B, kMaxGridRows))
 __global__ void fill_noise_kernel(float* out, int64_t B, int64_t D, int64_t elem_offset, int kind,
@@ -82,33 +279,42 @@ __global__ void fill_noise_kernel(float* out, int64_t B, int64_t D, int64_t elem
   }
 }
 
-// coefs: [terms.count + 2, coef_cols] fp32, coef_cols 1 (shared by the batch) or B.
-__global__ void fused_update_kernel(void* out, const void* x, int x_dtype, Terms terms,
-                                    const float* coefs, int64_t coef_cols, bool with_noise,
-                                    int64_t B, int64_t D, CounterArgs c) {
-  const int64_t e0 = 4 * (static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x);
-  if (e0 >= D) return;
-  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
-    const float* coef = coefs + (coef_cols == 1 ? 0 : b);
-    float z[4] = {0.f, 0.f, 0.f, 0.f};
-    if (with_noise) group_noise(group_words(c, b, e0 / 4), 1, z);
-    const float xc = coef[0];
-    const float zc = coef[(terms.count + 1) * coef_cols];
-    for (int j = 0; j < 4; ++j) {
-      const int64_t e = e0 + j;
-      if (e >= D) break;
-      const int64_t i = b * D + e;
-      float acc = xc * load_f32(x, x_dtype, i);
-      for (int t = 0; t < terms.count; ++t) {
-        acc = fmaf(coef[(1 + t) * coef_cols], load_f32(terms.ptr[t], terms.dtype[t], i), acc);
-      }
-      if (with_noise) acc = fmaf(zc, z[j], acc);
-      store_f32(out, x_dtype, i, acc);
+// One unit per thread over flat (sample, unit) indices; see the file comment.
+template <typename XT, typename TT>
+__global__ void __launch_bounds__(kThreads)
+    fused_update_kernel(XT* out, const XT* x, Terms terms, CoefArgs cf, bool with_noise, int64_t B, int64_t D,
+                        int64_t units, CounterArgs c, int64_t* flag) {
+  int64_t b, u;
+  if (!thread_unit(B, units, b, u)) return;
+  const int64_t e0 = u * kUnit;
+  const int n = static_cast<int>(D - e0 < kUnit ? D - e0 : kUnit);
+  const int64_t at = b * D;
+  const float* coef = coef_base(cf, b);
+  float acc[kUnit], v[kUnit];
+  load_unit(x + at, e0, n, aligned16(x + at), v);
+  const float xc = coef[0];
+#pragma unroll
+  for (int j = 0; j < kUnit; ++j) acc[j] = xc * v[j];
+#pragma unroll
+  for (int t = 0; t < kMaxTerms; ++t) {
+    if (t < terms.count) {
+      const float ct = coef[(1 + t) * cf.k_stride];
+      load_term<TT>(terms, t, at, e0, n, v);
+#pragma unroll
+      for (int j = 0; j < kUnit; ++j) acc[j] = fmaf(ct, v[j], acc[j]);
     }
   }
+  if (with_noise) {
+    const float zc = coef[(terms.count + 1) * cf.k_stride];
+    unit_normals(resolve(c), sample_id(c, b), c.stream, e0, n, v);
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) acc[j] = fmaf(zc, v[j], acc[j]);
+  }
+  const bool bad = store_unit(out + at, e0, n, aligned16(out + at), acc);
+  if (flag && bad) record_nonfinite(flag, resolve(c).n);
 }
 
-// Block-wide sum in a fixed tree (shared memory halving), result in thread 0.
+// Block-wide sum in a fixed tree (shared memory halving), result in every thread.
 __device__ float block_sum(float v, float* shared) {
   shared[threadIdx.x] = v;
   __syncthreads();
@@ -120,26 +326,35 @@ __device__ float block_sum(float v, float* shared) {
 }
 
 // grid: (tiles, min(B, kMaxGridRows)); a block reduces kNormTile elements of a sample into
-// partial, for samples blockIdx.y, blockIdx.y + gridDim.y, ...
-__global__ void sumsq_partial_kernel(float* partial, const void* t, int t_dtype, bool with_noise,
-                                     int64_t B, int64_t D, CounterArgs c) {
+// partial, for samples blockIdx.y, blockIdx.y + gridDim.y, ...  T: the dtype of t (float when null).
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    sumsq_partial_kernel(float* partial, const T* t, bool with_noise, int64_t B, int64_t D, CounterArgs c) {
   __shared__ float shared[kThreads];
+  constexpr int kUnitsPerThread = kNormTile / (kUnit * kThreads);
   const int64_t tiles = gridDim.x;
-  const int64_t tile0 = static_cast<int64_t>(blockIdx.x) * kNormTile;
+  const Resolved r = resolve(c);
   for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
     float st = 0.f, sz = 0.f;
-    // thread k owns groups k, k + kThreads, ... of the tile (fixed per thread, fixed order)
-    for (int64_t e0 = tile0 + 4 * threadIdx.x; e0 < tile0 + kNormTile && e0 < D; e0 += 4 * kThreads) {
-      float z[4];
-      if (with_noise) group_noise(group_words(c, b, e0 / 4), 1, z);
-      for (int j = 0; j < 4; ++j) {
-        const int64_t e = e0 + j;
-        if (e >= D) break;
-        if (t) {
-          const float v = load_f32(t, t_dtype, b * D + e);
-          st = fmaf(v, v, st);
+    const bool vec = t && aligned16(t + b * D);
+    // thread k owns units k and k + kThreads of the tile (fixed per thread, fixed order)
+#pragma unroll
+    for (int m = 0; m < kUnitsPerThread; ++m) {
+      const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kNormTile + (m * kThreads + threadIdx.x) * kUnit;
+      if (e0 >= D) break;
+      const int n = static_cast<int>(D - e0 < kUnit ? D - e0 : kUnit);
+      float v[kUnit];
+      if (t) {
+        load_unit(t + b * D, e0, n, vec, v);
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) st = fmaf(v[j], v[j], st);
+      }
+      if (with_noise) {
+        unit_normals(r, sample_id(c, b), c.stream, e0, n, v);
+#pragma unroll
+        for (int j = 0; j < kUnit; ++j) {
+          if (j < n) sz = fmaf(v[j], v[j], sz);
         }
-        if (with_noise) sz = fmaf(z[j], z[j], sz);
       }
     }
     const float total_t = block_sum(st, shared);
@@ -166,13 +381,209 @@ __global__ void zero_kernel(float* out, int64_t n) {
   if (i < n) out[i] = 0.f;
 }
 
-unsigned blocks_for(int64_t groups) { return static_cast<unsigned>((groups + kThreads - 1) / kThreads); }
+// The corrector's step size from the squared norms, as the composed op computes it in fp32:
+// eps = (two_snr2 * alpha) * (z2 / g2), 0 where g2 is not > 0.
+__device__ __forceinline__ float snr_eps(float g2, float z2, float alpha, float two_snr2) {
+  return g2 > 0.0f ? (two_snr2 * alpha) * (z2 / g2) : 0.0f;
+}
+
+// The SNR corrector in one kernel: T threads (a power of two; from D alone) per sample, MU units
+// each.  Score and z stay in registers from the norms to the update; the norms are summed per
+// thread in unit order, then over the sample's threads in a fixed butterfly (and for T > 32 over
+// its warps in warp order): the tree depends on D alone, never on the batch.
+template <typename XT, typename ST, int MU>
+__global__ void __launch_bounds__(kThreads)
+    snr_row_kernel(XT* out, float* eps_out, const XT* x, const ST* score, CoefArgs alpha, float two_snr2,
+                   int64_t B, int64_t D, int T, CounterArgs c, int64_t* flag) {
+  __shared__ float red[2][kThreads / kWarp];
+  const int lane = static_cast<int>(threadIdx.x) & (T - 1);
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * (kThreads / T) + threadIdx.x / T;
+  const bool live = b < B;  // threads past the batch still take part in the shuffles and barriers
+  const int64_t units = (D + kUnit - 1) / kUnit;
+  const int64_t at = live ? b * D : 0;
+  const Resolved r = resolve(c);
+  const uint32_t id = live ? sample_id(c, b) : 0u;
+  float s[MU][kUnit], z[MU][kUnit];
+  float g2 = 0.0f, z2 = 0.0f;
+  const bool svec = aligned16(score + at);
+#pragma unroll
+  for (int m = 0; m < MU; ++m) {
+    const int64_t u = lane + static_cast<int64_t>(m) * T;
+    const int n = live && u < units ? static_cast<int>(D - u * kUnit < kUnit ? D - u * kUnit : kUnit) : 0;
+    load_unit(score + at, u * kUnit, n, svec, s[m]);
+    if (n > 0) {
+      unit_normals(r, id, c.stream, u * kUnit, n, z[m]);
+    }
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      if (j >= n) z[m][j] = 0.0f;
+      g2 = fmaf(s[m][j], s[m][j], g2);
+      z2 = fmaf(z[m][j], z[m][j], z2);
+    }
+  }
+  for (int off = (T < kWarp ? T : kWarp) / 2; off > 0; off /= 2) {
+    g2 += __shfl_xor_sync(kFullMask, g2, off);
+    z2 += __shfl_xor_sync(kFullMask, z2, off);
+  }
+  if (T > kWarp) {  // the sample's warps, added in warp order
+    const int warp = static_cast<int>(threadIdx.x) / kWarp;
+    if (threadIdx.x % kWarp == 0) {
+      red[0][warp] = g2;
+      red[1][warp] = z2;
+    }
+    __syncthreads();
+    const int first = static_cast<int>(threadIdx.x / T) * (T / kWarp);
+    g2 = red[0][first];
+    z2 = red[1][first];
+    for (int w = 1; w < T / kWarp; ++w) {
+      g2 += red[0][first + w];
+      z2 += red[1][first + w];
+    }
+  }
+  if (!live) return;
+  const float eps = snr_eps(g2, z2, alpha_of(alpha, b), two_snr2);
+  const float noise_coef = sqrtf(2.0f * eps);
+  if (lane == 0) eps_out[b] = eps;
+  const bool xvec = aligned16(x + at), ovec = aligned16(out + at);
+  bool bad = false;
+#pragma unroll
+  for (int m = 0; m < MU; ++m) {
+    const int64_t u = lane + static_cast<int64_t>(m) * T;
+    if (u >= units) break;
+    const int n = static_cast<int>(D - u * kUnit < kUnit ? D - u * kUnit : kUnit);
+    float acc[kUnit];
+    load_unit(x + at, u * kUnit, n, xvec, acc);  // x_coef 1: acc = x
+#pragma unroll
+    for (int j = 0; j < kUnit; ++j) {
+      acc[j] = fmaf(eps, s[m][j], acc[j]);
+      acc[j] = fmaf(noise_coef, z[m][j], acc[j]);
+    }
+    bad |= store_unit(out + at, u * kUnit, n, ovec, acc);
+  }
+  if (flag && bad) record_nonfinite(flag, r.n);
+}
+
+// Large samples: per-sample step sizes from the partial norms (tiles added in order), written as
+// the update's [3, B] coefficient matrix (1, eps, sqrt(2 eps)) and to eps_out.
+__global__ void snr_coef_kernel(float* coefs, float* eps_out, const float* partial, int64_t tiles, CoefArgs alpha,
+                                float two_snr2, int64_t B) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (b >= B) return;
+  float g2 = 0.f, z2 = 0.f;
+  for (int64_t k = 0; k < tiles; ++k) g2 += partial[b * tiles + k];
+  for (int64_t k = 0; k < tiles; ++k) z2 += partial[(B + b) * tiles + k];
+  const float eps = snr_eps(g2, z2, alpha_of(alpha, b), two_snr2);
+  eps_out[b] = eps;
+  coefs[b] = 1.0f;
+  coefs[B + b] = eps;
+  coefs[2 * B + b] = sqrtf(2.0f * eps);
+}
+
+unsigned blocks_for(int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
 
 unsigned grid_rows(int64_t B) { return static_cast<unsigned>(B < kMaxGridRows ? B : kMaxGridRows); }
+
+bool fits_grid_x(int64_t items) { return (items + kThreads - 1) / kThreads <= kMaxGridX; }
+
+int64_t units_of(int64_t D) { return (D + kUnit - 1) / kUnit; }
+
+template <typename XT, typename TT>
+void launch_update(void* out, const void* x, const Terms& terms, const CoefArgs& coefs, bool with_noise, int64_t B,
+                   int64_t D, const CounterArgs& c, int64_t* flag, cudaStream_t stream) {
+  const int64_t units = units_of(D);
+  const auto kernel = fused_update_kernel<XT, TT>;
+  SF_LAUNCH(kernel, blocks_for(B * units), kThreads, stream, static_cast<XT*>(out),
+            static_cast<const XT*>(x), terms, coefs, with_noise, B, D, units, c, flag);
+}
+
+template <typename XT>
+void update_for_terms(void* out, const void* x, const Terms& terms, const CoefArgs& coefs, bool with_noise,
+                      int64_t B, int64_t D, const CounterArgs& c, int64_t* flag, cudaStream_t stream) {
+  bool shared = true;
+  for (int t = 1; t < terms.count; ++t) shared = shared && terms.dtype[t] == terms.dtype[0];
+  const int dtype = terms.count > 0 ? terms.dtype[0] : kF32;
+  if (!shared) {
+    launch_update<XT, AnyDtype>(out, x, terms, coefs, with_noise, B, D, c, flag, stream);
+  } else if (dtype == kF16) {
+    launch_update<XT, __half>(out, x, terms, coefs, with_noise, B, D, c, flag, stream);
+  } else if (dtype == kBF16) {
+    launch_update<XT, __nv_bfloat16>(out, x, terms, coefs, with_noise, B, D, c, flag, stream);
+  } else {
+    launch_update<XT, float>(out, x, terms, coefs, with_noise, B, D, c, flag, stream);
+  }
+}
+
+template <typename T>
+void launch_sumsq_partial(float* partial, const void* t, bool with_noise, int64_t B, int64_t D, int64_t tiles,
+                          const CounterArgs& c, cudaStream_t stream) {
+  const auto kernel = sumsq_partial_kernel<T>;
+  SF_LAUNCH(kernel, dim3(static_cast<unsigned>(tiles), grid_rows(B)), kThreads, stream, partial,
+            static_cast<const T*>(t), with_noise, B, D, c);
+}
+
+void sumsq_partial(float* partial, const void* t, int t_dtype, bool with_noise, int64_t B, int64_t D, int64_t tiles,
+                   const CounterArgs& c, cudaStream_t stream) {
+  if (t && t_dtype == kF16) {
+    launch_sumsq_partial<__half>(partial, t, with_noise, B, D, tiles, c, stream);
+  } else if (t && t_dtype == kBF16) {
+    launch_sumsq_partial<__nv_bfloat16>(partial, t, with_noise, B, D, tiles, c, stream);
+  } else {
+    launch_sumsq_partial<float>(partial, t, with_noise, B, D, tiles, c, stream);
+  }
+}
+
+// Threads per sample T and units per thread MU of the one-kernel corrector, from D alone.
+void snr_shape(int64_t D, int& T, int& MU) {
+  const int64_t units = units_of(D);
+  T = 1;
+  while (T < units && T < kThreads) T *= 2;
+  const int64_t per = (units + T - 1) / T;
+  MU = per <= 1 ? 1 : per <= 2 ? 2 : 4;
+}
+
+template <typename XT, typename ST, int MU>
+void launch_snr_rows(void* out, float* eps, const void* x, const void* score, const CoefArgs& alpha, float two_snr2,
+                     int64_t B, int64_t D, int T, const CounterArgs& c, int64_t* flag, cudaStream_t stream) {
+  const int64_t rows_per_block = kThreads / T;
+  const auto kernel = snr_row_kernel<XT, ST, MU>;
+  SF_LAUNCH(kernel, static_cast<unsigned>((B + rows_per_block - 1) / rows_per_block), kThreads,
+            stream, static_cast<XT*>(out), eps, static_cast<const XT*>(x), static_cast<const ST*>(score), alpha,
+            two_snr2, B, D, T, c, flag);
+}
+
+template <typename XT, typename ST>
+void snr_rows_for_mu(void* out, float* eps, const void* x, const void* score, const CoefArgs& alpha, float two_snr2,
+                     int64_t B, int64_t D, const CounterArgs& c, int64_t* flag, cudaStream_t stream) {
+  int T, MU;
+  snr_shape(D, T, MU);
+  if (MU == 1) {
+    launch_snr_rows<XT, ST, 1>(out, eps, x, score, alpha, two_snr2, B, D, T, c, flag, stream);
+  } else if (MU == 2) {
+    launch_snr_rows<XT, ST, 2>(out, eps, x, score, alpha, two_snr2, B, D, T, c, flag, stream);
+  } else {
+    launch_snr_rows<XT, ST, 4>(out, eps, x, score, alpha, two_snr2, B, D, T, c, flag, stream);
+  }
+}
+
+template <typename XT>
+void snr_rows(void* out, float* eps, const void* x, const void* score, int score_dtype, const CoefArgs& alpha,
+              float two_snr2, int64_t B, int64_t D, const CounterArgs& c, int64_t* flag, cudaStream_t stream) {
+  if (score_dtype == kF16) {
+    snr_rows_for_mu<XT, __half>(out, eps, x, score, alpha, two_snr2, B, D, c, flag, stream);
+  } else if (score_dtype == kBF16) {
+    snr_rows_for_mu<XT, __nv_bfloat16>(out, eps, x, score, alpha, two_snr2, B, D, c, flag, stream);
+  } else {
+    snr_rows_for_mu<XT, float>(out, eps, x, score, alpha, two_snr2, B, D, c, flag, stream);
+  }
+}
 
 }  // namespace
 
 int64_t norm_tiles(int64_t D) { return (D + kNormTile - 1) / kNormTile; }
+
+int64_t snr_scratch_floats(int64_t B, int64_t D) {
+  return D <= kSnrOneKernelMaxD ? 0 : 2 * B * norm_tiles(D) + 3 * B;
+}
 
 cudaError_t fill_noise(float* out, int64_t B, int64_t D, int64_t elem_offset, int kind,
                        CounterArgs c, cudaStream_t stream) {
@@ -183,14 +594,18 @@ cudaError_t fill_noise(float* out, int64_t B, int64_t D, int64_t elem_offset, in
   return cudaGetLastError();
 }
 
-cudaError_t fused_update(void* out, const void* x, int x_dtype, Terms terms, const float* coefs,
-                         int64_t coef_cols, bool with_noise, int64_t B, int64_t D, CounterArgs c,
-                         cudaStream_t stream) {
+cudaError_t fused_update(void* out, const void* x, int x_dtype, Terms terms, CoefArgs coefs, bool with_noise,
+                         int64_t B, int64_t D, CounterArgs c, int64_t* flag, cudaStream_t stream) {
   if (B == 0 || D == 0) return cudaSuccess;
   if (terms.count < 0 || terms.count > kMaxTerms) return cudaErrorInvalidValue;
-  if (coef_cols != 1 && coef_cols != B) return cudaErrorInvalidValue;
-  SF_LAUNCH(fused_update_kernel, dim3(blocks_for((D + 3) / 4), grid_rows(B)), kThreads, stream, out,
-            x, x_dtype, terms, coefs, coef_cols, with_noise, B, D, c);
+  if (!fits_grid_x(B * units_of(D))) return cudaErrorInvalidValue;
+  if (x_dtype == kF16) {
+    update_for_terms<__half>(out, x, terms, coefs, with_noise, B, D, c, flag, stream);
+  } else if (x_dtype == kBF16) {
+    update_for_terms<__nv_bfloat16>(out, x, terms, coefs, with_noise, B, D, c, flag, stream);
+  } else {
+    update_for_terms<float>(out, x, terms, coefs, with_noise, B, D, c, flag, stream);
+  }
   return cudaGetLastError();
 }
 
@@ -202,10 +617,43 @@ cudaError_t sumsq_norms(float* out, float* partial, const void* t, int t_dtype, 
     SF_LAUNCH(zero_kernel, blocks_for(2 * B), kThreads, stream, out, 2 * B);
     return cudaGetLastError();
   }
-  SF_LAUNCH(sumsq_partial_kernel, dim3(static_cast<unsigned>(tiles), grid_rows(B)), kThreads, stream,
-            partial, t, t_dtype, with_noise, B, D, c);
+  sumsq_partial(partial, t, t_dtype, with_noise, B, D, tiles, c, stream);
   SF_LAUNCH(sumsq_finish_kernel, blocks_for(2 * B), kThreads, stream, out, partial, 2 * B, tiles);
   return cudaGetLastError();
+}
+
+cudaError_t snr_langevin_step(void* out, float* eps, const void* x, int x_dtype, const void* score,
+                              int score_dtype, CoefArgs alpha, float two_snr2, int64_t B, int64_t D,
+                              CounterArgs c, int64_t* flag, float* scratch, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (D == 0) {  // empty samples: zero norms, eps = 0
+    SF_LAUNCH(zero_kernel, blocks_for(B), kThreads, stream, eps, B);
+    return cudaGetLastError();
+  }
+  if (D <= kSnrOneKernelMaxD) {
+    if (x_dtype == kF16) {
+      snr_rows<__half>(out, eps, x, score, score_dtype, alpha, two_snr2, B, D, c, flag, stream);
+    } else if (x_dtype == kBF16) {
+      snr_rows<__nv_bfloat16>(out, eps, x, score, score_dtype, alpha, two_snr2, B, D, c, flag, stream);
+    } else {
+      snr_rows<float>(out, eps, x, score, score_dtype, alpha, two_snr2, B, D, c, flag, stream);
+    }
+    return cudaGetLastError();
+  }
+  if (scratch == nullptr) return cudaErrorInvalidValue;
+  const int64_t tiles = norm_tiles(D);
+  float* partial = scratch;
+  float* coefs = scratch + 2 * B * tiles;
+  sumsq_partial(partial, score, score_dtype, true, B, D, tiles, c, stream);
+  SF_LAUNCH(snr_coef_kernel, blocks_for(B), kThreads, stream, coefs, eps, partial, tiles, alpha, two_snr2, B);
+  Terms terms{};
+  terms.count = 1;
+  terms.ptr[0] = score;
+  terms.dtype[0] = score_dtype;
+  const CoefArgs per_sample{coefs, nullptr, 0, B, 1};
+  const cudaError_t err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  return fused_update(out, x, x_dtype, terms, per_sample, true, B, D, c, flag, stream);
 }
 
 }  // namespace scorefast_cuda

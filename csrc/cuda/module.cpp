@@ -27,10 +27,14 @@ void check(cudaError_t err, const char* what) {
   }
 }
 
-CounterArgs counter(uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, uint32_t step,
-                    uint32_t stream, uintptr_t ids) {
-  return CounterArgs{ptr<const int64_t>(seed_ptr), ptr<const int64_t>(step_ptr), seed, step, stream,
+CounterArgs counter(uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, int64_t step, int64_t draws,
+                    int64_t draw, uint32_t stream, uintptr_t ids) {
+  return CounterArgs{ptr<const int64_t>(seed_ptr), ptr<const int64_t>(step_ptr), seed, step, draws, draw, stream,
                      ptr<const int64_t>(ids)};
+}
+
+CoefArgs coef_args(uintptr_t coefs, uintptr_t row_ptr, int64_t row_stride, int64_t k_stride, int64_t b_stride) {
+  return CoefArgs{ptr<const float>(coefs), ptr<const int64_t>(row_ptr), row_stride, k_stride, b_stride};
 }
 
 }  // namespace
@@ -49,20 +53,25 @@ PYBIND11_MODULE(SCOREFAST_CUDA_MODULE, m) {
   m.attr("cuda_runtime_version") = CUDART_VERSION;
   m.attr("emulated") = kEmulated;
   m.attr("max_terms") = kMaxTerms;
+  m.attr("snr_one_kernel_max_d") = kSnrOneKernelMaxD;
+  // Counters everywhere: (seed_ptr, step_ptr, seed, step, draws, draw, stream, ids): a pointer is 0
+  // for a value passed by value; the Philox step is step * draws + draw.
   m.def("fill_noise",
         [](uintptr_t out, int64_t B, int64_t D, int64_t elem_offset, int kind, uintptr_t seed_ptr,
-           uintptr_t step_ptr, uint64_t seed, uint32_t step, uint32_t stream, uintptr_t ids,
+           uintptr_t step_ptr, uint64_t seed, int64_t step, uint32_t stream, uintptr_t ids,
            uintptr_t cuda_stream) {
           check(fill_noise(ptr<float>(out), B, D, elem_offset, kind,
-                           counter(seed_ptr, step_ptr, seed, step, stream, ids),
+                           counter(seed_ptr, step_ptr, seed, step, 1, 0, stream, ids),
                            reinterpret_cast<cudaStream_t>(cuda_stream)),
                 "fill_noise");
         });
+  // coefficients: (coefs, row_ptr, row_stride, k_stride, b_stride), see CoefArgs; flag: 0 or an int64*
   m.def("fused_update",
         [](uintptr_t out, uintptr_t x, int x_dtype, const std::vector<uintptr_t>& term_ptrs,
-           const std::vector<int>& term_dtypes, uintptr_t coefs, int64_t coef_cols, bool with_noise, int64_t B,
-           int64_t D, uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, uint32_t step,
-           uint32_t stream, uintptr_t ids, uintptr_t cuda_stream) {
+           const std::vector<int>& term_dtypes, uintptr_t coefs, uintptr_t row_ptr, int64_t row_stride,
+           int64_t k_stride, int64_t b_stride, bool with_noise, int64_t B, int64_t D, uintptr_t seed_ptr,
+           uintptr_t step_ptr, uint64_t seed, int64_t step, int64_t draws, int64_t draw, uint32_t stream,
+           uintptr_t ids, uintptr_t flag, uintptr_t cuda_stream) {
           if (term_ptrs.size() > kMaxTerms || term_ptrs.size() != term_dtypes.size()) {
             throw std::invalid_argument("terms: at most 4, one dtype each");
           }
@@ -73,21 +82,37 @@ PYBIND11_MODULE(SCOREFAST_CUDA_MODULE, m) {
             terms.dtype[t] = term_dtypes[t];
           }
           check(scorefast_cuda::fused_update(ptr<void>(out), ptr<const void>(x), x_dtype, terms,
-                                             ptr<const float>(coefs), coef_cols, with_noise, B, D,
-                                             counter(seed_ptr, step_ptr, seed, step, stream, ids),
-                                             reinterpret_cast<cudaStream_t>(cuda_stream)),
+                                             coef_args(coefs, row_ptr, row_stride, k_stride, b_stride),
+                                             with_noise, B, D,
+                                             counter(seed_ptr, step_ptr, seed, step, draws, draw, stream, ids),
+                                             ptr<int64_t>(flag), reinterpret_cast<cudaStream_t>(cuda_stream)),
                 "fused_update");
         });
   m.def("sumsq_norms",
         [](uintptr_t out, uintptr_t partial, uintptr_t t, int t_dtype, bool with_noise, int64_t B,
-           int64_t D, uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, uint32_t step,
+           int64_t D, uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, int64_t step,
            uint32_t stream, uintptr_t ids, uintptr_t cuda_stream) {
           check(scorefast_cuda::sumsq_norms(ptr<float>(out), ptr<float>(partial), ptr<const void>(t),
                                             t_dtype, with_noise, B, D,
-                                            counter(seed_ptr, step_ptr, seed, step, stream, ids),
+                                            counter(seed_ptr, step_ptr, seed, step, 1, 0, stream, ids),
                                             reinterpret_cast<cudaStream_t>(cuda_stream)),
                 "sumsq_norms");
         });
+  // alpha: (alpha, row_ptr, row_stride, b_stride) (coefficient 0 of CoefArgs); scratch:
+  // snr_scratch_floats(B, D) floats (0: none needed)
+  m.def("snr_langevin_step",
+        [](uintptr_t out, uintptr_t eps, uintptr_t x, int x_dtype, uintptr_t score, int score_dtype,
+           uintptr_t alpha, uintptr_t row_ptr, int64_t row_stride, int64_t b_stride, float two_snr2, int64_t B,
+           int64_t D, uintptr_t seed_ptr, uintptr_t step_ptr, uint64_t seed, int64_t step, int64_t draws,
+           int64_t draw, uint32_t stream, uintptr_t ids, uintptr_t flag, uintptr_t scratch, uintptr_t cuda_stream) {
+          check(scorefast_cuda::snr_langevin_step(
+                    ptr<void>(out), ptr<float>(eps), ptr<const void>(x), x_dtype, ptr<const void>(score),
+                    score_dtype, coef_args(alpha, row_ptr, row_stride, 0, b_stride), two_snr2, B, D,
+                    counter(seed_ptr, step_ptr, seed, step, draws, draw, stream, ids), ptr<int64_t>(flag),
+                    ptr<float>(scratch), reinterpret_cast<cudaStream_t>(cuda_stream)),
+                "snr_langevin_step");
+        });
+  m.def("snr_scratch_floats", &snr_scratch_floats);
   m.def("norm_tiles", &norm_tiles);
   m.def("philox_words", [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {
     const auto w = scorefast::philox4x32_10(c0, c1, c2, c3, k0, k1);

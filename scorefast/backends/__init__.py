@@ -4,12 +4,17 @@ Four implementations of every op (DESIGN.md): ``torch`` (readable reference, flo
 ``cpu`` (C++, ``scorefast._C_<isa>``), ``triton`` (``scorefast.kernels``) and ``cuda``
 (``scorefast._cuda``).  Nothing is loaded and no GPU is queried until an op needs a backend.
 
-Each backend module exposes ``fill_noise``, ``fused_update`` and ``sumsq_norms`` on 2-D
-contiguous [B, D] tensors, with seed/step as 0-d int64 tensors (see ``torch_backend``).
+Each backend module exposes ``fill_noise``, ``fused_update``, ``sumsq_norms`` and
+``snr_langevin_step`` on 2-D contiguous [B, D] tensors, with seed/step as ints or 0-d int64 tensors
+(see ``torch_backend``, the reference).  ``fused_update`` and ``snr_langevin_step`` also take the
+step ops' keywords: ``row`` (read a coefficient table at that device step counter), ``draws`` /
+``draw`` (Philox step ``step * draws + draw``) and ``flag`` (set to ``step`` on a non-finite write);
+sample ids may be None (arange(B), made in-kernel).  GPU launches run under ``launch_device``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -114,3 +119,20 @@ def check_required(spec: str | None = None) -> None:
             ok, why = st.available, st.why
         if not ok:
             raise BackendUnavailableError(f"SCOREFAST_REQUIRE_BACKENDS names {name!r}, which is not available: {why}")
+
+
+def launch_device(x: torch.Tensor, **others) -> contextlib.AbstractContextManager:
+    """The device guard a kernel launch runs under: x's device (a null context for CPU tensors).
+
+    Every other tensor the kernel reads or writes through a pointer (``others``, named as the caller
+    knows them; None entries are skipped) must live on x's device: else a ValueError naming it.
+    Launchers take the stream as ``torch.cuda.current_stream(x.device)`` inside the guard, and
+    Triton takes the current device's current stream, so a launch for tensors on cuda:1 runs there
+    whatever the current device was.
+    """
+    for name, t in others.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
+    if x.device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)

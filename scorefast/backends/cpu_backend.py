@@ -63,8 +63,39 @@ def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
     load().fill_noise(out, ids, int(seed) % (1 << 64), int(step), stream, elem_offset, kind)
 
 
-def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
-    load().fused_update(out, x, list(terms), coefs, ids, int(seed) % (1 << 64), int(step), stream, with_noise)
+def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise, *, row=None, draws=1, draw=0, flag=None):
+    """See ``torch_backend.fused_update``; the row and the counters are CPU tensors, read here."""
+    if row is None and draws == 1 and draw == 0 and flag is None and ids is not None:
+        load().fused_update(out, x, list(terms), coefs, ids, int(seed) % (1 << 64), int(step), stream, with_noise)
+        return
+    n = int(step)
+    if row is None:
+        offset, k_stride, b_stride = 0, coefs.shape[1], int(coefs.shape[1] > 1)
+    else:
+        offset, k_stride, b_stride = int(row) * coefs.stride(0), 1, 0
+    load().fused_update_step(
+        out, x, list(terms), coefs, offset, k_stride, b_stride, ids, int(seed) % (1 << 64),
+        (n * draws + draw) % (1 << 32), stream, with_noise, flag, n,
+    )  # fmt: skip
+
+
+def snr_langevin_step(
+    out, eps, x, score, alpha, two_snr2, ids, seed, step, stream, *, row=None, draws=1, draw=0, flag=None
+) -> None:
+    """See ``torch_backend.snr_langevin_step``."""
+    n = int(step)
+    if alpha is None:
+        alpha, offset, b_stride = _ONE, 0, 0
+    else:
+        offset = 0 if row is None else int(row) * alpha.stride(0)
+        b_stride = int(row is None and alpha.shape[0] > 1)
+    load().snr_langevin_step(
+        out, eps, x, score, alpha, offset, b_stride, two_snr2, ids, int(seed) % (1 << 64),
+        (n * draws + draw) % (1 << 32), stream, flag, n,
+    )  # fmt: skip
+
+
+_ONE = torch.ones(1)
 
 
 def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:

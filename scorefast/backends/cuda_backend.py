@@ -21,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from . import launch_device
+
 _DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _module: ModuleType | None = None
 
@@ -99,53 +101,119 @@ def _counter(seed, step) -> tuple[int, int, int, int]:
     return seed_ptr, step_ptr, seed_val, step_val
 
 
+def _coefs(coefs: torch.Tensor, row, k_stride: int, b_stride: int) -> tuple[int, int, int, int, int]:
+    """(ptr, row_ptr, row_stride, k_stride, b_stride) of CoefArgs: a device row by pointer, a host
+    one (a CPU tensor beside CUDA data) folded into the pointer."""
+    if row is None:
+        return coefs.data_ptr(), 0, 0, k_stride, b_stride
+    if _on_device(row):
+        return coefs.data_ptr(), row.data_ptr(), coefs.stride(0), k_stride, b_stride
+    return coefs.data_ptr() + int(row) * coefs.stride(0) * coefs.element_size(), 0, 0, k_stride, b_stride
+
+
+def _ptr(t) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def _stream(t: torch.Tensor) -> int:
+    """The current stream of t's device (called under its device guard)."""
     return 0 if _EMULATED else torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _empty(shape, device) -> torch.Tensor:
+    """fp32 scratch and outputs made by the launchers (one place, so a test can stand in for CUDA)."""
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
     B, D = out.shape
-    load().fill_noise(
-        out.data_ptr(), B, D, elem_offset, kind, *_counter(seed, step), stream, ids.data_ptr(), _stream(out)
-    )
+    with launch_device(out, sample_ids=ids):
+        load().fill_noise(
+            out.data_ptr(), B, D, elem_offset, kind, *_counter(seed, step), stream, ids.data_ptr(), _stream(out)
+        )
 
 
-def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
+def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise, *, row=None, draws=1, draw=0, flag=None):
+    """See ``torch_backend.fused_update``."""
     B, D = x.shape
-    load().fused_update(
-        out.data_ptr(),
-        x.data_ptr(),
-        _DTYPE_CODES[x.dtype],
-        [t.data_ptr() for t in terms],
-        [_DTYPE_CODES[t.dtype] for t in terms],
-        coefs.data_ptr(),
-        coefs.shape[1],
-        with_noise,
-        B,
-        D,
-        *_counter(seed, step),
-        stream,
-        ids.data_ptr(),
-        _stream(x),
-    )
+    strides = (1, 0) if row is not None else (coefs.shape[1], int(coefs.shape[1] > 1))
+    named_terms = {f"terms[{i}]": t for i, t in enumerate(terms)}
+    with launch_device(x, out=out, coefs=coefs, sample_ids=ids, flag=flag, **named_terms):
+        load().fused_update(
+            out.data_ptr(),
+            x.data_ptr(),
+            _DTYPE_CODES[x.dtype],
+            [t.data_ptr() for t in terms],
+            [_DTYPE_CODES[t.dtype] for t in terms],
+            *_coefs(coefs, row, *strides),
+            with_noise,
+            B,
+            D,
+            *_counter(seed, step),
+            draws,
+            draw,
+            stream,
+            _ptr(ids),
+            _ptr(flag),
+            _stream(x),
+        )
 
 
 def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:
     B = ids.shape[0]
     m = load()
-    out = torch.empty(2, B, dtype=torch.float32, device=ids.device)
-    partial = torch.empty(2 * B * m.norm_tiles(D), dtype=torch.float32, device=ids.device)
-    m.sumsq_norms(
-        out.data_ptr(),
-        partial.data_ptr(),
-        t.data_ptr() if t is not None else 0,
-        _DTYPE_CODES[t.dtype] if t is not None else 0,
-        with_noise,
-        B,
-        D,
-        *_counter(seed, step),
-        stream,
-        ids.data_ptr(),
-        _stream(ids),
-    )
+    with launch_device(ids, t=t):
+        out = _empty((2, B), ids.device)
+        partial = _empty((2 * B * m.norm_tiles(D),), ids.device)
+        m.sumsq_norms(
+            out.data_ptr(),
+            partial.data_ptr(),
+            t.data_ptr() if t is not None else 0,
+            _DTYPE_CODES[t.dtype] if t is not None else 0,
+            with_noise,
+            B,
+            D,
+            *_counter(seed, step),
+            stream,
+            ids.data_ptr(),
+            _stream(ids),
+        )
     return out
+
+
+def snr_langevin_step(
+    out, eps, x, score, alpha, two_snr2, ids, seed, step, stream, *, row=None, draws=1, draw=0, flag=None
+) -> None:
+    """See ``torch_backend.snr_langevin_step``."""
+    B, D = x.shape
+    m = load()
+    if alpha is None:
+        alpha_args = (0, 0, 0, 0, 0)
+    else:
+        alpha_args = _coefs(alpha, row, 0, int(row is None and alpha.shape[0] > 1))
+    with launch_device(x, out=out, eps=eps, score=score, alpha=alpha, sample_ids=ids, flag=flag):
+        size = m.snr_scratch_floats(B, D)
+        scratch = _empty((size,), x.device) if size else None
+        m.snr_langevin_step(
+            out.data_ptr(),
+            eps.data_ptr(),
+            x.data_ptr(),
+            _DTYPE_CODES[x.dtype],
+            score.data_ptr(),
+            _DTYPE_CODES[score.dtype],
+            alpha_args[0],
+            alpha_args[1],
+            alpha_args[2],
+            alpha_args[4],
+            two_snr2,
+            B,
+            D,
+            *_counter(seed, step),
+            draws,
+            draw,
+            stream,
+            _ptr(ids),
+            _ptr(flag),
+            _ptr(scratch),
+            _stream(x),
+        )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..rng import noise_ref
+from ..rng import M32, noise_ref
 
 _KIND_NAMES = {0: "uniform", 1: "normal", 2: "rademacher"}
 
@@ -33,16 +33,50 @@ def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
     out.copy_(noise(ids, out.shape[1], seed, step, stream, elem_offset, kind, torch.float64))
 
 
-def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
+def philox_step(step, draws: int = 1, draw: int = 0):
+    """The Philox step n * draws + draw (mod 2**32) of step counter n (an int or a 0-d int64 tensor)."""
+    if draws == 1 and draw == 0:
+        return step
+    if isinstance(step, torch.Tensor):
+        return (step * draws + draw) & M32
+    return (int(step) * draws + draw) & M32
+
+
+def _ids(ids, B: int, device) -> torch.Tensor:
+    return ids if ids is not None else torch.arange(B, dtype=torch.int64, device=device)
+
+
+def coef_columns(coefs: torch.Tensor, row, dtype: torch.dtype) -> torch.Tensor:
+    """[K, C] coefficients: ``coefs`` itself, or row ``row`` of a table [N, K] as one column [K, 1]."""
+    c = coefs.to(dtype)
+    if row is None:
+        return c
+    return c.index_select(0, torch.as_tensor(row, device=c.device).reshape(1)).T
+
+
+def record_nonfinite(flag, values: torch.Tensor, step) -> None:
+    """flag (0-d int64, -1 until set) := step counter n if a value is not finite and flag is still -1."""
+    if flag is None:
+        return
+    bad = ~torch.isfinite(values).all()
+    n = torch.as_tensor(step, dtype=torch.int64, device=flag.device)
+    flag.copy_(torch.where(bad & (flag == -1), n, flag))
+
+
+def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise, *, row=None, draws=1, draw=0, flag=None):
+    """out = c0*x + sum_t c_{1+t}*terms[t] + c_{T+1}*z.  ``coefs`` [K, C] (C = 1 or B), or with
+    ``row`` a table [N, K] read at that row; Philox step ``step * draws + draw``; ``ids`` None: arange(B);
+    ``flag``: set to ``step`` if a written value is not finite (and it is still -1)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
-    c = coefs.to(cdt)
+    c = coef_columns(coefs, row, cdt)
     acc = c[0, :, None] * x.to(cdt)
     for t, term in enumerate(terms):
         acc = acc + c[1 + t, :, None] * term.to(cdt)
     if with_noise:
-        z = noise(ids, x.shape[1], seed, step, stream, 0, 1, cdt)
+        z = noise(_ids(ids, x.shape[0], x.device), x.shape[1], seed, philox_step(step, draws, draw), stream, 0, 1, cdt)
         acc = acc + c[len(terms) + 1, :, None] * z
     out.copy_(acc)
+    record_nonfinite(flag, out, step)
 
 
 def tree_sum(v: torch.Tensor) -> torch.Tensor:
@@ -68,3 +102,25 @@ def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) 
         z = noise(ids, D, seed, step, stream, 0, 1, cdt)
         out[1] = tree_sum(z * z)
     return out
+
+
+def snr_langevin_step(
+    out, eps, x, score, alpha, two_snr2, ids, seed, step, stream, *, row=None, draws=1, draw=0, flag=None
+) -> None:
+    """eps = (two_snr2 * alpha) * (|z|^2 / |score|^2) per sample (0 for a zero score), out = x +
+    eps*score + sqrt(2 eps)*z.  ``alpha``: None (1), [1] or [B], or with ``row`` a table [N]."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    B, D = x.shape
+    ids = _ids(ids, B, x.device)
+    k = philox_step(step, draws, draw)
+    s = score.to(cdt)
+    z = noise(ids, D, seed, k, stream, 0, 1, cdt)
+    g2, z2 = tree_sum(s * s), tree_sum(z * z)
+    a = torch.ones(1, dtype=cdt, device=x.device) if alpha is None else alpha.to(cdt)
+    if row is not None:
+        a = a.index_select(0, torch.as_tensor(row, device=a.device).reshape(1))
+    scored = g2 > 0
+    e = torch.where(scored, (two_snr2 * a) * (z2 / torch.where(scored, g2, 1.0)), 0.0)
+    eps.copy_(e)
+    out.copy_(x.to(cdt) + e[:, None] * s + torch.sqrt(2.0 * e)[:, None] * z)
+    record_nonfinite(flag, out, step)

@@ -13,6 +13,8 @@ import os
 import torch
 from packaging.version import Version
 
+from . import launch_device
+
 MIN_TRITON = Version("3.6")
 _COMPILED_GROUPS = 256  # 1024 elements a program on a GPU
 _INTERPRETED_GROUPS = 16384  # 64K elements a program under the interpreter
@@ -48,17 +50,42 @@ def _scalar(t, device: torch.device):
 def fill_noise(out, ids, seed, step, stream, elem_offset, kind) -> None:
     from ..kernels import noise
 
-    noise.fill_noise(
-        out, ids, _scalar(seed, out.device), _scalar(step, out.device), stream, elem_offset, kind, _groups()
-    )
+    with launch_device(out, sample_ids=ids):
+        noise.fill_noise(
+            out, ids, _scalar(seed, out.device), _scalar(step, out.device), stream, elem_offset, kind, _groups()
+        )
 
 
-def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise) -> None:
+def _pointer(t, device: torch.device):
+    """A row counter the kernel reads: on the kernel's device it stays a pointer, else its value
+    becomes a 0-d tensor there (a CPU counter beside CUDA data: read on the host, as seed/step)."""
+    if t is None or t.device == device:
+        return t
+    return torch.full((), int(t), dtype=torch.int64, device=device)
+
+
+def fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise, *, row=None, draws=1, draw=0, flag=None):
+    """See ``torch_backend.fused_update``."""
     from ..kernels import fused_update as kernel
 
-    kernel.fused_update(
-        out, x, list(terms), coefs, ids, _scalar(seed, x.device), _scalar(step, x.device), stream, with_noise, _groups()
-    )
+    named_terms = {f"terms[{i}]": t for i, t in enumerate(terms)}
+    with launch_device(x, out=out, coefs=coefs, sample_ids=ids, flag=flag, **named_terms):
+        kernel.fused_update(
+            out,
+            x,
+            list(terms),
+            coefs,
+            ids,
+            _scalar(seed, x.device),
+            _scalar(step, x.device),
+            stream,
+            with_noise,
+            _groups(),
+            row=_pointer(row, x.device),
+            draws=draws,
+            draw=draw,
+            flag=flag,
+        )
 
 
 def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) -> torch.Tensor:
@@ -66,9 +93,55 @@ def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) 
 
     max_elements = 4 * _groups()
     B = ids.shape[0]
-    out = torch.empty(2, B, dtype=torch.float32, device=ids.device)
-    partial = torch.zeros(2, B, kernel.n_tiles_for(D, max_elements), dtype=torch.float32, device=ids.device)
-    kernel.sumsq_norms(
-        out, partial, t, ids, _scalar(seed, ids.device), _scalar(step, ids.device), D, stream, with_noise, max_elements
-    )
+    with launch_device(ids, t=t):
+        out = torch.empty(2, B, dtype=torch.float32, device=ids.device)
+        partial = torch.zeros(2, B, kernel.n_tiles_for(D, max_elements), dtype=torch.float32, device=ids.device)
+        kernel.sumsq_norms(
+            out,
+            partial,
+            t,
+            ids,
+            _scalar(seed, ids.device),
+            _scalar(step, ids.device),
+            D,
+            stream,
+            with_noise,
+            max_elements,
+        )
     return out
+
+
+def snr_langevin_step(
+    out, eps, x, score, alpha, two_snr2, ids, seed, step, stream, *, row=None, draws=1, draw=0, flag=None
+) -> None:
+    """See ``torch_backend.snr_langevin_step``."""
+    from ..kernels import snr_langevin_step as kernel
+
+    max_elements = 4 * _groups()
+    B, D = x.shape
+    if alpha is None:
+        strides = (0, 0)
+    else:
+        strides = (alpha.stride(0), 0) if row is not None else (0, int(alpha.shape[0] > 1))
+    with launch_device(x, out=out, eps=eps, score=score, alpha=alpha, sample_ids=ids, flag=flag):
+        size = kernel.scratch_floats(B, D, max_elements)
+        scratch = torch.zeros(size, dtype=torch.float32, device=x.device) if size else None
+        kernel.snr_langevin_step(
+            out,
+            eps,
+            x,
+            score,
+            alpha,
+            strides,
+            two_snr2,
+            ids,
+            _scalar(seed, x.device),
+            _scalar(step, x.device),
+            stream,
+            max_elements,
+            scratch,
+            row=_pointer(row, x.device),
+            draws=draws,
+            draw=draw,
+            flag=flag,
+        )

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 from torch import Tensor
 
 from .. import _checks
@@ -88,3 +89,16 @@ class RowsUpdater(FusedUpdater):
                 f"x: {x.shape[0]} rows on {x.device} for {self._ids.shape[0]} sample ids on {self._ids.device}"
             )
         return backend, self._ids
+
+
+def lagrange_integral(nodes: list[float], j: int, a: float, b: float) -> float:
+    """int_a^b of the Lagrange basis polynomial l_j over ``nodes`` (float64, exact up to rounding).
+
+    The linear multistep weight of node j (k-diffusion's and diffusers' LMS integrate it with
+    ``scipy.integrate.quad``)."""
+    poly = np.polynomial.Polynomial([1.0])
+    for k, node in enumerate(nodes):
+        if k != j:
+            poly = poly * np.polynomial.Polynomial([-node, 1.0]) / (nodes[j] - node)
+    integral = poly.integ()
+    return float(integral(b) - integral(a))

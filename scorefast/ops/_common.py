@@ -31,8 +31,8 @@ def counter(B: int, device: torch.device, seed, step, stream, sample_ids) -> Cou
 
 
 def rows(t: torch.Tensor) -> torch.Tensor:
-    """[B, ...] -> contiguous [B, D] in logical row-major order (copies only if needed)."""
-    return t.reshape(t.shape[0], -1).contiguous()
+    """[B, ...] -> contiguous [B, D] in logical row-major order (copies only if needed; B may be 0)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:])).contiguous()
 
 
 def into_rows(out: torch.Tensor, fill: Callable[[torch.Tensor], None]) -> torch.Tensor:
@@ -74,13 +74,47 @@ def coef_matrix(
 
 
 def check_term(name: str, t: torch.Tensor, x: torch.Tensor) -> None:
-    _checks.check_float_tensor(name, t)
-    if t.shape != x.shape:
-        raise ValueError(f"{name}: shape {tuple(t.shape)} does not match x {tuple(x.shape)}")
-    if t.device != x.device:
-        raise ValueError(f"{name}: on {t.device}, but x is on {x.device}")
+    _checks.check_like(name, t, x)
     if t.dtype == torch.float64 and x.dtype != torch.float64:
         raise TypeError(f"{name}: float64 term with {x.dtype} x; use float64 x (torch backend) or a lower precision")
+
+
+_LOW = frozenset((torch.float32, torch.float16, torch.bfloat16))
+_TERM_DTYPES = {torch.float64: frozenset(_checks.FLOAT_DTYPES), **dict.fromkeys(_LOW, _LOW)}  # x dtype -> terms
+
+
+def check_terms(terms: Sequence[tuple[object, torch.Tensor]], x: torch.Tensor) -> None:
+    """The trusted (sampler) entry's one cheap check of what a kernel reads beside x: every term is a
+    float tensor of x's shape on x's device (attribute compares, about 1 us a term; names are
+    formatted on failure only)."""
+    shape, on_cpu = x.shape, x.is_cpu
+    dtypes = _TERM_DTYPES.get(x.dtype, frozenset())
+    for i, (_, t) in enumerate(terms):
+        if (
+            type(t) is not torch.Tensor
+            or t.dtype not in dtypes
+            or (not t.is_cpu if on_cpu else t.device != x.device)
+            or t.shape != shape
+        ):
+            check_term(f"terms[{i}]", t, x)  # raises, naming the term (a Tensor subclass passes)
+
+
+def check_devices(op: str, device: torch.device, **tensors: torch.Tensor | Sequence[torch.Tensor] | None) -> None:
+    """Kernel entry guard: every tensor a backend kernel reads or writes lives on ``device`` (a kernel
+    given another device's pointer reads foreign memory: a crash, or silently wrong numbers)."""
+    for name, t in tensors.items():
+        for i, v in enumerate(t if isinstance(t, list | tuple) else (t,)):
+            if v is not None and v.device != device:
+                where = f"{name}[{i}]" if isinstance(t, list | tuple) else name
+                raise ValueError(f"{op}: {where} is on {v.device}, but the op runs on {device}")
+
+
+def check_ids(op: str, sample_ids: torch.Tensor, B: int) -> None:
+    """Kernel entry guard: one contiguous int64 id per row (a kernel reads ids[b] for every b < B)."""
+    if sample_ids.dtype != torch.int64 or sample_ids.shape != (B,) or not sample_ids.is_contiguous():
+        raise ValueError(
+            f"{op}: sample_ids must be contiguous int64 [{B}], got {sample_ids.dtype} {tuple(sample_ids.shape)}"
+        )
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor) -> str:

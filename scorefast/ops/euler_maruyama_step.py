@@ -28,6 +28,7 @@ def euler_maruyama_step(
     """
     _checks.check_float_tensor("x", x)
     B = _checks.check_batched("x", x)
+    _checks.check_like("drift", drift, x)
     dt = _checks.check_coef("dt", dt, B, x.device, nonzero=True)
     g = _checks.check_coef("diffusion", diffusion, B, x.device)
     root = abs(dt) ** 0.5 if not isinstance(dt, Tensor) else torch.sqrt(dt.abs())

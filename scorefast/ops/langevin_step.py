@@ -27,6 +27,7 @@ def langevin_step(
     """
     _checks.check_float_tensor("x", x)
     B = _checks.check_batched("x", x)
+    _checks.check_like("score", score, x)
     eps = _checks.check_coef("step_size", step_size, B, x.device, positive=True)
     noise = (2.0 * eps) ** 0.5 if not isinstance(eps, Tensor) else torch.sqrt(2.0 * eps)
     return apply(

@@ -17,6 +17,8 @@ def _fill(
     out: Tensor, sample_ids: Tensor, seed: Tensor, step: Tensor, stream: int, elem_offset: int, kind: int, backend: str
 ) -> None:
     """Fill ``out`` [B, D] (any float dtype) by ``backend``."""
+    _common.check_devices("noise", out.device, sample_ids=sample_ids)
+    _common.check_ids("noise", sample_ids, out.shape[0])
     impl = backends.get(backend)
     if backend == "torch":
         out.copy_(impl.noise(sample_ids, out.shape[1], seed, step, stream, elem_offset, kind, torch.float64))
@@ -61,6 +63,7 @@ def noise_out_op(
 
 @noise_out_op.register_fake
 def _(out, sample_ids, seed, step, stream, elem_offset, kind, backend):
+    _common.check_devices("noise_out", out.device, sample_ids=sample_ids)
     return None
 
 
@@ -86,16 +89,15 @@ def noise(
         if shape is not None and tuple(out.shape) != tuple(shape):
             raise ValueError(f"out: shape {tuple(out.shape)} does not match shape {tuple(shape)}")
         shape, device, dtype = tuple(out.shape), out.device, out.dtype
-    shape = tuple(int(s) for s in shape)
-    if len(shape) < 1 or any(s < 0 for s in shape):
+    shape = _checks.check_shape("shape", shape)
+    if len(shape) < 1:
         raise ValueError(f"shape: expected [B, ...] with B the batch, got {shape}")
     if dtype not in _checks.FLOAT_DTYPES:
         raise TypeError(f"dtype: expected a float dtype, got {dtype}")
     if device is None:
         device = sample_ids.device if isinstance(sample_ids, Tensor) else torch.device("cpu")
     device = torch.device(device)
-    if elem_offset < 0:
-        raise ValueError(f"elem_offset: must be >= 0, got {elem_offset}")
+    elem_offset = _checks.check_int("elem_offset", elem_offset, minimum=0)
     c = _common.counter(shape[0], device, seed, step, stream, sample_ids)
     # the noise itself is fp32 on every backend; float64 output asks the reference for float64
     name = backends.resolve(backend, device, torch.float32 if dtype != torch.float64 else torch.float64)

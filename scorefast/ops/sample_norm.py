@@ -27,12 +27,22 @@ def sumsq_norms_op(
     backend: str,
 ) -> Tensor:
     """[2, B] in ``dtype`` (float64 only on the torch backend): sums of squares of t and of z."""
+    _guard(t, sample_ids, numel)
     out = backends.get(backend).sumsq_norms(t, sample_ids, numel, seed, step, stream, with_noise, dtype)
     return out.to(dtype)
 
 
+def _guard(t: Tensor | None, sample_ids: Tensor, numel: int) -> None:
+    """Kernel entry guard: t is [B, numel] rows on the ids' device (a kernel reads B * numel values)."""
+    _common.check_devices("sumsq_norms", sample_ids.device, t=t)
+    _common.check_ids("sumsq_norms", sample_ids, sample_ids.shape[0] if sample_ids.dim() == 1 else -1)
+    if t is not None and (t.dim() != 2 or t.shape[0] != sample_ids.shape[0] or t.shape[1] != numel):
+        raise ValueError(f"sumsq_norms: t must be [{sample_ids.shape[0]}, {numel}] rows, got {tuple(t.shape)}")
+
+
 @sumsq_norms_op.register_fake
 def _(t, sample_ids, seed, step, numel, stream, with_noise, dtype, backend):
+    _common.check_devices("sumsq_norms", sample_ids.device, t=t)
     return sample_ids.new_empty((2, sample_ids.shape[0]), dtype=dtype)
 
 
@@ -67,6 +77,7 @@ def _sumsq(t2, ids, seed, step, numel, stream, with_noise, dtype, name) -> Tenso
         return sumsq_norms_op(
             t2, ids, _checks.counter_tensor(seed), _checks.counter_tensor(step), numel, stream, with_noise, dtype, name
         )
+    _guard(t2, ids, numel)
     return backends.get(name).sumsq_norms(t2, ids, numel, seed, step, stream, with_noise, dtype).to(dtype)
 
 
@@ -112,8 +123,13 @@ def noise_and_term_sumsq(
     if trusted:
         name, c = backend, _common.Counter(seed, step, stream, sample_ids)
     else:
+        _checks.check_float_tensor("x", x)
         name = _common.resolve_backend(backend, x)
         c = _common.counter(B, x.device, seed, step, stream, sample_ids)
+    if t is not None and (
+        type(t) is not Tensor or t.shape != x.shape or t.device != x.device or t.dtype not in _checks.FLOAT_DTYPES
+    ):
+        _checks.check_like("t", t, x)  # raises (a Tensor subclass of the right shape passes)
     t2 = _common.rows(t) if t is not None else None
     numel = x[0].numel() if B else 0
     return _sumsq(t2, c.sample_ids, c.seed, c.step, numel, c.stream, True, _checks.state_dtype(x), name)

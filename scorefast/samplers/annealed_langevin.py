@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_bool, check_finite_scalar, check_int
 from ..sde import EDM, VESDE
 from .base import Context, Step
 
@@ -24,6 +25,17 @@ def draws(n_steps_each: int = 100, **_) -> int:
 DRAWS = draws
 
 
+def validate(sde, *, step_lr, n_steps_each, final_denoise, denoise) -> dict:
+    if not isinstance(sde, VESDE | EDM):
+        raise ValueError(f"sampler: annealed_langevin needs a VE-type SDE (VESDE, EDM), not {type(sde).__name__}")
+    return {
+        "step_lr": check_finite_scalar("step_lr", step_lr, positive=True),
+        "n_steps_each": check_int("n_steps_each", n_steps_each, minimum=1),
+        "final_denoise": check_bool("final_denoise", final_denoise),
+        "denoise": check_bool("denoise", denoise),
+    }
+
+
 def run(
     ctx: Context,
     x,
@@ -34,12 +46,6 @@ def run(
     denoise: bool = True,
 ):
     sde = ctx.sde
-    if not isinstance(sde, VESDE | EDM):
-        raise ValueError(f"sampler: annealed_langevin needs a VE-type SDE (VESDE, EDM), not {type(sde).__name__}")
-    if n_steps_each < 1:
-        raise ValueError(f"n_steps_each: must be >= 1, got {n_steps_each}")
-    if step_lr <= 0:
-        raise ValueError(f"step_lr: must be > 0, got {step_lr}")
     sigmas = sde.std(ctx.times.to("cpu", torch.float64)).tolist()
     sigma_last = sigmas[-1]
     alphas = [step_lr * sigma**2 / sigma_last**2 for sigma in sigmas]

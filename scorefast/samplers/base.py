@@ -56,10 +56,26 @@ class StepTable:
 
 def _finite_witness(s: Tensor) -> Tensor:
     """A 0-d tensor that is finite exactly when every entry of s is: the float64 sum (no fp32 or
-    fp16 value can overflow it), one reduction where isfinite + all costs several times more."""
+    fp16 value can overflow it), one reduction where isfinite + all costs several times more.
+    Empty s gives 0 (finite)."""
     if s.device.type == "mps":  # no float64 there
         return torch.where(torch.isfinite(s).all(), 0.0, float("nan"))
     return torch.sum(s, dtype=torch.float64)
+
+
+_SCORE_DTYPES = _checks.FLOAT_DTYPES
+
+
+def _check_score(s: object, x: Tensor) -> None:
+    """score_fn's output must be a float tensor shaped like x on x's device: the fused kernels read it
+    beside x (another device's memory would crash them), and an int, bool or complex score is a bug
+    that a silent cast would hide."""
+    _checks.check_like("score_fn", s, x, other="the state x")
+
+
+def denoise_only(sde, *, denoise) -> dict:
+    """``validate`` of a sampler whose one option is ``denoise``."""
+    return {"denoise": _checks.check_bool("denoise", denoise)}
 
 
 @dataclass
@@ -129,11 +145,9 @@ class Context:
                 s = self.score_fn(x, t_in, **self.extra_args)
         else:
             s = self.score_fn(x, t_in, **self.extra_args)
-        if not isinstance(s, Tensor) or s.shape != x.shape:
-            shape = tuple(s.shape) if isinstance(s, Tensor) else type(s).__name__
-            raise ValueError(f"score_fn: returned {shape}, expected a tensor shaped like x {tuple(x.shape)}")
+        if type(s) is not Tensor or s.shape != x.shape or s.device != x.device or s.dtype not in _SCORE_DTYPES:
+            _check_score(s, x)  # one cheap check per call; names the problem (a Tensor subclass passes)
         self.nfe += 1
-        self._flag(_finite_witness(s), t)
         if s.dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32:
             return s  # the fused ops read low-precision scores directly (fp32 arithmetic, no extra pass)
         return s.to(x.dtype) if s.dtype != x.dtype else s
@@ -156,6 +170,14 @@ class Context:
         """(t_n, t_{n+1}) float64 [N] on the host, t_N = 0 (the data end): for per-run coefficient tables."""
         times = self.times.to("cpu", torch.float64)
         return times, torch.cat([times[1:], times.new_zeros(1)])
+
+    def next_coefs(self) -> tuple[Tensor, Tensor]:
+        """(mean_coef, std) float64 [N] at t_{n+1}, the last step's at the data end (1, 0).  Not the SDE
+        at t = 0: DiscreteVP's grid ends at t = 0 itself, its least noisy table entry (sigma_0 > 0)."""
+        _, next_times = self.schedule_times()
+        a, s = self.sde.mean_coef(next_times), self.sde.std(next_times)
+        a[-1], s[-1] = 1.0, 0.0
+        return a, s
 
     # -- noise ----------------------------------------------------------------------------
     def counter(self, n: Step, j: int = 0) -> Step:
@@ -202,6 +224,8 @@ class Context:
         if self.graph is not None and stop - start >= 3 and not (done is not None and done(carry)):
             from ..graphs import run_steps
 
+            self._device_flags(carry[0].device)  # a captured body need not reach step_done (rk45's attempts)
+
             carry, first = run_steps(self, body, carry, start, stop, done)
         for n in range(first, stop):
             if done is not None and done(carry):
@@ -212,7 +236,14 @@ class Context:
 
     # -- bookkeeping ----------------------------------------------------------------------
     def step_done(self, n: Step, x: Tensor, t, denoised: Tensor | None = None) -> Tensor:
-        """After step n (taken from time t): the conditional projection, callback, progress, checks."""
+        """After step n (taken from time t): the finite witness of the new state, the conditional
+        projection, callback, progress, checks.
+
+        The witness is of the state, not of the scores: a NaN/inf score reaches the state through the
+        fused update (0 * NaN is NaN), and so does a finite score too large for the state's dtype,
+        which a check of the score alone misses.  One reduction per step, however many NFE it takes.
+        """
+        self._flag(_finite_witness(x), t, n)
         if self.project is not None:
             x = self.project(self, x, n, t)
         if isinstance(n, Tensor):  # a device step (graphs): the host side runs after each replay
@@ -232,22 +263,32 @@ class Context:
         if self._progress is not None:
             self._progress.update(1)
 
-    def _flag(self, total: Tensor, t: Tensor | float) -> None:
-        """Record whether step ``_step``'s score was finite (its float64 sum is), without a host read.
+    def _flag(self, total: Tensor, t: Tensor | float, n: Step) -> None:
+        """Record whether step n's state was finite (its float64 sum is), without a host read.
 
         Eager steps keep (step, t, sum) in a list (no further device work); a device step (graphs)
         updates a first-bad-step flag in place, so every replay of a graph keeps updating it.
         """
-        if not isinstance(self._step, Tensor):
-            self._finite.append((self._step, t, total))
+        if not isinstance(n, Tensor):
+            self._finite.append((n, t, total))
             return
         finite = torch.isfinite(total)
-        if self._first_bad is None:
-            self._first_bad = torch.full((), -1, dtype=torch.int64, device=finite.device)
-            self._bad_time = torch.zeros((), dtype=torch.float64, device=finite.device)
+        self._device_flags(finite.device)
         fresh = ~finite & (self._first_bad < 0)
-        self._first_bad.copy_(torch.where(fresh, self._step, self._first_bad))
-        self._bad_time.copy_(torch.where(fresh, t[0], self._bad_time))
+        self._first_bad.copy_(torch.where(fresh, n, self._first_bad))
+        self._bad_time.copy_(torch.where(fresh, t.reshape(-1)[0] if isinstance(t, Tensor) else t, self._bad_time))
+
+    def finish(self, x: Tensor) -> None:
+        """After the run: the samples themselves are finite too (a last update that no step_done saw,
+        such as NCSNv2's final_denoise, included), then the flags are read (one host sync)."""
+        self._flag(_finite_witness(x), self.times[-1], len(self.times) - 1)
+        self.check_finite()
+
+    def _device_flags(self, device: torch.device) -> None:
+        """The device-side first-bad-step flag and its time (graphs), made once per run."""
+        if self._first_bad is None:
+            self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+            self._bad_time = torch.zeros((), dtype=torch.float64, device=device)
 
     def check_finite(self) -> None:
         """Read the non-finite flags (one host sync) and raise NonFiniteError naming the first bad step."""
@@ -256,13 +297,16 @@ class Context:
             flags = torch.isfinite(torch.stack([total for _, _, total in self._finite]))
             if not bool(flags.all()):
                 step, t, _ = self._finite[int((~flags).nonzero()[0, 0])]
-                bad.append((step, float(t[0]) if isinstance(t, Tensor) else t))
+                bad.append((step, float(t.reshape(-1)[0]) if isinstance(t, Tensor) else float(t)))
             self._finite.clear()
         if self._first_bad is not None and int(self._first_bad) >= 0:
             bad.append((int(self._first_bad), float(self._bad_time)))
         if bad:
             step, t = min(bad)
-            raise NonFiniteError(f"score_fn returned non-finite values at step {step} (t = {t:.6g})")
+            raise NonFiniteError(
+                f"non-finite samples at step {step} (t = {t:.6g}): score_fn returned NaN/inf there, or a "
+                "finite score too large for the state's dtype overflowed the update"
+            )
 
     def t_vec(self, t: float | Tensor, x: Tensor) -> Tensor:
         return as_time(t, x)

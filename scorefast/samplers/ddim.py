@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_bool, check_real
 from .base import Context, Step, StepTable
 from .euler_maruyama import predictor_step, run_predictor
 
@@ -21,21 +22,20 @@ KIND = "sde"
 def schedule(ctx: Context, eta: float) -> StepTable:
     """Per step (x coefficient a_n / a_t, score coefficient, sig), once per run."""
     sde = ctx.sde
-    times, next_times = ctx.schedule_times()
+    times, _ = ctx.schedule_times()
     a_t, s_t = sde.mean_coef(times), sde.std(times)
-    end = next_times <= 0
-    safe_next = torch.where(end, times, next_times)
-    a_n = torch.where(end, torch.ones_like(times), sde.mean_coef(safe_next))
-    s_n = torch.where(end, torch.zeros_like(times), sde.std(safe_next))
+    a_n, s_n = ctx.next_coefs()
     sig = eta * (s_n / s_t) * torch.sqrt((s_t**2 - a_t**2 * s_n**2 / a_n**2).clamp_min(0))
     direction = torch.sqrt((s_n**2 - sig**2).clamp_min(0))
     # x_next = (a_n / a_t) x + (a_n s_t^2 / a_t - direction * s_t) score + sig z
     return ctx.table(torch.stack([a_n / a_t, a_n * s_t**2 / a_t - direction * s_t, sig], 1))
 
 
+def validate(sde, *, eta, denoise) -> dict:
+    return {"eta": check_real("eta", eta, lo=0.0, hi=1.0), "denoise": check_bool("denoise", denoise)}
+
+
 def run(ctx: Context, x, *, eta: float = 0.0, denoise: bool = True):
-    if not 0.0 <= eta <= 1.0:
-        raise ValueError(f"eta: must lie in [0, 1], got {eta}")
     # eta = 0: a deterministic step (no noise term at all, also under graphs)
     return run_predictor(ctx, x, schedule(ctx, eta), predictor_step if eta > 0 else _deterministic_step, denoise)
 

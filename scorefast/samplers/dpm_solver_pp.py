@@ -14,6 +14,7 @@ import math
 
 import torch
 
+from .._checks import check_bool, check_choice, check_real
 from .base import Context, Step
 from .ode_euler import tweedie
 
@@ -24,14 +25,22 @@ KIND = "ode"
 VARIANTS = ("2m", "2m-sde", "3m")
 
 
-def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noise: float = 1.0, denoise: bool = True):
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-    eta = (1.0 if variant == "2m-sde" else 0.0) if eta is None else float(eta)
-    if eta < 0:
-        raise ValueError(f"eta: must be >= 0, got {eta}")
+def validate(sde, *, variant, eta, s_noise, denoise) -> dict:
+    """eta None becomes the variant's default (1 for 2m-sde, else 0)."""
+    variant = check_choice("variant", variant, VARIANTS)
+    eta = (1.0 if variant == "2m-sde" else 0.0) if eta is None else check_real("eta", eta, lo=0.0)
     if variant == "2m" and eta != 0:
         raise ValueError("eta: the 2m variant is deterministic; use variant='2m-sde' for eta > 0")
+    return {
+        "variant": variant,
+        "eta": eta,
+        "s_noise": check_real("s_noise", s_noise, lo=0.0),
+        "denoise": check_bool("denoise", denoise),
+    }
+
+
+def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noise: float = 1.0, denoise: bool = True):
+    eta = (1.0 if variant == "2m-sde" else 0.0) if eta is None else eta  # validated by ``validate``
     sde = ctx.sde
     times_t = ctx.times.to("cpu", torch.float64)
     a_t, s_t_all = sde.mean_coef(times_t), sde.std(times_t)

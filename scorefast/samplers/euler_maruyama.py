@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Step, StepTable
+from .base import Context, Step, StepTable, denoise_only
 
 NAME = "euler_maruyama"
 DRAWS = 1
 DEFAULT_STEPS = 1000
 KIND = "sde"
+validate = denoise_only
 
 
 def schedule(ctx: Context) -> StepTable:

@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from .._checks import check_bool, check_real
 from ..sde import EDM
 from .base import Context, Step
 from .ode_euler import tweedie
@@ -20,6 +21,19 @@ NAME = "heun"
 DRAWS = 1
 DEFAULT_STEPS = 18
 KIND = "ode"
+
+
+def validate(sde, *, s_churn, s_tmin, s_tmax, s_noise, denoise) -> dict:
+    s_churn = check_real("s_churn", s_churn, lo=0.0)
+    if s_churn > 0 and not isinstance(sde, EDM):
+        raise ValueError("s_churn: EDM's churn needs the EDM SDE (time = sigma)")
+    return {
+        "s_churn": s_churn,
+        "s_tmin": check_real("s_tmin", s_tmin, lo=0.0),
+        "s_tmax": check_real("s_tmax", s_tmax, lo=0.0, allow_inf=True),
+        "s_noise": check_real("s_noise", s_noise, lo=0.0),
+        "denoise": check_bool("denoise", denoise),
+    }
 
 
 def run(
@@ -33,10 +47,6 @@ def run(
     denoise: bool = True,
 ):
     sde = ctx.sde
-    if s_churn < 0:
-        raise ValueError(f"s_churn: must be >= 0, got {s_churn}")
-    if s_churn > 0 and not isinstance(sde, EDM):
-        raise ValueError("s_churn: EDM's churn needs the EDM SDE (time = sigma)")
     times = ctx.times.tolist()
     N = len(times)
     # per interval: churned start t_hat, end t_next and the reverse-drift coefficients a x + b s at both

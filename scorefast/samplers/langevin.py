@@ -5,7 +5,7 @@
 
 from __future__ import annotations
 
-from .._checks import check_finite_scalar
+from .._checks import check_bool, check_finite_scalar
 from .base import Context, Step
 
 NAME = "langevin"
@@ -14,8 +14,14 @@ DEFAULT_STEPS = 1000
 KIND = "langevin"
 
 
+def validate(sde, *, step_size, denoise) -> dict:
+    return {
+        "step_size": check_finite_scalar("step_size", step_size, positive=True),
+        "denoise": check_bool("denoise", denoise),
+    }
+
+
 def run(ctx: Context, x, *, step_size: float = 1e-3, denoise: bool = True):
-    step_size = check_finite_scalar("step_size", step_size, positive=True)
     t = ctx.t_vec(ctx.sde.eps, x)
     noise = (2 * step_size) ** 0.5
 

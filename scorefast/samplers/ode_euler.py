@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from .base import Context, Step
+from .base import Context, Step, denoise_only
 
 NAME = "ode_euler"
 DRAWS = 1
 DEFAULT_STEPS = 100
 KIND = "ode"
+validate = denoise_only
 
 
 def run(ctx: Context, x, *, denoise: bool = True):

@@ -1,11 +1,16 @@
 """Adaptive Dormand–Prince on the probability-flow ODE from T to eps, then the Tweedie step.
 
 Each sample has its own time and step size (``scorefast.solvers.rk45``); ``steps`` is ignored.
-info reports ``nfe_per_sample``.
+The drift a(t) x + b(t) s is one fused pass per stage.  Options: ``rtol``, ``atol``,
+``error_norm`` ("sample": batch-invariant, or "batch": one norm over the batch as scipy),
+``max_steps`` (attempts before ``SolverError``).  A non-finite score ends the run with
+``NonFiniteError`` at the first bad attempt.  info reports ``nfe_per_sample``.
 """
 
 from __future__ import annotations
 
+from .._checks import check_bool
+from ..solvers import adaptive
 from ..solvers import rk45 as solver
 from .base import Context
 from .ode_euler import tweedie
@@ -16,14 +21,46 @@ DEFAULT_STEPS = 2
 KIND = "ode"
 
 
-def run(ctx: Context, x, *, rtol: float = 1e-5, atol: float = 1e-5, denoise: bool = True):
+def validate(sde, *, rtol, atol, denoise, error_norm, max_steps) -> dict:
+    rtol, atol, max_steps = adaptive.check_options(rtol, atol, max_steps, error_norm)
+    return {
+        "rtol": rtol,
+        "atol": atol,
+        "denoise": check_bool("denoise", denoise),
+        "error_norm": error_norm,
+        "max_steps": max_steps,
+    }
+
+
+def run(
+    ctx: Context,
+    x,
+    *,
+    rtol: float = 1e-5,
+    atol: float = 1e-5,
+    denoise: bool = True,
+    error_norm: str = "sample",
+    max_steps: int = 100_000,
+):
     sde = ctx.sde
 
     def drift(y, t):
-        return sde.reverse_drift(y, t, ctx.score(y, t), probability_flow=True)
+        a, b = sde.reverse_coefs(t, probability_flow=True)
+        return ctx.update(y, [(b, ctx.score(y, t))], x_coef=a)
 
-    t0 = float(ctx.times[0])
-    sol = solver.solve(drift, x, t0, sde.eps, rtol=rtol, atol=atol, backend=ctx.backend, attempts=ctx.steps)
+    t0, t1 = float(ctx.times[0]), float(ctx.times[-1])  # T -> eps on the default grids
+    sol = solver.solve(
+        drift,
+        x,
+        t0,
+        t1,
+        rtol=rtol,
+        atol=atol,
+        backend=ctx.backend,
+        attempts=ctx.steps,
+        error_norm=error_norm,
+        max_steps=max_steps,
+    )
     ctx.per_sample_nfe = sol.nfe + (1 if denoise else 0)
-    ctx.step_done(0, sol.y, ctx.t_vec(sde.eps, x))
+    ctx.step_done(0, sol.y, ctx.t_vec(t1, x))
     return tweedie(ctx, sol.y, denoise)

@@ -30,10 +30,10 @@ Tweedie pass, one fused corrector pass and one fused predictor pass over x and t
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
+from .._checks import check_bool, check_choice, check_int
 from .base import Context, Step
 from .ode_euler import tweedie
 
@@ -46,20 +46,17 @@ MAX_ORDER = 3
 
 
 def validate(sde, *, order, variant, corrector, lower_order_final, denoise) -> dict:
-    """The options checked and normalised (ValueError/TypeError naming the option)."""
-    if isinstance(order, bool) or not isinstance(order, numbers.Integral) or not 1 <= order <= MAX_ORDER:
-        raise ValueError(f"order: expected an int in [1, {MAX_ORDER}], got {order!r}")
-    if variant not in VARIANTS:
-        raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
-    for name, value in (("corrector", corrector), ("lower_order_final", lower_order_final), ("denoise", denoise)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}: expected a bool, got {type(value).__name__}")
+    """The options checked and normalised (ValueError/TypeError naming the option): order an int in
+    [1, 3], variant "bh1" or "bh2", the flags bools."""
+    order = check_int("order", order, minimum=1)
+    if order > MAX_ORDER:
+        raise ValueError(f"order: UniPC here has order <= {MAX_ORDER}, got {order}")
     return {
-        "order": int(order),
-        "variant": variant,
-        "corrector": corrector,
-        "lower_order_final": lower_order_final,
-        "denoise": denoise,
+        "order": order,
+        "variant": check_choice("variant", variant, VARIANTS),
+        "corrector": check_bool("corrector", corrector),
+        "lower_order_final": check_bool("lower_order_final", lower_order_final),
+        "denoise": check_bool("denoise", denoise),
     }
 
 
@@ -73,19 +70,14 @@ def run(
     lower_order_final: bool = True,
     denoise: bool = True,
 ):
-    opts = validate(
-        ctx.sde, order=order, variant=variant, corrector=corrector, lower_order_final=lower_order_final, denoise=denoise
-    )
-    order, corrector = opts["order"], opts["corrector"]
+    """Options validated by ``validate``."""
     times = ctx.times.to("cpu", torch.float64)
     a, s = ctx.sde.mean_coef(times), ctx.sde.std(times)
     lam = torch.log(a / s)
     if not bool(torch.isfinite(lam).all()):
         raise ValueError("schedule: UniPC needs 0 < mean_coef and 0 < std at every grid time (log-SNR finite)")
     N = len(times)
-    sched = ctx.table(
-        coefficients(lam.tolist(), a.tolist(), s.tolist(), order, variant, corrector, opts["lower_order_final"])
-    )
+    sched = ctx.table(coefficients(lam.tolist(), a.tolist(), s.tolist(), order, variant, corrector, lower_order_final))
     width = order  # D's the carry keeps once warmed up: D_{n-order+1} .. D_n, oldest first
 
     def step(n: Step, x, *rest):
@@ -113,7 +105,7 @@ def run(
     for n in range(warm):
         carry = ctx.steps(step, carry, n, n + 1)
     x = ctx.steps(step, carry, warm, N - 1)[0]
-    return tweedie(ctx, x, opts["denoise"])
+    return tweedie(ctx, x, denoise)
 
 
 def orders(N: int, order: int, lower_order_final: bool) -> list[int]:

@@ -1,4 +1,4 @@
-"""The SDE contract shared by VE, VP, sub-VP, EDM and DiscreteVP (DESIGN.md "Time ...").
+"""The SDE contract shared by VE, VP, sub-VP, EDM, DiscreteVP and RectifiedFlow (DESIGN.md "Time ...").
 
 Shapes: x [B, ...]; t [B] in the SDE's own time (float64 or float32; schedules are computed in
 float64 and cast once to x's dtype, so bf16/fp16 runs never see NaN/inf from them).
@@ -116,6 +116,23 @@ class SDE:
         alpha = self.alpha_bar(t) / self.alpha_bar(t_next)
         G2 = (1 - self.alpha_bar(t)) - alpha * (1 - self.alpha_bar(t_next))
         return alpha.sqrt() - 1, G2.clamp_min(0).sqrt()
+
+    def exact_transition(self, t: Tensor, t_next: Tensor) -> tuple[Tensor, Tensor]:
+        """(c - 1, G), float64 [B], of the exact forward transition x_t = c x_next + G z between any
+        two times t > t_next of an SDE with affine marginals: c = a(t)/a(t_next), G^2 = s(t)^2 -
+        c^2 s(t_next)^2; t_next <= 0 is the data end (a = 1, s = 0)."""
+        end = t_next <= 0
+        safe = torch.where(end, t, t_next)
+        a_n = torch.where(end, torch.ones_like(t), self.mean_coef(safe))
+        s_n = torch.where(end, torch.zeros_like(t), self.std(safe))
+        c = self.mean_coef(t) / a_n
+        return c - 1, (self.std(t) ** 2 - (c * s_n) ** 2).clamp_min(0).sqrt()
+
+    def marginal_rates(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """(da/dt, ds/dt), float64 [B], of x_t = a x_0 + s n: a' = f a and s' = (g^2 + 2 f s^2) / (2 s)
+        for the linear SDE dx = f x dt + g dW.  The probability-flow velocity is a' E[x_0|x] + s' E[n|x]."""
+        f, g, s = self.drift_coef(t), self.diffusion(t), self.std(t)
+        return f * self.mean_coef(t), (g**2 + 2 * f * s**2) / (2 * s)
 
     def _table_coefs(self, t: Tensor) -> tuple[Tensor, Tensor]:
         """Euler–Maruyama with dt = T/N: score_sde's base-class discretisation."""

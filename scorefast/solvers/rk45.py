@@ -3,9 +3,19 @@
 Every sample integrates dy/dt = fn(y, t) from its own t0 to t1 with its own step size; a step is
 accepted where the scaled error norm is <= 1 (masked update), so samples never wait on or
 influence each other: a sample's trajectory, step sequence and NFE do not depend on the batch.
-The error norm goes through ``sf.ops.sample_sumsq`` (fixed summation order, DESIGN.md).  The
-loop ends when every sample reached t1 (one host read per attempt, or per block of replays when
-an attempt is captured as a CUDA graph).
+Each stage's state, the error estimate and the quadrature update are one ``fused_update`` pass
+each; the error norm goes through ``sf.ops.sample_sumsq`` (fixed summation order, DESIGN.md), or
+is one norm over the batch with ``error_norm="batch"`` (scipy's rule; not batch-invariant).
+
+A quadrature part q (``q0``, float64 [B, m]) integrates dq/dt = g(y, t) beside y, with fn returning
+(dy, dq): q never feeds back into fn, so it takes no part in the stages, only in the accepted
+update and the error norm (the likelihood's log-density change, accumulated in float64 whatever
+the state's dtype).
+
+The loop ends when every sample reached t1 (one host read per attempt, or per block of replays
+when an attempt is captured as a CUDA graph).  A non-finite stage ends it with ``NonFiniteError``
+naming the attempt and time, a step size that stopped moving the time with ``SolverError``, and so
+does running out of ``max_steps`` (``scorefast.solvers.adaptive``).
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..ops import sample_sumsq
+from .. import _checks
+from . import adaptive
 
 C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
 A = (
@@ -40,20 +51,7 @@ class Solution:
     nfe: Tensor  # [B] int64: evaluations each sample took part in while active
     steps: Tensor  # [B] accepted steps
     rejected: Tensor  # [B] rejected steps
-
-
-def _col(v: Tensor, y: Tensor) -> Tensor:
-    """[B] -> [B, 1, ...]: y's dtype for coefficients, kept bool for masks."""
-    v = v if v.dtype == torch.bool else v.to(y.dtype)
-    return v.reshape(-1, *([1] * (y.dim() - 1)))
-
-
-def _combine(y: Tensor, h: Tensor, ks: list[Tensor], coefs) -> Tensor:
-    out = y
-    for c, k in zip(coefs, ks):
-        if c != 0.0:
-            out = out + _col(h * c, y) * k
-    return out
+    q: Tensor | None = None  # [B, m] float64 quadrature at t1, when q0 was given
 
 
 def _eager_attempts(body, carry, start, stop, *, done):
@@ -65,7 +63,7 @@ def _eager_attempts(body, carry, start, stop, *, done):
 
 
 def solve(
-    fn: Callable[[Tensor, Tensor], Tensor],
+    fn: Callable,
     y0: Tensor,
     t0,
     t1,
@@ -76,64 +74,169 @@ def solve(
     max_steps: int = 100_000,
     backend: str | None = None,
     attempts: Callable | None = None,
+    error_norm: str = "sample",
+    q0: Tensor | None = None,
+    name: str = "rk45",
+    sample_ids: Tensor | None = None,
+    time_coefs: Callable | None = None,
 ) -> Solution:
     """Integrate dy/dt = fn(y, t [B] float64) from t0 to t1 (floats or [B]); y0 [B, ...].
 
-    Error control per sample: RMS over elements of err / (atol + rtol * max(|y|, |y_new|)) <= 1.
+    Error control per sample: RMS over elements of err / (atol + rtol * max(|y|, |y_new|)) <= 1
+    (``error_norm="batch"``: one RMS over the batch).  ``h0``: the first step as a fraction of the
+    span (default: chosen per sample from the derivatives, Hairer, Norsett & Wanner II.4, one NFE).
+    ``q0`` (float64 [B, m]): a quadrature dq/dt = g(y, t) beside y; fn then returns (dy, dq).
+    ``name`` and ``sample_ids`` (global ids) are what an error message names.
+    ``time_coefs(t [S, B]) -> tuple of [S, ...] tensors``: coefficients that depend on time only,
+    computed once per attempt for all stage times; fn is then called as fn(y, t, *row_i) with
+    stage i's rows (an ODE drift's schedule, without recomputing it per stage).
     ``attempts`` runs the step attempts: ``attempts(body, carry, 0, max_steps, done=done)`` with
     ``carry = body(n, *carry)`` (default: a loop that reads ``done`` on the host before each
     attempt; a sampler's ``Context.steps`` captures one attempt, all six stages, as a CUDA graph).
     An attempt after every sample finished changes nothing.
     """
-    for name, v in (("rtol", rtol), ("atol", atol)):
-        if not (isinstance(v, int | float) and v > 0):
-            raise ValueError(f"{name}: must be a positive number, got {v!r}")
+    if not callable(fn):
+        raise TypeError(f"fn: must be callable as fn(y, t), got {type(fn).__name__}")
+    _checks.check_float_tensor("y0", y0)
+    _checks.check_batched("y0", y0)
+    if q0 is not None:
+        _checks.check_float_tensor("q0", q0)
+        if q0.dtype != torch.float64 or q0.dim() != 2 or q0.shape[0] != y0.shape[0]:
+            raise ValueError(f"q0: expected float64 [B={y0.shape[0]}, m], got {q0.dtype} {tuple(q0.shape)}")
+    rtol, atol, max_steps = adaptive.check_options(rtol, atol, max_steps, error_norm)
+    if h0 is not None:
+        h0 = _checks.check_finite_scalar("h0", h0, positive=True)
     B = y0.shape[0]
     dev = y0.device
+    shape = y0.shape
     t = torch.as_tensor(t0, dtype=torch.float64, device=dev).reshape(-1).expand(B).clone()
     t_end = torch.as_tensor(t1, dtype=torch.float64, device=dev).reshape(-1).expand(B)
+    for name_, v in (("t0", t), ("t1", t_end)):
+        if not _checks.is_capturing_or_compiling() and not bool(torch.isfinite(v).all()):
+            raise ValueError(f"{name_}: must be finite")
     direction = torch.sign(t_end - t)
     span = (t_end - t).abs()
-    h = span * (0.01 if h0 is None else float(h0))
-    D = y0[0].numel() if B else 1
-    nfe = torch.ones(B, dtype=torch.int64, device=dev)
-    k1 = fn(y0, t)
+    rows = y0.reshape(B, -1).contiguous()  # the state as [B, D] rows: fn sees views of x's shape
+    numel = rows.shape[1] + (q0.shape[1] if q0 is not None else 0)
+    combine = adaptive.Combos(COMBOS, rows, backend)
+    c_stage = torch.tensor(C, dtype=torch.float64, device=dev)[:, None]
+    q_weights = torch.tensor([B5, ERR], dtype=torch.float64, device=dev)  # [2, 7]: q_new - q, q's error
 
-    def still_active(t: Tensor) -> Tensor:  # [B] bool: samples that have not reached t1
-        return (t_end - t) * direction > 0
+    def evaluate(y: Tensor, t: Tensor, coefs=()) -> tuple[Tensor, Tensor | None]:
+        if time_coefs is not None and not coefs:  # a single evaluation (not an attempt's stage)
+            coefs = tuple(c[0] for c in time_coefs(t[None]))
+        out = fn(y.view(shape), t, *coefs)
+        k, g = out if q0 is not None else (out, None)
+        return k.reshape(B, -1).contiguous(), g
 
-    def attempt(_n, y, k1, t, h, nfe, steps, rejected):
-        """One Dormand–Prince attempt for every sample (functional: a trace may run it)."""
-        active = still_active(t)
-        h = torch.where(active, torch.minimum(h, (t_end - t).abs()), torch.zeros_like(h))
+    def sumsq(err, y, y_new, qerr=None, q=None, q_new=None) -> Tensor:
+        total = combine.fused.sumsq(adaptive.scaled(err, y, y_new, rtol, atol))
+        if qerr is not None:
+            total = total + adaptive.tree_sum(adaptive.scaled(qerr, q, q_new, rtol, atol).square())
+        return total
+
+    k1, g1 = evaluate(rows, t)
+    if h0 is None:
+        h = _initial_step(evaluate, rows, k1, q0, g1, t, direction, span, sumsq, numel, error_norm)
+    else:
+        h = span * h0
+    first_nfe = 1 if h0 is not None else 2
+    # the step-size factor SAFETY * err^-1/5 within [MIN_FACTOR, MAX_FACTOR], or <= 1 after a
+    # rejection, as bounds on err: factor = SAFETY * err.clamp(lo, E_MAX)^-1/5
+    e_min_grow, e_min_retry = (SAFETY / MAX_FACTOR) ** 5, SAFETY**5
+    e_max = torch.tensor((SAFETY / MIN_FACTOR) ** 5, dtype=torch.float64, device=dev)
+
+    def attempt(n, y, k1, q, g1, r, h, steps, rejected, retry, fail):
+        """One Dormand–Prince attempt for every sample (functional: a trace may run it).
+
+        r [B] is each sample's remaining distance to t1 (0 when done: its step is then 0 and the
+        attempt changes nothing); ``fail`` [B] the attempt where a sample failed (-1: never)."""
+        active = r > 0
+        h = torch.minimum(h, r)
         hs = h * direction
-        ks = [k1]
+        t = torch.addcmul(t_end, direction, r, value=-1.0)
+        combine.prepare(hs)
+        ks, gs = [k1], [g1]
+        stage_t = torch.addcmul(t, c_stage, hs)  # [7, B] stage times
+        tables = time_coefs(stage_t) if time_coefs is not None else ()
         for i in range(1, 7):
-            yi = _combine(y, hs, ks, A[i])
-            ks.append(fn(yi, t + C[i] * hs))
-        nfe = nfe + 6 * active.long()
-        y_new = _combine(y, hs, ks[:6], B5[:6])  # = ks[6]'s state (FSAL)
-        err = _combine(torch.zeros_like(y), hs, ks, ERR)
-        scale = atol + rtol * torch.maximum(y.abs(), y_new.abs())
-        err_norm = (sample_sumsq(err / scale, backend=backend).double() / D).sqrt()
-        accept = active & (err_norm <= 1.0)
-        y = torch.where(_col(accept, y), y_new, y)
-        k1 = torch.where(_col(accept, y), ks[6], k1)
-        t = torch.where(accept, torch.where((t_end - (t + hs)) * direction <= 0, t_end, t + hs), t)
-        steps = steps + accept.long()
-        rejected = rejected + (active & ~accept).long()
-        factor = (SAFETY * err_norm.clamp_min(1e-10) ** -0.2).clamp(MIN_FACTOR, MAX_FACTOR)
-        factor = torch.where(accept, factor, factor.clamp(max=1.0))
-        h = torch.where(active, h * factor, h)
-        return y, k1, t, h, nfe, steps, rejected
+            y_new = combine(i, y, ks)  # after the last stage: the 5th-order solution (FSAL)
+            k, g = evaluate(y_new, stage_t[i], tuple(c[i] for c in tables))
+            ks.append(k)
+            gs.append(g)
+        err = combine("err", ks[0], ks[1:])
+        if q0 is not None:  # sum_j h w_j g_j for both weight rows at once, float64, fixed tree
+            sums = adaptive.tree_sum(torch.stack(gs, -1)[:, :, None, :] * (hs[:, None, None, None] * q_weights))
+            q_new, qerr = q + sums[..., 0], sums[..., 1]
+            total = sumsq(err, y, y_new, qerr, q, q_new)
+        else:
+            total = sumsq(err, y, y_new)
+        err_norm = adaptive.error_norm(total, numel, error_norm)
+        accept = active & (err_norm <= 1.0)  # NaN compares False
+        turned_down = active ^ accept
+        keep = accept[:, None]
+        y = torch.where(keep, y_new, y)
+        k1 = torch.where(keep, ks[6], k1)
+        if q0 is not None:
+            q = torch.where(keep, q_new, q)
+            g1 = torch.where(keep, gs[6], g1)
+        r = torch.where(accept, r - h, r)
+        steps = steps + accept
+        rejected = rejected + turned_down
+        floor = torch.where(retry | turned_down, e_min_retry, e_min_grow)
+        h = h * (SAFETY * torch.clamp(err_norm, floor, e_max) ** -0.2)
+        fail = adaptive.record_failure(fail, n, turned_down, err_norm, h, t)
+        return y, k1, q, g1, r, h, steps, rejected, turned_down, fail
 
     def done(carry) -> bool:  # one host read
-        return not bool(still_active(carry[2]).any())
+        return not adaptive.running(carry[4], carry[-1])
 
-    zeros = torch.zeros_like(nfe)
-    carry = (y0, k1, t, h, nfe, zeros, zeros.clone())
+    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+    none = rows.new_zeros(B, 0, dtype=torch.float64)
+    carry = (
+        rows,
+        k1,
+        q0 if q0 is not None else none,
+        g1 if g1 is not None else none,
+        span.clone(),
+        h,
+        zeros,
+        zeros.clone(),
+        torch.zeros(B, dtype=torch.bool, device=dev),
+        adaptive.no_failure(B, dev),
+    )
     carry = (attempts or _eager_attempts)(attempt, carry, 0, max_steps, done=done)
-    if not done(carry):
-        raise RuntimeError(f"max_steps: rk45 did not reach t1 within {max_steps} steps")
-    y, _, _, _, nfe, steps, rejected = carry
-    return Solution(y, nfe, steps, rejected)
+    y, _, q, _, r, h, steps, rejected, _, fail = carry
+    t = torch.addcmul(t_end, direction, r, value=-1.0)
+    adaptive.raise_failure(fail, name, t, ids=sample_ids)
+    adaptive.raise_max_steps(name, r > 0, t, h, t_end, max_steps)
+    nfe = first_nfe + 6 * (steps + rejected)
+    return Solution(y.view(shape), nfe, steps, rejected, q if q0 is not None else None)
+
+
+def _initial_step(evaluate, y0, k1, q0, g1, t, direction, span, sumsq, numel, mode):
+    """Per-sample first step (Hairer, Norsett & Wanner, Solving ODEs I, II.4; scipy's rule), one NFE:
+    h0 = 0.01 |y0| / |f0| in the scaled norm, then (0.01 / max(|f0|, |f1 - f0| / h0))^(1/5)."""
+    zero = torch.zeros_like
+
+    def norm(v, y, g=None):
+        total = sumsq(v, zero(y0), y0) if q0 is None else sumsq(v, zero(y0), y0, g, zero(q0), q0)
+        return adaptive.error_norm(total, numel, mode)
+
+    d0, d1 = norm(y0, y0, q0), norm(k1, y0, g1)
+    h_a = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).minimum(span)
+    hs = h_a * direction
+    k2, g2 = evaluate(y0 + hs[:, None].to(y0.dtype) * k1, t + hs)
+    d2 = norm(k2 - k1, y0, None if q0 is None else g2 - g1) / h_a
+    big = torch.maximum(d1, d2)
+    h_b = torch.where(big <= 1e-15, (h_a * 1e-3).clamp_min(1e-6), (0.01 / big) ** 0.2)
+    h = torch.minimum(100 * h_a, h_b).minimum(span)
+    # a non-finite trial (NaN/inf past the trial step, or in f0 itself): start small, and let the
+    # attempts find (and report) where the values go bad
+    return torch.where(torch.isfinite(h) & (h > 0), h, 0.01 * span)
+
+
+# the combinations of an attempt: stage i's state y + h sum_j A[i][j] k_j, and the error estimate
+# h sum_j ERR[j] k_j (its first input is k_1); weights (const, mult) of const + mult * h
+COMBOS = {i: ((1.0, 0.0), *((0.0, a) for a in A[i])) for i in range(1, 7)}
+COMBOS["err"] = tuple((0.0, e) for e in ERR)

@@ -1,0 +1,128 @@
+"""Adaptive Euler–Maruyama with an improved-Euler error estimate (Jolicoeur-Martineau et al. 2021,
+"Gotta Go Fast When Generating Data with Score-Based Models", Algorithm 1), then the Tweedie step.
+
+Each attempt of each sample, from its own time t with its own step h (reverse time, t -> t - h), one
+normal draw z (stream 0, Philox step k = n for attempt n: S = 1, both stages reuse it):
+
+    x'  = x + h F(x, t) + g(t) sqrt(h) z                         Euler–Maruyama
+    x'' = x + h/2 (F(x, t) + F(x', t - h)) + (g(t) + g(t - h))/2 sqrt(h) z     improved Euler
+    E   = || (x'' - x') / max(atol, rtol max(|x'|, |x'_prev|)) ||_2 / sqrt(D)   their mixed norm
+
+with F = -(f - g^2 s) the reverse drift per unit of reverse time.  E <= 1 accepts x'' (the
+extrapolation: the higher-order solution is kept) and remembers x' as x'_prev; either way the next
+step is min(t - t_end, safety h E^-exponent).  A step combination is one fused pass (the reverse
+drift is a x + b s; the kernel regenerates z from its counter for the second pass).  Per-sample
+times, steps and NFE (2 per attempt) as rk45, through ``Context.steps`` (a captured graph replays
+one attempt); the error norm goes through ``sf.ops.sample_sumsq`` (batch-invariant), or is one norm
+over the batch with ``error_norm="batch"``.  ``steps`` is ignored: the run goes from the grid's first
+time to its last (T -> eps by default), then ``denoise`` takes the Tweedie step (one more NFE).
+A NaN/inf ends the run with ``NonFiniteError`` at the first bad attempt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _checks
+from ..solvers import adaptive
+from .base import Context
+from .ode_euler import tweedie
+
+NAME = "adaptive_sde"
+DRAWS = 1
+DEFAULT_STEPS = 2
+KIND = "ode"  # integrates between the grid's first and last times and ends with a Tweedie step
+
+
+def validate(sde, *, rtol, atol, h_init, safety, exponent, error_norm, max_steps, denoise) -> dict:
+    """Every option checked and normalised before any work (``sf.sample`` calls this; ``run`` trusts it)."""
+    rtol, atol, max_steps = adaptive.check_options(rtol, atol, max_steps, error_norm)
+    h_init = _checks.check_finite_scalar("h_init", h_init, positive=True)
+    safety = _checks.check_finite_scalar("safety", safety, positive=True)
+    exponent = _checks.check_finite_scalar("exponent", exponent, positive=True)
+    if h_init > 1 or safety > 1:
+        raise ValueError(f"h_init, safety: must lie in (0, 1], got {h_init}, {safety}")
+    return {
+        "rtol": rtol,
+        "atol": atol,
+        "h_init": h_init,
+        "safety": safety,
+        "exponent": exponent,
+        "error_norm": error_norm,
+        "max_steps": max_steps,
+        "denoise": _checks.check_bool("denoise", denoise),
+    }
+
+
+def run(
+    ctx: Context,
+    x,
+    *,
+    rtol: float = 1e-2,
+    atol: float = 1e-2,
+    h_init: float = 1e-2,
+    safety: float = 0.9,
+    exponent: float = 0.9,
+    error_norm: str = "sample",
+    max_steps: int = 100_000,
+    denoise: bool = True,
+):
+    """Options: ``rtol``, ``atol`` (the paper's eps_rel, eps_abs), ``h_init`` (first step as a fraction
+    of the time span), ``safety`` (theta) and ``exponent`` (r) of the step rule, ``error_norm``,
+    ``max_steps`` (attempts before ``SolverError``), ``denoise``."""
+    if ctx.project is not None:  # inpainting and the like re-project after every grid step
+        raise ValueError(f"sampler: {NAME!r} has no per-step state to condition; use a step-based sampler")
+    sde = ctx.sde
+    B, dev = x.shape[0], x.device
+    t_end = float(ctx.times[-1])
+    span = float(ctx.times[0]) - t_end
+    numel = x[0].numel()
+    fused = adaptive.FusedRows(x.reshape(B, -1), ctx.backend)
+    to_col = (-1,) + (1,) * (x.dim() - 1)
+
+    def attempt(n, x, x_prev, r, h, steps, rejected, fail):
+        """One attempt for every sample; r [B] is the time left to t_end (0: done, zero step)."""
+        active = r > 0
+        h = torch.minimum(h, r)
+        t = r + t_end
+        times = torch.stack([t, t - h])  # the two stages' times [2, B]
+        a, b = sde.reverse_coefs(times)  # reverse drift f - g^2 s = a x + b s
+        sq = h.sqrt()
+        g = sde.diffusion(times) * sq
+        s1 = ctx.score(x, t)
+        x1 = ctx.update(x, [(-h * b[0], s1)], x_coef=1 - h * a[0], noise=g[0], n=n)
+        s2 = ctx.score(x1, times[1])
+        half = -0.5 * h
+        x2 = ctx.update(
+            x,
+            [(half * b[0], s1), (half * a[1], x1), (half * b[1], s2)],
+            x_coef=1 + half * a[0],
+            noise=0.5 * (g[0] + g[1]),
+            n=n,
+        )
+        scale = torch.maximum(x1.abs(), x_prev.abs()).mul_(rtol).clamp_min_(atol)
+        err = fused.sumsq(((x2 - x1) / scale).reshape(B, -1))
+        err_norm = adaptive.error_norm(err, numel, error_norm)
+        accept = active & (err_norm <= 1.0)  # NaN compares False
+        turned_down = active ^ accept
+        keep = accept.view(to_col)
+        x = torch.where(keep, x2, x)
+        x_prev = torch.where(keep, x1, x_prev)
+        r = torch.where(accept, r - h, r)
+        h = safety * h * err_norm.clamp_min(1e-10) ** -exponent
+        fail = adaptive.record_failure(fail, n, turned_down, err_norm, h, t)
+        return x, x_prev, r, h, steps + accept, rejected + turned_down, fail
+
+    def done(carry) -> bool:  # one host read
+        return not adaptive.running(carry[2], carry[-1])
+
+    r = torch.full((B,), span, dtype=torch.float64, device=dev)
+    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
+    carry = (x, x, r, r * h_init, zeros, zeros.clone(), adaptive.no_failure(B, dev))
+    x, _, r, h, steps, rejected, fail = ctx.steps(attempt, carry, 0, max_steps, done=done)
+    t = r + t_end
+    adaptive.raise_failure(fail, NAME, t, ids=ctx.sample_ids)
+    adaptive.raise_max_steps(NAME, r > 0, t, h, t_end, max_steps)
+    ctx.per_sample_nfe = 2 * (steps + rejected) + (1 if denoise else 0)
+    ctx.step_done(0, x, ctx.t_vec(t_end, x))
+    return tweedie(ctx, x, denoise)

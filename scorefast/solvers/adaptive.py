@@ -1,0 +1,206 @@
+"""What every adaptive solver shares: fused stage combinations, error norms and the failure flag.
+
+The step loop of an adaptive solver runs attempts until every sample reached its end time.  It must
+never hang: a non-finite stage ends it with ``NonFiniteError`` and a step size that stopped moving
+the time (a blow-up) with ``SolverError``; neither is read on the host inside an attempt.  Each
+attempt updates a small device record (``no_failure`` / ``record_failure``) and the loop's
+``done`` test reads it together with the samples' times, once per eager attempt or once every few
+replays of a captured attempt; ``raise_failure`` turns it into the error after the loop.
+
+Error norms (DESIGN.md "Batch invariance"): ``"sample"`` is the RMS of each sample's scaled error
+through ``sf.ops.sample_sumsq`` (fixed summation tree: a sample's steps do not depend on the
+batch); ``"batch"`` is one RMS over the whole batch, as scipy's ``solve_ivp`` and score_sde do.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _checks, backends
+from ..backends import resolve
+from ..errors import NonFiniteError
+from ..ops.fused_update import fused_update_op
+from ..ops.sample_norm import _sumsq
+
+ERROR_NORMS = ("sample", "batch")
+MAX_TERMS = 4  # terms per fused pass on the triton and cuda backends (cpu and torch take any number)
+
+
+class SolverError(RuntimeError):
+    """An adaptive solver could not finish: ``max_steps`` attempts ran out, or the step size of a
+    sample fell below what its time can resolve (a solution that blows up)."""
+
+
+def check_options(rtol, atol, max_steps, error_norm) -> tuple[float, float, int]:
+    """Validated (rtol, atol, max_steps); errors name the argument."""
+    rtol = _checks.check_finite_scalar("rtol", rtol, positive=True)
+    atol = _checks.check_finite_scalar("atol", atol, positive=True)
+    if isinstance(max_steps, bool) or not isinstance(max_steps, int):
+        raise TypeError(f"max_steps: expected an int, got {type(max_steps).__name__}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps: must be >= 1, got {max_steps}")
+    if error_norm not in ERROR_NORMS:
+        raise ValueError(f"error_norm: expected one of {ERROR_NORMS}, got {error_norm!r}")
+    return rtol, atol, max_steps
+
+
+def state_backend(like: Tensor, backend: str | None) -> str:
+    """The fused ops' backend for a state like ``like`` (float64 states: the torch reference)."""
+    if like.dtype == torch.float64 and backend is None:
+        return "torch"
+    return resolve(backend, like.device, like.dtype)
+
+
+class Combos:
+    """Fixed linear combinations of a step's stage values, each one ``fused_update`` pass per row block.
+
+    ``combos[key] = weights`` with ``weights[0]`` the first input's and ``weights[1:]`` the others':
+    each weight is (const, mult), the coefficient const + mult * h of that input for a per-sample
+    step h [B].  ``prepare(h)`` builds every coefficient of the attempt at once, a [rows, B] table in
+    one ``addcmul`` (one float32 cast for the kernels), laid out so that each pass's coefficient
+    matrix [x, terms..., noise] is a contiguous block of rows; ``__call__(key, x, terms)`` then runs
+    the passes (terms with zero weight skipped; at most ``MAX_TERMS`` a pass on the triton and cuda
+    backends, or ``limit``).  Batch-invariant: each element's arithmetic is one fixed chain of fmas.
+    """
+
+    def __init__(self, combos: dict, like: Tensor, backend: str | None, *, limit: int | None = None):
+        self.fused = FusedRows(like, backend)
+        if limit is None:
+            limit = None if self.fused.name in ("cpu", "torch") else MAX_TERMS
+        self.dtype = torch.float64 if self.fused.name == "torch" else torch.float32
+        base: list[float] = []
+        mult: list[float] = []
+        self.passes: dict = {}
+        for key, weights in combos.items():
+            first, rest = weights[0], [(j, w) for j, w in enumerate(weights[1:]) if w != (0.0, 0.0)]
+            passes = []
+            while True:
+                chunk = rest if limit is None else rest[:limit]
+                rest = rest[len(chunk) :]
+                start = len(base)
+                for c, m in [first, *(w for _, w in chunk), (0.0, 0.0)]:  # x, terms, noise
+                    base.append(c)
+                    mult.append(m)
+                passes.append((start, len(base), [j for j, _ in chunk]))
+                if not rest:
+                    break
+                first = (1.0, 0.0)  # the next pass adds to the last one's output
+            self.passes[key] = passes
+        dev = like.device
+        self.base = torch.tensor(base, dtype=torch.float64, device=dev)[:, None]
+        self.mult = torch.tensor(mult, dtype=torch.float64, device=dev)[:, None]
+        self.table: Tensor | None = None
+
+    def prepare(self, h: Tensor) -> None:
+        """This attempt's coefficients for the per-sample step h [B] (float64)."""
+        self.table = torch.addcmul(self.base, self.mult, h[None, :]).to(self.dtype)
+
+    def __call__(self, key, x: Tensor, terms) -> Tensor:
+        """combos[key] applied to x and terms (contiguous [B, D] rows, bf16/fp16 terms allowed)."""
+        out = x
+        for start, stop, which in self.passes[key]:
+            out = self.fused(out, [terms[j] for j in which], self.table[start:stop])
+        return out
+
+
+class FusedRows:
+    """``fused_update`` of contiguous [B, D] rows with a ready coefficient matrix [len(terms) + 2, B]
+    (x, terms, noise) and no noise: the op when tracing or recording autograd, else the backend's
+    kernel directly (no per-call coefficient building)."""
+
+    def __init__(self, like: Tensor, backend: str | None):
+        self.name = state_backend(like, backend)
+        self.impl = backends.get(self.name)
+        self.ids = torch.zeros(like.shape[0], dtype=torch.int64, device=like.device)
+        self.counter = torch.zeros((), dtype=torch.int64, device=like.device)
+
+    def sumsq(self, rows: Tensor) -> Tensor:
+        """Per-sample sums of squares [B] (float64) of [B, D] rows: ``sf.ops.sample_sumsq``'s fixed tree."""
+        dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
+        return _sumsq(rows, self.ids, 0, 0, rows.shape[1], 0, False, dtype, self.name)[0].double()
+
+    def __call__(self, x: Tensor, terms: list[Tensor], coefs: Tensor) -> Tensor:
+        if _checks.use_custom_op(x, coefs, *terms):
+            return fused_update_op(x, terms, coefs, self.counter, self.counter, 0, self.ids, False, self.name)
+        out = torch.empty_like(x)
+        self.impl.fused_update(out, x, terms, coefs, self.ids, 0, 0, 0, False)  # coefs: the kernel's dtype
+        return out
+
+
+def tree_sum(v: Tensor) -> Tensor:
+    """Sums over the last dim in a fixed pairwise tree (zero-padded to a power of two): elementwise
+    adds only, so a sample's sum never depends on the batch (torch's reductions may)."""
+    width = 1
+    while width < v.shape[-1]:
+        width *= 2
+    if width != v.shape[-1]:
+        v = torch.nn.functional.pad(v, (0, width - v.shape[-1]))
+    while v.shape[-1] > 1:
+        half = v.shape[-1] // 2
+        v = v[..., :half] + v[..., half:]
+    return v[..., 0]
+
+
+def scaled(err: Tensor, y: Tensor, y_new: Tensor, rtol: float, atol: float) -> Tensor:
+    """err / (atol + rtol max(|y|, |y_new|)) elementwise."""
+    return err / torch.maximum(y.abs(), y_new.abs()).mul_(rtol).add_(atol)
+
+
+def error_norm(sumsq: Tensor, numel: int, mode: str) -> Tensor:
+    """RMS scaled error [B] from per-sample sums of squares over ``numel`` elements each."""
+    if mode == "batch":
+        return (sumsq.sum() / (sumsq.shape[0] * numel)).sqrt().expand(sumsq.shape[0])
+    return (sumsq / numel).sqrt()
+
+
+def no_failure(B: int, device: torch.device) -> Tensor:
+    """The per-sample failure record [B] (float64): -1 if none, else the attempt n where the sample
+    failed, n for a non-finite value and n + 1/2 for a step size that underflowed."""
+    return torch.full((B,), -1.0, dtype=torch.float64, device=device)
+
+
+def record_failure(fail: Tensor, n, turned_down: Tensor, err_norm: Tensor, h: Tensor, t: Tensor) -> Tensor:
+    """Record attempt n (an int or a 0-d device tensor) for samples that just failed: a non-finite
+    error (NaN/inf in a stage, the state or the score) or, on a rejection, a next step too small to
+    move the float64 time (a blow-up).  A failed sample keeps its time (nothing is accepted), so
+    the record needs no more.  No host read: a captured attempt runs it."""
+    nonfinite = ~torch.isfinite(err_norm)
+    stuck = turned_down & (h <= 8 * torch.finfo(torch.float64).eps * t.abs()) & ~nonfinite
+    return torch.where((nonfinite | stuck) & (fail < 0), stuck * 0.5 + n, fail)
+
+
+def running(remaining: Tensor, fail: Tensor) -> bool:
+    """One host read: some sample still has time to go and none failed."""
+    return bool((remaining > 0).any() & (fail < 0).all())
+
+
+def raise_failure(fail: Tensor, name: str, t: Tensor, *, ids: Tensor | None = None) -> None:
+    """Raise the first recorded failure, if any (host reads): its attempt, time and sample."""
+    failed = fail >= 0
+    if not bool(failed.any()):
+        return
+    first = int(torch.where(failed, fail, torch.inf).argmin())
+    record = float(fail[first])
+    sample = first if ids is None else int(ids[first])
+    where = f"step {int(record)} (the attempt from t = {float(t[first]):.6g}, sample {sample})"
+    if record % 1 == 0:
+        raise NonFiniteError(f"{name}: non-finite values at {where}: the score or the state is NaN/inf")
+    raise SolverError(
+        f"{name}: the step size underflowed at {where}: the solution blows up or the problem is too stiff "
+        "for this tolerance"
+    )
+
+
+def raise_max_steps(name: str, active: Tensor, t: Tensor, h: Tensor, t_end, max_steps: int) -> None:
+    """The loop ran out of attempts: say how many samples were left, where, and what to change."""
+    left = int(active.sum())
+    if not left:
+        return
+    first = int(active.to(torch.int8).argmax())
+    end = float(t_end[first]) if isinstance(t_end, Tensor) else float(t_end)
+    raise SolverError(
+        f"max_steps: {name} stopped after {max_steps} attempts with {left} of {active.shape[0]} samples short "
+        f"of t = {end:g} (sample {first} at t = {float(t[first]):.6g}, step {float(h[first]):.3g}); "
+        "raise max_steps or loosen rtol/atol"
+    )
