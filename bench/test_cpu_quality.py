@@ -30,35 +30,48 @@ from scorefast.quality import TARGETS, digits, grids, sliced_w1, suite
 from scorefast.quality.metrics import N_PROJECTIONS, mc_floor
 from scorefast.sampling import _grid
 
+torch.set_num_threads(1)  # the shared 2-core machine: two threads per process ran 20x slower under load
+THREADS = 1
 NFES = (5, 10) if QUICK else suite.NFES
-TOLERANCES = (1e-1,) if QUICK else suite.TOLERANCES
+# adaptive samplers at these tolerances (rtol = atol); adaptive_sde's steps cost ~10x a fixed step
+# here (per-sample step control), so it gets the loose end only
+TOLERANCES = (
+    {"rk45": (1e-1,), "adaptive_sde": (3e-1,)} if QUICK else {"rk45": (1e-2, 1e-3), "adaptive_sde": (2e-1, 1e-1, 5e-2)}
+)
 TARGET_NAMES = ("ring2d",) if QUICK else tuple(TARGETS)
 SDE_KEYS = tuple(suite.sdes())
-FLOOR_SETS = 2 if QUICK else 8
+ADAPTIVE_SDES = ("vp",) if QUICK else ("vp", "ve")  # the comparison DESIGN.md asks for (VE, VP)
+FLOOR_SETS = 2 if QUICK else 6
 SAMPLERS = list(sf.samplers.SAMPLERS)
-QUICK_PEERS = ("k-diffusion dpmpp_2m", "diffusers UniPCMultistepScheduler", "score_sde probability flow (Euler)")
+QUICK_PEERS = ("k-diffusion dpmpp_2m", "diffusers DDIMScheduler", "score_sde probability flow (Euler)")
 PEERS = [p for p in quality_peers.peers(SDE_KEYS) if not QUICK or p.label in QUICK_PEERS]
 GRID_TARGETS = ("ring2d",) if QUICK else ("ring2d", "gmm16")
-GRID_SDES = ("vp",) if QUICK else ("vp", "ve")
-GRID_SAMPLERS = [
-    s
-    for s in SAMPLERS
-    if sf.samplers.get(s).KIND != "langevin" and not suite.is_adaptive(s) and (not QUICK or s == "unipc")
-]
-DIGITS_N = 32 if QUICK else 256
-DIGITS_NFES = (5,) if QUICK else (5, 10, 20, 50, 100)
-DIGITS_TOLERANCES = (1e-1,) if QUICK else (1e-1, 1e-2)
-DIGITS_PEERS = (
-    ("k-diffusion dpmpp_2m",)
+GRID_SDES = ("vp",)  # the default-grid question (issue 21 item 5) is VP's: uniform t vs quadratic
+GRID_SCHEDULES = ("uniform",) if QUICK else ("uniform", "logsnr", "karras")
+GRID_SAMPLERS = (
+    ["unipc"]
     if QUICK
-    else (
-        "k-diffusion dpmpp_2m",
-        "k-diffusion lms",
-        "diffusers UniPCMultistepScheduler",
-        "diffusers DPMSolverMultistepScheduler",
-        "score_sde reverse_diffusion",
-    )
+    else [
+        "euler_maruyama",
+        "reverse_diffusion",
+        "ancestral",
+        "ddim",
+        "pc",
+        "ode_euler",
+        "heun",
+        "dpm_solver++",
+        "unipc",
+    ]
 )
+DIGITS_N = 16 if QUICK else 64
+DIGITS_NFES = (5,) if QUICK else (10, 20, 50)
+DIGITS_PEERS = ("k-diffusion dpmpp_2m",) if QUICK else ("k-diffusion dpmpp_2m", "diffusers UniPCMultistepScheduler")
+DIGITS_SAMPLER_NAMES = (
+    ("unipc", "euler_maruyama")
+    if QUICK
+    else ("euler_maruyama", "reverse_diffusion", "pc", "ddim", "heun", "dpm_solver++", "unipc", "adaptive_sde")
+)
+
 _targets: dict = {}
 
 
@@ -99,7 +112,7 @@ class _Digits:
         self.ref, held_out = real[perm[: len(real) // 2]], real[perm[len(real) // 2 :]]
         self.floor = digits.fd(held_out[: self.n], self.ref)
         # the model's probability-flow ODE solved accurately (the smoke run: a cheap stand-in)
-        name, kw = ("heun", {"nfe": 11}) if QUICK else ("rk45", {"tol": 1e-4})
+        name, kw = ("heun", {"nfe": 11}) if QUICK else ("rk45", {"tol": 1e-3})
         limit = suite.run_ours(name, self.score, self.sde, self.shape, **kw)
         self.ode_limit, self.ode_limit_nfe, self.ode_limit_by = self.quality(limit.samples), limit.nfe, name
 
@@ -133,6 +146,7 @@ def _row(t, sde_key: str, label: str, run: suite.Run | None, err: str | None, **
         "backend": fields.pop("backend"),
         "dtype": "float32",
         "size": t.n,
+        "threads": THREADS,
         "median_s": max(run.wall_s, 1e-9),
         "cpu_s": run.cpu_s,
         "target": t.name,
@@ -168,7 +182,7 @@ def _peer_run(peer, score, sde, shape, nfe) -> suite.Run | None:
     return None if out.nfe < 0 else out
 
 
-def _sweep_ours(t, sde_key: str, name: str, schedule_name: str | None = None, nfes=NFES, tols=TOLERANCES) -> None:
+def _sweep_ours(t, sde_key: str, name: str, schedule_name: str | None = None, nfes=NFES, tols=None) -> None:
     sde, score = t.problem(sde_key)
     ours_backend = resolve(None, torch.device("cpu"), torch.float32)
     base = {
@@ -184,7 +198,7 @@ def _sweep_ours(t, sde_key: str, name: str, schedule_name: str | None = None, nf
     except ValueError as e:  # the sampler does not run on this SDE (annealed_langevin on VP, ...)
         pytest.skip(f"{name} on {sde_key}: {e}")
     if suite.is_adaptive(name):
-        for tol in tols:
+        for tol in tols or TOLERANCES[name]:
             run, err = _attempt(lambda tol=tol: suite.run_ours(name, score, sde, t.shape, tol=tol))
             _row(t, sde_key, name, run, err, tol=tol, **base)
         return
@@ -202,6 +216,8 @@ def _sweep_ours(t, sde_key: str, name: str, schedule_name: str | None = None, nf
 @pytest.mark.parametrize("sde_key", SDE_KEYS)
 @pytest.mark.parametrize("target", TARGET_NAMES)
 def test_scorefast(benchmark, target, sde_key, sampler):
+    if suite.is_adaptive(sampler) and sde_key not in ADAPTIVE_SDES:
+        pytest.skip(f"adaptive samplers run on {ADAPTIVE_SDES} (time)")
     t = _target(target)
     benchmark.pedantic(lambda: _sweep_ours(t, sde_key, sampler), rounds=1, iterations=1)
 
@@ -239,7 +255,7 @@ def _sweep_peer(t, sde_key, peer, nfes, benchmark) -> None:
     benchmark.pedantic(sweep, rounds=1, iterations=1)
 
 
-@pytest.mark.parametrize("schedule", grids.SCHEDULES)
+@pytest.mark.parametrize("schedule", GRID_SCHEDULES)
 @pytest.mark.parametrize("sampler", GRID_SAMPLERS)
 @pytest.mark.parametrize("sde_key", GRID_SDES)
 @pytest.mark.parametrize("target", GRID_TARGETS)
@@ -252,18 +268,19 @@ def test_grid_study(benchmark, target, sde_key, sampler, schedule):
     benchmark.pedantic(lambda: _sweep_ours(t, sde_key, sampler, schedule), rounds=1, iterations=1)
 
 
-DIGITS_SAMPLERS = [
-    s for s in SAMPLERS if sf.samplers.get(s).KIND != "langevin" and (not QUICK or s in ("unipc", "euler_maruyama"))
-]
+DIGITS_SAMPLERS = [s for s in SAMPLERS if s in DIGITS_SAMPLER_NAMES]
 DIGITS_PEER_LIST = [p for p in quality_peers.peers(("vp",)) if p.label in DIGITS_PEERS]
 
 
 @pytest.mark.parametrize("sampler", DIGITS_SAMPLERS)
 def test_digits_scorefast(benchmark, sampler):
-    """The shipped digits model (VP): every sampler but the fixed-time Langevin ones."""
+    """The shipped digits model (VP): the SDE and ODE workhorses (its network costs ~100x a mixture
+    score per NFE on this machine, so not every sampler)."""
     t = _target("digits")
     benchmark.pedantic(
-        lambda: _sweep_ours(t, "vp", sampler, nfes=DIGITS_NFES, tols=DIGITS_TOLERANCES), rounds=1, iterations=1
+        lambda: _sweep_ours(t, "vp", sampler, nfes=DIGITS_NFES, tols=TOLERANCES.get(sampler, ())[:1]),
+        rounds=1,
+        iterations=1,
     )
 
 

@@ -415,8 +415,11 @@ def _bench_command(parser):
         ]
         code = subprocess.call(cmd, env=env, cwd=bench.parent)
         if out.exists():
-            print(render_table(json.loads(out.read_text())))
+            results = json.loads(out.read_text())
+            print(render_table(results))
             print(f"wrote {out}")
+            if args.suite == "cpu-quality" and results["results"]:  # the quality-vs-NFE plot beside it
+                print(f"wrote {plot_results(results, out.with_suffix('.png'))}")
         return code
 
     return run

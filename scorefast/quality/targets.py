@@ -165,18 +165,18 @@ class Target:
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
-        Target("ring2d", "2-D ring: 8 modes on radius 4, std 0.35 (GaussianMixture.builtin)", 4096, 256, ring),
+        Target("ring2d", "2-D ring: 8 modes on radius 4, std 0.35 (GaussianMixture.builtin)", 2048, 256, ring),
         Target(
             "gmm16",
             "16-D random anisotropic mixture, 8 components (seed 16)",
-            2048,
+            1024,
             512,
             lambda: random_mixture(16, 8, seed=16),
         ),
         Target(
             "gmm64",
             "64-D random anisotropic mixture, 8 components (seed 64)",
-            2048,
+            1024,
             512,
             lambda: random_mixture(64, 8, seed=64),
         ),
