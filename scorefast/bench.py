@@ -416,6 +416,11 @@ def _bench_command(parser):
         code = subprocess.call(cmd, env=env, cwd=bench.parent)
         if out.exists():
             results = json.loads(out.read_text())
+            if args.suite == "cpu-quality":  # the adaptive_sde verdicts beside the rows
+                from .quality.report import annotate
+
+                results = annotate(results)
+                atomic_write_bytes(out, (json.dumps(results, indent=1) + "\n").encode())
             print(render_table(results))
             print(f"wrote {out}")
             if args.suite == "cpu-quality" and results["results"]:  # the quality-vs-NFE plot beside it

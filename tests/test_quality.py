@@ -18,7 +18,7 @@ import torch
 import scorefast as sf
 from scorefast.bench import render_table
 from scorefast.quality import TARGETS, digits, frechet_distance, grids, mc_floor, random_mixture, sliced_w1, suite
-from scorefast.quality.report import plot_quality, quality_table, summary
+from scorefast.quality.report import adaptive_verdicts, annotate, plot_quality, quality_table, summary
 from scorefast.quality.targets import ring
 from scorefast.sde import EDM, VESDE, VPSDE
 from scorefast.testing import GaussianMixture
@@ -209,6 +209,27 @@ def test_summary_takes_the_least_nfe_within_the_factor():
     assert "| a | 10 / 100 ms |" in table and "| b | - (3x) |" in table and "| c (peer) | - (2x) |" in table
 
 
+def test_adaptive_sde_verdict_needs_fewer_nfe_than_both_fixed_step_sde_samplers():
+    rows = [
+        *(_row("adaptive_sde", n, q, sde="vp") for n, q in ((40, 0.3), (90, 0.105))),
+        *(_row("euler_maruyama", n, q, sde="vp") for n, q in ((50, 0.2), (100, 0.1))),
+        *(_row("pc", n, q, sde="vp") for n, q in ((50, 0.2), (100, 0.2))),  # pc never reaches it
+        *(_row("adaptive_sde", n, q, sde="ve") for n, q in ((40, 0.1), (90, 0.1))),
+        *(_row("euler_maruyama", n, q, sde="ve") for n, q in ((20, 0.1), (100, 0.1))),
+    ]
+    verdicts = {v["sde"]: v for v in adaptive_verdicts(summary(rows))}
+    assert verdicts["vp"]["fewer"] and verdicts["vp"]["adaptive_sde"]["nfe"] == 90
+    assert not verdicts["ve"]["fewer"] and verdicts["ve"]["pc"] is None
+    results = {"suite": "cpu-quality", "date": "2026-12-02", "machine": {"gpu": None, "cpu": "x", "torch": "2"}}
+    annotated = annotate({**results, "results": rows})
+    assert json.loads(json.dumps(annotated["adaptive_sde_vs_fixed"])) == annotated["adaptive_sde_vs_fixed"]
+    vp = next(r for r in annotated["adaptive_sde_vs_fixed"] if r["sde"] == "vp")
+    assert vp["fewer_nfe"] and vp["adaptive_sde_nfe"] == 90 and vp["euler_maruyama_nfe"] == 100 and vp["pc_nfe"] is None
+    table = quality_table({**results, "results": rows})
+    assert "| ring2d | VP | 90 / 900 ms | 100 / 1.0 s | - (2x) | yes |" in table
+    assert "| ring2d | VE | 40 / 400 ms | 20 / 200 ms |  | no |" in table
+
+
 def test_plot_quality_writes_a_png(tmp_path):
     rows = [_row("a", n, 1 / n) for n in (5, 10, 20)] + [_row("c", n, 2 / n, peer="k-diffusion") for n in (5, 10)]
     results = {"suite": "cpu-quality", "date": "2026-12-02", "machine": {"gpu": None, "cpu": "x", "torch": "2"}}
@@ -226,15 +247,19 @@ def test_quick_quality_suite_runs_every_sampler_and_peer(tmp_path):
     ours = {(r["sde"], r["label"]) for r in rows if r["target"] == "ring2d" and r["kind"] == "scorefast"}
     for name in sf.samplers.SAMPLERS:
         for sde_key in suite.sdes():
-            if name == "annealed_langevin" and sde_key in ("vp", "rf"):
+            if (name == "annealed_langevin" and sde_key in ("vp", "rf")) or (
+                suite.is_adaptive(name) and sde_key != "vp"  # the smoke run: adaptive ones on VP only
+            ):
                 continue
             assert (sde_key, name) in ours, (sde_key, name)
     assert {r["peer"] for r in rows if r["kind"] == "peer"} >= {"k-diffusion", "diffusers", "score_sde"}
     assert any(r["target"] == "digits" and r["metric"] == "fd" for r in rows)
     assert all(r["nfe"] <= r["nfe_budget"] for r in rows if "nfe_budget" in r)
     assert all(r["floor"] > 0 and r["median_s"] > 0 for r in rows)
-    assert "**ring2d**" in stdout and "| unipc |" in stdout
+    assert "**ring2d**" in stdout and "| unipc |" in stdout and "| ring2d | VP |" in stdout
+    assert [(v["target"], v["sde"]) for v in data["adaptive_sde_vs_fixed"]] == [("ring2d", "vp")]
     assert render_table(data) in stdout
+    assert (tmp_path / "quality.png").stat().st_size > 10_000  # written by the run, beside the JSON
     png = plot_quality(data, tmp_path / "quality.png")
     assert png.stat().st_size > 10_000
 
@@ -244,4 +269,5 @@ def test_readme_quality_block_is_rendered_from_the_committed_results():
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- bench:cpu-quality -->\n", 1)[1].split("\n<!-- /bench:cpu-quality -->", 1)[0]
     assert results["suite"] == "cpu-quality" and block == render_table(results)
-    assert "bench/results/cpu-quality.png" in readme
+    assert "](bench/results/cpu-quality.png)" in block and (ROOT / "bench" / "results" / "cpu-quality.png").is_file()
+    assert results == annotate(results)  # the adaptive_sde verdicts in the file are the rows' own

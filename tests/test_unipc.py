@@ -230,13 +230,34 @@ def test_a_ten_percent_coefficient_error_fails_the_mixture_check(monkeypatch, co
     assert abs(sw - sw_ode) > 0.2 * floor, (what, sw, sw_ode, floor)
 
 
-@pytest.mark.parametrize("sde", [VPSDE(), VESDE(0.01, 10), EDM(), SubVPSDE()], ids=["VP", "VE", "EDM", "subVP"])
+NO_WORSE = [
+    pytest.param(
+        sde,
+        id=name,
+        marks=pytest.mark.xfail(
+            strict=True,
+            reason="DiscreteVP's own grid (20 equally spaced integer timesteps down to 0): UniPC 0.157 vs "
+            "dpm_solver++ 0.135 (16% worse; diffusers' UniPCMultistepScheduler, matched step by step above, "
+            "gives the same); from 30 steps they are level and at 50 UniPC is ahead",
+        )
+        if isinstance(sde, DiscreteVP)
+        else (),
+    )
+    for sde, name in zip(SDES, SDE_IDS, strict=True)
+]
+
+
+@pytest.mark.parametrize("sde", NO_WORSE)
 def test_no_worse_than_dpm_solver_pp_at_20_steps(sde):
-    """Mean distance to the exact probability-flow solution of the same prior draws (rk45 at 1e-9),
-    both on the default grid of the SDE."""
+    """Mean distance to the exact probability-flow solution of the same prior draws, both on the
+    default grid of the SDE.  The exact solution: rk45 at 1e-9, or on DiscreteVP (whose piecewise
+    table makes rk45 crawl) dpm_solver++ 3m on all 999 of its timesteps (0.002 from heun's there)."""
     kw = dict(seed=1, dtype=torch.float64, backend="torch")
     score = GM.score_fn(sde)
-    exact = sf.sample(score, sde, (256, 2), sampler="rk45", rtol=1e-9, atol=1e-9, **kw)
+    if isinstance(sde, DiscreteVP):
+        exact = sf.sample(score, sde, (256, 2), sampler="dpm_solver++", steps=999, variant="3m", **kw)
+    else:
+        exact = sf.sample(score, sde, (256, 2), sampler="rk45", rtol=1e-9, atol=1e-9, **kw)
 
     def err(name):
         return (sf.sample(score, sde, (256, 2), sampler=name, steps=20, **kw) - exact).norm(dim=1).mean().item()

@@ -17,7 +17,10 @@ from pathlib import Path
 from .._io import atomic_write_bytes
 from .suite import QUALITY_FACTOR
 
+PLOT = "bench/results/cpu-quality.png"  # where ``scorefast bench --suite quality`` writes the plot
 SDE_ORDER = ("vp", "ve", "edm", "rf")
+# issue 21 item 3: adaptive_sde against the fixed-step SDE samplers it should beat on VP / VE
+ADAPTIVE, FIXED_SDE = "adaptive_sde", ("euler_maruyama", "pc")
 SDE_NAMES = {"vp": "VP", "ve": "VE", "edm": "EDM", "rf": "RectifiedFlow"}
 
 
@@ -82,6 +85,8 @@ def quality_table(results: dict) -> str:
     lines = [
         _caption(results),
         "",
+        f"![quality against NFE, log-log, one line per sampler, peers dashed]({PLOT})",
+        "",
         f"Cells: least NFE within {QUALITY_FACTOR}x of the reference / wall time of that run; "
         "`- (r x)`: not reached, r = best quality / reference at any NFE.",
     ]
@@ -109,6 +114,7 @@ def quality_table(results: dict) -> str:
             peer = summ[next(k for k in summ if k[0] == target and k[2] == label)]["peer"]
             name = f"{label} (peer)" if peer else label
             lines.append(f"| {name} | " + " | ".join(_cell(summ.get((target, s, label))) for s in sdes) + " |")
+    lines += adaptive_lines(summ)
     grid_labels = {t: _labels(summ, t, grid=True) for t in first}
     if any(grid_labels.values()):
         lines += [
@@ -135,6 +141,53 @@ def quality_table(results: dict) -> str:
                 lines.append(f"| {base} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines).rstrip()
+
+
+def adaptive_verdicts(summ: dict) -> list[dict]:
+    """Per (target, sde) where adaptive_sde ran: its NFE-to-quality beside euler_maruyama's and pc's
+    and whether it reaches the reference with fewer NFE than both ("fewer": True / False)."""
+    out = []
+    for (target, sde, label), s in summ.items():
+        if label != ADAPTIVE:
+            continue
+        others = {name: summ.get((target, sde, name)) for name in FIXED_SDE}
+        nfes = {name: (o or {}).get("nfe") for name, o in others.items()}
+        fewer = s["nfe"] is not None and all(v is None or s["nfe"] < v for v in nfes.values())
+        out.append({"target": target, "sde": sde, ADAPTIVE: s, **others, "fewer": fewer})
+    return out
+
+
+def annotate(results: dict) -> dict:
+    """``results`` with "adaptive_sde_vs_fixed": the verdicts of ``adaptive_verdicts`` as plain JSON
+    (NFE-to-quality and time-to-quality of each, None where not reached), as the README shows them."""
+    rows = []
+    for v in adaptive_verdicts(summary(results["results"])):
+        row = {"target": v["target"], "sde": v["sde"], "fewer_nfe": v["fewer"]}
+        for name in (ADAPTIVE, *FIXED_SDE):
+            row[f"{name}_nfe"] = (v[name] or {}).get("nfe")
+            row[f"{name}_time_s"] = (v[name] or {}).get("time_s")
+        rows.append(row)
+    return {**results, "adaptive_sde_vs_fixed": rows}
+
+
+def adaptive_lines(summ: dict) -> list[str]:
+    """The adaptive_sde comparison as README lines (empty when it did not run)."""
+    verdicts = adaptive_verdicts(summ)
+    if not verdicts:
+        return []
+    lines = [
+        "",
+        f"**{ADAPTIVE} against {' and '.join(FIXED_SDE)}** (same cells; fewer NFE to the reference than both?)",
+        "",
+        f"| target | SDE | {ADAPTIVE} | " + " | ".join(FIXED_SDE) + " | fewer NFE |",
+        "|---|---|---|" + "---|" * len(FIXED_SDE) + "---|",
+    ]
+    for v in verdicts:
+        cells = [_cell(v[ADAPTIVE]), *(_cell(v[name]) for name in FIXED_SDE)]
+        lines.append(
+            f"| {v['target']} | {SDE_NAMES[v['sde']]} | " + " | ".join(cells) + f" | {'yes' if v['fewer'] else 'no'} |"
+        )
+    return lines
 
 
 def plot_quality(results: dict, path: str | os.PathLike) -> Path:
