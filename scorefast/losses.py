@@ -71,25 +71,41 @@ def _noise_plus(v: Tensor, coef: float | Tensor, seed, step, ids: Tensor, backen
     )
 
 
-class _DSMResidualSq(torch.autograd.Function):
-    """Per-sample ||std s + z||^2 [B]; backward regenerates std s + z by the fused kernel instead of
-    keeping z (or the residual) alive between forward and backward: d/ds = 2 g std (std s + z)."""
+def _regenerated_residual_sq(residual: Callable, scaled: bool, name: str, doc: str) -> type:
+    """An autograd Function out, aux -> per-sample ||r||^2 [B] with r = residual(out, aux, seed, step,
+    ids, backend) made by the fused kernel (z regenerated from its counter) in forward and again in
+    backward, never kept alive between them.  d/d out = 2 g r, times aux per sample when ``scaled``
+    (r = aux out + z).  Gradients flow to ``out`` only."""
 
-    @staticmethod
-    def forward(ctx, score: Tensor, std: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
-        ctx.save_for_backward(score, std, ids)
-        ctx.counter = (seed, step, backend)
-        with torch.no_grad():
-            return _rows_sumsq(_noise_plus(score, std, seed, step, ids, backend), ids, backend)
+    class ResidualSq(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, out: Tensor, aux: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
+            ctx.save_for_backward(out, aux, ids)
+            ctx.counter = (seed, step, backend)
+            with torch.no_grad():
+                return _rows_sumsq(residual(out, aux, seed, step, ids, backend), ids, backend)
 
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        score, std, ids = ctx.saved_tensors
-        with torch.no_grad():
+        @staticmethod
+        def backward(ctx, grad: Tensor):
+            out, aux, ids = ctx.saved_tensors
             seed, step, backend = ctx.counter
-            r = _noise_plus(score, std, seed, step, ids, backend)
-            g = bcast(2 * grad.to(r.dtype) * std, r) * r
-        return g.to(score.dtype), None, None, None, None, None
+            with torch.no_grad():
+                r = residual(out, aux, seed, step, ids, backend)
+                weight = 2 * grad.to(r.dtype) * aux if scaled else 2 * grad.to(r.dtype)
+                g = bcast(weight, r) * r
+            return g.to(out.dtype), None, None, None, None, None
+
+    ResidualSq.__name__ = ResidualSq.__qualname__ = name
+    ResidualSq.__doc__ = doc
+    return ResidualSq
+
+
+_DSMResidualSq = _regenerated_residual_sq(
+    _noise_plus,
+    True,
+    "_DSMResidualSq",
+    "Per-sample ||std s + z||^2 [B] (score, std [B]); backward regenerates std s + z: d/ds = 2 g std (std s + z).",
+)
 
 
 class _EpsResidualSq(torch.autograd.Function):
@@ -251,26 +267,6 @@ def dsm_per_sample(
     return sq / x[0].numel() if reduce_mean else sq
 
 
-class _FMResidualSq(torch.autograd.Function):
-    """Per-sample ||v + x_0 - z||^2 [B] (flow matching's residual, v - (z - x_0)); backward regenerates the
-    residual by the fused kernel instead of keeping z alive: d/dv = 2 g r.  Gradients flow to v only."""
-
-    @staticmethod
-    def forward(ctx, v: Tensor, x0: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
-        ctx.save_for_backward(v, x0, ids)
-        ctx.counter = (seed, step, backend)
-        with torch.no_grad():
-            return _rows_sumsq(_fm_residual(v, x0, seed, step, ids, backend), ids, backend)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        v, x0, ids = ctx.saved_tensors
-        with torch.no_grad():
-            r = _fm_residual(v, x0, *ctx.counter[:2], ids, ctx.counter[2])
-            g = bcast(2 * grad.to(r.dtype), r) * r
-        return g.to(v.dtype), None, None, None, None, None
-
-
 def _fm_residual(v: Tensor, x0: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:
     """v + x_0 - z (state dtype) in one fused pass, z the stream-2 normals of (seed, step, ids)."""
     return apply_update(
@@ -286,6 +282,14 @@ def _fm_residual(v: Tensor, x0: Tensor, seed, step, ids: Tensor, backend: str) -
         backend=backend,
         trusted=True,
     )
+
+
+_FMResidualSq = _regenerated_residual_sq(
+    _fm_residual,
+    False,
+    "_FMResidualSq",
+    "Per-sample ||v + x_0 - z||^2 [B] (flow matching's residual v - (z - x_0); v, x_0); d/dv = 2 g r.",
+)
 
 
 T_DISTS = ("uniform", "logit_normal")

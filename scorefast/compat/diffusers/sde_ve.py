@@ -7,6 +7,7 @@ from diffusers import ScoreSdeVeScheduler as _SdeVe
 from diffusers.schedulers.scheduling_sde_ve import SdeVeOutput
 from diffusers.schedulers.scheduling_utils import SchedulerOutput
 
+from ... import _checks, backends
 from ...ops import snr_langevin_step
 from ._common import StepNoise, lincomb, promote
 
@@ -39,8 +40,19 @@ class ScoreSdeVeScheduler(_SdeVe):
         dtype = promote(sample.dtype, model_output.dtype, torch.float32)
         noise = StepNoise(sample, generator)
         if noise.tensor is None and dtype == torch.float32:
-            x, _ = snr_langevin_step(
-                sample.float(), model_output, float(self.config.snr), norm="batch", seed=noise.seed, step=0, stream=0
+            x = sample.float()
+            _checks.check_like("model_output", model_output, x)
+            x, _ = snr_langevin_step(  # checked here once: the op's trusted path skips its per-call checks
+                x,
+                model_output,
+                float(self.config.snr),
+                norm="batch",
+                seed=noise.seed,
+                step=0,
+                stream=0,
+                sample_ids=torch.arange(x.shape[0], device=x.device),
+                backend=backends.resolve(None, x.device, x.dtype),
+                _trusted=True,
             )
         else:  # a list of generators (one key per sample) or float64: the noise as a tensor
             z = (
