@@ -271,3 +271,39 @@ def test_readme_quality_block_is_rendered_from_the_committed_results():
     assert results["suite"] == "cpu-quality" and block == render_table(results)
     assert "](bench/results/cpu-quality.png)" in block and (ROOT / "bench" / "results" / "cpu-quality.png").is_file()
     assert results == annotate(results)  # the adaptive_sde verdicts in the file are the rows' own
+
+
+# -- the default grid the suite chose (issue 21 item 5) ------------------------------------
+def _times(sde, steps, **kw):
+    seen = []
+    sf.sample(
+        lambda x, t, **_: -x,
+        sde,
+        (2, 1),
+        sampler="ode_euler",
+        steps=steps,
+        callback=lambda d: seen.append(d["t"][0]),
+        **kw,
+    )
+    return torch.stack(seen).double()
+
+
+@pytest.mark.parametrize("sde", [VPSDE(N=50), sf.sde.SubVPSDE(N=50)], ids=["VP", "subVP"])
+def test_vp_default_grid_is_quadratic_off_score_sde_own_steps(sde):
+    """VP / sub-VP: steps != N runs DPM-Solver's quadratic grid (the suite's winner at low NFE),
+    steps == N score_sde's own grid, and schedule="uniform" score_sde's uniform grid at any steps."""
+    u = torch.linspace(1, 0, 10, dtype=torch.float64)
+    quadratic = sde.eps + (sde.T - sde.eps) * u**2
+    torch.testing.assert_close(_times(sde, 10), quadratic.float().double(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(_times(sde, 10, schedule="quadratic"), _times(sde, 10))
+    uniform = torch.linspace(sde.T, sde.eps, 10, dtype=torch.float64)
+    torch.testing.assert_close(_times(sde, 10, schedule="uniform"), uniform.float().double(), rtol=0, atol=1e-7)
+    own = sde.grid(50)
+    torch.testing.assert_close(_times(sde, 50), own.float().double(), rtol=0, atol=1e-7)
+
+
+def test_other_sdes_keep_their_own_default_grid():
+    for sde in (VESDE(), sf.sde.DiscreteVP.linear(), sf.sde.RectifiedFlow()):
+        torch.testing.assert_close(_times(sde, 10), sde.grid(10).float().double(), rtol=0, atol=1e-7)
+    with pytest.raises(ValueError, match="schedule"):
+        _times(VPSDE(), 10, schedule="quadratik")
