@@ -98,22 +98,19 @@ def test_a_ten_percent_coefficient_error_fails_the_exact_law(monkeypatch, name, 
     """A planted bug: one coefficient of one step 10% off.  The old test (the fitted law within 0.08
     of the continuous target) let such errors through; the exact recursion does not."""
     base = importlib.import_module("scorefast.samplers.base")
-    S = sf.samplers.draws_per_step(sf.samplers.get(name), sf.samplers.validate(sf.samplers.get(name), sde, options))
-    real = base.apply
+    real = base.fused_update_table
 
-    def planted(x, terms, *, noise, x_coef, step, **kw):
-        if int(step) == 5 * S:
-            if which == "x_coef":
-                x_coef = 1.1 * x_coef
-            elif which == "noise":
-                noise = 1.1 * noise
-            else:
-                terms = [(1.1 * terms[0][0], terms[0][1]), *terms[1:]]
-        return real(x, terms, noise=noise, x_coef=x_coef, step=step, **kw)
+    def planted(x, terms, table, row, *, draw, **kw):
+        """The one-launch update reads its coefficients from the table's row: scale one of row 5's
+        (draw 0) by 1.1 in a copy of the table."""
+        if int(row) == 5 and draw == 0:
+            table = table.clone()
+            table[5, {"x_coef": 0, "score": 1, "noise": -1}[which]] *= 1.1
+        return real(x, terms, table, row, draw=draw, **kw)
 
     rec = recursion(name, sde, 10, options)
     assert_same_coefficients(sampler_coefficients(name, sde, 10, options)[0], rec)  # the real sampler passes
-    monkeypatch.setattr(base, "apply", planted)
+    monkeypatch.setattr(base, "fused_update_table", planted)
     fit, residual = sampler_coefficients(name, sde, 10, options)
     assert residual < 1e-12  # still affine: only the law tells the planted error
     with pytest.raises(AssertionError, match="coefficients differ"):
@@ -285,15 +282,34 @@ def test_no_two_draws_share_a_counter(monkeypatch, name, sde, options):
     import importlib
 
     seen = []
-    original = importlib.import_module("scorefast.ops.fused_update").apply
+    backends = importlib.import_module("scorefast.backends")
+    fused = importlib.import_module("scorefast.ops.fused_update")
+    get, host_update = backends.get, fused.host_number_update
 
-    def spy(x, terms, *, noise, seed, step, stream, **kw):
-        if isinstance(noise, torch.Tensor) or noise != 0.0:
+    class Spy:  # every draw reaches a backend kernel with its counter: record (stream, n*S + j)
+        def __init__(self, module):
+            self.module = module
+
+        def __getattr__(self, name):
+            return getattr(self.module, name)
+
+        def fused_update(self, out, x, terms, coefs, ids, seed, step, stream, with_noise, **kw):
+            if with_noise:
+                seen.append((stream, int(step) * kw.get("draws", 1) + kw.get("draw", 0)))
+            return self.module.fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise, **kw)
+
+        def snr_langevin_step(self, out, eps, x, score, alpha, two_snr2, ids, seed, step, stream, **kw):
+            seen.append((stream, int(step) * kw.get("draws", 1) + kw.get("draw", 0)))
+            return self.module.snr_langevin_step(out, eps, x, score, alpha, two_snr2, ids, seed, step, stream, **kw)
+
+    def host_spy(x, terms, x_coef, noise, seed, step, stream, sample_ids, with_noise):
+        out = host_update(x, terms, x_coef, noise, seed, step, stream, sample_ids, with_noise)
+        if out is not None and with_noise:
             seen.append((stream, int(step)))
-        return original(x, terms, noise=noise, seed=seed, step=step, stream=stream, **kw)
+        return out
 
-    for mod in ("ops.fused_update", "ops.langevin_step", "ops.snr_langevin_step", "samplers.base"):
-        monkeypatch.setattr(importlib.import_module(f"scorefast.{mod}"), "apply", spy)
+    monkeypatch.setattr(backends, "get", lambda name: Spy(get(name)))
+    monkeypatch.setattr(fused, "host_number_update", host_spy)
     sf.sample(linear_score(sde), sde, (3, 2), sampler=name, steps=6, **options)
     assert seen, "the sampler drew no noise"
     assert len(seen) == len(set(seen)), "two draws share (stream, step)"
