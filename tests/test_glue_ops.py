@@ -9,9 +9,14 @@ step must have the same count (a ``TorchDispatchMode`` outside scorefast's backe
 
 from __future__ import annotations
 
+import functools
+import json
+from pathlib import Path
+
 import pytest
 
 import scorefast as sf
+import scorefast.bench
 from bench import _glue
 from scorefast.samplers import SAMPLERS
 
@@ -29,6 +34,14 @@ def _param(case):
 
 
 CASES = [_param(c) for c in _glue.cases()]
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results" / "glue-ops.json"
+
+
+@functools.cache
+def _counts(case_id: str) -> tuple[list[str], list[str]]:
+    """(captured, eager) glue ops of a case of ``_glue.cases()``, counted once per test session."""
+    name, options, sde = next(c for c in _glue.cases() if _glue.case_id(*c) == case_id)
+    return _glue.captured_ops(name, options, sde), _glue.eager_ops(name, options, sde)
 
 
 def test_every_registered_sampler_is_counted():
@@ -38,13 +51,39 @@ def test_every_registered_sampler_is_counted():
 
 @pytest.mark.parametrize("name,options,sde", CASES)
 def test_captured_step_is_within_its_glue_budget(name, options, sde):
-    ops = _glue.captured_ops(name, options, sde)
+    ops = _counts(_glue.case_id(name, options, sde))[0]
     assert len(ops) <= _glue.budget(name), ops
 
 
 @pytest.mark.parametrize("name,options,sde", CASES)
 def test_eager_step_has_the_captured_step_op_count(name, options, sde):
-    assert _glue.eager_ops(name, options, sde) == _glue.captured_ops(name, options, sde)
+    captured, eager = _counts(_glue.case_id(name, options, sde))
+    assert eager == captured
+
+
+def test_committed_results_are_todays_counts():
+    """The README's glue table (rendered from bench/results/glue-ops.json, see test_readme) shows
+    what the code does now: every case, its counts and budget."""
+    rows = {r["name"]: r for r in json.loads(RESULTS.read_text())["results"]}
+    assert set(rows) == {_glue.case_id(*c) for c in _glue.cases()}
+    for case_id, row in rows.items():
+        captured, eager = _counts(case_id)
+        assert (row["glue_ops_captured"], row["glue_ops_eager"]) == (len(captured), len(eager)), case_id
+        assert row["budget"] == _glue.budget(row["sampler"])
+
+
+def test_glue_table_renders_counts_and_flags_a_miss():
+    results = {
+        "suite": "glue-ops",
+        "date": "2026-12-02T00:00:00+00:00",
+        "machine": {"gpu": None, "cpu": "c", "torch": "t", "triton": None, "cuda": None},
+        "results": [
+            dict(name="a", sde="VPSDE", glue_ops_captured=1, glue_ops_eager=1, budget=2),
+            dict(name="b", sde="VPSDE", glue_ops_captured=9, glue_ops_eager=9, budget=8),
+        ],
+    }
+    table = sf.bench.render_table(results)
+    assert "| a | VPSDE | 1 | 1 | 2 | yes |" in table and "| b | VPSDE | 9 | 9 | 8 | **no** |" in table
 
 
 def test_the_counter_sees_glue():
