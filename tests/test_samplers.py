@@ -22,6 +22,7 @@ from scorefast.rng import STREAM_PRIOR, STREAM_SAMPLER
 from scorefast.sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
 from scorefast.testing import sliced_wasserstein
 from tests.conftest import backend_params
+from tests.draws import record_draws
 from tests.exact_law import C, M, continuous_limit, law, linear_score, recursion, sampler_coefficients
 
 EXPECTED = {"norm": "expected"}  # pc with the fixed corrector step: affine
@@ -279,37 +280,7 @@ SAMPLER_CASES = [
 
 @pytest.mark.parametrize("name,sde,options", SAMPLER_CASES, ids=[c[0] for c in SAMPLER_CASES])
 def test_no_two_draws_share_a_counter(monkeypatch, name, sde, options):
-    import importlib
-
-    seen = []
-    backends = importlib.import_module("scorefast.backends")
-    fused = importlib.import_module("scorefast.ops.fused_update")
-    get, host_update = backends.get, fused.host_number_update
-
-    class Spy:  # every draw reaches a backend kernel with its counter: record (stream, n*S + j)
-        def __init__(self, module):
-            self.module = module
-
-        def __getattr__(self, name):
-            return getattr(self.module, name)
-
-        def fused_update(self, out, x, terms, coefs, ids, seed, step, stream, with_noise, **kw):
-            if with_noise:
-                seen.append((stream, int(step) * kw.get("draws", 1) + kw.get("draw", 0)))
-            return self.module.fused_update(out, x, terms, coefs, ids, seed, step, stream, with_noise, **kw)
-
-        def snr_langevin_step(self, out, eps, x, score, alpha, two_snr2, ids, seed, step, stream, **kw):
-            seen.append((stream, int(step) * kw.get("draws", 1) + kw.get("draw", 0)))
-            return self.module.snr_langevin_step(out, eps, x, score, alpha, two_snr2, ids, seed, step, stream, **kw)
-
-    def host_spy(x, terms, x_coef, noise, seed, step, stream, sample_ids, with_noise):
-        out = host_update(x, terms, x_coef, noise, seed, step, stream, sample_ids, with_noise)
-        if out is not None and with_noise:
-            seen.append((stream, int(step)))
-        return out
-
-    monkeypatch.setattr(backends, "get", lambda name: Spy(get(name)))
-    monkeypatch.setattr(fused, "host_number_update", host_spy)
+    seen = record_draws(monkeypatch)
     sf.sample(linear_score(sde), sde, (3, 2), sampler=name, steps=6, **options)
     assert seen, "the sampler drew no noise"
     assert len(seen) == len(set(seen)), "two draws share (stream, step)"
