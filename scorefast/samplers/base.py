@@ -295,17 +295,23 @@ class Context:
             t_in = t.to(x.dtype)
             if self.graph is None and isinstance(source, Tensor):  # a replay may rewrite a buffer unseen
                 self._time_in = (source, source._version, t, t_in)
+        return self._network(self.score_fn, x, t_in)
+
+    def _network(self, fn: Callable, x: Tensor, t_in: Tensor) -> Tensor:
+        """fn(x, t_in, **extra_args) under the run's autocast, checked, counted; in x's dtype, except
+        that a bf16/fp16 output beside an fp32 state is kept as it is: every fused op reads it
+        directly and does its arithmetic in fp32."""
         if self.autocast_dtype is not None:
             # no cast cache under graphs: cached weight casts must not live in a capture's pool
             with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=self.graph is None):
-                s = self.score_fn(x, t_in, **self.extra_args)
+                s = fn(x, t_in, **self.extra_args)
         else:
-            s = self.score_fn(x, t_in, **self.extra_args)
+            s = fn(x, t_in, **self.extra_args)
         if type(s) is not Tensor or s.shape != x.shape or s.device != x.device or s.dtype not in _SCORE_DTYPES:
             _check_score(s, x)  # one cheap check per call; names the problem (a Tensor subclass passes)
         self.nfe += 1
         if s.dtype in (torch.bfloat16, torch.float16) and x.dtype == torch.float32:
-            return s  # the fused ops read low-precision scores directly (fp32 arithmetic, no extra pass)
+            return s
         return s.to(x.dtype) if s.dtype != x.dtype else s
 
     def _affine(self, x: Tensor) -> bool:
@@ -321,16 +327,7 @@ class Context:
         net_t = table.mapped(("net", dtype), lambda r: fn.net_time(r).to(dtype).to(x.device), dtype)
         a, b, uses_x = table.mapped(("affine", dtype), lambda r: _affine_coefs(fn, r), dtype)
         t_in = torch.index_select(net_t, 0, self.row(t.n).reshape(1).expand(x.shape[0]))
-        if self.autocast_dtype is not None:
-            with torch.autocast(x.device.type, dtype=self.autocast_dtype, cache_enabled=self.graph is None):
-                out = fn.net(x, t_in, **self.extra_args)
-        else:
-            out = fn.net(x, t_in, **self.extra_args)
-        if type(out) is not Tensor or out.shape != x.shape or out.device != x.device or out.dtype not in _SCORE_DTYPES:
-            _checks.check_like("score_fn", out, x, other="the state x")
-        if out.dtype not in (torch.bfloat16, torch.float16) and out.dtype != x.dtype:
-            out = out.to(x.dtype)
-        self.nfe += 1
+        out = self._network(fn.net, x, t_in)
         return AffineScore(out, x, a, b, uses_x, t.n, (id(table), dtype))
 
     def formed(self, s) -> Tensor:
