@@ -89,6 +89,7 @@ def _wrap(net, sde, time_map, convert, coefs=None) -> Callable:
             return net(x, tmap(t).to(x.dtype), **extra_args), a, b
 
         score_fn.affine, score_fn.affine_coefs, score_fn.net_time = affine, coefs, tmap
+        score_fn.affine_of = score_fn  # a wrapper that copied these attributes (functools.wraps) is not it
     return score_fn
 
 

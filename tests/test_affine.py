@@ -168,3 +168,20 @@ def test_edm_denoiser_keeps_its_own_path():
     a = sf.sample(fn, sde, (4, 3), sampler="heun", steps=6, seed=0)
     b = sf.sample(lambda x, t: fn(x, t), sde, (4, 3), sampler="heun", steps=6, seed=0)
     assert torch.equal(a, b)
+
+
+def test_a_wrapper_that_copied_the_adapters_attributes_is_called_as_it_is():
+    """functools.wraps copies __dict__: a guidance-like wrapper then carries the adapter's affine
+    attributes, and folding them would skip the wrapper.  It must be sampled through its own call."""
+    import functools
+
+    sde = VPSDE()
+    fn = sf.adapters.from_eps(net, sde)
+
+    @functools.wraps(fn)
+    def doubled(x, t):
+        return 2 * fn(x, t)
+
+    a = sf.sample(doubled, sde, (4, 3), sampler="ddim", steps=6, seed=0)
+    b = sf.sample(lambda x, t: 2 * fn(x, t), sde, (4, 3), sampler="ddim", steps=6, seed=0)
+    assert torch.equal(a, b)

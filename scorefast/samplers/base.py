@@ -316,9 +316,9 @@ class Context:
 
     def _affine(self, x: Tensor) -> bool:
         """score_fn is an adapter with an affine form the samplers can fold (not float64 states: the
-        reference path keeps the adapter's own arithmetic)."""
-        fn = self.score_fn
-        return x.dtype != torch.float64 and hasattr(fn, "affine_coefs") and hasattr(fn, "net_time")
+        reference path keeps the adapter's own arithmetic).  A wrapper around an adapter (guidance)
+        is not one, even if it copied the adapter's attributes: it is called as it is."""
+        return x.dtype != torch.float64 and getattr(self.score_fn, "affine_of", None) is self.score_fn
 
     def _affine_score(self, x: Tensor, t: StepTime) -> AffineScore:
         """The network at step n's time (its time input from a per-run table: one index_select), and
