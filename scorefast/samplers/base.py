@@ -368,9 +368,12 @@ class Context:
     # -- noise ----------------------------------------------------------------------------
     def counter(self, n: Step, j: int = 0) -> Step:
         """Philox step of draw j of step n: n*S + j (a device tensor for a device step index)."""
+        self._check_draw(j)
+        return n * self.draws + j
+
+    def _check_draw(self, j: int) -> None:
         if not 0 <= j < self.draws:
             raise AssertionError(f"draw {j} outside the {self.draws} declared draws")
-        return n * self.draws + j
 
     def update(self, x: Tensor, terms, *, noise=0.0, n: Step = 0, j: int = 0, x_coef=1.0) -> Tensor:
         """fused_update on stream 0 with step n*S + j (arguments were validated once per run)."""
@@ -395,6 +398,7 @@ class Context:
         ``table``'s columns ``cols`` (default: all, laid out x, terms..., noise), read by the fused
         kernel at the step counter; Philox step n*S + j; the kernel sets the non-finite flag.
         ``noise=False`` draws nothing (the noise column is not read)."""
+        self._check_draw(j)
         terms = list(terms)
         cols = tuple(range(len(terms) + 2)) if cols is None else cols
         if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *terms) if isinstance(t, Tensor)):
