@@ -275,11 +275,15 @@ class Context:
         return self._rows[n] if n < len(self._rows) else torch.tensor(n, device=self.times.device)
 
     # -- score evaluations ----------------------------------------------------------------
-    def score(self, x: Tensor, t: Tensor | float) -> Tensor:
+    def score(self, x: Tensor, t: Tensor | float, *, t_in: Tensor | None = None) -> Tensor:
         """score_fn(x, t [B] in the SDE's time, **extra_args); counts NFE, flags NaN/inf.
 
-        The score comes back in x's dtype, except that a bf16/fp16 score of an fp32 state is kept as
-        it is: every fused op reads it directly and does its arithmetic in fp32."""
+        ``t_in``: t already in x's dtype [B] (what the network is given), when the caller made it
+        for several calls at once (rk45's stage times).  The score comes back in x's dtype, except
+        that a bf16/fp16 score of an fp32 state is kept as it is: every fused op reads it directly
+        and does its arithmetic in fp32."""
+        if t_in is not None:
+            return self._network(self.score_fn, x, t_in)
         if isinstance(t, StepTime) and self._affine(x):
             return self._affine_score(x, t)
         if isinstance(t, StepTime):  # a table's time at the step counter: one index_select, in x's dtype
@@ -369,7 +373,7 @@ class Context:
     def counter(self, n: Step, j: int = 0) -> Step:
         """Philox step of draw j of step n: n*S + j (a device tensor for a device step index)."""
         self._check_draw(j)
-        return n * self.draws + j
+        return n if (self.draws, j) == (1, 0) else n * self.draws + j  # (no tensor op for S = 1)
 
     def _check_draw(self, j: int) -> None:
         if not 0 <= j < self.draws:
@@ -382,7 +386,7 @@ class Context:
             [(c, self.formed(t)) for c, t in terms],
             noise=noise,
             x_coef=x_coef,
-            seed=self.seed,
+            seed=self.seed_tensor(),
             step=self.counter(n, j),
             stream=STREAM_SAMPLER,
             sample_ids=self.sample_ids,
