@@ -20,7 +20,8 @@ Each score function also exposes ``affine(x, t) -> (out, a [B], b [B])``, score 
 out the network's own output (its dtype, not cast) and a, b float64: the samplers fold a and b into
 their fused update's coefficients (``affine_coefs(t) -> (a, b)`` for the per-run tables, and
 ``net_time(t)`` for the network's time input), so a bf16/fp16 output is read once, by the fused
-kernel.  ``from_denoiser`` has no such form (its network input is x / a(t), a pass of its own).
+kernel.  ``from_denoiser`` folds on VE-type SDEs (a = 1); elsewhere its network input x / a(t) is a
+pass of its own, and its score is formed by the adapter.
 """
 
 from __future__ import annotations
@@ -179,7 +180,22 @@ def from_denoiser(denoiser: Callable, sde: SDE) -> Callable:
         return denoiser(xs, (s / a).to(x.dtype), **extra_args), -1 / s**2, a / s**2
 
     score_fn.net, score_fn.sde, score_fn.affine = denoiser, sde, affine
+    if _unit_mean(sde):  # VE-type (a = 1): the input x / a is x itself, so the samplers may fold it
+
+        def coefs(t):
+            var = sde.std(t) ** 2
+            return -1 / var, 1 / var
+
+        score_fn.affine_coefs, score_fn.net_time = coefs, lambda t: sde.std(t) / sde.mean_coef(t)
+        score_fn.affine_of = score_fn
     return score_fn
+
+
+def _unit_mean(sde: SDE) -> bool:
+    """The SDE's mean coefficient is VESDE's / EDM's own a(t) = 1 (not an override)."""
+    from .sde import EDM, VESDE
+
+    return type(sde).mean_coef in (VESDE.mean_coef, EDM.mean_coef)
 
 
 def from_parameterisation(net: Callable, sde: SDE, parameterisation: str, *, time_map=None) -> Callable:

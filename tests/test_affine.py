@@ -35,8 +35,10 @@ def _adapter(maker, sde):
 
 
 @pytest.mark.parametrize("maker", [*MAKERS, "from_denoiser"])
-def test_affine_form_is_the_score(maker):
-    sde = VPSDE()
+@pytest.mark.parametrize("sde", [VPSDE(), EDM()], ids=["VPSDE", "EDM"])
+def test_affine_form_is_the_score(maker, sde):
+    if maker == "from_v" and isinstance(sde, EDM):
+        pytest.skip("v-prediction needs a variance-preserving SDE")
     fn = _adapter(maker, sde)
     x = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t = torch.linspace(0.05, 0.95, 5, dtype=torch.float64)
@@ -161,12 +163,26 @@ def test_low_precision_output_is_read_by_the_fused_kernel_uncast(precision):
     assert half in seen
 
 
-def test_edm_denoiser_keeps_its_own_path():
-    """from_denoiser's network input is x / a(t): it is sampled through its formed score (same as before)."""
-    sde = EDM()
-    fn = sf.adapters.from_denoiser(lambda x, sigma: x / (1 + sigma[:, None] ** 2), sde)
-    a = sf.sample(fn, sde, (4, 3), sampler="heun", steps=6, seed=0)
-    b = sf.sample(lambda x, t: fn(x, t), sde, (4, 3), sampler="heun", steps=6, seed=0)
+def test_edm_denoiser_is_folded_and_a_vp_denoiser_keeps_its_own_path():
+    """from_denoiser on EDM (a = 1: the network input x / a is x) folds like the other adapters,
+    within fp32 rounding of the float64 run; on VP its input x / a(t) is a pass of its own and the
+    adapter forms the score, to the bit as a plain callable would."""
+    edm = EDM()
+
+    def denoiser(x, sigma):
+        return torch.tanh(x @ W.to(x.dtype)) / (1 + sigma.to(x.dtype)[:, None] ** 2)
+
+    fn = sf.adapters.from_denoiser(denoiser, edm)
+    for name in ("heun", "dpm_solver++", "euler_maruyama"):
+        kw = dict(sampler=name, steps=8, seed=0)
+        got = sf.sample(fn, edm, (4, 3), **kw)
+        want = sf.sample(lambda x, t: fn(x, t), edm, (4, 3), **kw)
+        _within_fp32_rounding(got, want, sf.sample(fn, edm, (4, 3), dtype=torch.float64, **kw))
+    assert len(_glue.captured_ops("heun", {}, edm, score_fn=sf.adapters.from_denoiser(_glue.net, edm))) <= 3
+    vp = VPSDE()
+    fn = sf.adapters.from_denoiser(denoiser, vp)
+    a = sf.sample(fn, vp, (4, 3), sampler="heun", steps=6, seed=0)
+    b = sf.sample(lambda x, t: fn(x, t), vp, (4, 3), sampler="heun", steps=6, seed=0)
     assert torch.equal(a, b)
 
 
