@@ -36,6 +36,7 @@ SUITES = {
     "cpu-likelihood": "test_cpu_likelihood.py",
     "cpu-compat": "test_cpu_compat.py",
     "cpu-train": "test_cpu_train.py",
+    "glue-ops": "test_glue_ops.py",
     "gpu": "test_gpu_micro.py",
     "gpu-e2e-mlp": "test_gpu_e2e.py",
     "gpu-e2e-unet": "test_gpu_e2e.py",
@@ -266,8 +267,26 @@ def train_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def glue_table(results: dict) -> str:
+    """README table of glue ops per sampler step (captured and eager) against the budget."""
+    lines = [
+        _caption(results),
+        "",
+        "| sampler | SDE | glue ops, captured step | glue ops, eager step | budget | within |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["results"]:
+        ok = "yes" if max(r["glue_ops_captured"], r["glue_ops_eager"]) <= r["budget"] else "**no**"
+        lines.append(
+            f"| {r['name']} | {r['sde']} | {r['glue_ops_captured']} | {r['glue_ops_eager']} | {r['budget']} | {ok} |"
+        )
+    return "\n".join(lines)
+
+
 def render_table(results: dict) -> str:
     """The README table for any suite's results file."""
+    if results["suite"] == "glue-ops":
+        return glue_table(results)
     if results["suite"] == "cpu-likelihood":
         return likelihood_table(results)
     if results["suite"] == "cpu-train":
