@@ -16,10 +16,12 @@ step draws.  Where a step cannot be captured (a network that reads a tensor on t
 that cannot be captured) one ``RuntimeWarning`` says why and the remaining steps run eagerly from
 the same state: the same results, never silently different ones.
 
-On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) makes it trace the step
-with ``make_fx`` and replay the traced graph instead: like a CUDA graph, a trace freezes every host
-value, so a body that reads a per-step value on the host gives wrong samples there, and a body
-that reads a tensor on the host fails to trace and takes the fallback.
+On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) runs this module's real
+capture code on CPU tensors with a stand-in for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph``
+(``scorefast._capture_standin``): a recorder of the dispatched ops that replays them at the
+capture's addresses.  Like a CUDA graph it freezes every host value (a body that reads a per-step
+value on the host gives wrong samples), refuses host reads and data-dependent shapes (the
+fallback), and copies a step's outputs back into the static buffers in order (aliasing shows).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _capture_standin, _checks
 from .samplers.base import as_carry
 
 _EMULATE = [False]
@@ -39,22 +41,27 @@ CHECK_DONE_EVERY = 8  # replays between host reads of an adaptive loop's done()
 
 
 @contextmanager
-def emulated() -> Iterator[None]:
-    """Within this block ``cuda_graph=True`` on CPU traces and replays steps (make_fx), for tests."""
-    previous, _EMULATE[0] = _EMULATE[0], True
-    try:
-        yield
-    finally:
-        _EMULATE[0] = previous
+def emulated() -> Iterator[_capture_standin.Stats]:
+    """Within this block ``cuda_graph=True`` on CPU runs the real capture code with the CPU stand-in
+    for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph`` (``scorefast._capture_standin``), for tests.
+
+    Yields the stand-in's counters (graphs constructed, captures, replays)."""
+    with _capture_standin.installed() as stats:
+        previous, _EMULATE[0] = _EMULATE[0], True
+        try:
+            yield stats
+        finally:
+            _EMULATE[0] = previous
+
+
+def _graphable(device: torch.device) -> bool:
+    """A CUDA device, or any device while the stand-in is installed."""
+    return device.type == "cuda" or _EMULATE[0]
 
 
 def mode_for(device: torch.device, cuda_graph: bool) -> str | None:
-    """ "cuda" (capture), "fx" (CPU emulation inside ``emulated()``) or None (eager)."""
-    if not cuda_graph:
-        return None
-    if device.type == "cuda":
-        return "cuda"
-    return "fx" if _EMULATE[0] else None
+    """ "cuda" (capture; on CPU only inside ``emulated()``) or None (eager)."""
+    return "cuda" if cuda_graph and _graphable(device) else None
 
 
 @contextmanager
@@ -105,6 +112,7 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
         ctx.nfe += nfe_per_step
         if recorded is not None and (ctx.callback is not None or ctx._progress is not None):
             x, t, denoised = recorded
+            t = t.clone() if isinstance(t, Tensor) else t  # the next replay rewrites the captured tensors
             ctx.report(n, x.clone(), t, None if denoised is None else denoised.clone())
     else:
         n = stop
@@ -142,15 +150,40 @@ def _on_side_stream(device: torch.device, fn: Callable, *args):
     return out
 
 
+def _copy_back(static: tuple[Tensor, ...], out: tuple[Tensor, ...]) -> None:
+    """static[i] <- out[i] for every i, correct when an output is (a view of) another static buffer.
+
+    A multistep body returns its history shifted, (x, D, D1) from (x, D1, D2): out[2] is static[1].
+    Copying in index order would overwrite static[1] with D before static[2] reads it.  A buffer is
+    written only after every copy that reads it; a cycle (a swap) goes through one clone."""
+    if len(out) != len(static):
+        raise ValueError(f"body: returned {len(out)} tensors for a carry of {len(static)}")
+    owner = {buffer.untyped_storage().data_ptr(): i for i, buffer in enumerate(static)}
+    pending: dict[int, tuple[Tensor, int | None]] = {}  # target -> (value, the buffer it reads or None)
+    for i, value in enumerate(out):
+        if value is static[i]:
+            continue  # carried as it is
+        j = owner.get(value.untyped_storage().data_ptr())
+        pending[i] = (value.clone(), None) if j == i else (value, j)  # a view of its own buffer: a copy
+    while pending:
+        read = {j: k for k, (_, j) in pending.items() if j is not None}
+        ready = [i for i in pending if i not in read]
+        if not ready:  # a cycle (a swap): buffer i is freed by cloning what is read from it
+            i = next(iter(pending))
+            k = read[i]
+            pending[k] = (pending[k][0].clone(), None)
+            continue
+        for i in ready:
+            static[i].copy_(pending.pop(i)[0])
+
+
 def _capture_cuda(ctx, call, n_dev: Tensor, carry):
     """Capture one step into static buffers; replay(n) runs step n (n advances on the device)."""
     static = tuple(c.clone() for c in carry)
     graph = torch.cuda.CUDAGraph()
     ctx._recorded = None
     with _capturing("cuda"), torch.cuda.graph(graph):
-        out = call(n_dev, static)
-        for buffer, value in zip(static, out, strict=True):
-            buffer.copy_(value)
+        _copy_back(static, call(n_dev, static))
         n_dev.add_(1)
     recorded = ctx._recorded
 
@@ -161,44 +194,7 @@ def _capture_cuda(ctx, call, n_dev: Tensor, carry):
     return replay
 
 
-def _capture_fx(ctx, call, n_dev: Tensor, carry):
-    """make_fx trace of one step (the flags as inputs, mutated in place); replay(n) runs the trace."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    flags = (ctx._first_bad, ctx._bad_time)
-    k = len(carry)
-
-    def step(n, first_bad, bad_time, *state):
-        ctx._first_bad, ctx._bad_time = first_bad, bad_time
-        ctx._recorded = None
-        out = call(n, state)
-        recorded = () if ctx._recorded is None else tuple(r for r in ctx._recorded if r is not None)
-        return (*out, *recorded)
-
-    with _capturing("fx"):
-        try:
-            traced = make_fx(step)(n_dev.clone(), *(f.clone() for f in flags), *carry)
-        finally:
-            ctx._first_bad, ctx._bad_time = flags
-    for node in traced.graph.nodes:  # a trace freezes data-dependent shapes that CUDA would sync on
-        if node.op == "call_function" and getattr(node.target, "name", lambda: "")().split("::")[-1] in _SYNCING:
-            raise RuntimeError(f"{node.target} has a data-dependent output shape (a host sync on CUDA)")
-    shape = None if ctx._recorded is None else [r is not None for r in ctx._recorded]
-    state = [carry]
-
-    def replay(n: int):
-        outs = traced(torch.full((), n, dtype=torch.int64, device=n_dev.device), *flags, *state[0])
-        state[0] = tuple(outs[:k])
-        if shape is None:
-            return state[0], None
-        extra = iter(outs[k:])
-        return state[0], tuple(next(extra) if present else None for present in shape)
-
-    return replay
-
-
-_SYNCING = {"_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select", "_local_scalar_dense"}
-_CAPTURE = {"cuda": _capture_cuda, "fx": _capture_fx}
+_CAPTURE = {"cuda": _capture_cuda}
 
 
 class GraphedTrainStep:
@@ -241,7 +237,7 @@ class GraphedTrainStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         step = self.step
-        if x.device.type != "cuda" or self._failed:
+        if not _graphable(x.device) or self._failed:
             return step(x)
         if self._calls < self.warmup:
             self._check_capturable()
