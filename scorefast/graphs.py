@@ -26,9 +26,15 @@ fallback), and copies a step's outputs back into the static buffers in order (al
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -45,12 +51,15 @@ def emulated() -> Iterator[_capture_standin.Stats]:
     """Within this block ``cuda_graph=True`` on CPU runs the real capture code with the CPU stand-in
     for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph`` (``scorefast._capture_standin``), for tests.
 
-    Yields the stand-in's counters (graphs constructed, captures, replays)."""
+    Yields the stand-in's counters (graphs constructed, captures, replays).  The step-graph cache is
+    cleared on the way in and out: no stand-in graph outlives the block."""
     with _capture_standin.installed() as stats:
         previous, _EMULATE[0] = _EMULATE[0], True
+        clear_cache()
         try:
             yield stats
         finally:
+            clear_cache()
             _EMULATE[0] = previous
 
 
@@ -77,38 +86,51 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     """Steps [start, stop) of ``body`` with one captured graph; returns (carry, next step to run eagerly).
 
     ``done(carry)`` (adaptive solvers) is read every ``CHECK_DONE_EVERY`` replays and ends the loop.
+    The graph is taken from the cache when ``sf.sample`` ran this configuration before (see
+    ``clear_cache``), else captured (and cached when the configuration can be).
     """
     device = carry[0].device
-    n_dev = torch.full((), start, dtype=torch.int64, device=device)
+    key = _step_key(ctx, body, carry, start, stop, done)
+    entry = _CACHE.get(key) if key is not None else None
+    if key is not None and entry is None:
+        _own_inputs(ctx, device)  # the seed, ids and tensor extra_args become static inputs of the graph
+    n_dev = torch.full((), start, dtype=torch.int64, device=device) if entry is None else entry.n_dev
 
     def call(n: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         ctx._step = n
         return as_carry(body(n, *state))
 
     ctx._recorded = None
-    carry = _warm_up(ctx.graph, call, n_dev, carry)
+    carry = _warm_up(ctx.graph, call, torch.full((), start, dtype=torch.int64, device=device), carry)
     if ctx._recorded is not None:
         ctx.report(start, *ctx._recorded)
-    n_dev.add_(1)
-    nfe_before = ctx.nfe
-    try:
-        replay = _CAPTURE[ctx.graph](ctx, call, n_dev, carry)
-    except Exception as err:  # any capture failure falls back, with the reason
-        ctx.nfe = nfe_before
-        warnings.warn(
-            f"cuda_graph: step {start + 1} could not be captured ({_reason(err)}); "
-            "sampling the remaining steps eagerly (same results)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return carry, start + 1
-    nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
+    if entry is not None:
+        _CACHE.move_to_end(key)
+        captured, nfe_per_step = entry.captured, entry.nfe_per_step
+        entry.load(ctx, carry, start + 1)
+    else:
+        n_dev.fill_(start + 1)
+        nfe_before = ctx.nfe
+        try:
+            captured = _capture_cuda(ctx, call, n_dev, carry)
+        except Exception as err:  # any capture failure falls back, with the reason
+            ctx.nfe = nfe_before
+            warnings.warn(
+                f"cuda_graph: step {start + 1} could not be captured ({_reason(err)}); "
+                "sampling the remaining steps eagerly (same results)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return carry, start + 1
+        nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
+        if key is not None:
+            _remember(key, _Entry(captured, n_dev, ctx, nfe_per_step), ctx.score_fn)
     ctx.captured = True
     state, n = carry, start + 1
     for n in range(start + 1, stop):
         if done is not None and (n - start - 1) % CHECK_DONE_EVERY == 0 and done(state):
             break
-        state, recorded = replay(n)
+        state, recorded = captured.replay()
         ctx.nfe += nfe_per_step
         if recorded is not None and (ctx.callback is not None or ctx._progress is not None):
             x, t, denoised = recorded
@@ -117,7 +139,152 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     else:
         n = stop
     ctx._step = n
+    if key is not None and state is captured.static:  # a later run of the cached graph rewrites them
+        state = tuple(buffer.clone() for buffer in state)
     return state, n
+
+
+# -- one capture per configuration ----------------------------------------------------------------
+CACHE_SIZE = 8  # captured step graphs kept (least recently used dropped first)
+
+
+class _Uncacheable(Exception):
+    """A part of the configuration that has no value key (the graph is then captured per run)."""
+
+
+@dataclass
+class _Run:
+    """One ``sf.sample`` call's configuration key and how many graphed step loops it has run."""
+
+    key: tuple
+    loops: int = 0
+
+
+_RUN: ContextVar[_Run | None] = ContextVar("scorefast_graph_run", default=None)
+_CACHE: OrderedDict[tuple, _Entry] = OrderedDict()
+
+
+@contextmanager
+def configuration(key: tuple | None) -> Iterator[None]:
+    """Within the block, graphed step loops are cached under ``key`` (from ``config_key``; None: not)."""
+    token = _RUN.set(None if key is None else _Run(key))
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
+
+
+def config_key(score_fn: Callable, sde, **config) -> tuple | None:
+    """The cache key of a sampling configuration, or None when it cannot be cached.
+
+    score_fn is held by a weak reference (a cached graph never keeps a network alive; its entries
+    go when it does); the SDE and ``config`` (sampler, options, shape, dtype, device, grid, precision,
+    backend ...) by value.  Tensors in ``config["extra"]`` are static inputs, keyed by shape, dtype
+    and device only.  A value with no key (an arbitrary object) makes the configuration uncacheable.
+    """
+    try:
+        ref = weakref.WeakMethod(score_fn) if inspect.ismethod(score_fn) else weakref.ref(score_fn)
+    except TypeError:
+        return None
+    extra = config.pop("extra", {})
+    try:
+        frozen = (_freeze(sde), _freeze(config), tuple(sorted((k, _freeze_input(v)) for k, v in extra.items())))
+    except _Uncacheable:
+        return None
+    return (ref, frozen)
+
+
+def clear_cache() -> None:
+    """Drop every cached step graph (with its static buffers and, on CUDA, its memory)."""
+    for entry in _CACHE.values():
+        entry.finalizer.detach()
+    _CACHE.clear()
+
+
+def _freeze(value):
+    """A hashable value key of value: numbers, strings, dtypes, devices, containers, tensors (by
+    their bytes), SDE-like objects (by type and attributes)."""
+    if value is None or isinstance(value, bool | int | float | str | torch.dtype | torch.device):
+        return value
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, Tensor):
+        data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        return ("tensor", value.dtype, tuple(value.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest())
+    if hasattr(value, "__dict__") and not callable(value):
+        return (type(value).__module__, type(value).__qualname__, _freeze(vars(value)))
+    raise _Uncacheable(type(value).__name__)
+
+
+def _freeze_input(value):
+    if isinstance(value, Tensor):
+        return ("input", value.dtype, tuple(value.shape), value.device)
+    return _freeze(value)
+
+
+def _step_key(ctx, body, carry, start, stop, done) -> tuple | None:
+    """The key of this step loop: the run's configuration, which loop of the run, its range, the body's
+    code and the carry's layout (None: not cached)."""
+    run = _RUN.get()
+    if run is None or ctx.project is not None:  # a conditional projection holds per-call data
+        return None
+    run.loops += 1
+    layout = tuple((tuple(c.shape), c.dtype, c.device) for c in carry)
+    code = getattr(body, "__code__", None)
+    if code is None:
+        return None
+    return (run.key, run.loops, start, stop, code, layout, done is None, torch.is_grad_enabled())
+
+
+def _own_inputs(ctx, device: torch.device) -> None:
+    """Before a capture that will be cached: the seed, sample ids and tensor extra_args as private device
+    buffers, so a later run replays the graph with its own values copied in (never frozen)."""
+    seed = torch.empty((), dtype=torch.int64, device=device)
+    ctx.seed = seed.copy_(ctx.seed) if isinstance(ctx.seed, Tensor) else seed.fill_(ctx.seed)
+    ctx.sample_ids = ctx.sample_ids.clone()
+    ctx.extra_args = {k: v.clone() if isinstance(v, Tensor) else v for k, v in ctx.extra_args.items()}
+
+
+@dataclass
+class _Entry:
+    """A cached step graph and the inputs it reads: a later run copies its own values into them."""
+
+    captured: _Captured
+    n_dev: Tensor
+    ctx: object = field(repr=False)  # only while built: the inputs are taken from it
+    nfe_per_step: int = 0
+
+    def __post_init__(self):
+        ctx, self.ctx = self.ctx, None  # never keep the run (nor its score_fn) alive
+        self.seed, self.ids = ctx.seed, ctx.sample_ids
+        self.extra = {k: v for k, v in ctx.extra_args.items() if isinstance(v, Tensor)}
+        self.first_bad, self.bad_time = ctx._first_bad, ctx._bad_time
+        self.finalizer = None
+
+    def load(self, ctx, carry: tuple[Tensor, ...], n: int) -> None:
+        """This run's state, step, seed, ids, extra_args and non-finite flags into the graph's inputs."""
+        for buffer, value in zip(self.captured.static, carry, strict=True):
+            buffer.copy_(value)
+        self.n_dev.fill_(n)
+        self.seed.copy_(ctx.seed) if isinstance(ctx.seed, Tensor) else self.seed.fill_(ctx.seed)
+        self.ids.copy_(ctx.sample_ids)
+        for k, buffer in self.extra.items():
+            buffer.copy_(ctx.extra_args[k])
+        self.first_bad.copy_(ctx._first_bad)
+        self.bad_time.copy_(ctx._bad_time)
+        ctx._first_bad, ctx._bad_time = self.first_bad, self.bad_time
+
+
+def _remember(key: tuple, entry: _Entry, score_fn: Callable) -> None:
+    _CACHE[key] = entry
+    owner = score_fn.__self__ if inspect.ismethod(score_fn) else score_fn  # a bound method lives with its object
+    entry.finalizer = weakref.finalize(owner, _CACHE.pop, key, None)
+    entry.finalizer.atexit = False
+    while len(_CACHE) > CACHE_SIZE:
+        _, dropped = _CACHE.popitem(last=False)
+        dropped.finalizer.detach()
 
 
 def _reason(err: BaseException) -> str:
@@ -177,24 +344,28 @@ def _copy_back(static: tuple[Tensor, ...], out: tuple[Tensor, ...]) -> None:
             static[i].copy_(pending.pop(i)[0])
 
 
-def _capture_cuda(ctx, call, n_dev: Tensor, carry):
-    """Capture one step into static buffers; replay(n) runs step n (n advances on the device)."""
+@dataclass
+class _Captured:
+    """A captured step: ``replay()`` runs the step at n_dev into ``static`` (and advances n_dev)."""
+
+    graph: object
+    static: tuple[Tensor, ...]
+    recorded: tuple | None
+
+    def replay(self) -> tuple[tuple[Tensor, ...], tuple | None]:
+        self.graph.replay()
+        return self.static, self.recorded
+
+
+def _capture_cuda(ctx, call, n_dev: Tensor, carry) -> _Captured:
+    """Capture one step into static buffers (n advances on the device)."""
     static = tuple(c.clone() for c in carry)
     graph = torch.cuda.CUDAGraph()
     ctx._recorded = None
     with _capturing("cuda"), torch.cuda.graph(graph):
         _copy_back(static, call(n_dev, static))
         n_dev.add_(1)
-    recorded = ctx._recorded
-
-    def replay(n: int):
-        graph.replay()
-        return static, recorded
-
-    return replay
-
-
-_CAPTURE = {"cuda": _capture_cuda}
+    return _Captured(graph, static, ctx._recorded)
 
 
 class GraphedTrainStep:
