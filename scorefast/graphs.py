@@ -16,6 +16,16 @@ step draws.  Where a step cannot be captured (a network that reads a tensor on t
 that cannot be captured) one ``RuntimeWarning`` says why and the remaining steps run eagerly from
 the same state: the same results, never silently different ones.
 
+One capture per configuration: ``sf.sample`` keys the step graph by (score_fn, SDE, shape, dtype,
+device, sampler and its options, grid, precision, backend, which step loop of the run) and a later
+call with the same key replays the cached graph without capturing.  Its seed, sample ids, initial
+state and tensor ``extra_args`` are static inputs that each run copies in (never frozen), and the
+result is copied out of the shared buffers.  The cache holds score_fn weakly (entries go with the
+network), keeps the ``CACHE_SIZE`` most recently used graphs, and ``clear_cache()`` empties it; the
+graph reads parameters in place, so replacing a parameter object (not updating it) needs a
+``clear_cache()``.  The cache serves one thread at a time; a conditional projection
+(``sf.conditional``) is captured per run.  Sharded chunks of one shape share one graph.
+
 On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) runs this module's real
 capture code on CPU tensors with a stand-in for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph``
 (``scorefast._capture_standin``): a recorder of the dispatched ops that replays them at the
@@ -92,6 +102,8 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     device = carry[0].device
     key = _step_key(ctx, body, carry, start, stop, done)
     entry = _CACHE.get(key) if key is not None else None
+    if entry is not None and entry.busy:  # in use by a run still going (its callback sampling): not shared
+        key = entry = None
     if key is not None and entry is None:
         _own_inputs(ctx, device)  # the seed, ids and tensor extra_args become static inputs of the graph
     n_dev = torch.full((), start, dtype=torch.int64, device=device) if entry is None else entry.n_dev
@@ -124,24 +136,35 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
             return carry, start + 1
         nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
         if key is not None:
-            _remember(key, _Entry(captured, n_dev, ctx, nfe_per_step), ctx.score_fn)
+            entry = _Entry(captured, n_dev, ctx, nfe_per_step)
+            _remember(key, entry, ctx.score_fn)
     ctx.captured = True
+    if entry is not None:
+        entry.busy = True
+    try:
+        state, n = _replay_steps(ctx, captured, nfe_per_step, carry, start, stop, done)
+    finally:
+        if entry is not None:
+            entry.busy = False
+    ctx._step = n
+    if key is not None and state is captured.static:  # a later run of the cached graph rewrites them
+        state = tuple(buffer.clone() for buffer in state)
+    return state, n
+
+
+def _replay_steps(ctx, captured: _Captured, nfe_per_step: int, carry, start: int, stop: int, done):
+    """Replays for steps [start + 1, stop) (until done); returns (state, next step)."""
     state, n = carry, start + 1
     for n in range(start + 1, stop):
         if done is not None and (n - start - 1) % CHECK_DONE_EVERY == 0 and done(state):
-            break
+            return state, n
         state, recorded = captured.replay()
         ctx.nfe += nfe_per_step
         if recorded is not None and (ctx.callback is not None or ctx._progress is not None):
             x, t, denoised = recorded
             t = t.clone() if isinstance(t, Tensor) else t  # the next replay rewrites the captured tensors
             ctx.report(n, x.clone(), t, None if denoised is None else denoised.clone())
-    else:
-        n = stop
-    ctx._step = n
-    if key is not None and state is captured.static:  # a later run of the cached graph rewrites them
-        state = tuple(buffer.clone() for buffer in state)
-    return state, n
+    return state, stop
 
 
 # -- one capture per configuration ----------------------------------------------------------------
@@ -262,6 +285,7 @@ class _Entry:
         self.extra = {k: v for k, v in ctx.extra_args.items() if isinstance(v, Tensor)}
         self.first_bad, self.bad_time = ctx._first_bad, ctx._bad_time
         self.finalizer = None
+        self.busy = False  # a run is replaying it
 
     def load(self, ctx, carry: tuple[Tensor, ...], n: int) -> None:
         """This run's state, step, seed, ids, extra_args and non-finite flags into the graph's inputs."""

@@ -146,3 +146,19 @@ def test_a_conditional_projection_is_not_cached():
         for _ in range(2):
             sf.conditional.inpaint(SCORE, SDE, data, mask, sampler="pc", steps=6, cuda_graph=True)
     assert stats.graphs == 2 and len(graphs._CACHE) == 0
+
+
+def test_a_callback_sampling_the_same_configuration_does_not_share_the_graph_in_use():
+    kw = dict(sampler="euler_maruyama", steps=6)
+    inner = []
+
+    def callback(info):
+        if info["i"] == 3 and not inner:
+            inner.append(_graphed(seed=9, **kw))
+
+    with graphs.emulated() as stats:
+        _graphed(seed=1, **kw)  # cached
+        outer = _graphed(seed=1, callback=callback, **kw)
+    assert stats.graphs == 2  # the inner call captured its own (uncached) graph
+    assert torch.equal(outer, sf.sample(SCORE, SDE, (12, 2), seed=1, **kw))
+    assert torch.equal(inner[0], sf.sample(SCORE, SDE, (12, 2), seed=9, **kw))
