@@ -249,7 +249,7 @@ def _freeze_input(value):
 
 def _step_key(ctx, body, carry, start, stop, done) -> tuple | None:
     """The key of this step loop: the run's configuration, which loop of the run, its range, the body's
-    code and the carry's layout (None: not cached)."""
+    code, the carry's layout, and whether the step records a callback's tensors (None: not cached)."""
     run = _RUN.get()
     if run is None or ctx.project is not None:  # a conditional projection holds per-call data
         return None
@@ -258,7 +258,9 @@ def _step_key(ctx, body, carry, start, stop, done) -> tuple | None:
     code = getattr(body, "__code__", None)
     if code is None:
         return None
-    return (run.key, run.loops, start, stop, code, layout, done is None, torch.is_grad_enabled())
+    # a callback's tensors are recorded by the capture only when there is a callback (glue otherwise)
+    recorded = ctx.callback is not None
+    return (run.key, run.loops, start, stop, code, layout, done is None, torch.is_grad_enabled(), recorded)
 
 
 def _own_inputs(ctx, device: torch.device) -> None:
