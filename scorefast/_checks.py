@@ -21,6 +21,7 @@ def state_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 CAPTURE: list[str | None] = [None]  # "cuda" or "fx" while scorefast.graphs captures a step
+RECORDING: list[bool] = [False]  # the CPU capture stand-in (graphs.emulated()) is recording dispatched ops
 
 
 def is_capturing_or_compiling() -> bool:
@@ -193,8 +194,9 @@ def counter_tensor(v: int | torch.Tensor) -> torch.Tensor:
 def use_custom_op(*tensors: torch.Tensor | None) -> bool:
     """Go through the torch.library op when tracing (torch.compile) or when autograd must record it;
     plain eager calls with no grad go straight to the backend kernel (same result, less overhead).
-    The CPU emulation of graphs traces with make_fx, which records only torch.library ops."""
-    if torch.compiler.is_compiling() or CAPTURE[0] == "fx":
+    A make_fx trace (``CAPTURE[0] == "fx"``) and the CPU capture stand-in (``RECORDING``) see only
+    dispatched ops, so scorefast's kernels go through their torch.library ops there too."""
+    if torch.compiler.is_compiling() or CAPTURE[0] == "fx" or RECORDING[0]:
         return True
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 

@@ -15,6 +15,13 @@ float64).  With a(t) = mean coefficient and s(t) = std of the perturbation kerne
 - ``from_denoiser`` (k-diffusion / EDM D(x, sigma) with its own preconditioning): sigma = s / a,
   score = (a D(x / a, sigma) - x) / s^2
 - ``from_score``: the network's output is the score already (time map applied).
+
+Each score function also exposes ``affine(x, t) -> (out, a [B], b [B])``, score = a x + b out with
+out the network's own output (its dtype, not cast) and a, b float64: the samplers fold a and b into
+their fused update's coefficients (``affine_coefs(t) -> (a, b)`` for the per-run tables, and
+``net_time(t)`` for the network's time input), so a bf16/fp16 output is read once, by the fused
+kernel.  ``from_denoiser`` folds on VE-type SDEs (a = 1); elsewhere its network input x / a(t) is a
+pass of its own, and its score is formed by the adapter.
 """
 
 from __future__ import annotations
@@ -57,7 +64,8 @@ def _check(net, sde) -> None:
         raise TypeError(f"sde: expected a scorefast.sde SDE, got {type(sde).__name__}")
 
 
-def _wrap(net, sde, time_map, convert) -> Callable:
+def _wrap(net, sde, time_map, convert, coefs=None) -> Callable:
+    """score_fn for ``net``; ``coefs(t) -> (a, b)`` (float64 [B]) when the score is a x + b out."""
     _check(net, sde)
     tmap = resolve_time_map(sde, time_map)
 
@@ -72,17 +80,34 @@ def _wrap(net, sde, time_map, convert) -> Callable:
         return convert(out.to(dt), x.to(dt), t)
 
     score_fn.net, score_fn.sde, score_fn.output = net, sde, output
+    if coefs is not None:
+
+        def affine(x: Tensor, t, **extra_args) -> tuple[Tensor, Tensor, Tensor]:
+            """(out, a, b): the network's output at (x, t [B] in the SDE's time), uncast, and the
+            float64 [B] coefficients with score = a x + b out."""
+            t = as_time(t, x)
+            a, b = coefs(t)
+            return net(x, tmap(t).to(x.dtype), **extra_args), a, b
+
+        score_fn.affine, score_fn.affine_coefs, score_fn.net_time = affine, coefs, tmap
+        score_fn.affine_of = score_fn  # a wrapper that copied these attributes (functools.wraps) is not it
     return score_fn
 
 
 def from_score(net: Callable, sde: SDE, *, time_map=None) -> Callable:
     """score = net(x, time_map(t)) in fp32."""
-    return _wrap(net, sde, time_map, lambda out, x, t: out)
+    return _wrap(net, sde, time_map, lambda out, x, t: out, lambda t: (torch.zeros_like(t), torch.ones_like(t)))
 
 
 def from_eps(net: Callable, sde: SDE, *, time_map=None) -> Callable:
     """score = -net(x, time_map(t)) / s(t) (DDPM's epsilon prediction)."""
-    return _wrap(net, sde, time_map, lambda eps, x, t: -eps / bcast(sde.std(t), x))
+    return _wrap(
+        net,
+        sde,
+        time_map,
+        lambda eps, x, t: -eps / bcast(sde.std(t), x),
+        lambda t: (torch.zeros_like(t), -1 / sde.std(t)),
+    )
 
 
 def from_x0(net: Callable, sde: SDE, *, time_map=None) -> Callable:
@@ -91,7 +116,11 @@ def from_x0(net: Callable, sde: SDE, *, time_map=None) -> Callable:
     def convert(x0, x, t):
         return (bcast(sde.mean_coef(t), x) * x0 - x) / bcast(sde.std(t) ** 2, x)
 
-    return _wrap(net, sde, time_map, convert)
+    def coefs(t):
+        var = sde.std(t) ** 2
+        return -1 / var, sde.mean_coef(t) / var
+
+    return _wrap(net, sde, time_map, convert, coefs)
 
 
 def from_v(net: Callable, sde: SDE, *, time_map=None) -> Callable:
@@ -104,7 +133,7 @@ def from_v(net: Callable, sde: SDE, *, time_map=None) -> Callable:
         a, s = bcast(sde.mean_coef(t), x), bcast(sde.std(t), x)
         return -(s * x + a * v) / s
 
-    return _wrap(net, sde, time_map, convert)
+    return _wrap(net, sde, time_map, convert, lambda t: (-torch.ones_like(t), -sde.mean_coef(t) / sde.std(t)))
 
 
 def velocity_coefs(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +156,7 @@ def from_velocity(net: Callable, sde: SDE, *, time_map=None) -> Callable:
         A, B = velocity_coefs(sde, t)
         return bcast(A, x) * x + bcast(B, x) * v
 
-    return _wrap(net, sde, time_map, convert)
+    return _wrap(net, sde, time_map, convert, lambda t: velocity_coefs(sde, t))
 
 
 def from_denoiser(denoiser: Callable, sde: SDE) -> Callable:
@@ -142,8 +171,31 @@ def from_denoiser(denoiser: Callable, sde: SDE) -> Callable:
         d = denoiser(xs, (s / a).to(x.dtype), **extra_args).to(dt)
         return (bcast(a, d) * d - x.to(dt)) / bcast(s**2, d)
 
-    score_fn.net, score_fn.sde = denoiser, sde
+    def affine(x: Tensor, t, **extra_args) -> tuple[Tensor, Tensor, Tensor]:
+        """(D(x / a, s / a) uncast, -1 / s^2, a / s^2): score = a' x + b' D (float64 [B] coefficients)."""
+        t = as_time(t, x)
+        dt = state_dtype(x)
+        a, s = sde.mean_coef(t), sde.std(t)
+        xs = (x.to(dt) / bcast(a, x.to(dt))).to(x.dtype)
+        return denoiser(xs, (s / a).to(x.dtype), **extra_args), -1 / s**2, a / s**2
+
+    score_fn.net, score_fn.sde, score_fn.affine = denoiser, sde, affine
+    if _unit_mean(sde):  # VE-type (a = 1): the input x / a is x itself, so the samplers may fold it
+
+        def coefs(t):
+            var = sde.std(t) ** 2
+            return -1 / var, 1 / var
+
+        score_fn.affine_coefs, score_fn.net_time = coefs, lambda t: sde.std(t) / sde.mean_coef(t)
+        score_fn.affine_of = score_fn
     return score_fn
+
+
+def _unit_mean(sde: SDE) -> bool:
+    """The SDE's mean coefficient is VESDE's / EDM's own a(t) = 1 (not an override)."""
+    from .sde import EDM, VESDE
+
+    return type(sde).mean_coef in (VESDE.mean_coef, EDM.mean_coef)
 
 
 def from_parameterisation(net: Callable, sde: SDE, parameterisation: str, *, time_map=None) -> Callable:

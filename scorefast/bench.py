@@ -37,6 +37,7 @@ SUITES = {
     "cpu-compat": "test_cpu_compat.py",
     "cpu-quality": "test_cpu_quality.py",
     "cpu-train": "test_cpu_train.py",
+    "glue-ops": "test_glue_ops.py",
     "gpu": "test_gpu_micro.py",
     "gpu-e2e-mlp": "test_gpu_e2e.py",
     "gpu-e2e-unet": "test_gpu_e2e.py",
@@ -268,12 +269,30 @@ def train_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def glue_table(results: dict) -> str:
+    """README table of glue ops per sampler step (captured and eager) against the budget."""
+    lines = [
+        _caption(results),
+        "",
+        "| sampler | SDE | glue ops, captured step | glue ops, eager step | budget | within |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results["results"]:
+        ok = "yes" if max(r["glue_ops_captured"], r["glue_ops_eager"]) <= r["budget"] else "**no**"
+        lines.append(
+            f"| {r['name']} | {r['sde']} | {r['glue_ops_captured']} | {r['glue_ops_eager']} | {r['budget']} | {ok} |"
+        )
+    return "\n".join(lines)
+
+
 def render_table(results: dict) -> str:
     """The README table for any suite's results file."""
     if results["suite"] == "cpu-quality":
         from .quality.report import quality_table
 
         return quality_table(results)
+    if results["suite"] == "glue-ops":
+        return glue_table(results)
     if results["suite"] == "cpu-likelihood":
         return likelihood_table(results)
     if results["suite"] == "cpu-train":

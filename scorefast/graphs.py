@@ -16,22 +16,40 @@ step draws.  Where a step cannot be captured (a network that reads a tensor on t
 that cannot be captured) one ``RuntimeWarning`` says why and the remaining steps run eagerly from
 the same state: the same results, never silently different ones.
 
-On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) makes it trace the step
-with ``make_fx`` and replay the traced graph instead: like a CUDA graph, a trace freezes every host
-value, so a body that reads a per-step value on the host gives wrong samples there, and a body
-that reads a tensor on the host fails to trace and takes the fallback.
+One capture per configuration: ``sf.sample`` keys the step graph by (score_fn, SDE, shape, dtype,
+device, sampler and its options, grid, precision, backend, which step loop of the run) and a later
+call with the same key replays the cached graph without capturing.  Its seed, sample ids, initial
+state and tensor ``extra_args`` are static inputs that each run copies in (never frozen), and the
+result is copied out of the shared buffers.  The cache holds score_fn weakly (entries go with the
+network), keeps the ``CACHE_SIZE`` most recently used graphs, and ``clear_cache()`` empties it; the
+graph reads parameters in place, so replacing a parameter object (not updating it) needs a
+``clear_cache()``.  The cache serves one thread at a time; a conditional projection
+(``sf.conditional``) is captured per run.  Sharded chunks of one shape share one graph.
+
+On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) runs this module's real
+capture code on CPU tensors with a stand-in for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph``
+(``scorefast._capture_standin``): a recorder of the dispatched ops that replays them at the
+capture's addresses.  Like a CUDA graph it freezes every host value (a body that reads a per-step
+value on the host gives wrong samples), refuses host reads and data-dependent shapes (the
+fallback), and copies a step's outputs back into the static buffers in order (aliasing shows).
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import warnings
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from . import _checks
+from . import _capture_standin, _checks
 from .samplers.base import as_carry
 
 _EMULATE = [False]
@@ -39,22 +57,30 @@ CHECK_DONE_EVERY = 8  # replays between host reads of an adaptive loop's done()
 
 
 @contextmanager
-def emulated() -> Iterator[None]:
-    """Within this block ``cuda_graph=True`` on CPU traces and replays steps (make_fx), for tests."""
-    previous, _EMULATE[0] = _EMULATE[0], True
-    try:
-        yield
-    finally:
-        _EMULATE[0] = previous
+def emulated() -> Iterator[_capture_standin.Stats]:
+    """Within this block ``cuda_graph=True`` on CPU runs the real capture code with the CPU stand-in
+    for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph`` (``scorefast._capture_standin``), for tests.
+
+    Yields the stand-in's counters (graphs constructed, captures, replays).  The step-graph cache is
+    cleared on the way in and out: no stand-in graph outlives the block."""
+    with _capture_standin.installed() as stats:
+        previous, _EMULATE[0] = _EMULATE[0], True
+        clear_cache()
+        try:
+            yield stats
+        finally:
+            clear_cache()
+            _EMULATE[0] = previous
+
+
+def _graphable(device: torch.device) -> bool:
+    """A CUDA device, or any device while the stand-in is installed."""
+    return device.type == "cuda" or _EMULATE[0]
 
 
 def mode_for(device: torch.device, cuda_graph: bool) -> str | None:
-    """ "cuda" (capture), "fx" (CPU emulation inside ``emulated()``) or None (eager)."""
-    if not cuda_graph:
-        return None
-    if device.type == "cuda":
-        return "cuda"
-    return "fx" if _EMULATE[0] else None
+    """ "cuda" (capture; on CPU only inside ``emulated()``) or None (eager)."""
+    return "cuda" if cuda_graph and _graphable(device) else None
 
 
 @contextmanager
@@ -70,46 +96,221 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     """Steps [start, stop) of ``body`` with one captured graph; returns (carry, next step to run eagerly).
 
     ``done(carry)`` (adaptive solvers) is read every ``CHECK_DONE_EVERY`` replays and ends the loop.
+    The graph is taken from the cache when ``sf.sample`` ran this configuration before (see
+    ``clear_cache``), else captured (and cached when the configuration can be).
     """
     device = carry[0].device
-    n_dev = torch.full((), start, dtype=torch.int64, device=device)
+    key = _step_key(ctx, body, carry, start, stop, done)
+    entry = _CACHE.get(key) if key is not None else None
+    if entry is not None and entry.busy:  # in use by a run still going (its callback sampling): not shared
+        key = entry = None
+    if key is not None and entry is None:
+        _own_inputs(ctx, device)  # the seed, ids and tensor extra_args become static inputs of the graph
+    n_dev = torch.full((), start, dtype=torch.int64, device=device) if entry is None else entry.n_dev
 
     def call(n: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         ctx._step = n
         return as_carry(body(n, *state))
 
     ctx._recorded = None
-    carry = _warm_up(ctx.graph, call, n_dev, carry)
+    carry = _warm_up(ctx.graph, call, torch.full((), start, dtype=torch.int64, device=device), carry)
     if ctx._recorded is not None:
         ctx.report(start, *ctx._recorded)
-    n_dev.add_(1)
-    nfe_before = ctx.nfe
-    try:
-        replay = _CAPTURE[ctx.graph](ctx, call, n_dev, carry)
-    except Exception as err:  # any capture failure falls back, with the reason
-        ctx.nfe = nfe_before
-        warnings.warn(
-            f"cuda_graph: step {start + 1} could not be captured ({_reason(err)}); "
-            "sampling the remaining steps eagerly (same results)",
-            RuntimeWarning,
-            stacklevel=4,
-        )
-        return carry, start + 1
-    nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
+    if entry is not None:
+        _CACHE.move_to_end(key)
+        captured, nfe_per_step = entry.captured, entry.nfe_per_step
+        entry.load(ctx, carry, start + 1)
+    else:
+        n_dev.fill_(start + 1)
+        nfe_before = ctx.nfe
+        try:
+            captured = _capture_cuda(ctx, call, n_dev, carry)
+        except Exception as err:  # any capture failure falls back, with the reason
+            ctx.nfe = nfe_before
+            warnings.warn(
+                f"cuda_graph: step {start + 1} could not be captured ({_reason(err)}); "
+                "sampling the remaining steps eagerly (same results)",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            return carry, start + 1
+        nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
+        if key is not None:
+            entry = _Entry(captured, n_dev, ctx, nfe_per_step)
+            _remember(key, entry, ctx.score_fn)
     ctx.captured = True
+    if entry is not None:
+        entry.busy = True
+    try:
+        state, n = _replay_steps(ctx, captured, nfe_per_step, carry, start, stop, done)
+    finally:
+        if entry is not None:
+            entry.busy = False
+    ctx._step = n
+    if key is not None and state is captured.static:  # a later run of the cached graph rewrites them
+        state = tuple(buffer.clone() for buffer in state)
+    return state, n
+
+
+def _replay_steps(ctx, captured: _Captured, nfe_per_step: int, carry, start: int, stop: int, done):
+    """Replays for steps [start + 1, stop) (until done); returns (state, next step)."""
     state, n = carry, start + 1
     for n in range(start + 1, stop):
         if done is not None and (n - start - 1) % CHECK_DONE_EVERY == 0 and done(state):
-            break
-        state, recorded = replay(n)
+            return state, n
+        state, recorded = captured.replay()
         ctx.nfe += nfe_per_step
         if recorded is not None and (ctx.callback is not None or ctx._progress is not None):
             x, t, denoised = recorded
+            t = t.clone() if isinstance(t, Tensor) else t  # the next replay rewrites the captured tensors
             ctx.report(n, x.clone(), t, None if denoised is None else denoised.clone())
-    else:
-        n = stop
-    ctx._step = n
-    return state, n
+    return state, stop
+
+
+# -- one capture per configuration ----------------------------------------------------------------
+CACHE_SIZE = 8  # captured step graphs kept (least recently used dropped first)
+
+
+class _Uncacheable(Exception):
+    """A part of the configuration that has no value key (the graph is then captured per run)."""
+
+
+@dataclass
+class _Run:
+    """One ``sf.sample`` call's configuration key and how many graphed step loops it has run."""
+
+    key: tuple
+    loops: int = 0
+
+
+_RUN: ContextVar[_Run | None] = ContextVar("scorefast_graph_run", default=None)
+_CACHE: OrderedDict[tuple, _Entry] = OrderedDict()
+
+
+@contextmanager
+def configuration(key: tuple | None) -> Iterator[None]:
+    """Within the block, graphed step loops are cached under ``key`` (from ``config_key``; None: not)."""
+    token = _RUN.set(None if key is None else _Run(key))
+    try:
+        yield
+    finally:
+        _RUN.reset(token)
+
+
+def config_key(score_fn: Callable, sde, **config) -> tuple | None:
+    """The cache key of a sampling configuration, or None when it cannot be cached.
+
+    score_fn is held by a weak reference (a cached graph never keeps a network alive; its entries
+    go when it does); the SDE and ``config`` (sampler, options, shape, dtype, device, grid, precision,
+    backend ...) by value.  Tensors in ``config["extra"]`` are static inputs, keyed by shape, dtype
+    and device only.  A value with no key (an arbitrary object) makes the configuration uncacheable.
+    """
+    try:
+        ref = weakref.WeakMethod(score_fn) if inspect.ismethod(score_fn) else weakref.ref(score_fn)
+    except TypeError:
+        return None
+    extra = config.pop("extra", {})
+    try:
+        frozen = (_freeze(sde), _freeze(config), tuple(sorted((k, _freeze_input(v)) for k, v in extra.items())))
+    except _Uncacheable:
+        return None
+    return (ref, frozen)
+
+
+def clear_cache() -> None:
+    """Drop every cached step graph (with its static buffers and, on CUDA, its memory)."""
+    for entry in _CACHE.values():
+        entry.finalizer.detach()
+    _CACHE.clear()
+
+
+def _freeze(value):
+    """A hashable value key of value: numbers, strings, dtypes, devices, containers, tensors (by
+    their bytes), SDE-like objects (by type and attributes)."""
+    if value is None or isinstance(value, bool | int | float | str | torch.dtype | torch.device):
+        return value
+    if isinstance(value, list | tuple):
+        return tuple(_freeze(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _freeze(v)) for k, v in value.items()))
+    if isinstance(value, Tensor):
+        data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        return ("tensor", value.dtype, tuple(value.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest())
+    if hasattr(value, "__dict__") and not callable(value):
+        return (type(value).__module__, type(value).__qualname__, _freeze(vars(value)))
+    raise _Uncacheable(type(value).__name__)
+
+
+def _freeze_input(value):
+    if isinstance(value, Tensor):
+        return ("input", value.dtype, tuple(value.shape), value.device)
+    return _freeze(value)
+
+
+def _step_key(ctx, body, carry, start, stop, done) -> tuple | None:
+    """The key of this step loop: the run's configuration, which loop of the run, its range, the body's
+    code, the carry's layout, and whether the step records a callback's tensors (None: not cached)."""
+    run = _RUN.get()
+    if run is None or ctx.project is not None:  # a conditional projection holds per-call data
+        return None
+    run.loops += 1
+    layout = tuple((tuple(c.shape), c.dtype, c.device) for c in carry)
+    code = getattr(body, "__code__", None)
+    if code is None:
+        return None
+    # a callback's tensors are recorded by the capture only when there is a callback (glue otherwise)
+    recorded = ctx.callback is not None
+    return (run.key, run.loops, start, stop, code, layout, done is None, torch.is_grad_enabled(), recorded)
+
+
+def _own_inputs(ctx, device: torch.device) -> None:
+    """Before a capture that will be cached: the seed, sample ids and tensor extra_args as private device
+    buffers, so a later run replays the graph with its own values copied in (never frozen)."""
+    seed = torch.empty((), dtype=torch.int64, device=device)
+    ctx.seed = seed.copy_(ctx.seed) if isinstance(ctx.seed, Tensor) else seed.fill_(ctx.seed)
+    ctx.sample_ids = ctx.sample_ids.clone()
+    ctx.extra_args = {k: v.clone() if isinstance(v, Tensor) else v for k, v in ctx.extra_args.items()}
+
+
+@dataclass
+class _Entry:
+    """A cached step graph and the inputs it reads: a later run copies its own values into them."""
+
+    captured: _Captured
+    n_dev: Tensor
+    ctx: object = field(repr=False)  # only while built: the inputs are taken from it
+    nfe_per_step: int = 0
+
+    def __post_init__(self):
+        ctx, self.ctx = self.ctx, None  # never keep the run (nor its score_fn) alive
+        self.seed, self.ids = ctx.seed, ctx.sample_ids
+        self.extra = {k: v for k, v in ctx.extra_args.items() if isinstance(v, Tensor)}
+        self.first_bad, self.bad_time = ctx._first_bad, ctx._bad_time
+        self.finalizer = None
+        self.busy = False  # a run is replaying it
+
+    def load(self, ctx, carry: tuple[Tensor, ...], n: int) -> None:
+        """This run's state, step, seed, ids, extra_args and non-finite flags into the graph's inputs."""
+        for buffer, value in zip(self.captured.static, carry, strict=True):
+            buffer.copy_(value)
+        self.n_dev.fill_(n)
+        self.seed.copy_(ctx.seed) if isinstance(ctx.seed, Tensor) else self.seed.fill_(ctx.seed)
+        self.ids.copy_(ctx.sample_ids)
+        for k, buffer in self.extra.items():
+            buffer.copy_(ctx.extra_args[k])
+        self.first_bad.copy_(ctx._first_bad)
+        self.bad_time.copy_(ctx._bad_time)
+        ctx._first_bad, ctx._bad_time = self.first_bad, self.bad_time
+
+
+def _remember(key: tuple, entry: _Entry, score_fn: Callable) -> None:
+    _CACHE[key] = entry
+    owner = score_fn.__self__ if inspect.ismethod(score_fn) else score_fn  # a bound method lives with its object
+    entry.finalizer = weakref.finalize(owner, _CACHE.pop, key, None)
+    entry.finalizer.atexit = False
+    while len(_CACHE) > CACHE_SIZE:
+        _, dropped = _CACHE.popitem(last=False)
+        dropped.finalizer.detach()
 
 
 def _reason(err: BaseException) -> str:
@@ -142,63 +343,55 @@ def _on_side_stream(device: torch.device, fn: Callable, *args):
     return out
 
 
-def _capture_cuda(ctx, call, n_dev: Tensor, carry):
-    """Capture one step into static buffers; replay(n) runs step n (n advances on the device)."""
+def _copy_back(static: tuple[Tensor, ...], out: tuple[Tensor, ...]) -> None:
+    """static[i] <- out[i] for every i, correct when an output is (a view of) another static buffer.
+
+    A multistep body returns its history shifted, (x, D, D1) from (x, D1, D2): out[2] is static[1].
+    Copying in index order would overwrite static[1] with D before static[2] reads it.  A buffer is
+    written only after every copy that reads it; a cycle (a swap) goes through one clone."""
+    if len(out) != len(static):
+        raise ValueError(f"body: returned {len(out)} tensors for a carry of {len(static)}")
+    owner = {buffer.untyped_storage().data_ptr(): i for i, buffer in enumerate(static)}
+    pending: dict[int, tuple[Tensor, int | None]] = {}  # target -> (value, the buffer it reads or None)
+    for i, value in enumerate(out):
+        if value is static[i]:
+            continue  # carried as it is
+        j = owner.get(value.untyped_storage().data_ptr())
+        pending[i] = (value.clone(), None) if j == i else (value, j)  # a view of its own buffer: a copy
+    while pending:
+        read = {j: k for k, (_, j) in pending.items() if j is not None}
+        ready = [i for i in pending if i not in read]
+        if not ready:  # a cycle (a swap): buffer i is freed by cloning what is read from it
+            i = next(iter(pending))
+            k = read[i]
+            pending[k] = (pending[k][0].clone(), None)
+            continue
+        for i in ready:
+            static[i].copy_(pending.pop(i)[0])
+
+
+@dataclass
+class _Captured:
+    """A captured step: ``replay()`` runs the step at n_dev into ``static`` (and advances n_dev)."""
+
+    graph: object
+    static: tuple[Tensor, ...]
+    recorded: tuple | None
+
+    def replay(self) -> tuple[tuple[Tensor, ...], tuple | None]:
+        self.graph.replay()
+        return self.static, self.recorded
+
+
+def _capture_cuda(ctx, call, n_dev: Tensor, carry) -> _Captured:
+    """Capture one step into static buffers (n advances on the device)."""
     static = tuple(c.clone() for c in carry)
     graph = torch.cuda.CUDAGraph()
     ctx._recorded = None
     with _capturing("cuda"), torch.cuda.graph(graph):
-        out = call(n_dev, static)
-        for buffer, value in zip(static, out, strict=True):
-            buffer.copy_(value)
+        _copy_back(static, call(n_dev, static))
         n_dev.add_(1)
-    recorded = ctx._recorded
-
-    def replay(n: int):
-        graph.replay()
-        return static, recorded
-
-    return replay
-
-
-def _capture_fx(ctx, call, n_dev: Tensor, carry):
-    """make_fx trace of one step (the flags as inputs, mutated in place); replay(n) runs the trace."""
-    from torch.fx.experimental.proxy_tensor import make_fx
-
-    flags = (ctx._first_bad, ctx._bad_time)
-    k = len(carry)
-
-    def step(n, first_bad, bad_time, *state):
-        ctx._first_bad, ctx._bad_time = first_bad, bad_time
-        ctx._recorded = None
-        out = call(n, state)
-        recorded = () if ctx._recorded is None else tuple(r for r in ctx._recorded if r is not None)
-        return (*out, *recorded)
-
-    with _capturing("fx"):
-        try:
-            traced = make_fx(step)(n_dev.clone(), *(f.clone() for f in flags), *carry)
-        finally:
-            ctx._first_bad, ctx._bad_time = flags
-    for node in traced.graph.nodes:  # a trace freezes data-dependent shapes that CUDA would sync on
-        if node.op == "call_function" and getattr(node.target, "name", lambda: "")().split("::")[-1] in _SYNCING:
-            raise RuntimeError(f"{node.target} has a data-dependent output shape (a host sync on CUDA)")
-    shape = None if ctx._recorded is None else [r is not None for r in ctx._recorded]
-    state = [carry]
-
-    def replay(n: int):
-        outs = traced(torch.full((), n, dtype=torch.int64, device=n_dev.device), *flags, *state[0])
-        state[0] = tuple(outs[:k])
-        if shape is None:
-            return state[0], None
-        extra = iter(outs[k:])
-        return state[0], tuple(next(extra) if present else None for present in shape)
-
-    return replay
-
-
-_SYNCING = {"_unique2", "unique_dim", "unique_consecutive", "nonzero", "masked_select", "_local_scalar_dense"}
-_CAPTURE = {"cuda": _capture_cuda, "fx": _capture_fx}
+    return _Captured(graph, static, ctx._recorded)
 
 
 class GraphedTrainStep:
@@ -241,7 +434,7 @@ class GraphedTrainStep:
 
     def __call__(self, x: Tensor) -> Tensor:
         step = self.step
-        if x.device.type != "cuda" or self._failed:
+        if not _graphable(x.device) or self._failed:
             return step(x)
         if self._calls < self.warmup:
             self._check_capturable()

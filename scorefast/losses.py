@@ -137,7 +137,7 @@ def _reduce(v: Tensor, reduce_mean: bool) -> Tensor:
 def _uniforms(B: int, *, seed, step, stream: int, ids: Tensor, backend: str) -> Tensor:
     """[B] fp32 uniforms of element 0 (checked ids, resolved fp32 backend: no host reads).  Their float64
     values are exactly the contract's float64 uniforms (the reference maps fp32 uniforms to float64)."""
-    if torch.compiler.is_compiling() or _checks.CAPTURE[0] == "fx":
+    if _checks.use_custom_op():  # tracing or recording: through the op
         seed_t, step_t = _checks.counter_tensor(seed), _checks.counter_tensor(step)
         return noise_op(ids, seed_t, step_t, 1, stream, 0, KINDS["uniform"], torch.float32, backend)[:, 0]
     out = torch.empty(B, dtype=torch.float32, device=ids.device)

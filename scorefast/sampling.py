@@ -169,7 +169,11 @@ def sample(
         precision: the network runs in fp32, bf16 or fp16 (autocast); the state x stays fp32.
         cuda_graph: on CUDA, capture one step of network + update as a CUDA graph and replay it for
             the sampler's uniform steps (``scorefast.graphs``); a step that cannot be captured warns
-            once and the rest runs eagerly.  Same results either way; on CPU a no-op.
+            once and the rest runs eagerly.  Same results either way; on CPU a no-op.  The graph is
+            cached by (score_fn, sde, shape, dtype, device, sampler and options, grid, precision,
+            backend): a later call with the same configuration (another seed, sample_ids, x_init
+            or extra_args tensors of the same shape) replays it without capturing.  The graph reads
+            the network's parameters in place; ``sf.graphs.clear_cache()`` after replacing one.
         return_info: also return {"nfe", "x_mean", "time_s", "sampler", "steps", "cpu_time_s" (the
             loop's host CPU time before the final device read), "graphed" (steps were replayed)}.
         dtype: the state's dtype (float32; float64 runs the torch reference backend, for validation).
@@ -204,7 +208,8 @@ def sample(
         ctx._progress = bar
     try:
         cpu_start = time.thread_time()
-        x = module.run(ctx, x, **options)
+        with graphs.configuration(_graph_key(plan, score_fn, sde, precision, backend, dtype, ctx)):
+            x = module.run(ctx, x, **options)
         cpu_time = time.thread_time() - cpu_start  # host work of the loop, before the one device read
         ctx.finish(x)
     finally:
@@ -225,6 +230,29 @@ def sample(
     if ctx.per_sample_nfe is not None:
         info["nfe_per_sample"] = ctx.per_sample_nfe
     return x, info
+
+
+def _graph_key(plan: _Plan, score_fn, sde, precision: str, backend, dtype, ctx: Context) -> tuple | None:
+    """The key a captured step is cached under (``scorefast.graphs``): everything that shapes the graph.
+    The seed, sample ids, initial state and tensor extra_args are not in it: they are copied into the
+    graph's static inputs by every run.  None (no caching) when not graphing or a value has no key."""
+    if ctx.graph is None or ctx.project is not None:
+        return None
+    return graphs.config_key(
+        score_fn,
+        sde,
+        sampler=plan.module.NAME,
+        options=plan.options,
+        shape=plan.shape,
+        dtype=dtype,
+        device=plan.device,
+        times=plan.times,
+        own=plan.own,
+        precision=precision,
+        backend=backend,
+        draws=ctx.draws,
+        extra=plan.extra,
+    )
 
 
 def check_arguments(score_fn: Callable, sde: SDE, shape: Sequence[int], **kwargs) -> None:

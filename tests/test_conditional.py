@@ -55,23 +55,15 @@ def test_inpainting_with_independent_coordinates_is_exact_in_law():
 
 
 def test_inpainting_draws_do_not_collide_and_are_declared(monkeypatch):
-    import importlib
+    from tests.draws import record_draws
 
-    fu = importlib.import_module("scorefast.ops.fused_update")
-    seen = []
-    original_apply = fu.apply
-
-    def spy_apply(x, terms, *, noise, step, **kw):  # sampler draws and re-noisings both come through here
-        if isinstance(noise, torch.Tensor) or noise != 0.0:
-            seen.append(int(step))
-        return original_apply(x, terms, noise=noise, step=step, **kw)
-
-    monkeypatch.setattr(importlib.import_module("scorefast.samplers.base"), "apply", spy_apply)
+    draws = record_draws(monkeypatch)  # sampler draws and re-noisings both reach a kernel
     gm = _gaussian()
     sde = VPSDE()
     sf.conditional.inpaint(
         gm.score_fn(sde), sde, torch.zeros(3, 2), torch.tensor([1.0, 0.0]), sampler="euler_maruyama", steps=5
     )
+    seen = [k for _, k in draws]
     # 4 sampler draws (the last step is the noise-free denoise) + 4 re-noisings (none after the last step)
     assert len(seen) == len(set(seen)) == 4 + 4
     assert max(seen) < 5 * 2  # within the declared S = 1 + 1 draws per step

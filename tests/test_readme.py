@@ -30,7 +30,7 @@ def test_readme_tables_are_rendered_from_committed_results():
     e2e = json.loads((ROOT / "bench" / "results" / "cpu-e2e.json").read_text())
     assert _block("cpu-e2e") == sampler_table(e2e)
 
-    for suite in ("cpu-likelihood", "cpu-compat", "cpu-train"):
+    for suite in ("cpu-likelihood", "cpu-compat", "cpu-train", "glue-ops"):
         results = json.loads((ROOT / "bench" / "results" / f"{suite}.json").read_text())
         assert results["suite"] == suite
         assert _block(suite) == render_table(results)

@@ -22,6 +22,7 @@ from scorefast.rng import STREAM_PRIOR, STREAM_SAMPLER
 from scorefast.sde import EDM, VESDE, VPSDE, DiscreteVP, SubVPSDE
 from scorefast.testing import sliced_wasserstein
 from tests.conftest import backend_params
+from tests.draws import record_draws
 from tests.exact_law import C, M, continuous_limit, law, linear_score, recursion, sampler_coefficients
 
 EXPECTED = {"norm": "expected"}  # pc with the fixed corrector step: affine
@@ -98,22 +99,19 @@ def test_a_ten_percent_coefficient_error_fails_the_exact_law(monkeypatch, name, 
     """A planted bug: one coefficient of one step 10% off.  The old test (the fitted law within 0.08
     of the continuous target) let such errors through; the exact recursion does not."""
     base = importlib.import_module("scorefast.samplers.base")
-    S = sf.samplers.draws_per_step(sf.samplers.get(name), sf.samplers.validate(sf.samplers.get(name), sde, options))
-    real = base.apply
+    real = base.fused_update_table
 
-    def planted(x, terms, *, noise, x_coef, step, **kw):
-        if int(step) == 5 * S:
-            if which == "x_coef":
-                x_coef = 1.1 * x_coef
-            elif which == "noise":
-                noise = 1.1 * noise
-            else:
-                terms = [(1.1 * terms[0][0], terms[0][1]), *terms[1:]]
-        return real(x, terms, noise=noise, x_coef=x_coef, step=step, **kw)
+    def planted(x, terms, table, row, *, draw, **kw):
+        """The one-launch update reads its coefficients from the table's row: scale one of row 5's
+        (draw 0) by 1.1 in a copy of the table."""
+        if int(row) == 5 and draw == 0:
+            table = table.clone()
+            table[5, {"x_coef": 0, "score": 1, "noise": -1}[which]] *= 1.1
+        return real(x, terms, table, row, draw=draw, **kw)
 
     rec = recursion(name, sde, 10, options)
     assert_same_coefficients(sampler_coefficients(name, sde, 10, options)[0], rec)  # the real sampler passes
-    monkeypatch.setattr(base, "apply", planted)
+    monkeypatch.setattr(base, "fused_update_table", planted)
     fit, residual = sampler_coefficients(name, sde, 10, options)
     assert residual < 1e-12  # still affine: only the law tells the planted error
     with pytest.raises(AssertionError, match="coefficients differ"):
@@ -284,18 +282,7 @@ SAMPLER_CASES = [
 
 @pytest.mark.parametrize("name,sde,options", SAMPLER_CASES, ids=[c[0] for c in SAMPLER_CASES])
 def test_no_two_draws_share_a_counter(monkeypatch, name, sde, options):
-    import importlib
-
-    seen = []
-    original = importlib.import_module("scorefast.ops.fused_update").apply
-
-    def spy(x, terms, *, noise, seed, step, stream, **kw):
-        if isinstance(noise, torch.Tensor) or noise != 0.0:
-            seen.append((stream, int(step)))
-        return original(x, terms, noise=noise, seed=seed, step=step, stream=stream, **kw)
-
-    for mod in ("ops.fused_update", "ops.langevin_step", "ops.snr_langevin_step", "samplers.base"):
-        monkeypatch.setattr(importlib.import_module(f"scorefast.{mod}"), "apply", spy)
+    seen = record_draws(monkeypatch)
     sf.sample(linear_score(sde), sde, (3, 2), sampler=name, steps=6, **options)
     assert seen, "the sampler drew no noise"
     assert len(seen) == len(set(seen)), "two draws share (stream, step)"

@@ -53,9 +53,8 @@ def run(
 
     def level(n: Step, x):
         t = ctx.time(n)
-        alpha, noise = sched[n]
-        for j in range(n_steps_each):  # sf.ops.langevin_step's update
-            x = ctx.update(x, [(alpha, ctx.score(x, t))], noise=noise, n=n, j=j)
+        for j in range(n_steps_each):  # sf.ops.langevin_step's update, one launch
+            x = ctx.update_row(x, sched, n, [ctx.score(x, t)], cols=(1.0, 0, 1), j=j)
         return ctx.step_done(n, x, t)
 
     x = ctx.steps(level, x, 0, len(sigmas))

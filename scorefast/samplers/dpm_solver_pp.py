@@ -54,9 +54,8 @@ def run(ctx: Context, x, *, variant: str = "2m", eta: float | None = None, s_noi
         """earlier: the previous steps' D, newest first (fewer in the first steps)."""
         t = ctx.time(n)
         D = ctx.denoised(x, n, ctx.score(x, t))
-        x_coef, cD, cD1, cD2, noise = sched[n]
-        terms = [(cD, D), *zip((cD1, cD2), earlier)]
-        x = ctx.update(x, terms, x_coef=x_coef, noise=noise if eta > 0 else 0.0, n=n)
+        cols = (*range(2 + len(earlier)), 4)  # x, D, the earlier D's in use, noise
+        x = ctx.update_row(x, sched, n, [D, *earlier], cols=cols, noise=eta > 0)
         x = ctx.step_done(n, x, t, D)
         return (x, D, *earlier[: history - 1])
 

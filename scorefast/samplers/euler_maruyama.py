@@ -28,8 +28,8 @@ def schedule(ctx: Context) -> StepTable:
 
 
 def predictor_step(ctx: Context, sched: StepTable, x, s, n: Step, j: int, last: bool):
-    x_coef, s_coef, noise = sched[n]
-    return ctx.update(x, [(s_coef, s)], x_coef=x_coef, noise=0.0 if last else noise, n=n, j=j)
+    """One launch: (x coefficient, score coefficient, noise std) of row n, read by the kernel."""
+    return ctx.update_row(x, sched, n, [s], j=j, noise=not last)
 
 
 def run(ctx: Context, x, *, denoise: bool = True):

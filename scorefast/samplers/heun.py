@@ -63,15 +63,16 @@ def run(
         torch.stack([th, t_next, churn, 1 + h * a1, h * b1, 1 + h / 2 * a1, h / 2 * b1, h / 2 * a2, h / 2 * b2], 1)
     )
     has_churn = bool((churn > 0).any())
+    starts, ends = ctx.time_table(th), ctx.time_table(t_next)
 
     def step(n: Step, x):
-        th, t_next, churn, e_x, e_s, c_x, c_s1, c_xe, c_s2 = sched[n]
-        if has_churn and (isinstance(churn, torch.Tensor) or churn > 0):
-            x = ctx.update(x, [], noise=churn, n=n)
+        th = starts.at(n)
+        if has_churn and (isinstance(n, torch.Tensor) or sched.host[n][2] > 0):
+            x = ctx.update_row(x, sched, n, [], cols=(1.0, 2))
         s1 = ctx.score(x, th)
-        x_euler = ctx.update(x, [(e_s, s1)], x_coef=e_x, n=n)
-        s2 = ctx.score(x_euler, t_next)
-        x = ctx.update(x, [(c_s1, s1), (c_xe, x_euler), (c_s2, s2)], x_coef=c_x, n=n)
+        x_euler = ctx.update_row(x, sched, n, [s1], cols=(3, 4, 0.0), noise=False)
+        s2 = ctx.score(x_euler, ends.at(n))
+        x = ctx.update_row(x, sched, n, [s1, x_euler, s2], cols=(5, 6, 7, 8, 0.0), noise=False)
         return ctx.step_done(n, x, th)
 
     return tweedie(ctx, ctx.steps(step, x, 0, N - 1), denoise)

@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .._checks import check_bool, check_finite_scalar
 from .base import Context, Step
 
@@ -22,11 +24,13 @@ def validate(sde, *, step_size, denoise) -> dict:
 
 
 def run(ctx: Context, x, *, step_size: float = 1e-3, denoise: bool = True):
-    t = ctx.t_vec(ctx.sde.eps, x)
-    noise = (2 * step_size) ** 0.5
+    N = len(ctx.times)
+    times = ctx.time_table(torch.full((N,), float(ctx.sde.eps), dtype=torch.float64))
+    sched = ctx.table(torch.tensor([[step_size, (2 * step_size) ** 0.5]], dtype=torch.float64).expand(N, 2))
 
-    def step(n: Step, x):  # sf.ops.langevin_step's update, arguments validated once for the run
-        x = ctx.update(x, [(step_size, ctx.score(x, t))], noise=noise, n=n)
+    def step(n: Step, x):  # sf.ops.langevin_step's update x + eps s + sqrt(2 eps) z, one launch
+        t = times.at(n)
+        x = ctx.update_row(x, sched, n, [ctx.score(x, t)], cols=(1.0, 0, 1))
         return ctx.step_done(n, x, t)
 
     return ctx.steps(step, x, 0, len(ctx.times))

@@ -21,8 +21,7 @@ def run(ctx: Context, x, *, denoise: bool = True):
 
     def step(n: Step, x):
         t = ctx.time(n)
-        x_coef, s_coef = sched[n]
-        x = ctx.update(x, [(s_coef, ctx.score(x, t))], x_coef=x_coef, n=n)
+        x = ctx.update_row(x, sched, n, [ctx.score(x, t)], cols=(0, 1, 0.0), noise=False)
         return ctx.step_done(n, x, t)
 
     return tweedie(ctx, ctx.steps(step, x, 0, len(times) - 1), denoise)

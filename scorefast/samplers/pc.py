@@ -48,6 +48,7 @@ DEFAULT_STEPS = 1000
 KIND = "sde"
 PREDICTORS = ("reverse_diffusion", "euler_maruyama", "none")
 NORMS = ("auto", "sample", "batch", "expected")
+_UNIT_SNR = 0.5**0.5
 AUTO_MIN_ELEMENTS = 256  # "auto": per-sample norms from this many elements per sample, else "expected"
 
 
@@ -101,36 +102,45 @@ def run(
         eps = 2 * alpha_n * snr**2 * ctx.sde.std(times) ** 2
         alphas = ctx.table(torch.stack([eps, (2 * eps).sqrt()], 1))
     else:
-        alphas = ctx.table(alpha_n)
+        # the per-sample corrector's 2 alpha snr^2, folded in float64 (one fp32 rounding, in the table)
+        alphas = ctx.table(2 * snr * snr * alpha_n if norm == "sample" else alpha_n)
     stepper = reverse_diffusion if predictor == "reverse_diffusion" else euler_maruyama
     sched = stepper.schedule(ctx) if predictor != "none" else None
     N = len(alphas)
 
     def step(n: Step, x, last: bool = False):
         t = ctx.time(n)
-        row = alphas[n] if n_corrector else None
         for j in range(n_corrector):
             s = ctx.score(x, t)
-            if norm == "expected":
-                eps, noise = row
-                x = ctx.update(x, [(eps, s)], noise=noise, n=n, j=j)
+            if norm == "expected":  # x + eps s + sqrt(2 eps) z: one launch
+                x = ctx.update_row(x, alphas, n, [s], cols=(1.0, 0, 1), j=j)
                 continue
-            x, _ = snr_langevin_step(
-                x,
-                s,
-                snr,
-                alpha=row[0],
-                norm=norm,
-                seed=ctx.seed,
-                step=ctx.counter(n, j),
-                stream=STREAM_SAMPLER,
-                sample_ids=ctx.sample_ids,
-                backend=ctx.backend_name(x),
-                _trusted=True,
-            )
+            x = corrector(ctx, alphas, x, ctx.formed(s), n, j, snr, norm)
         if sched is not None:
             x = stepper.predictor_step(ctx, sched, x, ctx.score(x, t), n, n_corrector, last)
         return ctx.step_done(n, x, t)
 
     x = ctx.steps(step, x, 0, N - 1)
     return step(N - 1, x, last=denoise)
+
+
+def corrector(ctx: Context, alphas, x, s, n: Step, j: int, snr: float, norm: str):
+    """The SNR Langevin corrector with measured norms: ``norm="sample"`` is one launch of
+    ``scorefast::snr_langevin_step`` reading 2 alpha snr^2 from the table at the step counter (and
+    setting the run's flag); ``"batch"`` needs the batch means of the norms (a few ops of its own)."""
+    common = dict(
+        seed=ctx.seed_tensor(),
+        stream=STREAM_SAMPLER,
+        sample_ids=ctx.sample_ids,
+        backend=ctx.backend_name(x),
+        draws=ctx.draws,
+        draw=j,
+        flag=ctx.flag(x.device),
+        _trusted=True,
+    )
+    if norm == "sample":
+        table = alphas.packed((0,), torch.float64 if x.dtype == torch.float64 else torch.float32)
+        # snr = sqrt(1/2): the kernel's constant 2 snr^2 is 1 in fp32, so eps = table[n] * |z|^2/|s|^2
+        return snr_langevin_step(x, s, _UNIT_SNR, alpha=table[:, 0], norm=norm, row=ctx.row(n), **common)[0]
+    alpha = alphas[n][0]
+    return snr_langevin_step(x, s, snr, alpha=alpha, norm=norm, step=n, **common)[0]

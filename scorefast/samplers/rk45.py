@@ -9,7 +9,7 @@ The drift a(t) x + b(t) s is one fused pass per stage.  Options: ``rtol``, ``ato
 
 from __future__ import annotations
 
-from .._checks import check_bool
+from .._checks import check_bool, state_dtype
 from ..solvers import adaptive
 from ..solvers import rk45 as solver
 from .base import Context
@@ -44,9 +44,16 @@ def run(
 ):
     sde = ctx.sde
 
-    def drift(y, t):
+    dt = state_dtype(x)
+
+    def coefs(t):
+        """The drift a(t) x + b(t) s and the network's time input at all stage times of an attempt
+        at once ([S, B]; a and b in the update's arithmetic dtype, one rounding as before)."""
         a, b = sde.reverse_coefs(t, probability_flow=True)
-        return ctx.update(y, [(b, ctx.score(y, t))], x_coef=a)
+        return a.to(dt), b.to(dt), t.to(x.dtype)
+
+    def drift(y, t, a, b, t_in):
+        return ctx.update(y, [(b, ctx.score(y, t, t_in=t_in))], x_coef=a)
 
     t0, t1 = float(ctx.times[0]), float(ctx.times[-1])  # T -> eps on the default grids
     sol = solver.solve(
@@ -60,6 +67,7 @@ def run(
         attempts=ctx.steps,
         error_norm=error_norm,
         max_steps=max_steps,
+        time_coefs=coefs,
     )
     ctx.per_sample_nfe = sol.nfe + (1 if denoise else 0)
     ctx.step_done(0, sol.y, ctx.t_vec(t1, x))

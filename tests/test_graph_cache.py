@@ -1,0 +1,164 @@
+"""One capture per configuration: ``sf.sample(cuda_graph=True)`` caches the captured step and later
+calls with the same configuration replay it, with their own seed, sample ids, initial state and
+extra_args copied into its static inputs (through the CPU stand-in of ``graphs.emulated()``).
+
+Checked by planting bugs (see the report of the change): a seed frozen into the graph (not a static
+input) and frozen sample ids fail the "another seed / other ids" tests.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+import weakref
+
+import pytest
+import torch
+
+import scorefast as sf
+from scorefast import graphs
+from scorefast.distributed import load_samples, sample_sharded
+from scorefast.samplers import SAMPLERS
+from scorefast.sde import VESDE, VPSDE
+from tests.test_capture_standin import FAST, VE_ONLY
+
+GM = sf.testing.GaussianMixture.ring(4, 3.0, 0.4)
+SDE = VPSDE()
+SCORE = GM.score_fn(SDE)  # one score function object for every call: the cache key holds it weakly
+
+
+def _graphed(score=SCORE, sde=SDE, shape=(12, 2), **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a capture fallback fails the test
+        return sf.sample(score, sde, shape, cuda_graph=True, **kw)
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLERS))
+def test_a_second_call_replays_the_cached_graph_with_its_own_seed_and_ids(name):
+    """Every registered sampler: the second call captures nothing, and gives the eager result of its own
+    seed and sample ids (the seed and ids are static inputs of the graph, not frozen in it)."""
+    sde = VESDE(0.01, 10) if name in VE_ONLY else SDE
+    score = GM.score_fn(sde)
+    kw = dict(sampler=name, **FAST.get(name, {}))
+    if name not in ("rk45", "adaptive_sde"):
+        kw["steps"] = 8
+    calls = [dict(seed=3), dict(seed=11, sample_ids=torch.arange(100, 112)), dict(seed=2**63 + 5)]
+    with graphs.emulated() as stats:
+        outs = [_graphed(score, sde, **kw, **calls[0])]
+        first = stats.graphs
+        outs += [_graphed(score, sde, **kw, **c) for c in calls[1:]]
+    assert first >= 1 and stats.graphs == first  # no capture after the first call
+    for c, out in zip(calls, outs, strict=True):  # an earlier result is not rewritten by a later call
+        eager = sf.sample(score, sde, (12, 2), **kw, **c)
+        assert torch.equal(out, eager), (c, (out - eager).abs().max())
+    assert not torch.equal(outs[0], outs[1])
+
+
+def test_x_init_and_extra_args_tensors_are_inputs_too():
+    def conditional(x, t, shift):
+        return GM.score(x, t, SDE) + shift
+
+    kw = dict(sampler="ode_euler", steps=6, t_start=0.5)
+    runs = [(torch.full((12, 2), v), torch.full((12, 1), -v)) for v in (0.5, -1.0)]
+    with graphs.emulated() as stats:
+        outs = [_graphed(conditional, x_init=x0, extra_args={"shift": s}, **kw) for x0, s in runs]
+    assert stats.graphs == 1
+    for (x0, s), out in zip(runs, outs, strict=True):
+        assert torch.equal(out, sf.sample(conditional, SDE, (12, 2), x_init=x0, extra_args={"shift": s}, **kw))
+    assert torch.equal(runs[0][1], torch.full((12, 1), -0.5))  # the user's tensors are never written
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        dict(steps=9),
+        dict(shape=(13, 2)),
+        dict(dtype=torch.float64),
+        dict(precision="bf16"),
+        dict(sampler="pc"),
+        dict(sde=VPSDE(beta_max=15.0)),
+        dict(schedule="karras"),
+        dict(score=GM.score_fn(SDE)),
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_another_configuration_captures_again(change):
+    base = dict(sampler="euler_maruyama", steps=8, seed=1)
+    with graphs.emulated() as stats:
+        _graphed(**base)
+        _graphed(**{**base, **change})
+    assert stats.graphs == 2
+
+
+def test_the_cache_holds_no_network_alive_is_bounded_and_can_be_cleared():
+    net = sf.models.build("MLP", dim=2, hidden=8, layers=1)
+    score = sf.adapters.from_eps(net, SDE)
+    alive = weakref.ref(net)
+    with graphs.emulated() as stats, torch.no_grad():
+        _graphed(score, sampler="euler_maruyama", steps=5)
+        assert len(graphs._CACHE) == 1
+        del score, net
+        gc.collect()
+        assert alive() is None and len(graphs._CACHE) == 0
+        for steps in range(5, 5 + graphs.CACHE_SIZE + 3):
+            _graphed(sampler="euler_maruyama", steps=steps)
+        assert len(graphs._CACHE) == graphs.CACHE_SIZE
+        _graphed(sampler="euler_maruyama", steps=5 + graphs.CACHE_SIZE + 2)  # the newest: still cached
+        before = stats.graphs
+        _graphed(sampler="euler_maruyama", steps=5)  # the oldest was dropped: captured again
+        assert stats.graphs == before + 1
+        sf.graphs.clear_cache()
+        assert len(graphs._CACHE) == 0
+        _graphed(sampler="euler_maruyama", steps=5)
+        assert stats.graphs == before + 2
+
+
+def test_a_bound_method_score_is_cached_while_its_object_lives():
+    class Model:
+        def score(self, x, t):
+            return GM.score(x, t, SDE)
+
+    model = Model()
+    with graphs.emulated() as stats:
+        a = _graphed(model.score, sampler="heun", steps=6, seed=1)
+        b = _graphed(model.score, sampler="heun", steps=6, seed=2)
+        assert stats.graphs == 1 and len(graphs._CACHE) == 1
+        del model
+        gc.collect()
+        assert len(graphs._CACHE) == 0
+    assert not torch.equal(a, b)
+
+
+def test_sharded_chunks_of_one_shape_share_one_graph(tmp_path):
+    kw = dict(sample_shape=(2,), chunk=4, sampler="euler_maruyama", steps=6, seed=2)
+    sample_sharded(SCORE, SDE, 10, tmp_path / "eager", **kw)
+    with graphs.emulated() as stats:
+        sample_sharded(SCORE, SDE, 10, tmp_path / "graphed", cuda_graph=True, **kw)
+    assert stats.graphs == 2  # chunks of 4, 4 and 2: one graph per chunk shape
+    assert torch.equal(load_samples(tmp_path / "graphed"), load_samples(tmp_path / "eager"))
+
+
+def test_a_conditional_projection_is_not_cached():
+    data = GM.sample(6, seed=4).float()
+    mask = torch.zeros_like(data)
+    mask[:, 0] = 1
+    with graphs.emulated() as stats:
+        for _ in range(2):
+            sf.conditional.inpaint(SCORE, SDE, data, mask, sampler="pc", steps=6, cuda_graph=True)
+    assert stats.graphs == 2 and len(graphs._CACHE) == 0
+
+
+def test_a_callback_sampling_the_same_configuration_does_not_share_the_graph_in_use():
+    kw = dict(sampler="euler_maruyama", steps=6)
+    inner = []
+
+    def callback(info):
+        if info["i"] == 3 and not inner:
+            inner.append(_graphed(seed=9, **kw))
+
+    with graphs.emulated() as stats:
+        _graphed(seed=1, **kw)  # cached
+        outer = _graphed(seed=1, callback=callback, **kw)
+    assert stats.graphs == 2  # the inner call captured its own (uncached) graph
+    assert torch.equal(outer, sf.sample(SCORE, SDE, (12, 2), seed=1, **kw))
+    assert torch.equal(inner[0], sf.sample(SCORE, SDE, (12, 2), seed=9, **kw))
