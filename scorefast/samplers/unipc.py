@@ -78,6 +78,7 @@ def run(
         raise ValueError("schedule: UniPC needs 0 < mean_coef and 0 < std at every grid time (log-SNR finite)")
     N = len(times)
     sched = ctx.table(coefficients(lam.tolist(), a.tolist(), s.tolist(), order, variant, corrector, lower_order_final))
+    P = 2 + MAX_ORDER  # the predictor's first column
     width = order  # D's the carry keeps once warmed up: D_{n-order+1} .. D_n, oldest first
 
     def step(n: Step, x, *rest):
@@ -87,15 +88,15 @@ def run(
         (output i is input i + 1 or a fresh tensor): copying outputs back into static buffers in
         order never reads a buffer already overwritten."""
         t = ctx.time(n)
-        row = sched[n]
         D = ctx.denoised(x, n, ctx.score(x, t))
         history = rest[1:] if corrector else rest
         newest_first = history[::-1]
         if corrector and len(rest) > 0:  # UniC: re-take the step t_{n-1} -> t_n with D_n known
-            x_c, c_x, c_new, c_hist = rest[0], row[0], row[1], row[2 : 2 + MAX_ORDER]
-            x = ctx.update(x_c, [(c_new, D), *zip(c_hist, newest_first)], x_coef=c_x, n=n)
-        p_x, p_new, p_hist = row[2 + MAX_ORDER], row[3 + MAX_ORDER], row[4 + MAX_ORDER :]
-        x_next = ctx.update(x, [(p_new, D), *zip(p_hist, newest_first)], x_coef=p_x, n=n)
+            cols = (*range(2 + len(newest_first)), 0.0)  # x_c, D_n, D_{n-1}, ...; no noise
+            x = ctx.update_row(rest[0], sched, n, [D, *newest_first], cols=cols, noise=False)
+        used = newest_first[: MAX_ORDER - 1]
+        cols = (*range(P, P + 2 + len(used)), 0.0)  # x, D_n, D_{n-1}, D_{n-2}; no noise
+        x_next = ctx.update_row(x, sched, n, [D, *used], cols=cols, noise=False)
         x_next = ctx.step_done(n, x_next, t, D)
         kept = (*history, D)[-width:]
         return (x_next, x, *kept) if corrector else (x_next, *kept)
