@@ -35,12 +35,14 @@ SUITES = {
     "cpu-e2e": "test_cpu_e2e.py",
     "cpu-likelihood": "test_cpu_likelihood.py",
     "cpu-compat": "test_cpu_compat.py",
+    "cpu-quality": "test_cpu_quality.py",
     "cpu-train": "test_cpu_train.py",
     "glue-ops": "test_glue_ops.py",
     "gpu": "test_gpu_micro.py",
     "gpu-e2e-mlp": "test_gpu_e2e.py",
     "gpu-e2e-unet": "test_gpu_e2e.py",
 }
+SUITE_ALIASES = {"quality": "cpu-quality"}  # --suite quality is the cpu-quality suite (cpu-quality.json)
 MACHINE_KEYS = ("gpu", "cpu", "torch", "triton", "cuda")
 ROW_KEYS = ("name", "backend", "dtype", "size", "median_s")
 
@@ -285,6 +287,10 @@ def glue_table(results: dict) -> str:
 
 def render_table(results: dict) -> str:
     """The README table for any suite's results file."""
+    if results["suite"] == "cpu-quality":
+        from .quality.report import quality_table
+
+        return quality_table(results)
     if results["suite"] == "glue-ops":
         return glue_table(results)
     if results["suite"] == "cpu-likelihood":
@@ -299,7 +305,12 @@ def render_table(results: dict) -> str:
 
 
 def plot_results(results: dict, path: str | os.PathLike) -> Path:
-    """A PNG of a results file: each measured row's speed over its same-run baseline (log scale)."""
+    """A PNG of a results file: each measured row's speed over its same-run baseline (log scale); for the
+    quality suite, quality against NFE (``scorefast.quality.report.plot_quality``)."""
+    if results["suite"] == "cpu-quality":
+        from .quality.report import plot_quality
+
+        return plot_quality(results, path)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,7 +385,7 @@ def _bench_dir() -> Path:
 
 @register("bench", "run a benchmark suite (pytest-benchmark) and write bench/results/NAME.json")
 def _bench_command(parser):
-    parser.add_argument("--suite", choices=tuple(SUITES), default="cpu")
+    parser.add_argument("--suite", type=lambda s: SUITE_ALIASES.get(s, s), choices=tuple(SUITES), default="cpu")
     parser.add_argument("--out", help="results file (default bench/results/<suite>.json)")
     parser.add_argument("--quick", action="store_true", help="smallest sizes only (a smoke run)")
     parser.add_argument("--table", metavar="RESULTS", help="print the README table of a results file and exit")
@@ -423,8 +434,16 @@ def _bench_command(parser):
         ]
         code = subprocess.call(cmd, env=env, cwd=bench.parent)
         if out.exists():
-            print(render_table(json.loads(out.read_text())))
+            results = json.loads(out.read_text())
+            if args.suite == "cpu-quality":  # the adaptive_sde verdicts beside the rows
+                from .quality.report import annotate
+
+                results = annotate(results)
+                atomic_write_bytes(out, (json.dumps(results, indent=1) + "\n").encode())
+            print(render_table(results))
             print(f"wrote {out}")
+            if args.suite == "cpu-quality" and results["results"]:  # the quality-vs-NFE plot beside it
+                print(f"wrote {plot_results(results, out.with_suffix('.png'))}")
         return code
 
     return run

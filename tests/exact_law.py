@@ -21,7 +21,7 @@ import torch
 
 import scorefast as sf
 from scorefast.rng import STREAM_SAMPLER
-from scorefast.sde import EDM, VESDE
+from scorefast.sde import EDM, VESDE, VPSDE
 
 M, C = 0.7, 0.25  # data mean and variance
 END = None  # the data end past the last grid time (a = 1, s = 0)
@@ -39,10 +39,13 @@ def linear_score(sde):
 
 
 def grid(sde, steps: int) -> list[float]:
-    """The default grid of ``steps`` times: uniform in t from T to eps; EDM's rho-schedule in sigma."""
+    """The default grid of ``steps`` times: uniform in t from T to eps; EDM's rho-schedule in sigma;
+    on VP / sub-VP with steps != N, t - eps uniform in its square root (DPM-Solver's quadratic grid)."""
     if isinstance(sde, EDM):
         hi, lo = sde.sigma_max ** (1 / sde.rho), sde.sigma_min ** (1 / sde.rho)
         return [(hi + i / (steps - 1) * (lo - hi)) ** sde.rho for i in range(steps)]
+    if isinstance(sde, VPSDE) and steps != sde.N:
+        return [sde.T] + [sde.eps + (sde.T - sde.eps) * (1 - i / (steps - 1)) ** 2 for i in range(1, steps)]
     return [sde.T + i / (steps - 1) * (sde.eps - sde.T) for i in range(steps)]
 
 

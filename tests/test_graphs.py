@@ -43,6 +43,9 @@ FIXED_STEP = [
     ("dpm_solver++", VPSDE(), {}),
     ("dpm_solver++", EDM(), {"variant": "2m-sde"}),
     ("dpm_solver++", VESDE(0.01, 10), {"variant": "3m", "eta": 1.0}),
+    ("unipc", VPSDE(), {}),
+    ("unipc", EDM(), {"order": 3, "variant": "bh1"}),
+    ("unipc", VESDE(0.01, 10), {"order": 1, "corrector": False}),
     ("langevin", VESDE(0.01, 10), {}),
     ("annealed_langevin", VESDE(0.01, 10), {"n_steps_each": 3}),
 ]
@@ -196,7 +199,8 @@ def test_non_finite_flag_survives_replays_and_names_the_step():
     messages = []
     for graphed in (False, True):
         with graphs.emulated(), pytest.raises(NonFiniteError) as err:
-            sf.sample(bad_late, sde, (4, 2), sampler="euler_maruyama", steps=20, cuda_graph=graphed)
+            # score_sde's uniform-t grid: t < 0.5 from step 10 on
+            sf.sample(bad_late, sde, (4, 2), sampler="euler_maruyama", steps=20, schedule="uniform", cuda_graph=graphed)
         messages.append(str(err.value))
     assert messages[0] == messages[1] and "step 10" in messages[0]
 

@@ -18,6 +18,7 @@ from . import (
     pc,
     reverse_diffusion,
     rk45,
+    unipc,
 )
 
 SAMPLERS: dict[str, ModuleType] = {
@@ -34,6 +35,7 @@ SAMPLERS: dict[str, ModuleType] = {
         heun,
         dpm_solver_pp,
         rk45,
+        unipc,
         adaptive_sde,
     )
 }

@@ -1,0 +1,174 @@
+"""UniPC (Zhao et al. 2023): the unified predictor UniP-p and corrector UniC-p in data prediction.
+
+With lambda = log(a / s) (x_t = a x_0 + s n), h = lambda_{n+1} - lambda_n and D_n the Tweedie x0 at
+(x_n, t_n), the predictor from t_n to t_{n+1} is
+
+    x_{n+1} = (s_{n+1} / s_n) x_n + a_{n+1} (1 - e^{-h}) D_n - a_{n+1} B(h) sum_i rho_i (D_{n-i} - D_n) / r_i,
+
+r_i = (lambda_{n-i} - lambda_n) / h, and B(h) = h ("bh1") or e^h - 1 ("bh2") in the sign convention
+of the paper's data-prediction form (here -h and e^{-h} - 1).  rho solves the order conditions
+R rho = b (R_kj = r_j^(k-1), b_k from the phi functions; p = 2 uses rho = 1/2, as the paper and
+diffusers do).  The corrector UniC re-takes the step t_{n-1} -> t_n once D_n (evaluated at the
+predicted x_n) is known, with D_n as one more point of the fit:
+
+    x_n^c = (s_n / s_{n-1}) x_{n-1}^c + a_n (1 - e^{-h}) D_{n-1} - a_n B(h) (sum_i rho_i (D_{n-1-i} - D_{n-1}) / r_i
+            + rho_last (D_n - D_{n-1})),
+
+which raises the order by one at no extra NFE (D_n is the evaluation the next predictor needs).  The
+next predictor starts from x_n^c.  The predictor order warms up (p_n = min(order, n + 1)) and, with
+``lower_order_final`` (diffusers' default), drops in the last steps (p_n <= N - n); the corrector at
+step n has the order of the predictor it corrects.  This is diffusers' ``UniPCMultistepScheduler``
+(``predict_x0=True``, ``final_sigmas_type="zero"``) on the same grid: its last step, from t_{N-1} to
+sigma = 0, returns D(x_{N-1}), which is our closing Tweedie step; its corrector at that step does
+not change the output, so we skip it.
+
+Over the N-1 intervals between grid times (one NFE each), then the Tweedie step: N NFE in all.
+Every coefficient is computed once per run on the host in float64 (``ctx.table``); a step is the
+Tweedie pass, one fused corrector pass and one fused predictor pass over x and the stored D's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .._checks import check_bool, check_choice, check_int
+from .base import Context, Step
+from .ode_euler import tweedie
+
+NAME = "unipc"
+DRAWS = 1
+DEFAULT_STEPS = 20
+KIND = "ode"
+VARIANTS = ("bh1", "bh2")
+MAX_ORDER = 3
+
+
+def validate(sde, *, order, variant, corrector, lower_order_final, denoise) -> dict:
+    """The options checked and normalised (ValueError/TypeError naming the option): order an int in
+    [1, 3], variant "bh1" or "bh2", the flags bools."""
+    order = check_int("order", order, minimum=1)
+    if order > MAX_ORDER:
+        raise ValueError(f"order: UniPC here has order <= {MAX_ORDER}, got {order}")
+    return {
+        "order": order,
+        "variant": check_choice("variant", variant, VARIANTS),
+        "corrector": check_bool("corrector", corrector),
+        "lower_order_final": check_bool("lower_order_final", lower_order_final),
+        "denoise": check_bool("denoise", denoise),
+    }
+
+
+def run(
+    ctx: Context,
+    x,
+    *,
+    order: int = 2,
+    variant: str = "bh2",
+    corrector: bool = True,
+    lower_order_final: bool = True,
+    denoise: bool = True,
+):
+    """Options validated by ``validate``."""
+    times = ctx.times.to("cpu", torch.float64)
+    a, s = ctx.sde.mean_coef(times), ctx.sde.std(times)
+    lam = torch.log(a / s)
+    if not bool(torch.isfinite(lam).all()):
+        raise ValueError("schedule: UniPC needs 0 < mean_coef and 0 < std at every grid time (log-SNR finite)")
+    N = len(times)
+    sched = ctx.table(coefficients(lam.tolist(), a.tolist(), s.tolist(), order, variant, corrector, lower_order_final))
+    P = 2 + MAX_ORDER  # the predictor's first column
+    width = order  # D's the carry keeps once warmed up: D_{n-order+1} .. D_n, oldest first
+
+    def step(n: Step, x, *rest):
+        """rest = (x_c, D_{n-k}, ..., D_{n-1}) with the corrector, (D_{n-k}, ..., D_{n-1}) without.
+
+        History is oldest first, so that the carry returned shifts every buffer towards the front
+        (output i is input i + 1 or a fresh tensor): copying outputs back into static buffers in
+        order never reads a buffer already overwritten."""
+        t = ctx.time(n)
+        D = ctx.denoised(x, n, ctx.score(x, t))
+        history = rest[1:] if corrector else rest
+        newest_first = history[::-1]
+        if corrector and len(rest) > 0:  # UniC: re-take the step t_{n-1} -> t_n with D_n known
+            cols = (*range(2 + len(newest_first)), 0.0)  # x_c, D_n, D_{n-1}, ...; no noise
+            x = ctx.update_row(rest[0], sched, n, [D, *newest_first], cols=cols, noise=False)
+        used = newest_first[: MAX_ORDER - 1]
+        cols = (*range(P, P + 2 + len(used)), 0.0)  # x, D_n, D_{n-1}, D_{n-2}; no noise
+        x_next = ctx.update_row(x, sched, n, [D, *used], cols=cols, noise=False)
+        x_next = ctx.step_done(n, x_next, t, D)
+        kept = (*history, D)[-width:]
+        return (x_next, x, *kept) if corrector else (x_next, *kept)
+
+    warm = min(order, N - 1)  # steps whose carry is still growing: one at a time, eagerly
+    carry = (x,)
+    for n in range(warm):
+        carry = ctx.steps(step, carry, n, n + 1)
+    x = ctx.steps(step, carry, warm, N - 1)[0]
+    return tweedie(ctx, x, denoise)
+
+
+def orders(N: int, order: int, lower_order_final: bool) -> list[int]:
+    """The predictor order p_n of each interval n = 0 .. N-2 (diffusers' warm-up and final orders)."""
+    return [min(order, n + 1, N - n) if lower_order_final else min(order, n + 1) for n in range(N - 1)]
+
+
+def _phi_b(h: float, p: int, variant: str) -> tuple[float, float, list[float]]:
+    """(h phi_1 = e^{-h} - 1, B(h), [b_1 .. b_p]) of the order conditions, in data prediction."""
+    hh = -h
+    h_phi_1 = math.expm1(hh)
+    B = hh if variant == "bh1" else h_phi_1
+    g, fact, b = h_phi_1 / hh - 1, 1, []
+    for k in range(1, p + 1):
+        b.append(g * fact / B)
+        fact *= k + 1
+        g = g / hh - 1 / fact
+    return h_phi_1, B, b
+
+
+def _rhos(r: list[float], b: list[float], full: bool) -> list[float]:
+    """Solve R rho = b with R_kj = r_j^(k-1) over nodes r (+ the node 1 when ``full``)."""
+    nodes = [*r, 1.0] if full else r
+    R = torch.tensor([[v**k for v in nodes] for k in range(len(nodes))], dtype=torch.float64)
+    return torch.linalg.solve(R, torch.tensor(b[: len(nodes)], dtype=torch.float64)).tolist()
+
+
+def predictor_coefs(lam, a, s, n: int, p: int, variant: str) -> list[float]:
+    """UniP-p from t_n to t_{n+1}: [x_n coef, D_n coef, D_{n-1}, D_{n-2} coefs] (unused ones 0)."""
+    h = lam[n + 1] - lam[n]
+    h_phi_1, B, b = _phi_b(h, p, variant)
+    r = [(lam[n - i] - lam[n]) / h for i in range(1, p)]
+    rho = [] if p == 1 else [0.5] if p == 2 else _rhos(r, b, full=False)
+    a_n = a[n + 1]
+    hist = [-a_n * B * rho_i / r_i for rho_i, r_i in zip(rho, r, strict=True)]
+    new = -a_n * h_phi_1 - sum(hist)
+    return [s[n + 1] / s[n], new, *hist, *[0.0] * (MAX_ORDER - 1 - len(hist))]
+
+
+def corrector_coefs(lam, a, s, n: int, p: int, variant: str) -> list[float]:
+    """UniC-p re-taking t_{n-1} -> t_n: [x_{n-1}^c coef, D_n coef, D_{n-1}, D_{n-2}, D_{n-3} coefs]."""
+    m = n - 1
+    h = lam[n] - lam[m]
+    h_phi_1, B, b = _phi_b(h, p, variant)
+    r = [(lam[m - i] - lam[m]) / h for i in range(1, p)]
+    rho = [0.5] if p == 1 else _rhos(r, b, full=True)
+    a_n = a[n]
+    hist = [-a_n * B * rho_i / r_i for rho_i, r_i in zip(rho[:-1], r, strict=True)]
+    new = -a_n * B * rho[-1]
+    prev = -a_n * h_phi_1 - sum(hist) - new
+    return [s[n] / s[m], new, prev, *hist, *[0.0] * (MAX_ORDER - 1 - len(hist))]
+
+
+def coefficients(lam, a, s, order: int, variant: str, corrector: bool, lower_order_final: bool) -> list[list[float]]:
+    """Per interval n: 2 + MAX_ORDER corrector columns (x, D_n, D_{n-1}, ...) then 1 + MAX_ORDER predictor columns."""
+    N = len(lam)
+    p = orders(N, order, lower_order_final)
+    rows = []
+    for n in range(N - 1):
+        if corrector and n > 0:
+            c = corrector_coefs(lam, a, s, n, p[n - 1], variant)
+        else:
+            c = [1.0] + [0.0] * (1 + MAX_ORDER)
+        rows.append(c + predictor_coefs(lam, a, s, n, p[n], variant))
+    return rows
