@@ -268,6 +268,7 @@ def _own_inputs(ctx, device: torch.device) -> None:
     buffers, so a later run replays the graph with its own values copied in (never frozen)."""
     seed = torch.empty((), dtype=torch.int64, device=device)
     ctx.seed = seed.copy_(ctx.seed) if isinstance(ctx.seed, Tensor) else seed.fill_(ctx.seed)
+    ctx._seed_t = None  # a seed tensor made by an eager loop before this one is not the graph's input
     ctx.sample_ids = ctx.sample_ids.clone()
     ctx.extra_args = {k: v.clone() if isinstance(v, Tensor) else v for k, v in ctx.extra_args.items()}
 

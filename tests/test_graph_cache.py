@@ -20,7 +20,7 @@ from scorefast import graphs
 from scorefast.distributed import load_samples, sample_sharded
 from scorefast.samplers import SAMPLERS
 from scorefast.sde import VESDE, VPSDE
-from tests.test_capture_standin import FAST, VE_ONLY
+from tests.test_capture_standin import FAST, VARIANTS, VE_ONLY
 
 GM = sf.testing.GaussianMixture.ring(4, 3.0, 0.4)
 SDE = VPSDE()
@@ -52,6 +52,25 @@ def test_a_second_call_replays_the_cached_graph_with_its_own_seed_and_ids(name):
         eager = sf.sample(score, sde, (12, 2), **kw, **c)
         assert torch.equal(out, eager), (c, (out - eager).abs().max())
     assert not torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("name,sde,options", VARIANTS, ids=[f"{n}-{o}" for n, _, o in VARIANTS])
+def test_every_variant_replays_the_cached_graph_with_its_own_seed(name, sde, options):
+    """Every variant (2m-sde and 3m with eta > 0 run their first loop eagerly: a seed tensor made before the
+    capture must not be frozen into the cached graph)."""
+    score = GM.score_fn(sde)
+    kw = dict(sampler=name, **options)
+    if name not in ("rk45", "adaptive_sde"):
+        kw["steps"] = 8
+    calls = [dict(seed=3), dict(seed=11, sample_ids=torch.arange(100, 112))]
+    with graphs.emulated() as stats:
+        outs = [_graphed(score, sde, **kw, **calls[0])]
+        first = stats.graphs
+        outs.append(_graphed(score, sde, **kw, **calls[1]))
+    assert first >= 1 and stats.graphs == first  # the second call replayed the cached graph
+    for c, out in zip(calls, outs, strict=True):
+        eager = sf.sample(score, sde, (12, 2), **kw, **c)
+        assert torch.equal(out, eager), (c, (out - eager).abs().max())
 
 
 def test_x_init_and_extra_args_tensors_are_inputs_too():
