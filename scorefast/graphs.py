@@ -20,10 +20,11 @@ One capture per configuration: ``sf.sample`` keys the step graph by (score_fn, S
 device, sampler and its options, grid, precision, backend, which step loop of the run) and a later
 call with the same key replays the cached graph without capturing.  Its seed, sample ids, initial
 state and tensor ``extra_args`` are static inputs that each run copies in (never frozen), and the
-result is copied out of the shared buffers.  The cache holds score_fn weakly (entries go with the
-network), keeps the ``CACHE_SIZE`` most recently used graphs, and ``clear_cache()`` empties it; the
-graph reads parameters in place, so replacing a parameter object (not updating it) needs a
-``clear_cache()``.  The cache serves one thread at a time; a conditional projection
+result is copied out of the shared buffers.  A graph holds raw addresses, so a cache entry keeps
+alive everything its capture read: the score_fn (keyed by identity), its network and the run's
+tables stay in memory until the entry is evicted (the ``CACHE_SIZE`` most recently used graphs are
+kept) or ``clear_cache()`` runs.  The graph reads parameters in place, so replacing a parameter
+object (not updating it) needs a ``clear_cache()``.  The cache serves one thread at a time; a conditional projection
 (``sf.conditional``) is captured per run.  Sharded chunks of one shape share one graph.
 
 On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) runs this module's real
@@ -39,7 +40,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -136,8 +136,8 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
             return carry, start + 1
         nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
         if key is not None:
-            entry = _Entry(captured, n_dev, ctx, nfe_per_step)
-            _remember(key, entry, ctx.score_fn)
+            entry = _Entry(captured, n_dev, ctx, body, done, nfe_per_step)
+            _remember(key, entry)
     ctx.captured = True
     if entry is not None:
         entry.busy = True
@@ -200,27 +200,40 @@ def configuration(key: tuple | None) -> Iterator[None]:
 def config_key(score_fn: Callable, sde, **config) -> tuple | None:
     """The cache key of a sampling configuration, or None when it cannot be cached.
 
-    score_fn is held by a weak reference (a cached graph never keeps a network alive; its entries
-    go when it does); the SDE and ``config`` (sampler, options, shape, dtype, device, grid, precision,
-    backend ...) by value.  Tensors in ``config["extra"]`` are static inputs, keyed by shape, dtype
+    score_fn is keyed by identity (a bound method by its object and function) and held by the key:
+    a cached graph reads the network's memory, so its entry keeps the network alive until it is
+    evicted or ``clear_cache()`` runs; the SDE and ``config`` (sampler, options, shape, dtype, device,
+    grid, precision, backend ...) by value.  Tensors in ``config["extra"]`` are static inputs, keyed by shape, dtype
     and device only.  A value with no key (an arbitrary object) makes the configuration uncacheable.
     """
-    try:
-        ref = weakref.WeakMethod(score_fn) if inspect.ismethod(score_fn) else weakref.ref(score_fn)
-    except TypeError:
-        return None
+    ident = (_Same(score_fn.__self__), score_fn.__func__) if inspect.ismethod(score_fn) else (_Same(score_fn),)
     extra = config.pop("extra", {})
     try:
         frozen = (_freeze(sde), _freeze(config), tuple(sorted((k, _freeze_input(v)) for k, v in extra.items())))
     except _Uncacheable:
         return None
-    return (ref, frozen)
+    return (ident, frozen)
+
+
+class _Same:
+    """A key part equal only to itself: an object by identity (no ``__hash__`` / ``__eq__`` of its own
+    is called), held strongly so that its id cannot be reused while the key lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
 
 
 def clear_cache() -> None:
-    """Drop every cached step graph (with its static buffers and, on CUDA, its memory)."""
-    for entry in _CACHE.values():
-        entry.finalizer.detach()
+    """Drop every cached step graph (with its static buffers, the networks and tables it reads and, on
+    CUDA, its memory)."""
     _CACHE.clear()
 
 
@@ -275,19 +288,24 @@ def _own_inputs(ctx, device: torch.device) -> None:
 
 @dataclass
 class _Entry:
-    """A cached step graph and the inputs it reads: a later run copies its own values into them."""
+    """A cached step graph and the inputs it reads: a later run copies its own values into them.
+
+    A CUDA graph holds raw addresses only: the entry keeps alive everything the capture could have
+    read, the capturing run's context (its tables, SDE, score_fn, flags) and the step's ``body`` and
+    ``done`` (the closures' work buffers)."""
 
     captured: _Captured
     n_dev: Tensor
-    ctx: object = field(repr=False)  # only while built: the inputs are taken from it
+    ctx: object = field(repr=False)
+    body: Callable = field(repr=False)
+    done: Callable | None = field(repr=False)
     nfe_per_step: int = 0
 
     def __post_init__(self):
-        ctx, self.ctx = self.ctx, None  # never keep the run (nor its score_fn) alive
+        ctx = self.ctx
         self.seed, self.ids = ctx.seed, ctx.sample_ids
         self.extra = {k: v for k, v in ctx.extra_args.items() if isinstance(v, Tensor)}
         self.first_bad, self.bad_time = ctx._first_bad, ctx._bad_time
-        self.finalizer = None
         self.busy = False  # a run is replaying it
 
     def load(self, ctx, carry: tuple[Tensor, ...], n: int) -> None:
@@ -304,14 +322,10 @@ class _Entry:
         ctx._first_bad, ctx._bad_time = self.first_bad, self.bad_time
 
 
-def _remember(key: tuple, entry: _Entry, score_fn: Callable) -> None:
+def _remember(key: tuple, entry: _Entry) -> None:
     _CACHE[key] = entry
-    owner = score_fn.__self__ if inspect.ismethod(score_fn) else score_fn  # a bound method lives with its object
-    entry.finalizer = weakref.finalize(owner, _CACHE.pop, key, None)
-    entry.finalizer.atexit = False
     while len(_CACHE) > CACHE_SIZE:
-        _, dropped = _CACHE.popitem(last=False)
-        dropped.finalizer.detach()
+        _CACHE.popitem(last=False)
 
 
 def _reason(err: BaseException) -> str:

@@ -8,6 +8,7 @@ input) and frozen sample ids fail the "another seed / other ids" tests.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import warnings
 import weakref
@@ -24,7 +25,7 @@ from tests.test_capture_standin import FAST, VARIANTS, VE_ONLY
 
 GM = sf.testing.GaussianMixture.ring(4, 3.0, 0.4)
 SDE = VPSDE()
-SCORE = GM.score_fn(SDE)  # one score function object for every call: the cache key holds it weakly
+SCORE = GM.score_fn(SDE)  # one score function object for every call: the cache keys it by identity
 
 
 def _graphed(score=SCORE, sde=SDE, shape=(12, 2), **kw):
@@ -109,30 +110,44 @@ def test_another_configuration_captures_again(change):
     assert stats.graphs == 2
 
 
-def test_the_cache_holds_no_network_alive_is_bounded_and_can_be_cleared():
+def test_the_cache_keeps_the_network_alive_until_eviction_or_clear_cache():
+    """A CUDA graph reads the network's memory by address: the entry holds the network (and the tables
+    the capture read) until it is evicted (least recently used first) or ``clear_cache()`` runs."""
     net = sf.models.build("MLP", dim=2, hidden=8, layers=1)
     score = sf.adapters.from_eps(net, SDE)
     alive = weakref.ref(net)
     with graphs.emulated() as stats, torch.no_grad():
-        _graphed(score, sampler="euler_maruyama", steps=5)
+        first = _graphed(score, sampler="euler_maruyama", steps=5, seed=1)
         assert len(graphs._CACHE) == 1
         del score, net
         gc.collect()
+        assert alive() is not None  # the cached graph still reads it
+        sf.graphs.clear_cache()
+        gc.collect()
         assert alive() is None and len(graphs._CACHE) == 0
-        for steps in range(5, 5 + graphs.CACHE_SIZE + 3):
+        net = sf.models.build("MLP", dim=2, hidden=8, layers=1)
+        score = sf.adapters.from_eps(net, SDE)
+        alive = weakref.ref(net)
+        _graphed(score, sampler="euler_maruyama", steps=5)
+        del score, net
+        for steps in range(6, 6 + graphs.CACHE_SIZE):  # the network's entry is the oldest: evicted
             _graphed(sampler="euler_maruyama", steps=steps)
-        assert len(graphs._CACHE) == graphs.CACHE_SIZE
-        _graphed(sampler="euler_maruyama", steps=5 + graphs.CACHE_SIZE + 2)  # the newest: still cached
+        gc.collect()
+        assert alive() is None and len(graphs._CACHE) == graphs.CACHE_SIZE
         before = stats.graphs
-        _graphed(sampler="euler_maruyama", steps=5)  # the oldest was dropped: captured again
-        assert stats.graphs == before + 1
+        _graphed(sampler="euler_maruyama", steps=5 + graphs.CACHE_SIZE)  # the newest: still cached
+        assert stats.graphs == before
+        _graphed(sampler="euler_maruyama", steps=5)  # evicts steps=6, the least recently used
+        _graphed(sampler="euler_maruyama", steps=6)  # captured again
+        assert stats.graphs == before + 2
         sf.graphs.clear_cache()
         assert len(graphs._CACHE) == 0
-        _graphed(sampler="euler_maruyama", steps=5)
-        assert stats.graphs == before + 2
+        _graphed(sampler="euler_maruyama", steps=6)
+        assert stats.graphs == before + 3
+    assert first.shape == (12, 2)
 
 
-def test_a_bound_method_score_is_cached_while_its_object_lives():
+def test_a_bound_method_score_is_cached_by_its_object():
     class Model:
         def score(self, x, t):
             return GM.score(x, t, SDE)
@@ -140,12 +155,32 @@ def test_a_bound_method_score_is_cached_while_its_object_lives():
     model = Model()
     with graphs.emulated() as stats:
         a = _graphed(model.score, sampler="heun", steps=6, seed=1)
-        b = _graphed(model.score, sampler="heun", steps=6, seed=2)
+        b = _graphed(model.score, sampler="heun", steps=6, seed=2)  # a new bound method of the same object
         assert stats.graphs == 1 and len(graphs._CACHE) == 1
-        del model
-        gc.collect()
-        assert len(graphs._CACHE) == 0
+        _graphed(Model().score, sampler="heun", steps=6, seed=2)  # another object: another graph
+        assert stats.graphs == 2
     assert not torch.equal(a, b)
+
+
+def test_a_score_fn_with_eq_but_no_hash_is_keyed_by_identity():
+    """A callable dataclass (``__eq__`` and ``__hash__ = None``): cached by identity, never hashed."""
+
+    @dataclasses.dataclass
+    class Scaled:
+        scale: float
+
+        def __call__(self, x, t):
+            return self.scale * GM.score(x, t, SDE)
+
+    kw = dict(sampler="ddim", steps=6, seed=4)
+    one, same = Scaled(1.0), Scaled(1.0)
+    with graphs.emulated() as stats:
+        out = _graphed(one, **kw)
+        _graphed(one, **kw)
+        assert stats.graphs == 1
+        _graphed(same, **kw)  # equal but another object: not assumed to compute the same
+        assert stats.graphs == 2
+    assert torch.equal(out, sf.sample(one, SDE, (12, 2), **kw))
 
 
 def test_sharded_chunks_of_one_shape_share_one_graph(tmp_path):
