@@ -239,7 +239,7 @@ def clear_cache() -> None:
 
 def _freeze(value):
     """A hashable value key of value: numbers, strings, dtypes, devices, containers, tensors (by
-    their bytes), SDE-like objects (by type and attributes)."""
+    their bytes), SDE-like objects (by their class itself and attributes)."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype | torch.device):
         return value
     if isinstance(value, list | tuple):
@@ -250,7 +250,7 @@ def _freeze(value):
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         return ("tensor", value.dtype, tuple(value.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest())
     if hasattr(value, "__dict__") and not callable(value):
-        return (type(value).__module__, type(value).__qualname__, _freeze(vars(value)))
+        return (type(value), _freeze(vars(value)))  # the class itself: one of the same name may differ
     raise _Uncacheable(type(value).__name__)
 
 

@@ -216,3 +216,23 @@ def test_a_callback_sampling_the_same_configuration_does_not_share_the_graph_in_
     assert stats.graphs == 2  # the inner call captured its own (uncached) graph
     assert torch.equal(outer, sf.sample(SCORE, SDE, (12, 2), seed=1, **kw))
     assert torch.equal(inner[0], sf.sample(SCORE, SDE, (12, 2), seed=9, **kw))
+
+
+def test_an_sde_class_defined_twice_is_another_configuration():
+    """Two classes of one name (a factory, a re-run notebook cell) and equal attributes are keyed apart."""
+
+    def make(scale):
+        class MySDE(VPSDE):
+            def std(self, t):
+                return super().std(t) * scale
+
+        return MySDE()
+
+    score = lambda x, t: -x  # noqa: E731
+    kw = dict(sampler="ddim", steps=8, seed=1)
+    sde = make(0.5)
+    with graphs.emulated() as stats:
+        _graphed(score, make(1.0), shape=(6, 2), **kw)
+        out = _graphed(score, sde, shape=(6, 2), **kw)
+    assert stats.graphs == 2
+    assert torch.equal(out, sf.sample(score, sde, (6, 2), **kw))
