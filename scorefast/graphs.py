@@ -17,7 +17,9 @@ that cannot be captured) one ``RuntimeWarning`` says why and the remaining steps
 the same state: the same results, never silently different ones.
 
 One capture per configuration: ``sf.sample`` keys the step graph by (score_fn, SDE, shape, dtype,
-device, sampler and its options, grid, precision, backend, which step loop of the run) and a later
+device, sampler and its options, grid, precision, backend, which step loop of the run, the ambient
+autocast / inference / grad modes, and of every ``nn.Module`` reachable from score_fn its
+``training`` flags and where and how its parameters and buffers are stored) and a later
 call with the same key replays the cached graph without capturing.  Its seed, sample ids, initial
 state and tensor ``extra_args`` are static inputs that each run copies in (never frozen), and the
 result is copied out of the shared buffers.  A graph holds raw addresses, so a cache entry keeps
@@ -37,8 +39,11 @@ fallback), and copies a step's outputs back into the static buffers in order (al
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import inspect
+import types
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -208,11 +213,66 @@ def config_key(score_fn: Callable, sde, **config) -> tuple | None:
     """
     ident = (_Same(score_fn.__self__), score_fn.__func__) if inspect.ismethod(score_fn) else (_Same(score_fn),)
     extra = config.pop("extra", {})
+    device = torch.device(config.get("device", "cpu"))
     try:
         frozen = (_freeze(sde), _freeze(config), tuple(sorted((k, _freeze_input(v)) for k, v in extra.items())))
     except _Uncacheable:
         return None
-    return (ident, frozen)
+    return (ident, frozen, _ambient(device), tuple(_module_state(m) for m in _modules_of(score_fn)))
+
+
+def _ambient(device: torch.device) -> tuple:
+    """The ambient state a capture freezes: autocast (enabled and dtype) per device type, inference mode
+    and grad mode."""
+    autocast = tuple(
+        (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in sorted({"cpu", "cuda", device.type})
+    )
+    return autocast, torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+
+def _modules_of(score_fn: Callable, depth: int = 2) -> list[torch.nn.Module]:
+    """The ``nn.Module`` s reachable from score_fn within ``depth`` hops: score_fn itself, a bound method's
+    object, closure cells, attributes (an adapter's ``net``), ``functools.partial`` arguments and the
+    items of small containers met on the way."""
+    found: dict[int, torch.nn.Module] = {}
+
+    def visit(obj, level: int) -> None:
+        if isinstance(obj, torch.nn.Module):
+            found.setdefault(id(obj), obj)
+            return
+        if level < 0 or isinstance(obj, type | Tensor | str | bytes | int | float | types.ModuleType) or obj is None:
+            return
+        children: list = []
+        if isinstance(obj, list | tuple | dict):
+            children = list(obj.values() if isinstance(obj, dict) else obj)[:_WALK_ITEMS]
+        else:
+            if inspect.ismethod(obj):
+                children.append(obj.__self__)
+            if isinstance(obj, functools.partial):
+                children += [obj.func, *obj.args, *obj.keywords.values()]
+            for cell in getattr(obj, "__closure__", None) or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    children.append(cell.cell_contents)
+            attrs = getattr(obj, "__dict__", None)
+            if isinstance(attrs, dict):
+                children += list(attrs.values())[:_WALK_ITEMS]
+        for child in children:
+            visit(child, level - 1)
+
+    visit(score_fn, depth)
+    return list(found.values())
+
+
+_WALK_ITEMS = 32  # attributes / container items looked at per object while finding modules
+
+
+def _module_state(module: torch.nn.Module) -> tuple:
+    """What a capture froze of a module: where and how its parameters and buffers are stored (``.to()`` /
+    ``.half()`` swap the storage under the same objects) and every submodule's ``training``."""
+    tensors = tuple(
+        (t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in (*module.parameters(), *module.buffers())
+    )
+    return id(module), tensors, tuple(m.training for m in module.modules())
 
 
 class _Same:
@@ -403,9 +463,16 @@ def _capture_cuda(ctx, call, n_dev: Tensor, carry) -> _Captured:
     static = tuple(c.clone() for c in carry)
     graph = torch.cuda.CUDAGraph()
     ctx._recorded = None
-    with _capturing("cuda"), torch.cuda.graph(graph):
-        _copy_back(static, call(n_dev, static))
-        n_dev.add_(1)
+    # a weight cast cached by an ambient autocast before the capture is freed when its region ends:
+    # the capture makes its own casts (as make_graphed_callables requires cache_enabled=False)
+    cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        with _capturing("cuda"), torch.cuda.graph(graph):
+            _copy_back(static, call(n_dev, static))
+            n_dev.add_(1)
+    finally:
+        torch.set_autocast_cache_enabled(cache)
     return _Captured(graph, static, ctx._recorded)
 
 

@@ -236,3 +236,76 @@ def test_an_sde_class_defined_twice_is_another_configuration():
         out = _graphed(score, sde, shape=(6, 2), **kw)
     assert stats.graphs == 2
     assert torch.equal(out, sf.sample(score, sde, (6, 2), **kw))
+
+
+class _DropoutNet(torch.nn.Module):
+    """A tiny eps network whose output depends on training mode (dropout) and on its parameters' dtype."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lin = torch.nn.Linear(3, 2)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x, t):
+        h = torch.cat([x, t[:, None]], 1).to(self.lin.weight.dtype)
+        return self.drop(self.lin(h)).float()
+
+
+def _twice(first, second, **kw):
+    """The graphed result of a call after another configuration ran, the graphs captured, and the eager result."""
+    net = _DropoutNet()
+    score = sf.adapters.from_eps(net, SDE)
+    kw = dict(sampler="ddim", steps=8, seed=1, **kw)
+    with torch.no_grad(), graphs.emulated() as stats:
+        first(net)
+        _graphed(score, **kw)
+        second(net)
+        out = _graphed(score, **kw)
+    with torch.no_grad():
+        return out, stats.graphs, sf.sample(score, SDE, (12, 2), **kw)
+
+
+@pytest.mark.parametrize(
+    "first,second",
+    [
+        (lambda net: net.train(), lambda net: net.eval()),
+        (lambda net: net.eval(), lambda net: net.to(torch.bfloat16)),
+        (lambda net: net.eval(), lambda net: net.half().float()),  # new storage, the same dtype
+    ],
+    ids=["train-eval", "to-bf16", "half-float"],
+)
+def test_a_module_mode_or_storage_change_is_another_configuration(first, second):
+    """``.train()`` / ``.eval()`` of any reachable module, and ``.to()`` / ``.half()`` (which swap the storage
+    under the same parameter objects) change what a graph computes or reads."""
+    out, captured, eager = _twice(first, second)
+    assert captured == 2
+    assert torch.equal(out, eager), (out - eager).abs().max()
+
+
+@pytest.mark.parametrize(
+    "ambient",
+    [
+        lambda: torch.autocast("cpu", dtype=torch.bfloat16),
+        torch.inference_mode,
+    ],
+    ids=["autocast-bf16", "inference-mode"],
+)
+def test_ambient_autocast_and_inference_mode_are_part_of_the_configuration(ambient):
+    """A graph captured under an autocast or inference mode is not replayed by a call outside it (and back)."""
+    net = _DropoutNet().eval()
+    score = sf.adapters.from_eps(net, SDE)
+    kw = dict(sampler="euler_maruyama", steps=8, seed=1)
+    with torch.no_grad():
+        eager = sf.sample(score, SDE, (12, 2), **kw)
+        with ambient():
+            inside = sf.sample(score, SDE, (12, 2), **kw)
+        with graphs.emulated() as stats:
+            with ambient():
+                _graphed(score, **kw)
+            plain = _graphed(score, **kw)
+            with ambient():
+                again = _graphed(score, **kw)
+    assert stats.graphs == 2
+    assert torch.equal(plain, eager) and torch.equal(again, inside)
+    assert ambient is torch.inference_mode or not torch.equal(plain, inside)  # autocast changes the samples
