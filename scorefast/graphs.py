@@ -26,8 +26,9 @@ result is copied out of the shared buffers.  A graph holds raw addresses, so a c
 alive everything its capture read: the score_fn (keyed by identity), its network and the run's
 tables stay in memory until the entry is evicted (the ``CACHE_SIZE`` most recently used graphs are
 kept) or ``clear_cache()`` runs.  The graph reads parameters in place, so replacing a parameter
-object (not updating it) needs a ``clear_cache()``.  The cache serves one thread at a time; a conditional projection
-(``sf.conditional``) is captured per run.  Sharded chunks of one shape share one graph.
+object (not updating it) needs a ``clear_cache()``.  An entry serves one run at a time (another
+thread, or a callback sampling the same configuration, meanwhile captures a graph of its own); a
+conditional projection (``sf.conditional``) is captured per run.  Sharded chunks of one shape share one graph.
 
 On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) runs this module's real
 capture code on CPU tensors with a stand-in for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph``
@@ -43,6 +44,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import threading
 import types
 import warnings
 from collections import OrderedDict
@@ -105,12 +107,21 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     ``clear_cache``), else captured (and cached when the configuration can be).
     """
     device = carry[0].device
-    key = _step_key(ctx, body, carry, start, stop, done)
-    entry = _CACHE.get(key) if key is not None else None
-    if entry is not None and entry.busy:  # in use by a run still going (its callback sampling): not shared
-        key = entry = None
+    key, entry = _acquire(_step_key(ctx, body, carry, start, stop, done))
     if key is not None and entry is None:
         _own_inputs(ctx, device)  # the seed, ids and tensor extra_args become static inputs of the graph
+    held = [entry]  # the cache entry this run uses (marked busy), released however the run ends
+    try:
+        return _run_graphed(ctx, body, carry, start, stop, done, key, held)
+    finally:
+        if held[0] is not None:
+            _release(ctx, held[0])
+
+
+def _run_graphed(ctx, body, carry, start: int, stop: int, done, key: tuple | None, held: list):
+    """run_steps with the cache entry held[0] (None: capture, and cache it under key unless key is None)."""
+    device = carry[0].device
+    entry = held[0]
     n_dev = torch.full((), start, dtype=torch.int64, device=device) if entry is None else entry.n_dev
 
     def call(n: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -122,7 +133,6 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     if ctx._recorded is not None:
         ctx.report(start, *ctx._recorded)
     if entry is not None:
-        _CACHE.move_to_end(key)
         captured, nfe_per_step = entry.captured, entry.nfe_per_step
         entry.load(ctx, carry, start + 1)
     else:
@@ -136,21 +146,15 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
                 f"cuda_graph: step {start + 1} could not be captured ({_reason(err)}); "
                 "sampling the remaining steps eagerly (same results)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
             return carry, start + 1
         nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
         if key is not None:
-            entry = _Entry(captured, n_dev, ctx, body, done, nfe_per_step)
-            _remember(key, entry)
+            held[0] = _Entry(captured, n_dev, ctx, body, done, nfe_per_step)
+            _remember(key, held[0])
     ctx.captured = True
-    if entry is not None:
-        entry.busy = True
-    try:
-        state, n = _replay_steps(ctx, captured, nfe_per_step, carry, start, stop, done)
-    finally:
-        if entry is not None:
-            entry.busy = False
+    state, n = _replay_steps(ctx, captured, nfe_per_step, carry, start, stop, done)
     ctx._step = n
     if key is not None and state is captured.static:  # a later run of the cached graph rewrites them
         state = tuple(buffer.clone() for buffer in state)
@@ -294,7 +298,8 @@ class _Same:
 def clear_cache() -> None:
     """Drop every cached step graph (with its static buffers, the networks and tables it reads and, on
     CUDA, its memory)."""
-    _CACHE.clear()
+    with _LOCK:
+        _CACHE.clear()
 
 
 def _freeze(value):
@@ -382,10 +387,41 @@ class _Entry:
         ctx._first_bad, ctx._bad_time = self.first_bad, self.bad_time
 
 
+_LOCK = threading.Lock()  # guards _CACHE and the entries' busy flags
+
+
+def _acquire(key: tuple | None) -> tuple[tuple | None, _Entry | None]:
+    """(key, the cached entry marked busy) or (key, None) when not cached; (None, None) when the entry is
+    in use by a run still going (another thread, or a callback sampling the same configuration): that run
+    captures a graph of its own and does not cache it."""
+    if key is None:
+        return None, None
+    with _LOCK:
+        entry = _CACHE.get(key)
+        if entry is None:
+            return key, None
+        if entry.busy:
+            return None, None
+        entry.busy = True
+        _CACHE.move_to_end(key)
+        return key, entry
+
+
+def _release(ctx, entry: _Entry) -> None:
+    """The run is done with entry: the non-finite flags it wrote go back into tensors the run owns (a later
+    run of the entry rewrites the entry's), and the entry is free for the next run."""
+    ctx._first_bad, ctx._bad_time = entry.first_bad.clone(), entry.bad_time.clone()
+    with _LOCK:
+        entry.busy = False
+
+
 def _remember(key: tuple, entry: _Entry) -> None:
-    _CACHE[key] = entry
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
+    """Cache entry (in use by the run that made it) under key, dropping the least recently used."""
+    entry.busy = True
+    with _LOCK:
+        _CACHE[key] = entry
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
 
 
 def _reason(err: BaseException) -> str:

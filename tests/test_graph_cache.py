@@ -8,8 +8,10 @@ input) and frozen sample ids fail the "another seed / other ids" tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import threading
 import warnings
 import weakref
 
@@ -309,3 +311,64 @@ def test_ambient_autocast_and_inference_mode_are_part_of_the_configuration(ambie
     assert stats.graphs == 2
     assert torch.equal(plain, eager) and torch.equal(again, inside)
     assert ambient is torch.inference_mode or not torch.equal(plain, inside)  # autocast changes the samples
+
+
+def test_a_nested_run_of_the_same_configuration_leaves_the_outer_non_finite_step():
+    """A callback sampling the cached configuration after the outer run's graphed loop: the outer run's
+    non-finite flag is its own (not the entry's, which the inner run rewrites), so it names its step."""
+
+    def score(x, t, poison):
+        s = GM.score(x, t, SDE)
+        bad = (poison[:, None] > 0) & (t[:, None] < 0.5) & (t[:, None] > 0.4)
+        return torch.where(bad, torch.full_like(s, float("inf")), s)
+
+    kw = dict(sampler="pc", steps=10, seed=0, shape=(4, 2))
+
+    def run(poison, callback=None, graphed=True):
+        call = _graphed if graphed else lambda score, **kw: sf.sample(score, SDE, kw.pop("shape"), **kw)
+        with pytest.raises(sf.NonFiniteError) if poison.any() else contextlib.nullcontext() as err:
+            call(score, extra_args={"poison": poison}, callback=callback, **kw)
+        return err
+
+    def callback(info):
+        if info["i"] == 9:
+            run(torch.zeros(4), callback=lambda info: None)  # the same configuration (with a callback too)
+
+    eager = run(torch.ones(4), callback, graphed=False)
+    with graphs.emulated():
+        run(torch.zeros(4), callback=lambda info: None)  # cached
+        graphed = run(torch.ones(4), callback)
+    assert "at step 5 " in str(eager.value)
+    assert str(graphed.value) == str(eager.value)
+
+
+def test_a_run_in_another_thread_does_not_share_the_entry_in_use():
+    """Thread A takes the cached entry and is held in its warm-up step (a network releasing the GIL);
+    thread B, running the same configuration meanwhile, must not replay A's entry: it captures its own."""
+    in_warm_up, b_done = threading.Event(), threading.Event()
+
+    def score(x, t):
+        if threading.current_thread().name == "A" and not in_warm_up.is_set():
+            in_warm_up.set()
+            assert b_done.wait(60)
+        return GM.score(x, t, SDE)
+
+    kw = dict(sampler="euler_maruyama", steps=12)
+    out = {}
+
+    def run(seed):
+        out[seed] = sf.sample(score, SDE, (8, 2), seed=seed, cuda_graph=True, **kw)
+
+    with graphs.emulated() as stats:
+        run(0)  # cached
+        a = threading.Thread(target=run, args=(1,), name="A")
+        a.start()
+        assert in_warm_up.wait(60)
+        try:
+            run(2)  # B, in this thread
+        finally:
+            b_done.set()
+            a.join(60)
+    assert stats.graphs == 2  # B captured its own graph
+    for seed in (1, 2):
+        assert torch.equal(out[seed], sf.sample(score, SDE, (8, 2), seed=seed, **kw)), seed
