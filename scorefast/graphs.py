@@ -28,7 +28,12 @@ tables stay in memory until the entry is evicted (the ``CACHE_SIZE`` most recent
 kept) or ``clear_cache()`` runs.  The graph reads parameters in place, so replacing a parameter
 object (not updating it) needs a ``clear_cache()``.  An entry serves one run at a time (another
 thread, or a callback sampling the same configuration, meanwhile captures a graph of its own); a
-conditional projection (``sf.conditional``) is captured per run.  Sharded chunks of one shape share one graph.
+conditional projection (``sf.conditional``) is captured per run.
+
+Host values the key cannot see are frozen in a cached graph: a score function that reads a Python
+attribute or global (``self.scale`` in ``__call__``) replays the value of its capture after it
+changed.  Pass such values as tensors in ``extra_args`` (inputs of the graph), or sample within
+``with sf.graphs.no_cache():`` (a capture per run, nothing cached).  Sharded chunks of one shape share one graph.
 
 On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) runs this module's real
 capture code on CPU tensors with a stand-in for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph``
@@ -193,6 +198,23 @@ class _Run:
 
 
 _RUN: ContextVar[_Run | None] = ContextVar("scorefast_graph_run", default=None)
+_NO_CACHE: ContextVar[bool] = ContextVar("scorefast_graph_no_cache", default=False)
+
+
+@contextmanager
+def no_cache() -> Iterator[None]:
+    """Within the block ``cuda_graph=True`` captures a graph per run and neither reads nor fills the cache.
+
+    For a score function whose result depends on host values the key cannot see (a Python attribute
+    such as a guidance scale read by ``__call__``, a global): a cached graph replays them frozen as
+    at its capture.  (Tensors in ``extra_args`` are inputs of the graph and need no opt-out.)"""
+    token = _NO_CACHE.set(True)
+    try:
+        yield
+    finally:
+        _NO_CACHE.reset(token)
+
+
 _CACHE: OrderedDict[tuple, _Entry] = OrderedDict()
 
 
@@ -329,7 +351,7 @@ def _step_key(ctx, body, carry, start, stop, done) -> tuple | None:
     """The key of this step loop: the run's configuration, which loop of the run, its range, the body's
     code, the carry's layout, and whether the step records a callback's tensors (None: not cached)."""
     run = _RUN.get()
-    if run is None or ctx.project is not None:  # a conditional projection holds per-call data
+    if run is None or ctx.project is not None or _NO_CACHE.get():  # a conditional projection holds per-call data
         return None
     run.loops += 1
     layout = tuple((tuple(c.shape), c.dtype, c.device) for c in carry)

@@ -372,3 +372,28 @@ def test_a_run_in_another_thread_does_not_share_the_entry_in_use():
     assert stats.graphs == 2  # B captured its own graph
     for seed in (1, 2):
         assert torch.equal(out[seed], sf.sample(score, SDE, (8, 2), seed=seed, **kw)), seed
+
+
+def test_no_cache_captures_per_run_for_a_score_reading_host_values():
+    """A host attribute read by the score is frozen in a cached graph (the documented limit); within
+    ``no_cache()`` every run captures its own graph and sees the value of its call."""
+
+    class Scaled:
+        scale = 1.0
+
+        def __call__(self, x, t):
+            return self.scale * GM.score(x, t, SDE)
+
+    score = Scaled()
+    kw = dict(sampler="ddim", steps=8, seed=1)
+    with graphs.emulated() as stats:
+        first = _graphed(score, **kw)
+        score.scale = 3.0
+        frozen = _graphed(score, **kw)
+        with sf.graphs.no_cache():
+            fresh = _graphed(score, **kw)
+            assert len(graphs._CACHE) == 1  # nor filled
+    assert stats.graphs == 2
+    eager = sf.sample(score, SDE, (12, 2), **kw)
+    assert not torch.equal(frozen, eager)  # cached: the graphed steps keep the capture's scale
+    assert torch.equal(fresh, eager) and not torch.equal(fresh, first)
