@@ -3,7 +3,11 @@ calls with the same configuration replay it, with their own seed, sample ids, in
 extra_args copied into its static inputs (through the CPU stand-in of ``graphs.emulated()``).
 
 Checked by planting bugs (see the report of the change): a seed frozen into the graph (not a static
-input) and frozen sample ids fail the "another seed / other ids" tests.
+input) and frozen sample ids fail the "another seed / other ids" tests; an entry that does not hold
+the capturing run's context and step closures fails 25 tests here (the stand-in refuses the replay
+of a freed tensor); each keyed state (ambient autocast / inference mode, module training and
+storage, the SDE's class), the busy mark set after the warm-up, the flags shared with the entry and
+a seed tensor cached before the capture fail their own tests on the code before their fix.
 """
 
 from __future__ import annotations
