@@ -25,15 +25,16 @@ state and tensor ``extra_args`` are static inputs that each run copies in (never
 result is copied out of the shared buffers.  A graph holds raw addresses, so a cache entry keeps
 alive everything its capture read: the score_fn (keyed by identity), its network and the run's
 tables stay in memory until the entry is evicted (the ``CACHE_SIZE`` most recently used graphs are
-kept) or ``clear_cache()`` runs.  The graph reads parameters in place, so replacing a parameter
-object (not updating it) needs a ``clear_cache()``.  An entry serves one run at a time (another
-thread, or a callback sampling the same configuration, meanwhile captures a graph of its own); a
-conditional projection (``sf.conditional``) is captured per run.
+kept) or ``clear_cache()`` runs.  The graph reads parameters in place: an update in place (an
+optimizer step, ``load_state_dict``) is replayed, a new parameter or storage is another key.  An
+entry serves one run at a time (another thread, or a callback sampling the same configuration,
+meanwhile captures a graph of its own); a conditional projection (``sf.conditional``) is captured
+per run.  Sharded chunks of one shape share one graph.
 
 Host values the key cannot see are frozen in a cached graph: a score function that reads a Python
 attribute or global (``self.scale`` in ``__call__``) replays the value of its capture after it
 changed.  Pass such values as tensors in ``extra_args`` (inputs of the graph), or sample within
-``with sf.graphs.no_cache():`` (a capture per run, nothing cached).  Sharded chunks of one shape share one graph.
+``with sf.graphs.no_cache():`` (a capture per run, nothing cached).
 
 On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) runs this module's real
 capture code on CPU tensors with a stand-in for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph``
