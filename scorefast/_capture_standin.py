@@ -22,6 +22,11 @@ the real capture code of ``scorefast.graphs`` (``_capture_cuda``, ``_on_side_str
   made, so in-place writes, the copies back into static buffers (in their order) and the counter's
   advance happen for real, and tensors the host kept from the capture (a loss, a callback's
   state) hold the replay's values.
+- A graph keeps no tensor alive that existed before its capture (a CUDA graph holds raw addresses
+  only): the recorded ops hold such tensors weakly, and a replay that reads one that was freed, or
+  whose storage moved or changed dtype since the capture (``net.half()`` swaps a parameter's data
+  under the same object), raises ``RuntimeError`` where CUDA would read freed or stale memory.
+  The tensors the capture made are the graph's own (its memory pool) and are held.
 
 Not caught: a copy to the host (``t.cpu()`` is a no-op on a CPU tensor) and kernels that are not
 dispatched (a C++ extension called directly).
@@ -29,6 +34,7 @@ dispatched (a C++ extension called directly).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -36,7 +42,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from . import _checks
 
@@ -54,6 +60,9 @@ _DATA_DEPENDENT = {
     "bincount",
     "masked_scatter",
 }
+
+
+_LIFTS = (torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default, torch.ops.aten.lift.default)
 
 
 @dataclass
@@ -91,6 +100,34 @@ def _storage_key(t: Tensor) -> int:
         return 0
 
 
+class _Weak:
+    """A tensor from before a capture, as a CUDA graph holds it: not kept alive, its address fixed."""
+
+    __slots__ = ("dtype", "ptr", "ref", "shape")
+
+    def __init__(self, t: Tensor):
+        self.ref, self.ptr, self.dtype, self.shape = weakref.ref(t), _storage_key(t), t.dtype, tuple(t.shape)
+
+    def get(self) -> Tensor:
+        t = self.ref()
+        what = f"a {self.dtype} tensor of shape {self.shape} from before the capture"
+        if t is None:
+            raise RuntimeError(
+                f"capture stand-in: replay reads {what} that was freed since (a CUDA graph keeps no tensor "
+                "alive: it would read freed memory)"
+            )
+        if _storage_key(t) != self.ptr or t.dtype != self.dtype:
+            raise RuntimeError(
+                f"capture stand-in: replay reads {what} whose storage moved or changed dtype since "
+                f"(now {t.dtype}; a CUDA graph would read the old address)"
+            )
+        return t
+
+
+def _resolve(value):
+    return value.get() if isinstance(value, _Weak) else value
+
+
 class _Recording(TorchDispatchMode):
     """Records the ops of a capture, keeping what existed before it unchanged at the end."""
 
@@ -99,6 +136,17 @@ class _Recording(TorchDispatchMode):
         self.graph = graph
         self.created: set[int] = set()  # storages allocated by the capture
         self.saved: dict[int, tuple] = {}  # storages from before the capture: (storage, its values)
+        self.owned: set[int] = set()  # ids of the tensor objects the capture made (held by its ops)
+        self.weak: dict[int, _Weak] = {}  # tensors from before the capture, held weakly
+
+    def _hold(self, t):
+        """t as the recorded op keeps it: the capture's own tensors strongly, earlier ones weakly."""
+        if not isinstance(t, Tensor) or id(t) in self.owned:
+            return t
+        w = self.weak.get(id(t))
+        if w is None or w.ref() is not t:
+            w = self.weak[id(t)] = _Weak(t)
+        return w
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -115,10 +163,15 @@ class _Recording(TorchDispatchMode):
                 storage = t.untyped_storage()
                 self.saved[key] = (storage, storage.clone())
         out = func(*args, **kwargs)
+        given = {id(t) for t in inputs}
+        if func in _LIFTS:  # a constant the capture made (``torch.tensor(v)``): the graph's own
+            self.owned.update(given)
         for t in tree_leaves(out):
             if isinstance(t, Tensor) and (key := _storage_key(t)) not in keys:
                 self.created.add(key)
-        self.graph._ops.append((func, args, kwargs, out))
+            if isinstance(t, Tensor) and id(t) not in given:
+                self.owned.add(id(t))  # a new tensor object: the graph's own
+        self.graph._ops.append((func, *tree_map(self._hold, (args, kwargs, out))))
         return out
 
     def restore(self) -> None:
@@ -162,7 +215,8 @@ class CUDAGraph:
         if not self._ops:
             raise RuntimeError("capture stand-in: replay of a graph that was not captured")
         with torch.no_grad(), torch.autocast("cpu", enabled=False):
-            for func, args, kwargs, out in self._ops:
+            for func, *recorded in self._ops:
+                args, kwargs, out = tree_map(_resolve, recorded)
                 result = func(*args, **kwargs)
                 for kept, value in zip(tree_leaves(out), tree_leaves(result), strict=True):
                     if isinstance(kept, Tensor) and value is not kept and _storage_key(value) != _storage_key(kept):

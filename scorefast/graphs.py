@@ -17,14 +17,24 @@ that cannot be captured) one ``RuntimeWarning`` says why and the remaining steps
 the same state: the same results, never silently different ones.
 
 One capture per configuration: ``sf.sample`` keys the step graph by (score_fn, SDE, shape, dtype,
-device, sampler and its options, grid, precision, backend, which step loop of the run) and a later
+device, sampler and its options, grid, precision, backend, which step loop of the run, the ambient
+autocast / inference / grad modes, and of every ``nn.Module`` reachable from score_fn its
+``training`` flags and where and how its parameters and buffers are stored) and a later
 call with the same key replays the cached graph without capturing.  Its seed, sample ids, initial
 state and tensor ``extra_args`` are static inputs that each run copies in (never frozen), and the
-result is copied out of the shared buffers.  The cache holds score_fn weakly (entries go with the
-network), keeps the ``CACHE_SIZE`` most recently used graphs, and ``clear_cache()`` empties it; the
-graph reads parameters in place, so replacing a parameter object (not updating it) needs a
-``clear_cache()``.  The cache serves one thread at a time; a conditional projection
-(``sf.conditional``) is captured per run.  Sharded chunks of one shape share one graph.
+result is copied out of the shared buffers.  A graph holds raw addresses, so a cache entry keeps
+alive everything its capture read: the score_fn (keyed by identity), its network and the run's
+tables stay in memory until the entry is evicted (the ``CACHE_SIZE`` most recently used graphs are
+kept) or ``clear_cache()`` runs.  The graph reads parameters in place: an update in place (an
+optimizer step, ``load_state_dict``) is replayed, a new parameter or storage is another key.  An
+entry serves one run at a time (another thread, or a callback sampling the same configuration,
+meanwhile captures a graph of its own); a conditional projection (``sf.conditional``) is captured
+per run.  Sharded chunks of one shape share one graph.
+
+Host values the key cannot see are frozen in a cached graph: a score function that reads a Python
+attribute or global (``self.scale`` in ``__call__``) replays the value of its capture after it
+changed.  Pass such values as tensors in ``extra_args`` (inputs of the graph), or sample within
+``with sf.graphs.no_cache():`` (a capture per run, nothing cached).
 
 On CPU ``cuda_graph`` is a no-op.  ``emulated()`` (for tests without a GPU) runs this module's real
 capture code on CPU tensors with a stand-in for ``torch.cuda.CUDAGraph`` / ``torch.cuda.graph``
@@ -36,10 +46,13 @@ fallback), and copies a step's outputs back into the static buffers in order (al
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import inspect
+import threading
+import types
 import warnings
-import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,12 +113,21 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     ``clear_cache``), else captured (and cached when the configuration can be).
     """
     device = carry[0].device
-    key = _step_key(ctx, body, carry, start, stop, done)
-    entry = _CACHE.get(key) if key is not None else None
-    if entry is not None and entry.busy:  # in use by a run still going (its callback sampling): not shared
-        key = entry = None
+    key, entry = _acquire(_step_key(ctx, body, carry, start, stop, done))
     if key is not None and entry is None:
         _own_inputs(ctx, device)  # the seed, ids and tensor extra_args become static inputs of the graph
+    held = [entry]  # the cache entry this run uses (marked busy), released however the run ends
+    try:
+        return _run_graphed(ctx, body, carry, start, stop, done, key, held)
+    finally:
+        if held[0] is not None:
+            _release(ctx, held[0])
+
+
+def _run_graphed(ctx, body, carry, start: int, stop: int, done, key: tuple | None, held: list):
+    """run_steps with the cache entry held[0] (None: capture, and cache it under key unless key is None)."""
+    device = carry[0].device
+    entry = held[0]
     n_dev = torch.full((), start, dtype=torch.int64, device=device) if entry is None else entry.n_dev
 
     def call(n: Tensor, state: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
@@ -117,7 +139,6 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
     if ctx._recorded is not None:
         ctx.report(start, *ctx._recorded)
     if entry is not None:
-        _CACHE.move_to_end(key)
         captured, nfe_per_step = entry.captured, entry.nfe_per_step
         entry.load(ctx, carry, start + 1)
     else:
@@ -131,21 +152,15 @@ def run_steps(ctx, body: Callable, carry: tuple[Tensor, ...], start: int, stop: 
                 f"cuda_graph: step {start + 1} could not be captured ({_reason(err)}); "
                 "sampling the remaining steps eagerly (same results)",
                 RuntimeWarning,
-                stacklevel=4,
+                stacklevel=5,
             )
             return carry, start + 1
         nfe_per_step, ctx.nfe = ctx.nfe - nfe_before, nfe_before
         if key is not None:
-            entry = _Entry(captured, n_dev, ctx, nfe_per_step)
-            _remember(key, entry, ctx.score_fn)
+            held[0] = _Entry(captured, n_dev, ctx, body, done, nfe_per_step)
+            _remember(key, held[0])
     ctx.captured = True
-    if entry is not None:
-        entry.busy = True
-    try:
-        state, n = _replay_steps(ctx, captured, nfe_per_step, carry, start, stop, done)
-    finally:
-        if entry is not None:
-            entry.busy = False
+    state, n = _replay_steps(ctx, captured, nfe_per_step, carry, start, stop, done)
     ctx._step = n
     if key is not None and state is captured.static:  # a later run of the cached graph rewrites them
         state = tuple(buffer.clone() for buffer in state)
@@ -184,6 +199,23 @@ class _Run:
 
 
 _RUN: ContextVar[_Run | None] = ContextVar("scorefast_graph_run", default=None)
+_NO_CACHE: ContextVar[bool] = ContextVar("scorefast_graph_no_cache", default=False)
+
+
+@contextmanager
+def no_cache() -> Iterator[None]:
+    """Within the block ``cuda_graph=True`` captures a graph per run and neither reads nor fills the cache.
+
+    For a score function whose result depends on host values the key cannot see (a Python attribute
+    such as a guidance scale read by ``__call__``, a global): a cached graph replays them frozen as
+    at its capture.  (Tensors in ``extra_args`` are inputs of the graph and need no opt-out.)"""
+    token = _NO_CACHE.set(True)
+    try:
+        yield
+    finally:
+        _NO_CACHE.reset(token)
+
+
 _CACHE: OrderedDict[tuple, _Entry] = OrderedDict()
 
 
@@ -200,33 +232,102 @@ def configuration(key: tuple | None) -> Iterator[None]:
 def config_key(score_fn: Callable, sde, **config) -> tuple | None:
     """The cache key of a sampling configuration, or None when it cannot be cached.
 
-    score_fn is held by a weak reference (a cached graph never keeps a network alive; its entries
-    go when it does); the SDE and ``config`` (sampler, options, shape, dtype, device, grid, precision,
-    backend ...) by value.  Tensors in ``config["extra"]`` are static inputs, keyed by shape, dtype
+    score_fn is keyed by identity (a bound method by its object and function) and held by the key:
+    a cached graph reads the network's memory, so its entry keeps the network alive until it is
+    evicted or ``clear_cache()`` runs; the SDE and ``config`` (sampler, options, shape, dtype, device,
+    grid, precision, backend ...) by value.  Tensors in ``config["extra"]`` are static inputs, keyed by shape, dtype
     and device only.  A value with no key (an arbitrary object) makes the configuration uncacheable.
     """
-    try:
-        ref = weakref.WeakMethod(score_fn) if inspect.ismethod(score_fn) else weakref.ref(score_fn)
-    except TypeError:
-        return None
+    ident = (_Same(score_fn.__self__), score_fn.__func__) if inspect.ismethod(score_fn) else (_Same(score_fn),)
     extra = config.pop("extra", {})
+    device = torch.device(config.get("device", "cpu"))
     try:
         frozen = (_freeze(sde), _freeze(config), tuple(sorted((k, _freeze_input(v)) for k, v in extra.items())))
     except _Uncacheable:
         return None
-    return (ref, frozen)
+    return (ident, frozen, _ambient(device), tuple(_module_state(m) for m in _modules_of(score_fn)))
+
+
+def _ambient(device: torch.device) -> tuple:
+    """The ambient state a capture freezes: autocast (enabled and dtype) per device type, inference mode
+    and grad mode."""
+    autocast = tuple(
+        (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in sorted({"cpu", "cuda", device.type})
+    )
+    return autocast, torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+
+def _modules_of(score_fn: Callable, depth: int = 2) -> list[torch.nn.Module]:
+    """The ``nn.Module`` s reachable from score_fn within ``depth`` hops: score_fn itself, a bound method's
+    object, closure cells, attributes (an adapter's ``net``), ``functools.partial`` arguments and the
+    items of small containers met on the way."""
+    found: dict[int, torch.nn.Module] = {}
+
+    def visit(obj, level: int) -> None:
+        if isinstance(obj, torch.nn.Module):
+            found.setdefault(id(obj), obj)
+            return
+        if level < 0 or isinstance(obj, type | Tensor | str | bytes | int | float | types.ModuleType) or obj is None:
+            return
+        children: list = []
+        if isinstance(obj, list | tuple | dict):
+            children = list(obj.values() if isinstance(obj, dict) else obj)[:_WALK_ITEMS]
+        else:
+            if inspect.ismethod(obj):
+                children.append(obj.__self__)
+            if isinstance(obj, functools.partial):
+                children += [obj.func, *obj.args, *obj.keywords.values()]
+            for cell in getattr(obj, "__closure__", None) or ():
+                with contextlib.suppress(ValueError):  # an empty cell
+                    children.append(cell.cell_contents)
+            attrs = getattr(obj, "__dict__", None)
+            if isinstance(attrs, dict):
+                children += list(attrs.values())[:_WALK_ITEMS]
+        for child in children:
+            visit(child, level - 1)
+
+    visit(score_fn, depth)
+    return list(found.values())
+
+
+_WALK_ITEMS = 32  # attributes / container items looked at per object while finding modules
+
+
+def _module_state(module: torch.nn.Module) -> tuple:
+    """What a capture froze of a module: where and how its parameters and buffers are stored (``.to()`` /
+    ``.half()`` swap the storage under the same objects) and every submodule's ``training``."""
+    tensors = tuple(
+        (t.data_ptr(), t.dtype, t.device, tuple(t.shape)) for t in (*module.parameters(), *module.buffers())
+    )
+    return id(module), tensors, tuple(m.training for m in module.modules())
+
+
+class _Same:
+    """A key part equal only to itself: an object by identity (no ``__hash__`` / ``__eq__`` of its own
+    is called), held strongly so that its id cannot be reused while the key lives."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object):
+        self.obj = obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.obj is self.obj
 
 
 def clear_cache() -> None:
-    """Drop every cached step graph (with its static buffers and, on CUDA, its memory)."""
-    for entry in _CACHE.values():
-        entry.finalizer.detach()
-    _CACHE.clear()
+    """Drop every cached step graph (with its static buffers, the networks and tables it reads and, on
+    CUDA, its memory)."""
+    with _LOCK:
+        _CACHE.clear()
 
 
 def _freeze(value):
     """A hashable value key of value: numbers, strings, dtypes, devices, containers, tensors (by
-    their bytes), SDE-like objects (by type and attributes)."""
+    their bytes), SDE-like objects (by their class itself and attributes)."""
     if value is None or isinstance(value, bool | int | float | str | torch.dtype | torch.device):
         return value
     if isinstance(value, list | tuple):
@@ -237,7 +338,7 @@ def _freeze(value):
         data = value.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
         return ("tensor", value.dtype, tuple(value.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest())
     if hasattr(value, "__dict__") and not callable(value):
-        return (type(value).__module__, type(value).__qualname__, _freeze(vars(value)))
+        return (type(value), _freeze(vars(value)))  # the class itself: one of the same name may differ
     raise _Uncacheable(type(value).__name__)
 
 
@@ -251,7 +352,7 @@ def _step_key(ctx, body, carry, start, stop, done) -> tuple | None:
     """The key of this step loop: the run's configuration, which loop of the run, its range, the body's
     code, the carry's layout, and whether the step records a callback's tensors (None: not cached)."""
     run = _RUN.get()
-    if run is None or ctx.project is not None:  # a conditional projection holds per-call data
+    if run is None or ctx.project is not None or _NO_CACHE.get():  # a conditional projection holds per-call data
         return None
     run.loops += 1
     layout = tuple((tuple(c.shape), c.dtype, c.device) for c in carry)
@@ -268,25 +369,31 @@ def _own_inputs(ctx, device: torch.device) -> None:
     buffers, so a later run replays the graph with its own values copied in (never frozen)."""
     seed = torch.empty((), dtype=torch.int64, device=device)
     ctx.seed = seed.copy_(ctx.seed) if isinstance(ctx.seed, Tensor) else seed.fill_(ctx.seed)
+    ctx._seed_t = None  # a seed tensor made by an eager loop before this one is not the graph's input
     ctx.sample_ids = ctx.sample_ids.clone()
     ctx.extra_args = {k: v.clone() if isinstance(v, Tensor) else v for k, v in ctx.extra_args.items()}
 
 
 @dataclass
 class _Entry:
-    """A cached step graph and the inputs it reads: a later run copies its own values into them."""
+    """A cached step graph and the inputs it reads: a later run copies its own values into them.
+
+    A CUDA graph holds raw addresses only: the entry keeps alive everything the capture could have
+    read, the capturing run's context (its tables, SDE, score_fn, flags) and the step's ``body`` and
+    ``done`` (the closures' work buffers)."""
 
     captured: _Captured
     n_dev: Tensor
-    ctx: object = field(repr=False)  # only while built: the inputs are taken from it
+    ctx: object = field(repr=False)
+    body: Callable = field(repr=False)
+    done: Callable | None = field(repr=False)
     nfe_per_step: int = 0
 
     def __post_init__(self):
-        ctx, self.ctx = self.ctx, None  # never keep the run (nor its score_fn) alive
+        ctx = self.ctx
         self.seed, self.ids = ctx.seed, ctx.sample_ids
         self.extra = {k: v for k, v in ctx.extra_args.items() if isinstance(v, Tensor)}
         self.first_bad, self.bad_time = ctx._first_bad, ctx._bad_time
-        self.finalizer = None
         self.busy = False  # a run is replaying it
 
     def load(self, ctx, carry: tuple[Tensor, ...], n: int) -> None:
@@ -303,14 +410,41 @@ class _Entry:
         ctx._first_bad, ctx._bad_time = self.first_bad, self.bad_time
 
 
-def _remember(key: tuple, entry: _Entry, score_fn: Callable) -> None:
-    _CACHE[key] = entry
-    owner = score_fn.__self__ if inspect.ismethod(score_fn) else score_fn  # a bound method lives with its object
-    entry.finalizer = weakref.finalize(owner, _CACHE.pop, key, None)
-    entry.finalizer.atexit = False
-    while len(_CACHE) > CACHE_SIZE:
-        _, dropped = _CACHE.popitem(last=False)
-        dropped.finalizer.detach()
+_LOCK = threading.Lock()  # guards _CACHE and the entries' busy flags
+
+
+def _acquire(key: tuple | None) -> tuple[tuple | None, _Entry | None]:
+    """(key, the cached entry marked busy) or (key, None) when not cached; (None, None) when the entry is
+    in use by a run still going (another thread, or a callback sampling the same configuration): that run
+    captures a graph of its own and does not cache it."""
+    if key is None:
+        return None, None
+    with _LOCK:
+        entry = _CACHE.get(key)
+        if entry is None:
+            return key, None
+        if entry.busy:
+            return None, None
+        entry.busy = True
+        _CACHE.move_to_end(key)
+        return key, entry
+
+
+def _release(ctx, entry: _Entry) -> None:
+    """The run is done with entry: the non-finite flags it wrote go back into tensors the run owns (a later
+    run of the entry rewrites the entry's), and the entry is free for the next run."""
+    ctx._first_bad, ctx._bad_time = entry.first_bad.clone(), entry.bad_time.clone()
+    with _LOCK:
+        entry.busy = False
+
+
+def _remember(key: tuple, entry: _Entry) -> None:
+    """Cache entry (in use by the run that made it) under key, dropping the least recently used."""
+    entry.busy = True
+    with _LOCK:
+        _CACHE[key] = entry
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
 
 
 def _reason(err: BaseException) -> str:
@@ -388,9 +522,16 @@ def _capture_cuda(ctx, call, n_dev: Tensor, carry) -> _Captured:
     static = tuple(c.clone() for c in carry)
     graph = torch.cuda.CUDAGraph()
     ctx._recorded = None
-    with _capturing("cuda"), torch.cuda.graph(graph):
-        _copy_back(static, call(n_dev, static))
-        n_dev.add_(1)
+    # a weight cast cached by an ambient autocast before the capture is freed when its region ends:
+    # the capture makes its own casts (as make_graphed_callables requires cache_enabled=False)
+    cache = torch.is_autocast_cache_enabled()
+    torch.set_autocast_cache_enabled(False)
+    try:
+        with _capturing("cuda"), torch.cuda.graph(graph):
+            _copy_back(static, call(n_dev, static))
+            n_dev.add_(1)
+    finally:
+        torch.set_autocast_cache_enabled(cache)
     return _Captured(graph, static, ctx._recorded)
 
 

@@ -52,6 +52,38 @@ def test_capture_changes_nothing_and_replay_writes_at_the_captured_addresses():
     assert (stats.graphs, stats.captures, stats.replays) == (1, 1, 3)
 
 
+def _scale_graph(table, out):
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out.copy_(out * table)
+    return g
+
+
+def test_a_replay_of_a_freed_tensor_is_refused():
+    """A CUDA graph keeps nothing alive: a tensor from before the capture that died since would be freed
+    memory on a GPU.  The stand-in holds it weakly and refuses the replay, naming it."""
+    out = torch.ones(3)
+    with graphs.emulated():
+        table = torch.full((3,), 2.0)
+        g = _scale_graph(table, out)
+        g.replay()
+        assert out.tolist() == [2.0] * 3
+        del table
+        with pytest.raises(RuntimeError, match=r"float32 tensor of shape \(3,\) .* freed"):
+            g.replay()
+
+
+def test_a_replay_after_a_storage_swap_is_refused():
+    """``module.half()`` / ``.to()`` swaps a parameter's data under the same object: the graph's address is stale."""
+    out = torch.ones(3)
+    with graphs.emulated():
+        weight = torch.nn.Parameter(torch.full((3,), 2.0), requires_grad=False)
+        g = _scale_graph(weight, out)
+        weight.data = weight.data.clone()  # same object, new storage
+        with pytest.raises(RuntimeError, match="storage moved or changed dtype"):
+            g.replay()
+
+
 @pytest.mark.parametrize(
     "body",
     [

@@ -442,7 +442,11 @@ class Context:
         return self.update(x, terms, x_coef=c[0], noise=c[-1] if noise else 0.0, n=n, j=j)
 
     def seed_tensor(self) -> Tensor:
-        """The seed as a 0-d int64 tensor, made once per run (a trace then records no constant op)."""
+        """The seed as a 0-d int64 tensor, made once per run (a trace then records no constant op).
+        A tensor seed (a cached graph's static input, ``scorefast.graphs``) is returned itself, so a
+        tensor made from an earlier int seed is never read after the seed changed."""
+        if isinstance(self.seed, Tensor):
+            return self.seed
         if self._seed_t is None:
             self._seed_t = _checks.counter_tensor(self.seed)
         return self._seed_t
