@@ -154,47 +154,57 @@ def _caption(results: dict) -> str:
     return f"`{results['suite']}` suite, {results['date'][:10]}, {m['gpu'] or m['cpu']}, torch {m['torch']}"
 
 
+def _table(results: dict, columns: list[str], rows: list[list[str]]) -> str:
+    """A README table: the caption line, then a markdown table of ``columns`` and ``rows`` (cell strings)."""
+    lines = [_caption(results), "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def markdown_table(results: dict, roles: tuple[str, ...] = ("fused", "fused_out")) -> str:
     """README table of the fused rows with their same-run ratios, rendered from a results file."""
-    lines = [
-        _caption(results),
-        "",
-        "| op | backend | dtype | size | median | GB/s | vs copy | vs eager | vs torch.compile |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
 
     def fmt(v, spec, suffix=""):
         return format(v, spec) + suffix if isinstance(v, float) else "-"
 
-    for r in results["results"]:
-        if r.get("role") not in roles:
-            continue
-        lines.append(
-            f"| {r['name']} | {r['backend']} | {r['dtype']} | {r['size']:.0e} | {r['median_s'] * 1e3:.3f} ms | "
-            f"{fmt(r.get('gbps'), '.1f')} | {fmt(r.get('vs_copy'), '.0%')} | "
-            f"{fmt(r.get('ratio_vs_eager'), '.2f', 'x')} | {fmt(r.get('ratio_vs_compile'), '.2f', 'x')} |"
-        )
-    return "\n".join(lines)
+    rows = [
+        [
+            r["name"],
+            r["backend"],
+            r["dtype"],
+            f"{r['size']:.0e}",
+            f"{r['median_s'] * 1e3:.3f} ms",
+            fmt(r.get("gbps"), ".1f"),
+            fmt(r.get("vs_copy"), ".0%"),
+            fmt(r.get("ratio_vs_eager"), ".2f", "x"),
+            fmt(r.get("ratio_vs_compile"), ".2f", "x"),
+        ]
+        for r in results["results"]
+        if r.get("role") in roles
+    ]
+    columns = ["op", "backend", "dtype", "size", "median", "GB/s", "vs copy", "vs eager", "vs torch.compile"]
+    return _table(results, columns, rows)
 
 
 def sampler_table(results: dict) -> str:
     """README table of end-to-end sampler rows (fixed NFE budget), rendered from a results file."""
-    lines = [
-        _caption(results),
-        "",
-        "| sampler | model | batch | NFE | median | per NFE | vs peer loop | peer | sliced W (floor) |",
-        "|---|---|---|---|---|---|---|---|---|",
+    rows = [
+        [
+            r["name"],
+            r.get("model", "-"),
+            str(r["size"]),
+            str(r["nfe"]),
+            f"{r['median_s'] * 1e3:.1f} ms",
+            f"{r['median_s'] / r['nfe'] * 1e6:.0f} us",
+            f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-",
+            r.get("peer") or "-",
+            f"{r['sliced_wasserstein']:.3f} ({r['sw_floor']:.3f})" if "sliced_wasserstein" in r else "-",
+        ]
+        for r in results["results"]
+        if r.get("role") == "fused" and "nfe" in r
     ]
-    for r in results["results"]:
-        if r.get("role") != "fused" or "nfe" not in r:
-            continue
-        ratio = f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-"
-        sw = f"{r['sliced_wasserstein']:.3f} ({r['sw_floor']:.3f})" if "sliced_wasserstein" in r else "-"
-        lines.append(
-            f"| {r['name']} | {r.get('model', '-')} | {r['size']} | {r['nfe']} | {r['median_s'] * 1e3:.1f} ms | "
-            f"{r['median_s'] / r['nfe'] * 1e6:.0f} us | {ratio} | {r.get('peer') or '-'} | {sw} |"
-        )
-    return "\n".join(lines)
+    columns = ["sampler", "model", "batch", "NFE", "median", "per NFE", "vs peer loop", "peer", "sliced W (floor)"]
+    return _table(results, columns, rows)
 
 
 def e2e_table(results: dict) -> str:
@@ -235,54 +245,55 @@ def e2e_table(results: dict) -> str:
 
 def likelihood_table(results: dict) -> str:
     """README table of the likelihood rows (ours and score_sde's scipy loop), rendered from a results file."""
-    lines = [
-        _caption(results),
-        "",
-        "| method | divergence | rtol=atol | batch | NFE | median | per NFE | vs score_sde | mean-NLL error (MC) |",
-        "|---|---|---|---|---|---|---|---|---|",
+    rows = [
+        [
+            r["name"],
+            r["divergence"],
+            f"{r['rtol']:g}",
+            str(r["size"]),
+            str(r["nfe"]),
+            f"{r['median_s'] * 1e3:.1f} ms",
+            f"{r['median_s'] / r['nfe'] * 1e6:.0f} us",
+            f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-",
+            f"{r['abs_err_mean_nll']:.2g}" + (f" ({r['mc_floor']:.3f})" if r.get("mc_floor") is not None else ""),
+        ]
+        for r in results["results"]
     ]
-    for r in results["results"]:
-        ratio = f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-"
-        floor = f" ({r['mc_floor']:.3f})" if r.get("mc_floor") is not None else ""
-        lines.append(
-            f"| {r['name']} | {r['divergence']} | {r['rtol']:g} | {r['size']} | {r['nfe']} | "
-            f"{r['median_s'] * 1e3:.1f} ms | {r['median_s'] / r['nfe'] * 1e6:.0f} us | {ratio} | "
-            f"{r['abs_err_mean_nll']:.2g}{floor} |"
-        )
-    return "\n".join(lines)
+    columns = ["method", "divergence", "rtol=atol", "batch", "NFE", "median", "per NFE", "vs score_sde"]
+    return _table(results, [*columns, "mean-NLL error (MC)"], rows)
 
 
 def train_table(results: dict) -> str:
     """README table of training-step rows (ours and the peer's loop, same group, same run)."""
-    lines = [
-        _caption(results),
-        "",
-        "| loop | model | batch | threads | time / step | vs peer loop |",
-        "|---|---|---|---|---|---|",
+    rows = [
+        [
+            r["name"],
+            r["model"],
+            str(r["size"]),
+            str(r["threads"]),
+            f"{r['median_s'] / r['steps'] * 1e3:.2f} ms",
+            f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-",
+        ]
+        for r in results["results"]
     ]
-    for r in results["results"]:
-        ratio = f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-"
-        lines.append(
-            f"| {r['name']} | {r['model']} | {r['size']} | {r['threads']} | "
-            f"{r['median_s'] / r['steps'] * 1e3:.2f} ms | {ratio} |"
-        )
-    return "\n".join(lines)
+    return _table(results, ["loop", "model", "batch", "threads", "time / step", "vs peer loop"], rows)
 
 
 def glue_table(results: dict) -> str:
     """README table of glue ops per sampler step (captured and eager) against the budget."""
-    lines = [
-        _caption(results),
-        "",
-        "| sampler | SDE | glue ops, captured step | glue ops, eager step | budget | within |",
-        "|---|---|---|---|---|---|",
+    rows = [
+        [
+            r["name"],
+            r["sde"],
+            str(r["glue_ops_captured"]),
+            str(r["glue_ops_eager"]),
+            str(r["budget"]),
+            "yes" if max(r["glue_ops_captured"], r["glue_ops_eager"]) <= r["budget"] else "**no**",
+        ]
+        for r in results["results"]
     ]
-    for r in results["results"]:
-        ok = "yes" if max(r["glue_ops_captured"], r["glue_ops_eager"]) <= r["budget"] else "**no**"
-        lines.append(
-            f"| {r['name']} | {r['sde']} | {r['glue_ops_captured']} | {r['glue_ops_eager']} | {r['budget']} | {ok} |"
-        )
-    return "\n".join(lines)
+    columns = ["sampler", "SDE", "glue ops, captured step", "glue ops, eager step", "budget", "within"]
+    return _table(results, columns, rows)
 
 
 def render_table(results: dict) -> str:
