@@ -141,7 +141,8 @@ def log_likelihood(
     time_dtype = torch.float64 if net_dtype == torch.float64 else torch.float32
     fused_dtype = torch.float64 if y0.dtype == torch.float64 else torch.float32
     fused = adaptive.FusedRows(y0, backend)
-    v64 = v.double() if v is not None else None
+    # the probes ride with their samples (batch-first rows; finished samples retire from the solve)
+    probe_rows = () if v is None else (v.transpose(0, 1), v.double().transpose(0, 1))
 
     def schedule(t: Tensor) -> tuple[Tensor, ...]:
         """Per stage time t [S, B], once per solver attempt: the time the network sees, the drift's
@@ -151,13 +152,18 @@ def log_likelihood(
         coefs = torch.stack([a, b, torch.zeros_like(a)], 1).to(fused_dtype)
         return t.to(time_dtype), coefs, b, a * D
 
-    def rhs(y: Tensor, _t: Tensor, t_net: Tensor, coefs: Tensor, b: Tensor, a_dim: Tensor) -> tuple[Tensor, Tensor]:
-        """(probability-flow drift a y + b s in the state's dtype, its divergence [B, 1] float64)."""
+    def rhs(y: Tensor, _t: Tensor, t_net, coefs, b: Tensor, a_dim: Tensor, *probe_rows) -> tuple[Tensor, Tensor]:
+        """(probability-flow drift a y + b s in the state's dtype, its divergence [b, 1] float64) for
+        the b samples still integrating; ``probe_rows``: their probes [b, n, ...] (fp32, float64)."""
         with torch.enable_grad():
             xin = y.detach().to(net_dtype).requires_grad_(True)
             s = check_fn_output("score_fn", score_fn(xin, t_net), xin)
-            trace = diagonal_trace(s, xin) if v is None else vjp_trace(s, xin, v, v64)
-        drift = fused(y.reshape(B, -1), [s.detach().reshape(B, -1)], coefs)
+            if probe_rows:
+                trace = vjp_trace(s, xin, probe_rows[0].transpose(0, 1), probe_rows[1].transpose(0, 1))
+            else:
+                trace = diagonal_trace(s, xin)
+        rows = y.shape[0]
+        drift = fused(y.reshape(rows, -1), [s.detach().reshape(rows, -1)], coefs)
         return drift.view(y.shape), torch.addcmul(a_dim, b, trace)[:, None]
 
     def prior(z: Tensor) -> Tensor:
@@ -184,6 +190,7 @@ def log_likelihood(
         name="log_likelihood",
         sample_ids=ids,
         time_coefs=schedule,
+        per_sample=probe_rows,
     )
     logp = prior(sol.y) + sol.q[:, 0]
     nll = -logp

@@ -118,13 +118,17 @@ class FusedRows:
     def sumsq(self, rows: Tensor) -> Tensor:
         """Per-sample sums of squares [B] (float64) of [B, D] rows: ``sf.ops.sample_sumsq``'s fixed tree."""
         dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        return _sumsq(rows, self.ids, 0, 0, rows.shape[1], 0, False, dtype, self.name)[0].double()
+        return _sumsq(rows, self._ids(rows), 0, 0, rows.shape[1], 0, False, dtype, self.name)[0].double()
+
+    def _ids(self, rows: Tensor) -> Tensor:
+        """Sample ids for ``rows`` (zeros: no noise is drawn; fewer rows once samples retired)."""
+        return self.ids if rows.shape[0] == self.ids.shape[0] else self.ids[: rows.shape[0]]
 
     def __call__(self, x: Tensor, terms: list[Tensor], coefs: Tensor) -> Tensor:
         if _checks.use_custom_op(x, coefs, *terms):
-            return fused_update_op(x, terms, coefs, self.counter, self.counter, 0, self.ids, False, self.name)
+            return fused_update_op(x, terms, coefs, self.counter, self.counter, 0, self._ids(x), False, self.name)
         out = torch.empty_like(x)
-        self.impl.fused_update(out, x, terms, coefs, self.ids, 0, 0, 0, False)  # coefs: the kernel's dtype
+        self.impl.fused_update(out, x, terms, coefs, self._ids(x), 0, 0, 0, False)  # coefs: the kernel's dtype
         return out
 
 

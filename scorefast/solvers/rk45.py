@@ -13,9 +13,13 @@ update and the error norm (the likelihood's log-density change, accumulated in f
 the state's dtype).
 
 The loop ends when every sample reached t1 (one host read per attempt, or per block of replays
-when an attempt is captured as a CUDA graph).  A non-finite stage ends it with ``NonFiniteError``
-naming the attempt and time, a step size that stopped moving the time with ``SolverError``, and so
-does running out of ``max_steps`` (``scorefast.solvers.adaptive``).
+when an attempt is captured as a CUDA graph).  In the default eager loop with the per-sample error
+norm, samples that reached t1 retire from the batch (``_retiring_attempts``): later attempts, and
+so the network, run on the samples still integrating only, which leaves every sample's result
+unchanged (its arithmetic is its own row's) and spends evaluations on unfinished samples only.
+A non-finite stage ends it with ``NonFiniteError`` naming the attempt and time, a step size that
+stopped moving the time with ``SolverError``, and so does running out of ``max_steps``
+(``scorefast.solvers.adaptive``).
 """
 
 from __future__ import annotations
@@ -62,6 +66,46 @@ def _eager_attempts(body, carry, start, stop, *, done):
     return carry
 
 
+class _Live:
+    """The per-sample constants of the samples an attempt runs on (all of them, or those that have
+    not retired): the end time and direction [b] and fn's ``per_sample`` rows [b, ...]."""
+
+    def __init__(self, t_end: Tensor, direction: Tensor, per_sample: tuple):
+        self.t_end, self.direction, self.rows = t_end, direction, tuple(per_sample)
+
+    def select(self, keep: Tensor) -> None:
+        self.t_end, self.direction = self.t_end[keep], self.direction[keep]
+        self.rows = tuple(r[keep] for r in self.rows)
+
+
+def _retiring_attempts(live: _Live, remaining: int):
+    """An eager attempt loop in which samples that reached t1 (``carry[remaining] == 0``) leave the
+    batch: their final rows are written to the output once, and later attempts run on the others
+    (gathered when at least 1/16 of the working batch, or one sample, finished).  Only for the
+    per-sample error norm (a batch norm over fewer samples would change the steps)."""
+
+    def run(body, carry, start, stop, *, done):
+        out = tuple(c.clone() for c in carry)
+        where = torch.arange(carry[0].shape[0], device=carry[0].device)
+        for n in range(start, stop):
+            if done(carry):
+                break
+            going = carry[remaining] > 0
+            b = going.shape[0]
+            if b - int(going.sum()) >= max(1, b // 16):
+                gone, keep = (~going).nonzero().squeeze(1), going.nonzero().squeeze(1)
+                for full, c in zip(out, carry):
+                    full.index_copy_(0, where[gone], c[gone])
+                carry, where = tuple(c[keep] for c in carry), where[keep]
+                live.select(keep)
+            carry = body(n, *carry)
+        for full, c in zip(out, carry):
+            full.index_copy_(0, where, c)
+        return out
+
+    return run
+
+
 def solve(
     fn: Callable,
     y0: Tensor,
@@ -79,6 +123,7 @@ def solve(
     name: str = "rk45",
     sample_ids: Tensor | None = None,
     time_coefs: Callable | None = None,
+    per_sample: tuple[Tensor, ...] = (),
 ) -> Solution:
     """Integrate dy/dt = fn(y, t [B] float64) from t0 to t1 (floats or [B]); y0 [B, ...].
 
@@ -90,6 +135,9 @@ def solve(
     ``time_coefs(t [S, B]) -> tuple of [S, ...] tensors``: coefficients that depend on time only,
     computed once per attempt for all stage times; fn is then called as fn(y, t, *row_i) with
     stage i's rows (an ODE drift's schedule, without recomputing it per stage).
+    ``per_sample``: batch-first tensors [B, ...] handed to fn after those coefficients, as the rows
+    of the samples fn is called on: fn(y, t, *coefs, *rows) (what fn knows per sample, e.g. the
+    likelihood's probes, follows its sample when finished samples retire from the batch).
     ``attempts`` runs the step attempts: ``attempts(body, carry, 0, max_steps, done=done)`` with
     ``carry = body(n, *carry)`` (default: a loop that reads ``done`` on the host before each
     attempt; a sampler's ``Context.steps`` captures one attempt, all six stages, as a CUDA graph).
@@ -125,9 +173,10 @@ def solve(
     def evaluate(y: Tensor, t: Tensor, coefs=()) -> tuple[Tensor, Tensor | None]:
         if time_coefs is not None and not coefs:  # a single evaluation (not an attempt's stage)
             coefs = tuple(c[0] for c in time_coefs(t[None]))
-        out = fn(y.view(shape), t, *coefs)
+        b = y.shape[0]
+        out = fn(y.view((b, *shape[1:])), t, *coefs, *live.rows)
         k, g = out if q0 is not None else (out, None)
-        return k.reshape(B, -1).contiguous(), g
+        return k.reshape(b, -1).contiguous(), g
 
     def sumsq(err, y, y_new, qerr=None, q=None, q_new=None) -> Tensor:
         total = combine.fused.sumsq(adaptive.scaled(err, y, y_new, rtol, atol))
@@ -135,6 +184,10 @@ def solve(
             total = total + adaptive.tree_sum(adaptive.scaled(qerr, q, q_new, rtol, atol).square())
         return total
 
+    for i, extra in enumerate(per_sample):
+        if not isinstance(extra, Tensor) or extra.dim() < 1 or extra.shape[0] != B:
+            raise ValueError(f"per_sample[{i}]: expected a tensor [B={B}, ...], got {getattr(extra, 'shape', extra)}")
+    live = _Live(t_end, direction, per_sample)
     k1, g1 = evaluate(rows, t)
     if h0 is None:
         h = _initial_step(evaluate, rows, k1, q0, g1, t, direction, span, sumsq, numel, error_norm)
@@ -152,6 +205,7 @@ def solve(
         r [B] is each sample's remaining distance to t1 (0 when done: its step is then 0 and the
         attempt changes nothing); ``fail`` [B] the attempt where a sample failed (-1: never)."""
         active = r > 0
+        t_end, direction = live.t_end, live.direction
         h = torch.minimum(h, r)
         hs = h * direction
         t = torch.addcmul(t_end, direction, r, value=-1.0)
@@ -205,7 +259,9 @@ def solve(
         torch.zeros(B, dtype=torch.bool, device=dev),
         adaptive.no_failure(B, dev),
     )
-    carry = (attempts or _eager_attempts)(attempt, carry, 0, max_steps, done=done)
+    if attempts is None:
+        attempts = _retiring_attempts(live, 4) if error_norm == "sample" else _eager_attempts
+    carry = attempts(attempt, carry, 0, max_steps, done=done)
     y, _, q, _, r, h, steps, rejected, _, fail = carry
     t = torch.addcmul(t_end, direction, r, value=-1.0)
     adaptive.raise_failure(fail, name, t, ids=sample_ids)
