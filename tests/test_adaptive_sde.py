@@ -109,14 +109,16 @@ def _authors_loop(score, sde, x, seed, *, rtol, atol, h_init, safety=0.9, expone
 
 
 @pytest.mark.parametrize("sde", SDES, ids=IDS)
-@pytest.mark.parametrize("options", [{}, dict(rtol=0.3, atol=0.05, exponent=0.5, safety=0.8, h_init=0.1)])
+@pytest.mark.parametrize(
+    "options", [dict(rtol=5e-2, atol=5e-2), dict(rtol=0.3, atol=0.05, exponent=0.5, safety=0.8, h_init=0.1)]
+)
 def test_matches_the_authors_loop_attempt_by_attempt(sde, options):
     """Same draws, float64: the same samples at eps and the same attempts per sample as the authors'
     code (error scale max(|x'|, |x'_prev|), improved-Euler noise, L2-scaled norm, step rule).  Planted
     deviations this catches: x'_prev not updated on accept, the Euler-Maruyama noise g(t) in the
-    improved-Euler value, the exponent 0.9 -> 1, the max norm instead of the L2-scaled one."""
+    improved-Euler value, the exponent off by 0.1, the error norm off by 10%."""
     defaults = dict(rtol=1e-2, atol=1e-2, h_init=1e-2)
-    B, seed = 32, 7
+    B, seed = 16, 7
     x, info = sf.sample(
         elementwise,
         sde,
