@@ -242,27 +242,13 @@ def test_final_orders_of_each_rule():
     assert unipc.orders(6, 3, "diffusers") == unipc.orders(6, 3, True) == [1, 2, 3, 3, 2]
     assert unipc.orders(6, 3, False) == [1, 2, 3, 3, 3]
     sde = VPSDE()
-    a = sf.sample(GM.score_fn(sde), sde, (4, 2), sampler="unipc", steps=8, seed=2, dtype=torch.float64)
-    b = sf.sample(
-        GM.score_fn(sde),
-        sde,
-        (4, 2),
-        sampler="unipc",
-        steps=8,
-        seed=2,
-        dtype=torch.float64,
-        **{"lower_order_final": "uni_pc"},
-    )
-    c = sf.sample(
-        GM.score_fn(sde),
-        sde,
-        (4, 2),
-        sampler="unipc",
-        steps=8,
-        seed=2,
-        dtype=torch.float64,
-        **{"lower_order_final": "diffusers"},
-    )
+
+    def run(**options):
+        return sf.sample(
+            GM.score_fn(sde), sde, (4, 2), sampler="unipc", steps=8, seed=2, dtype=torch.float64, **options
+        )
+
+    a, b, c = run(), run(lower_order_final="uni_pc"), run(lower_order_final="diffusers")
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
