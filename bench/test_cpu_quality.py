@@ -33,11 +33,16 @@ from scorefast.sampling import _grid
 torch.set_num_threads(1)  # the shared 2-core machine: two threads per process ran 20x slower under load
 THREADS = 1
 NFES = (5, 10) if QUICK else suite.NFES
-# adaptive samplers at these tolerances (rtol = atol); adaptive_sde's steps cost ~10x a fixed step
-# here (per-sample step control), so it gets the loose end only
+# adaptive samplers at these tolerances (rtol = atol).  adaptive_sde's steps cost ~10x a fixed step
+# here (per-sample step control), so it gets the loose end only; in 64-D it is within 1.1x of the floor
+# from rtol = atol ~0.2-0.5 on VP / VE (the authors' 1e-2 spends 3-6x that NFE for nothing the
+# sliced W can see), so the sweep starts there to find its least NFE to the floor
 TOLERANCES = (
-    {"rk45": (1e-1,), "adaptive_sde": (3e-1,)} if QUICK else {"rk45": (1e-2, 1e-3), "adaptive_sde": (2e-1, 1e-1, 5e-2)}
+    {"rk45": (1e-1,), "adaptive_sde": (3e-1,)}
+    if QUICK
+    else {"rk45": (1e-2, 1e-3), "adaptive_sde": (7e-1, 5e-1, 3e-1, 2e-1, 1e-1, 5e-2)}
 )
+DIGITS_TOLERANCES = {"adaptive_sde": (3e-1,) if QUICK else (2e-1,)}  # as before: the loose end only
 TARGET_NAMES = ("ring2d",) if QUICK else tuple(TARGETS)
 SDE_KEYS = tuple(suite.sdes())
 ADAPTIVE_SDES = ("vp",) if QUICK else ("vp", "ve")  # the comparison DESIGN.md asks for (VE, VP)
@@ -278,7 +283,7 @@ def test_digits_scorefast(benchmark, sampler):
     score per NFE on this machine, so not every sampler)."""
     t = _target("digits")
     benchmark.pedantic(
-        lambda: _sweep_ours(t, "vp", sampler, nfes=DIGITS_NFES, tols=TOLERANCES.get(sampler, ())[:1]),
+        lambda: _sweep_ours(t, "vp", sampler, nfes=DIGITS_NFES, tols=DIGITS_TOLERANCES.get(sampler, ())),
         rounds=1,
         iterations=1,
     )

@@ -225,9 +225,26 @@ def test_adaptive_sde_verdict_needs_fewer_nfe_than_both_fixed_step_sde_samplers(
     assert json.loads(json.dumps(annotated["adaptive_sde_vs_fixed"])) == annotated["adaptive_sde_vs_fixed"]
     vp = next(r for r in annotated["adaptive_sde_vs_fixed"] if r["sde"] == "vp")
     assert vp["fewer_nfe"] and vp["adaptive_sde_nfe"] == 90 and vp["euler_maruyama_nfe"] == 100 and vp["pc_nfe"] is None
+    assert vp["fewer_nfe_than"] == {"euler_maruyama": True, "pc": True}
     table = quality_table({**results, "results": rows})
-    assert "| ring2d | VP | 90 / 900 ms | 100 / 1.0 s | - (2x) | yes |" in table
-    assert "| ring2d | VE | 40 / 400 ms | 20 / 200 ms |  | no |" in table
+    assert "| ring2d | VP | 90 / 900 ms | 100 / 1.0 s | - (2x) | both |" in table
+    assert "| ring2d | VE | 40 / 400 ms | 20 / 200 ms |  | pc only |" in table
+
+
+def test_adaptive_sde_verdict_names_what_it_beats_and_what_it_does_not():
+    rows = [
+        _row("adaptive_sde", 60, 0.1),
+        _row("euler_maruyama", 50, 0.1),
+        _row("pc", 100, 0.1),
+        *(_row(name, 50, 0.1, target="gmm16") for name in ("adaptive_sde", "euler_maruyama", "pc")),
+    ]
+    verdicts = {v["target"]: v for v in adaptive_verdicts(summary(rows))}
+    assert verdicts["ring2d"]["fewer_than"] == {"euler_maruyama": False, "pc": True} and not verdicts["ring2d"]["fewer"]
+    assert verdicts["gmm16"]["fewer_than"] == {"euler_maruyama": False, "pc": False}  # equal NFE is not fewer
+    results = {"suite": "cpu-quality", "date": "2026-12-02", "machine": {"gpu": None, "cpu": "x", "torch": "2"}}
+    table = quality_table({**results, "results": rows})
+    assert "| ring2d | VP | 60 / 600 ms | 50 / 500 ms | 100 / 1.0 s | pc only |" in table
+    assert "| gmm16 | VP | 50 / 500 ms | 50 / 500 ms | 50 / 500 ms | neither |" in table
 
 
 def test_plot_quality_writes_a_png(tmp_path):
