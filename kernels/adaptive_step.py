@@ -5,7 +5,7 @@ tiles fixed by D alone (as ``sumsq_norms``), partials added in tile order: batch
 ``step_control``: one program per block of samples, float64 (``scorefast.ops.step_control``); powers
 as exp(log(x) * p) in float64 (libdevice's pow does not run under the interpreter).
 ``select_rows``: out = new where the row's mask is set, else old (one launch per pair).
-No fp fusion: each multiply and add rounds as the torch reference does.
+No implicit fp fusion: each multiply and add rounds as the torch reference does (addcmul's explicit fma).
 """
 
 import triton
@@ -18,14 +18,15 @@ OPTIONS = {"enable_fp_fusion": False}
 
 @triton.jit
 def _scaled_partial_kernel(partial_ptr, e_ptr, y_ptr, y2_ptr, rtol, atol, B, D, n_tiles, MODE: tl.constexpr,
-                           ROWS: tl.constexpr, TILE: tl.constexpr):  # fmt: skip
+                           ROWS: tl.constexpr, TILE_G: tl.constexpr):  # fmt: skip
     pid = tl.program_id(0).to(tl.int64)
     row_block = pid // n_tiles
     tile = pid % n_tiles
     b = row_block * ROWS + tl.arange(0, ROWS).to(tl.int64)
-    e_idx = tile * TILE + tl.arange(0, TILE).to(tl.int64)
-    mask = (b[:, None] < B) & (e_idx[None, :] < D)
-    off = b[:, None] * D + e_idx[None, :]
+    g = tile * TILE_G + tl.arange(0, TILE_G).to(tl.int64)  # groups of 4, as sumsq_norms
+    e_idx = 4 * g[None, :, None] + tl.arange(0, 4)[None, None, :].to(tl.int64)  # [1, G, 4]
+    mask = (b[:, None, None] < B) & (e_idx < D)
+    off = b[:, None, None] * D + e_idx
     e = tl.load(e_ptr + off, mask=mask, other=0.0).to(tl.float32)
     y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
     y2 = tl.load(y2_ptr + off, mask=mask, other=0.0).to(tl.float32)
@@ -36,7 +37,7 @@ def _scaled_partial_kernel(partial_ptr, e_ptr, y_ptr, y2_ptr, rtol, atol, B, D, 
         scale = tl.where(big != big, big, tl.maximum(big, atol))
         v = tl.div_rn(e - y, scale)
     v = tl.where(mask, v, 0.0)
-    tl.store(partial_ptr + b * n_tiles + tile, tl.sum(v * v, axis=1), mask=b < B)
+    tl.store(partial_ptr + b * n_tiles + tile, tl.sum(tl.sum(v * v, axis=2), axis=1), mask=b < B)
 
 
 def scaled_sumsq(out, partial, e, y, y2, rtol: float, atol: float, mode: int, max_elements: int) -> None:
@@ -44,20 +45,15 @@ def scaled_sumsq(out, partial, e, y, y2, rtol: float, atol: float, mode: int, ma
     B, D = e.shape
     if B == 0:
         return
-    rows, tile = _tiles(D, max_elements)
-    n_tiles = triton.cdiv(max(D, 1), tile)
+    rows, tile_g = tile_shape(D, max_elements)
+    n_tiles = triton.cdiv(max(D, 1), 4 * tile_g)
     grid = (triton.cdiv(B, rows) * n_tiles,)
-    _scaled_partial_kernel[grid](partial, e, y, y2, rtol, atol, B, D, n_tiles, mode, rows, tile, **OPTIONS)
+    _scaled_partial_kernel[grid](partial, e, y, y2, rtol, atol, B, D, n_tiles, mode, rows, tile_g, **OPTIONS)
     _sumsq_finish_kernel[(triton.cdiv(B, 1024),)](out, partial, B, n_tiles, 1024, **OPTIONS)
 
 
-def _tiles(D: int, max_elements: int) -> tuple[int, int]:
-    rows, tile_g = tile_shape(D, max_elements)
-    return rows, 4 * tile_g
-
-
 def scaled_tiles(D: int, max_elements: int) -> int:
-    return triton.cdiv(max(D, 1), _tiles(D, max_elements)[1])
+    return triton.cdiv(max(D, 1), 4 * tile_shape(D, max_elements)[1])
 
 
 @triton.jit
@@ -83,11 +79,7 @@ def _step_control_kernel(
     R,
     numel,
     batch_err,
-    safety,
-    exponent,
-    e_min_grow,
-    e_min_retry,
-    e_max,
+    params_ptr,
     RULE: tl.constexpr,
     BATCH: tl.constexpr,
     ADVANCE: tl.constexpr,
@@ -98,13 +90,18 @@ def _step_control_kernel(
     r = tl.load(st_ptr + b, mask=m, other=0.0)
     h = tl.load(st_ptr + B + b, mask=m, other=0.0)
     t = tl.load(st_ptr + 7 * B + b, mask=m, other=0.0)
+    safety = tl.load(params_ptr)  # float64 scalars (a Python float argument would be fp32)
+    exponent = tl.load(params_ptr + 1)
+    e_min_grow = tl.load(params_ptr + 2)
+    e_min_retry = tl.load(params_ptr + 3)
+    e_max = tl.load(params_ptr + 4)
     ok = r != r  # False (a bool block)
     if ADVANCE:
         ss = tl.load(ss_ptr + b, mask=m, other=0.0).to(tl.float64)
         if BATCH:
             err = ss * 0.0 + tl.load(batch_err)
         else:
-            err = tl.sqrt_rn(ss / numel)
+            err = tl.sqrt(ss / numel)  # float64 sqrt is correctly rounded
         on = tl.load(st_ptr + 8 * B + b, mask=m, other=0.0) != 0.0
         ok = on & (err <= 1.0)
         down = on ^ ok
@@ -114,7 +111,7 @@ def _step_control_kernel(
         retry = tl.load(st_ptr + 4 * B + b, mask=m, other=0.0) != 0.0
         fail = tl.load(st_ptr + 5 * B + b, mask=m, other=0.0)
         if RULE == 0:
-            lo = tl.where(retry | down, e_min_retry, e_min_grow)
+            lo = tl.where(retry | down, e_min_retry, e_min_grow).to(tl.float32).to(tl.float64)
             c = tl.where(err != err, err, tl.minimum(tl.maximum(err, lo), e_max))
             h_new = h * (safety * _pow(c, -exponent))
         else:
@@ -146,16 +143,16 @@ def _step_control_kernel(
     tl.store(st_ptr + 8 * B + b, (r > 0).to(tl.float64), mask=m)
     for s in range(0, S):
         c_s = tl.load(cs_ptr + s)
-        tl.store(stage_ptr + s * B + b, t + c_s * hs, mask=m)
+        tl.store(stage_ptr + s * B + b, tl.fma(c_s, hs, t), mask=m)  # addcmul: one rounding
     for k in range(0, R):
-        v = tl.load(base_ptr + k) + tl.load(mult_ptr + k) * hs
+        v = tl.fma(tl.load(mult_ptr + k), hs, tl.load(base_ptr + k))
         tl.store(table_ptr + k * B + b, v.to(table_ptr.dtype.element_ty), mask=m)
 
 
 def step_control(accept, state, sumsq, t_end, direction, n, c_stage, stage_t, base, mult, table, numel, batch_err,
-                 rule: int, batch: bool, safety, exponent, e_min_grow, e_min_retry, e_max, advance: bool,
-                 block: int) -> None:  # fmt: skip
-    """Launcher; ``batch_err`` a 0-d float64 tensor holding the batch RMS (read when ``batch``)."""
+                 rule: int, batch: bool, params, advance: bool, block: int) -> None:  # fmt: skip
+    """Launcher; ``batch_err`` a 0-d float64 tensor holding the batch RMS (read when ``batch``); ``params``
+    float64 [5] on the device: safety, exponent, e_min_grow, e_min_retry, e_max."""
     B = state.shape[1]
     if B == 0:
         return
@@ -163,7 +160,7 @@ def step_control(accept, state, sumsq, t_end, direction, n, c_stage, stage_t, ba
     batch_err = batch_err if batch_err is not None else state  # not read unless batch
     _step_control_kernel[(triton.cdiv(B, block),)](
         accept, state, sumsq, t_end, direction, n, c_stage, stage_t, base, mult, table, B, c_stage.numel(),
-        base.numel(), numel, batch_err, safety, exponent, e_min_grow, e_min_retry, e_max, rule, batch, advance, block,
+        base.numel(), numel, batch_err, params, rule, batch, advance, block,
         **OPTIONS,
     )  # fmt: skip
 

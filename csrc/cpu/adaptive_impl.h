@@ -104,7 +104,8 @@ void step_control(at::Tensor state, const c10::optional<at::Tensor>& sumsq, cons
       rej[b] += down;
       double hn;
       if (rule == 0) {
-        const double lo = (retry[b] != 0.0 || down) ? e_min_retry : e_min_grow;
+        // the floors are float32 numbers, as the original torch.where of two Python floats made them
+        const double lo = static_cast<float>((retry[b] != 0.0 || down) ? e_min_retry : e_min_grow);
         const double c = err != err ? err : std::min(std::max(err, lo), e_max);
         hn = h[b] * (safety * std::pow(c, -exponent));
       } else {
@@ -135,13 +136,10 @@ void step_control(at::Tensor state, const c10::optional<at::Tensor>& sumsq, cons
       hs[b] = h[b];
       t[b] = r[b] + te[b];
     }
-    for (int64_t s = 0; s < S; ++s) {
-      const volatile double p = cs[s] * hs[b];
-      stt[s * B + b] = t[b] + p;
-    }
+    // torch.addcmul rounds once (a fused multiply-add) on the CPU: the same here
+    for (int64_t s = 0; s < S; ++s) stt[s * B + b] = std::fma(cs[s], hs[b], t[b]);
     for (int64_t k = 0; k < R; ++k) {
-      const volatile double p = ml[k] * hs[b];
-      const double v = bs[k] + p;
+      const double v = std::fma(ml[k], hs[b], bs[k]);
       if (table.scalar_type() == at::kFloat)
         table.data_ptr<float>()[k * B + b] = static_cast<float>(v);
       else

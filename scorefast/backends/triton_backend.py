@@ -193,9 +193,21 @@ def step_control(
             batch_err = (sumsq.double().sum() / (sumsq.shape[0] * numel)).sqrt()
         kernel.step_control(
             accept, state, sumsq, t_end, direction, _pointer(n, state.device), c_stage, stage_t, base, mult, table,
-            numel, batch_err, 0 if rule == "rk45" else 1, bool(batch_norm and advance), safety, exponent,
-            e_min_grow, e_min_retry, e_max, advance, 1024,
+            numel, batch_err, 0 if rule == "rk45" else 1, bool(batch_norm and advance),
+            _params((safety, exponent, e_min_grow, e_min_retry, e_max), state.device), advance, 1024,
         )  # fmt: skip
+
+
+_PARAMS: dict = {}
+
+
+def _params(values: tuple, device: torch.device) -> torch.Tensor:
+    """The controller's float64 constants on the device, made once (an eager attempt runs before a
+    capture, which then reads the same tensor)."""
+    key = (values, device)
+    if key not in _PARAMS:
+        _PARAMS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return _PARAMS[key]
 
 
 def select_rows(mask, outs, news, olds) -> None:

@@ -14,6 +14,7 @@ that underflowed), hs (signed step), t (the attempt's start time), active (r > 0
 Arithmetic per sample (float64, ``step_control_ref``), with err = sqrt(sumsq / numel) (or one RMS over
 the batch, ``batch_norm``), accept = active & (err <= 1) (NaN compares False), down = active ^ accept:
 - rule "rk45": h *= safety * clamp(err, e_min_retry if retry | down else e_min_grow, e_max) ** -exponent
+  (the two floors rounded to float32, as the solver's original torch code made them)
 - rule "sde" (adaptive_sde): h = safety * h * max(err, 1e-10) ** -exponent
 then the next attempt: active = r > 0, h = min(h, r), hs = h * direction, t = t_end - direction * r
 ("rk45"; "sde": hs = h, t = r + t_end), stage_t[s] = t + c_stage[s] * hs and
@@ -95,7 +96,7 @@ def step_control_ref(
         steps.add_(ok)
         rejected.add_(down)
         if rule == "rk45":
-            floor = torch.where((retry != 0) | down, e_min_retry, e_min_grow)
+            floor = torch.where((retry != 0) | down, e_min_retry, e_min_grow)  # float32 floors (as before)
             new_h = h * (safety * libm_pow(torch.maximum(err, floor).clamp_max(e_max), -exponent))
         else:
             new_h = safety * h * libm_pow(err.clamp_min(1e-10), -exponent)
