@@ -136,7 +136,7 @@ class FusedRows:
             step = _checks.counter_tensor(step)
             return fused_update_op(x, terms, coefs, seed, step, 0, ids, True, self.name)
         out = torch.empty_like(x)
-        self.impl.fused_update(out, x, terms, coefs, ids, seed, step, 0, True)
+        backends.get(self.name).fused_update(out, x, terms, coefs, ids, seed, step, 0, True)  # reads seed, step
         return out
 
 
