@@ -113,7 +113,7 @@ def test_step_control_is_batch_invariant(backend, rule):
     big = _run(backend, 1000, 3, rule)
     for lo, hi in ((0, 1), (500, 507), (993, 1000)):
         state, sumsq, t_end, direction, base, mult, numel = _problem(1000, 3)
-        part = lambda v: v[..., lo:hi].contiguous()  # noqa: E731
+        part = lambda v, lo=lo, hi=hi: v[..., lo:hi].contiguous()  # noqa: E731
         stage_t, table = torch.empty(7, hi - lo, dtype=torch.float64), torch.empty(5, hi - lo)
         st = part(state)
         acc = sc_mod.step_control(st, part(sumsq), part(t_end), part(direction), torch.tensor(4), C_STAGE, stage_t,

@@ -89,7 +89,6 @@ def run(
         None, numel=numel, error_norm=error_norm, backend=backend, rule="sde", safety=safety, exponent=exponent,
     )  # fmt: skip
     signs = torch.tensor([[-1.0], [-0.5]], dtype=torch.float64, device=dev)  # -h and half = -h/2
-    seed, ids = ctx.seed_tensor(), ctx.sample_ids
 
     def attempt(n, x, x_prev, state, times, table):
         """One attempt for every sample; ``state`` (r, h, counts, ...; a done sample has r = 0 and a zero
@@ -104,7 +103,7 @@ def run(
         rows = [xc[0], p[0, 1], g[0], xc[1], p[1, 1], p[1, 2], p[1, 3], noise2, times[0], times[1]]
         coefs = torch.stack(rows).to(dt)
         t_in = coefs[8:] if x.dtype == dt else times.to(x.dtype)
-        x2d = x.view(B, -1)
+        x2d, seed, ids = x.view(B, -1), ctx.seed_tensor(), ctx.sample_ids  # a cached graph's static inputs
         s1 = ctx.score(x, times[0], t_in=t_in[0])
         x1 = fused.noisy(x2d, [s1.view(B, -1)], coefs[0:3], seed, n, ids).view(x.shape)
         s2 = ctx.score(x1, times[1], t_in=t_in[1])
