@@ -41,6 +41,10 @@ def _problem(B: int, seed: int = 0, R: int = 5):
     numel = 12
     sumsq = (u(B) * 2.0) ** 2 * numel
     sumsq[u(B) < 0.05] = math.nan
+    tiny = u(B) < 0.05
+    sumsq[tiny] = 0.0  # err below adaptive_sde's floor 1e-10, with room (r) to grow the step
+    state[sc_mod.R] = torch.where(tiny, 1e12, state[sc_mod.R])
+    state[sc_mod.ACTIVE] = (state[sc_mod.R] > 0).double()
     sumsq = sumsq.float()
     direction = torch.where(u(B) < 0.5, -1.0, 1.0).double()
     t_end = u(B)
