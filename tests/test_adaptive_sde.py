@@ -140,15 +140,15 @@ def test_matches_the_authors_loop_attempt_by_attempt(sde, options):
 def test_noise_is_one_draw_per_attempt_on_stream_zero(monkeypatch):
     """Attempt n draws Philox step k = n (S = 1) and both passes use that same z."""
     seen = []
-    base = importlib.import_module("scorefast.samplers.base")
-    original = base.apply
+    cpu = importlib.import_module("scorefast.backends.cpu_backend")
+    original = cpu.fused_update
 
-    def spy(x, terms, *, noise, seed, step, stream, **kw):
-        if isinstance(noise, torch.Tensor) or noise != 0.0:
+    def spy(out, x, terms, coefs, ids, seed, step, stream, with_noise, **kw):  # every noisy kernel launch
+        if with_noise:
             seen.append((stream, int(step)))
-        return original(x, terms, noise=noise, seed=seed, step=step, stream=stream, **kw)
+        return original(out, x, terms, coefs, ids, seed, step, stream, with_noise, **kw)
 
-    monkeypatch.setattr(base, "apply", spy)
+    monkeypatch.setattr(cpu, "fused_update", spy)
     _, info = sf.sample(elementwise, VPSDE(), (3, 2), sampler="adaptive_sde", return_info=True)
     attempts = (info["nfe"] - 1) // 2
     assert sorted(seen) == sorted([(STREAM_SAMPLER, k) for k in range(attempts)] * 2)

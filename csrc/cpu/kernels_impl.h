@@ -18,6 +18,8 @@
 #include <array>
 #include <atomic>
 #include <cmath>
+#include <cstring>
+#include <limits>
 #include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -534,6 +536,8 @@ void sumsq_norms(at::Tensor out, const c10::optional<at::Tensor>& t, const at::T
              ids.data_ptr<int64_t>(), B, D, seed, step, stream, with_noise);
 }
 
+#include "adaptive_impl.h"
+
 // score_sde's Langevin corrector with per-sample norms: eps_b = (two_snr2 * alpha_b) * (|z_b|^2 /
 // |score_b|^2) in fp32 (0 where the score norm is not > 0), out = x + eps*score + sqrt(2 eps)*z.
 // alpha_b = alpha[alpha_offset + b * alpha_b_stride]; eps: fp32 [B].  Norms as sumsq_norms.
@@ -589,5 +593,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fused_update_step", &scorefast_cpu::fused_update_step);
   m.def("snr_langevin_step", &scorefast_cpu::snr_langevin_step);
   m.def("sumsq_norms", &scorefast_cpu::sumsq_norms);
+  m.def("scaled_sumsq", &scorefast_cpu::scaled_sumsq);
+  m.def("step_control", &scorefast_cpu::step_control);
+  m.def("select_rows", &scorefast_cpu::select_rows);
   m.def("philox_words", &scorefast_cpu::philox_words);
 }

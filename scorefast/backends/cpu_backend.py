@@ -102,3 +102,42 @@ def sumsq_norms(t, ids, D, seed, step, stream, with_noise, dtype=torch.float32) 
     out = torch.empty(2, ids.shape[0], dtype=torch.float32)
     load().sumsq_norms(out, t, ids, D, int(seed) % (1 << 64), int(step), stream, with_noise)
     return out
+
+
+def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
+    out = torch.empty(e.shape[0], dtype=torch.float32)
+    load().scaled_sumsq(out, e, y, y2, rtol, atol, 0 if mode == "rk45" else 1)
+    return out
+
+
+def step_control(
+    accept,
+    state,
+    sumsq,
+    t_end,
+    direction,
+    n,
+    c_stage,
+    stage_t,
+    base,
+    mult,
+    table,
+    numel,
+    batch_norm,
+    rule,
+    safety,
+    exponent,
+    e_min_grow,
+    e_min_retry,
+    e_max,
+    advance,
+) -> None:
+    """See ``scorefast.ops.step_control``; the attempt counter n is a CPU tensor, read here."""
+    load().step_control(
+        state, sumsq, t_end, direction, int(n), c_stage, stage_t, base, mult, table, accept,
+        numel, batch_norm, 0 if rule == "rk45" else 1, safety, exponent, e_min_grow, e_min_retry, e_max, advance,
+    )  # fmt: skip
+
+
+def select_rows(mask, outs, news, olds) -> None:
+    load().select_rows(mask, list(outs), list(news), list(olds))

@@ -217,3 +217,24 @@ def snr_langevin_step(
             _ptr(scratch),
             _stream(x),
         )
+
+
+# The adaptive solvers' per-attempt ops have no CUDA kernel yet (issue 19 item 1): on the cuda
+# backend they run the torch reference on the device (several small launches each, counted as one op
+# in the glue table).  The triton backend has kernels for them.
+def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
+    from . import torch_backend
+
+    return torch_backend.scaled_sumsq(e, y, y2, rtol, atol, mode)
+
+
+def step_control(accept, *args) -> None:
+    from . import torch_backend
+
+    torch_backend.step_control(accept, *args)
+
+
+def select_rows(mask, outs, news, olds) -> None:
+    from . import torch_backend
+
+    torch_backend.select_rows(mask, outs, news, olds)

@@ -124,3 +124,26 @@ def snr_langevin_step(
     eps.copy_(e)
     out.copy_(x.to(cdt) + e[:, None] * s + torch.sqrt(2.0 * e)[:, None] * z)
     record_nonfinite(flag, out, step)
+
+
+# -- the adaptive solvers' per-attempt ops (their references live with the ops) ---------------------
+def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
+    """[B] sums of squares of the scaled error rows (``scorefast.ops.scaled_sumsq``), fixed tree."""
+    from ..ops.scaled_sumsq import scaled_rows_ref
+
+    cdt = torch.float64 if e.dtype == torch.float64 else torch.float32
+    v = scaled_rows_ref(e.to(cdt), y.to(cdt), y2.to(cdt), rtol, atol, mode)
+    return tree_sum(v * v)
+
+
+def step_control(accept, *args) -> None:
+    """``scorefast.ops.step_control``'s reference."""
+    from ..ops.step_control import step_control_ref
+
+    step_control_ref(accept, *args)
+
+
+def select_rows(mask, outs, news, olds) -> None:
+    from ..ops.select_rows import select_rows_ref
+
+    select_rows_ref(mask, outs, news, olds)

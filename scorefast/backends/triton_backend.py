@@ -145,3 +145,73 @@ def snr_langevin_step(
             draw=draw,
             flag=flag,
         )
+
+
+def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
+    from ..kernels import adaptive_step as kernel
+
+    max_elements = 4 * _groups()
+    B, D = e.shape
+    with launch_device(e, y=y, y2=y2):
+        out = torch.empty(B, dtype=torch.float32, device=e.device)
+        partial = torch.zeros(B, kernel.scaled_tiles(D, max_elements), dtype=torch.float32, device=e.device)
+        kernel.scaled_sumsq(out, partial, e, y, y2, float(rtol), float(atol), 0 if mode == "rk45" else 1, max_elements)
+    return out
+
+
+def step_control(
+    accept,
+    state,
+    sumsq,
+    t_end,
+    direction,
+    n,
+    c_stage,
+    stage_t,
+    base,
+    mult,
+    table,
+    numel,
+    batch_norm,
+    rule,
+    safety,
+    exponent,
+    e_min_grow,
+    e_min_retry,
+    e_max,
+    advance,
+) -> None:
+    """See ``scorefast.ops.step_control``; ``batch_norm``'s one RMS over the batch is a torch sum on the device."""
+    from ..kernels import adaptive_step as kernel
+
+    with launch_device(state, accept=accept, sumsq=sumsq, t_end=t_end, direction=direction, n=_pointer(n, state.device),
+                       c_stage=c_stage, stage_t=stage_t, base=base, mult=mult, table=table):  # fmt: skip
+        if not isinstance(n, torch.Tensor):
+            n = torch.full((), int(n), dtype=torch.int64, device=state.device)
+        batch_err = None
+        if advance and batch_norm:  # one value for the batch (not batch-invariant by definition)
+            batch_err = (sumsq.double().sum() / (sumsq.shape[0] * numel)).sqrt()
+        kernel.step_control(
+            accept, state, sumsq, t_end, direction, _pointer(n, state.device), c_stage, stage_t, base, mult, table,
+            numel, batch_err, 0 if rule == "rk45" else 1, bool(batch_norm and advance),
+            _params((safety, exponent, e_min_grow, e_min_retry, e_max), state.device), advance, 1024,
+        )  # fmt: skip
+
+
+_PARAMS: dict = {}
+
+
+def _params(values: tuple, device: torch.device) -> torch.Tensor:
+    """The controller's float64 constants on the device, made once (an eager attempt runs before a
+    capture, which then reads the same tensor)."""
+    key = (values, device)
+    if key not in _PARAMS:
+        _PARAMS[key] = torch.tensor(values, dtype=torch.float64, device=device)
+    return _PARAMS[key]
+
+
+def select_rows(mask, outs, news, olds) -> None:
+    from ..kernels import adaptive_step as kernel
+
+    with launch_device(mask, **{f"news[{i}]": v for i, v in enumerate(news)}):
+        kernel.select_rows(mask, list(outs), list(news), list(olds), 4 * _groups())

@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from .. import _checks
+from ..ops.scaled_sumsq import scaled_sumsq
 from ..solvers import adaptive
 from .base import Context
 from .ode_euler import tweedie
@@ -91,48 +92,49 @@ def run(
     span = float(ctx.times[0]) - t_end
     numel = x[0].numel()
     fused = adaptive.FusedRows(x.reshape(B, -1), ctx.backend)
-    to_col = (-1,) + (1,) * (x.dim() - 1)
+    backend, dt = fused.name, _checks.state_dtype(x)
+    # per-sample control in one op per attempt (``sf.ops.step_control``, rule "sde"): accept, counts,
+    # h = safety h E^-exponent, the failure record, and the next attempt's times t and t - h
+    control = adaptive.Controller(
+        torch.full((B,), t_end, dtype=torch.float64, device=dev),
+        torch.zeros(B, dtype=torch.float64, device=dev),
+        torch.tensor([0.0, -1.0], dtype=torch.float64, device=dev),
+        None, numel=numel, error_norm=error_norm, backend=backend, rule="sde", safety=safety, exponent=exponent,
+    )  # fmt: skip
+    signs = torch.tensor([[-1.0], [-0.5]], dtype=torch.float64, device=dev)  # -h and half = -h/2
 
-    def attempt(n, x, x_prev, r, h, steps, rejected, fail):
-        """One attempt for every sample; r [B] is the time left to t_end (0: done, zero step)."""
-        active = r > 0
-        h = torch.minimum(h, r)
-        t = r + t_end
-        times = torch.stack([t, t - h])  # the two stages' times [2, B]
+    def attempt(n, x, x_prev, state, times, table):
+        """One attempt for every sample; ``state`` (r, h, counts, ...; a done sample has r = 0 and a zero
+        step) and ``times`` [2, B] (t, t - h) are the controller's, updated in place.  Both updates'
+        coefficients are made at once: one table [10, B] (x, terms, noise of each; the times last)."""
+        h = state[adaptive.H]
         a, b = sde.reverse_coefs(times)  # reverse drift f - g^2 s = a x + b s
-        sq = h.sqrt()
-        g = sde.diffusion(times) * sq
-        s1 = ctx.score(x, t)
-        x1 = ctx.update(x, [(-h * b[0], s1)], x_coef=1 - h * a[0], noise=g[0], n=n)
-        s2 = ctx.score(x1, times[1])
-        half = -0.5 * h
-        x2 = ctx.update(
-            x,
-            [(half * b[0], s1), (half * a[1], x1), (half * b[1], s2)],
-            x_coef=1 + half * a[0],
-            noise=0.5 * (g[0] + g[1]),
-            n=n,
-        )
-        scale = torch.maximum(x1.abs(), x_prev.abs()).mul_(rtol).clamp_min_(atol)
-        err = fused.sumsq(((x2 - x1) / scale).reshape(B, -1))
-        err_norm = adaptive.error_norm(err, numel, error_norm)
-        accept = active & (err_norm <= 1.0)  # NaN compares False
-        turned_down = active ^ accept
-        keep = accept.view(to_col)
-        x = torch.where(keep, x2, x)
-        x_prev = torch.where(keep, x1, x_prev)
-        r = torch.where(accept, r - h, r)
-        h = safety * h * err_norm.clamp_min(1e-10) ** -exponent
-        fail = adaptive.record_failure(fail, n, turned_down, err_norm, h, t)
-        return x, x_prev, r, h, steps + accept, rejected + turned_down, fail
+        g = sde.diffusion(times) * h.sqrt()
+        p = (signs * h)[:, None, :] * torch.stack([a, b], 1).view(4, B)[None]  # (-h, half) x (a0, b0, a1, b1)
+        xc = 1 + p[:, 0]  # 1 - h a0, 1 + half a0
+        noise2 = 0.5 * (g[0] + g[1])
+        rows = [xc[0], p[0, 1], g[0], xc[1], p[1, 1], p[1, 2], p[1, 3], noise2, times[0], times[1]]
+        coefs = torch.stack(rows).to(dt)
+        t_in = coefs[8:] if x.dtype == dt else times.to(x.dtype)
+        x2d, seed, ids = x.view(B, -1), ctx.seed_tensor(), ctx.sample_ids  # a cached graph's static inputs
+        s1 = ctx.score(x, times[0], t_in=t_in[0])
+        x1 = fused.noisy(x2d, [s1.view(B, -1)], coefs[0:3], seed, n, ids).view(x.shape)
+        s2 = ctx.score(x1, times[1], t_in=t_in[1])
+        x2 = fused.noisy(x2d, [s1.view(B, -1), x1.view(B, -1), s2.view(B, -1)], coefs[3:8], seed, n, ids)
+        x2 = x2.view(x.shape)
+        rows = (v.view(B, -1) for v in (x2, x1, x_prev))
+        err = scaled_sumsq(*rows, rtol=rtol, atol=atol, mode="sde", backend=backend, trusted=True)
+        x, x_prev = control(n, state, err, times, table, [x2, x1], [x, x_prev])
+        return x, x_prev, state, times, table
 
     def done(carry) -> bool:  # one host read
-        return not adaptive.running(carry[2], carry[-1])
+        return not adaptive.running(carry[2][adaptive.R], carry[2][adaptive.FAIL])
 
     r = torch.full((B,), span, dtype=torch.float64, device=dev)
-    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
-    carry = (x, x, r, r * h_init, zeros, zeros.clone(), adaptive.no_failure(B, dev))
-    x, _, r, h, steps, rejected, fail = ctx.steps(attempt, carry, 0, max_steps, done=done)
+    carry = (x, x.contiguous(), *control.start(r, r * h_init))
+    x, _, state, _, _ = ctx.steps(attempt, carry, 0, max_steps, done=done)
+    r, h, fail = state[adaptive.R], state[adaptive.H], state[adaptive.FAIL]
+    steps, rejected = state[adaptive.STEPS].long(), state[adaptive.REJECTED].long()
     t = r + t_end
     adaptive.raise_failure(fail, NAME, t, ids=ctx.sample_ids)
     adaptive.raise_max_steps(NAME, r > 0, t, h, t_end, max_steps)

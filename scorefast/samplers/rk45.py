@@ -9,6 +9,8 @@ The drift a(t) x + b(t) s is one fused pass per stage.  Options: ``rtol``, ``ato
 
 from __future__ import annotations
 
+import torch
+
 from .._checks import check_bool, state_dtype
 from ..solvers import adaptive
 from ..solvers import rk45 as solver
@@ -45,15 +47,26 @@ def run(
     sde = ctx.sde
 
     dt = state_dtype(x)
+    B = x.shape[0]
+    fused = adaptive.FusedRows(x.reshape(B, -1), ctx.backend)
+    zeros = {}  # the drift's noise coefficient row (none is drawn), one per stage count
 
     def coefs(t):
         """The drift a(t) x + b(t) s and the network's time input at all stage times of an attempt
-        at once ([S, B]; a and b in the update's arithmetic dtype, one rounding as before)."""
+        at once ([S, B] times): one coefficient table [S, 3, B] (a, b, 0; in the update's arithmetic
+        dtype, one rounding as before) and the times in x's dtype (rows of the same table for fp32)."""
         a, b = sde.reverse_coefs(t, probability_flow=True)
-        return a.to(dt), b.to(dt), t.to(x.dtype)
+        zero = zeros.get(t.shape)
+        if zero is None:
+            zero = zeros[t.shape] = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        if x.dtype == dt:
+            table = torch.stack([a, b, zero, t], 1).to(dt)
+            return table[:, :3], table[:, 3]
+        return torch.stack([a, b, zero], 1).to(dt), t.to(x.dtype)
 
-    def drift(y, t, a, b, t_in):
-        return ctx.update(y, [(b, ctx.score(y, t, t_in=t_in))], x_coef=a)
+    def drift(y, t, coef, t_in):
+        s = ctx.score(y, t, t_in=t_in)
+        return fused(y.reshape(B, -1), [s.reshape(B, -1)], coef).view(y.shape)
 
     t0, t1 = float(ctx.times[0]), float(ctx.times[-1])  # T -> eps on the default grids
     sol = solver.solve(

@@ -22,6 +22,8 @@ from ..backends import resolve
 from ..errors import NonFiniteError
 from ..ops.fused_update import fused_update_op
 from ..ops.sample_norm import _sumsq
+from ..ops.select_rows import select_rows
+from ..ops.step_control import FAIL, HS, REJECTED, ROWS, STEPS, H, R, step_control  # noqa: F401 (the solvers read rows)
 
 ERROR_NORMS = ("sample", "batch")
 MAX_TERMS = 4  # terms per fused pass on the triton and cuda backends (cpu and torch take any number)
@@ -130,6 +132,56 @@ class FusedRows:
         out = torch.empty_like(x)
         self.impl.fused_update(out, x, terms, coefs, self._ids(x), 0, 0, 0, False)  # coefs: the kernel's dtype
         return out
+
+    def noisy(self, x: Tensor, terms: list[Tensor], coefs: Tensor, seed: Tensor, step, ids: Tensor) -> Tensor:
+        """The same with the sampler's noise (stream 0, Philox step ``step``, sample ``ids``) and its
+        coefficient, the last row of ``coefs``."""
+        if _checks.use_custom_op(x, coefs, *terms):
+            step = _checks.counter_tensor(step)
+            return fused_update_op(x, terms, coefs, seed, step, 0, ids, True, self.name)
+        out = torch.empty_like(x)
+        backends.get(self.name).fused_update(out, x, terms, coefs, ids, seed, step, 0, True)  # reads seed, step
+        return out
+
+
+class Controller:
+    """An adaptive solver's per-sample step control: per attempt, one ``sf.ops.step_control`` launch
+    (accept/reject, counts, the step-size rule, the failure record, and the next attempt's step, stage
+    times and ``Combos`` table) and one ``sf.ops.select_rows`` launch (the accepted rows).
+
+    ``start(r, h)`` makes the state [9, B] (rows ``ROWS``), the stage times [S, B] and the table of the
+    first attempt; ``__call__(n, state, sumsq, stage_t, table, news, olds)`` ends attempt n and returns
+    [where(accept, new, old) for each pair] (rows).  ``rule_args``: the op's rule, safety, exponent,
+    e_min_grow, e_min_retry, e_max; ``error_norm`` "sample" or "batch"."""
+
+    def __init__(self, t_end, direction, c_stage, combine: Combos | None, *, numel: int, error_norm: str,
+                 backend: str | None = None, **rule_args):  # fmt: skip
+        dev = t_end.device
+        self.t_end, self.direction, self.c_stage = t_end.contiguous(), direction.contiguous(), c_stage.contiguous()
+        if combine is not None:
+            self.base, self.mult = combine.base[:, 0].contiguous(), combine.mult[:, 0].contiguous()
+            self.dtype, self.backend = combine.dtype, combine.fused.name
+        else:
+            self.base = self.mult = torch.zeros(0, dtype=torch.float64, device=dev)
+            self.dtype, self.backend = torch.float64, backend
+        self.args = dict(numel=numel, batch_norm=error_norm == "batch", backend=self.backend, trusted=True, **rule_args)
+
+    def start(self, r: Tensor, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(state, stage_t, table) before the first attempt, for remaining times r and steps h [B]."""
+        B, dev = r.shape[0], r.device
+        state = torch.zeros(len(ROWS), B, dtype=torch.float64, device=dev)
+        state[R], state[H], state[FAIL] = r, h, -1.0
+        stage_t = torch.empty(self.c_stage.shape[0], B, dtype=torch.float64, device=dev)
+        table = torch.empty(self.base.shape[0], B, dtype=self.dtype, device=dev)
+        step_control(state, None, *self._fixed(0, stage_t, table), advance=False, **self.args)
+        return state, stage_t, table
+
+    def _fixed(self, n, stage_t, table):
+        return self.t_end, self.direction, n, self.c_stage, stage_t, self.base, self.mult, table
+
+    def __call__(self, n, state: Tensor, sumsq: Tensor, stage_t: Tensor, table: Tensor, news, olds) -> list[Tensor]:
+        accept = step_control(state, sumsq, *self._fixed(n, stage_t, table), **self.args)
+        return select_rows(accept, news, olds, backend=self.backend, trusted=True)
 
 
 def tree_sum(v: Tensor) -> Tensor:

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .. import _checks
+from ..ops.scaled_sumsq import scaled_sumsq
 from . import adaptive
 
 C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
@@ -68,21 +69,23 @@ def _eager_attempts(body, carry, start, stop, *, done):
 
 class _Live:
     """The per-sample constants of the samples an attempt runs on (all of them, or those that have
-    not retired): the end time and direction [b] and fn's ``per_sample`` rows [b, ...]."""
+    not retired): fn's ``per_sample`` rows [b, ...] and the controller's end times and directions [b]."""
 
-    def __init__(self, t_end: Tensor, direction: Tensor, per_sample: tuple):
-        self.t_end, self.direction, self.rows = t_end, direction, tuple(per_sample)
+    def __init__(self, per_sample: tuple):
+        self.rows, self.control = tuple(per_sample), None
 
     def select(self, keep: Tensor) -> None:
-        self.t_end, self.direction = self.t_end[keep], self.direction[keep]
         self.rows = tuple(r[keep] for r in self.rows)
+        c = self.control
+        c.t_end, c.direction = c.t_end[keep], c.direction[keep]
 
 
-def _retiring_attempts(live: _Live, remaining: int):
-    """An eager attempt loop in which samples that reached t1 (``carry[remaining] == 0``) leave the
-    batch: their final rows are written to the output once, and later attempts run on the others
-    (gathered when at least 1/16 of the working batch, or one sample, finished).  Only for the
-    per-sample error norm (a batch norm over fewer samples would change the steps)."""
+def _retiring_attempts(live: _Live, batch_dims: tuple[int, ...]):
+    """An eager attempt loop in which samples that reached t1 (r = 0 in the controller's state,
+    ``carry[4]``) leave the batch: their final values are written to the output once, and later
+    attempts run on the others (gathered when at least 1/16 of the working batch, or one sample,
+    finished).  ``batch_dims``: each carry tensor's sample dim.  Only for the per-sample error norm
+    (a batch norm over fewer samples would change the steps)."""
 
     def run(body, carry, start, stop, *, done):
         out = tuple(c.clone() for c in carry)
@@ -90,17 +93,18 @@ def _retiring_attempts(live: _Live, remaining: int):
         for n in range(start, stop):
             if done(carry):
                 break
-            going = carry[remaining] > 0
+            going = carry[4][adaptive.R] > 0
             b = going.shape[0]
             if b - int(going.sum()) >= max(1, b // 16):
                 gone, keep = (~going).nonzero().squeeze(1), going.nonzero().squeeze(1)
-                for full, c in zip(out, carry):
-                    full.index_copy_(0, where[gone], c[gone])
-                carry, where = tuple(c[keep] for c in carry), where[keep]
+                for full, c, dim in zip(out, carry, batch_dims):
+                    full.index_copy_(dim, where[gone], c.index_select(dim, gone))
+                carry = tuple(c.index_select(dim, keep) for c, dim in zip(carry, batch_dims))
+                where = where[keep]
                 live.select(keep)
             carry = body(n, *carry)
-        for full, c in zip(out, carry):
-            full.index_copy_(0, where, c)
+        for full, c, dim in zip(out, carry, batch_dims):
+            full.index_copy_(dim, where, c)
         return out
 
     return run
@@ -167,7 +171,8 @@ def solve(
     rows = y0.reshape(B, -1).contiguous()  # the state as [B, D] rows: fn sees views of x's shape
     numel = rows.shape[1] + (q0.shape[1] if q0 is not None else 0)
     combine = adaptive.Combos(COMBOS, rows, backend)
-    c_stage = torch.tensor(C, dtype=torch.float64, device=dev)[:, None]
+    name_b = combine.fused.name
+    c_stage = torch.tensor(C, dtype=torch.float64, device=dev)
     q_weights = torch.tensor([B5, ERR], dtype=torch.float64, device=dev)  # [2, 7]: q_new - q, q's error
 
     def evaluate(y: Tensor, t: Tensor, coefs=()) -> tuple[Tensor, Tensor | None]:
@@ -179,15 +184,16 @@ def solve(
         return k.reshape(b, -1).contiguous(), g
 
     def sumsq(err, y, y_new, qerr=None, q=None, q_new=None) -> Tensor:
-        total = combine.fused.sumsq(adaptive.scaled(err, y, y_new, rtol, atol))
+        """Per-sample sums of squares of the scaled error: one fused pass (``sf.ops.scaled_sumsq``)."""
+        total = scaled_sumsq(err, y, y_new, rtol=rtol, atol=atol, mode="rk45", backend=name_b, trusted=True)
         if qerr is not None:
-            total = total + adaptive.tree_sum(adaptive.scaled(qerr, q, q_new, rtol, atol).square())
+            total = total.double() + adaptive.tree_sum(adaptive.scaled(qerr, q, q_new, rtol, atol).square())
         return total
 
     for i, extra in enumerate(per_sample):
         if not isinstance(extra, Tensor) or extra.dim() < 1 or extra.shape[0] != B:
             raise ValueError(f"per_sample[{i}]: expected a tensor [B={B}, ...], got {getattr(extra, 'shape', extra)}")
-    live = _Live(t_end, direction, per_sample)
+    live = _Live(per_sample)
     k1, g1 = evaluate(rows, t)
     if h0 is None:
         h = _initial_step(evaluate, rows, k1, q0, g1, t, direction, span, sumsq, numel, error_norm)
@@ -195,23 +201,23 @@ def solve(
         h = span * h0
     first_nfe = 1 if h0 is not None else 2
     # the step-size factor SAFETY * err^-1/5 within [MIN_FACTOR, MAX_FACTOR], or <= 1 after a
-    # rejection, as bounds on err: factor = SAFETY * err.clamp(lo, E_MAX)^-1/5
-    e_min_grow, e_min_retry = (SAFETY / MAX_FACTOR) ** 5, SAFETY**5
-    e_max = torch.tensor((SAFETY / MIN_FACTOR) ** 5, dtype=torch.float64, device=dev)
+    # rejection, as bounds on err: factor = SAFETY * err.clamp(lo, E_MAX)^-1/5 (``sf.ops.step_control``)
+    control = adaptive.Controller(
+        t_end, direction, c_stage, combine, numel=numel, error_norm=error_norm, rule="rk45", safety=SAFETY,
+        exponent=0.2, e_min_grow=(SAFETY / MAX_FACTOR) ** 5, e_min_retry=SAFETY**5, e_max=(SAFETY / MIN_FACTOR) ** 5,
+    )  # fmt: skip
+    live.control = control
 
-    def attempt(n, y, k1, q, g1, r, h, steps, rejected, retry, fail):
-        """One Dormand–Prince attempt for every sample (functional: a trace may run it).
+    def attempt(n, y, k1, q, g1, state, stage_t, table):
+        """One Dormand–Prince attempt for every sample (functional but for ``state``, ``stage_t`` and
+        ``table``, updated in place by the controller; a trace may run it).
 
-        r [B] is each sample's remaining distance to t1 (0 when done: its step is then 0 and the
-        attempt changes nothing); ``fail`` [B] the attempt where a sample failed (-1: never)."""
-        active = r > 0
-        t_end, direction = live.t_end, live.direction
-        h = torch.minimum(h, r)
-        hs = h * direction
-        t = torch.addcmul(t_end, direction, r, value=-1.0)
-        combine.prepare(hs)
+        ``state`` [9, B] is the controller's (``sf.ops.step_control``): a done sample has r = 0 and a
+        zero step, so the attempt changes nothing for it.  The attempt's stage times ``stage_t`` [7, B]
+        and coefficient table were made by the previous attempt's controller."""
+        combine.table = table
+        hs = state[adaptive.HS]
         ks, gs = [k1], [g1]
-        stage_t = torch.addcmul(t, c_stage, hs)  # [7, B] stage times
         tables = time_coefs(stage_t) if time_coefs is not None else ()
         for i in range(1, 7):
             y_new = combine(i, y, ks)  # after the last stage: the 5th-order solution (FSAL)
@@ -223,46 +229,29 @@ def solve(
             sums = adaptive.tree_sum(torch.stack(gs, -1)[:, :, None, :] * (hs[:, None, None, None] * q_weights))
             q_new, qerr = q + sums[..., 0], sums[..., 1]
             total = sumsq(err, y, y_new, qerr, q, q_new)
+            y, k1, q, g1 = control(n, state, total, stage_t, table, [y_new, ks[6], q_new, gs[6]], [y, k1, q, g1])
         else:
             total = sumsq(err, y, y_new)
-        err_norm = adaptive.error_norm(total, numel, error_norm)
-        accept = active & (err_norm <= 1.0)  # NaN compares False
-        turned_down = active ^ accept
-        keep = accept[:, None]
-        y = torch.where(keep, y_new, y)
-        k1 = torch.where(keep, ks[6], k1)
-        if q0 is not None:
-            q = torch.where(keep, q_new, q)
-            g1 = torch.where(keep, gs[6], g1)
-        r = torch.where(accept, r - h, r)
-        steps = steps + accept
-        rejected = rejected + turned_down
-        floor = torch.where(retry | turned_down, e_min_retry, e_min_grow)
-        h = h * (SAFETY * torch.clamp(err_norm, floor, e_max) ** -0.2)
-        fail = adaptive.record_failure(fail, n, turned_down, err_norm, h, t)
-        return y, k1, q, g1, r, h, steps, rejected, turned_down, fail
+            y, k1 = control(n, state, total, stage_t, table, [y_new, ks[6]], [y, k1])
+        return y, k1, q, g1, state, stage_t, table
 
     def done(carry) -> bool:  # one host read
-        return not adaptive.running(carry[4], carry[-1])
+        return not adaptive.running(carry[4][adaptive.R], carry[4][adaptive.FAIL])
 
-    zeros = torch.zeros(B, dtype=torch.int64, device=dev)
     none = rows.new_zeros(B, 0, dtype=torch.float64)
     carry = (
         rows,
         k1,
         q0 if q0 is not None else none,
         g1 if g1 is not None else none,
-        span.clone(),
-        h,
-        zeros,
-        zeros.clone(),
-        torch.zeros(B, dtype=torch.bool, device=dev),
-        adaptive.no_failure(B, dev),
+        *control.start(span, h),
     )
     if attempts is None:
-        attempts = _retiring_attempts(live, 4) if error_norm == "sample" else _eager_attempts
+        attempts = _retiring_attempts(live, (0, 0, 0, 0, 1, 1, 1)) if error_norm == "sample" else _eager_attempts
     carry = attempts(attempt, carry, 0, max_steps, done=done)
-    y, _, q, _, r, h, steps, rejected, _, fail = carry
+    y, q, state = carry[0], carry[2], carry[4]
+    r, h, fail = state[adaptive.R], state[adaptive.H], state[adaptive.FAIL]
+    steps, rejected = state[adaptive.STEPS].long(), state[adaptive.REJECTED].long()
     t = torch.addcmul(t_end, direction, r, value=-1.0)
     adaptive.raise_failure(fail, name, t, ids=sample_ids)
     adaptive.raise_max_steps(name, r > 0, t, h, t_end, max_steps)
@@ -277,7 +266,7 @@ def _initial_step(evaluate, y0, k1, q0, g1, t, direction, span, sumsq, numel, mo
 
     def norm(v, y, g=None):
         total = sumsq(v, zero(y0), y0) if q0 is None else sumsq(v, zero(y0), y0, g, zero(q0), q0)
-        return adaptive.error_norm(total, numel, mode)
+        return adaptive.error_norm(total.double(), numel, mode)
 
     d0, d1 = norm(y0, y0, q0), norm(k1, y0, g1)
     h_a = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1).minimum(span)
