@@ -86,8 +86,10 @@ def log_likelihood(
             VP's N(0, I) prior is off by 0.01-0.03 nats/dim on simple data).  z is float64.
         data_range: (lo, hi) of 8-bit data: add uniform dequantisation noise of one 256th of the
             range (stream 6, k = step) and report bits/dim of the discrete data, as score_sde's offset.
-        error_norm: "sample" (each sample's own error control: batch-invariant) or "batch" (one RMS
-            over the batch, as score_sde's scipy solver; fewer evaluations for the hardest sample).
+        error_norm: "sample" (each sample's own error control: batch-invariant; samples that reached
+            T leave the batch, so score_fn is called on the unfinished ones only, a smaller batch) or
+            "batch" (one RMS over the batch, as score_sde's scipy solver; fewer evaluations for the
+            hardest sample).
         max_steps: solver attempts before ``scorefast.solvers.SolverError``.
         network_dtype: the dtype the network is called in (default: ``infer_network_dtype``).
     Returns (nll [B] nats, bpd [B]) (float64), and the per-sample NFE if ``return_nfe``.

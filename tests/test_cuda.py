@@ -219,3 +219,51 @@ def test_launches_on_a_second_gpu_run_there():
         ref = sf.ops.fused_update_table(x.cpu().double(), [x.cpu().double()], table.cpu().double(), row.cpu(), seed=3)
         torch.testing.assert_close(got.cpu().double(), ref, atol=1e-5, rtol=5e-6)
         assert torch.isfinite(snr).all()
+
+
+def test_adaptive_step_ops_vs_reference_on_gpu(backend):
+    """The adaptive solvers' per-attempt ops (step control, scaled error norm, row selects) on CUDA
+    tensors against the torch reference on the CPU (the cuda backend launches triton's kernels)."""
+    from scorefast.ops import scaled_sumsq as ss_mod
+    from scorefast.ops import select_rows as sel_mod
+    from scorefast.ops import step_control as sc_mod
+    from tests.test_step_control import C_STAGE, RULES, _problem
+
+    for rule in ("rk45", "sde"):
+        outs = {}
+        for dev, name in (("cpu", "torch"), ("cuda", backend)):
+            state, sumsq, t_end, direction, base, mult, numel = (
+                v.to(dev) if isinstance(v, torch.Tensor) else v for v in _problem(1000, 3)
+            )
+            stage_t = torch.empty(7, 1000, dtype=torch.float64, device=dev)
+            table = torch.empty(base.shape[0], 1000, dtype=torch.float32, device=dev)
+            n, c_stage = torch.tensor(4, device=dev), C_STAGE.to(dev)
+            accept = sc_mod.step_control(state, sumsq, t_end, direction, n, c_stage, stage_t, base, mult, table,
+                                         numel=numel, backend=name, **RULES[rule])  # fmt: skip
+            outs[dev] = [accept, state, stage_t, table]
+        assert torch.equal(outs["cuda"][0].cpu(), outs["cpu"][0])
+        for got, want in zip(outs["cuda"][1:], outs["cpu"][1:]):
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-13, atol=1e-13, equal_nan=True)
+    g = torch.Generator().manual_seed(0)
+    e, y, y2 = (torch.randn(37, 1001, generator=g) for _ in range(3))
+    for mode in ("rk45", "sde"):
+        want = ss_mod.scaled_sumsq(e, y, y2, rtol=1e-3, atol=1e-4, mode=mode, backend="torch")
+        got = ss_mod.scaled_sumsq(e.cuda(), y.cuda(), y2.cuda(), rtol=1e-3, atol=1e-4, mode=mode, backend=backend)
+        torch.testing.assert_close(got.cpu().double(), want.double(), rtol=1e-5, atol=0)
+    mask = torch.rand(37, generator=g) < 0.5
+    got = sel_mod.select_rows(mask.cuda(), [e.cuda()], [y.cuda()], backend=backend)[0]
+    assert torch.equal(got.cpu(), torch.where(mask[:, None], e, y))
+
+
+def test_rk45_and_adaptive_sde_graph_replay_equals_eager_on_gpu(backend):
+    """A captured attempt (six stages, the fused controller) replays to the eager samples."""
+    gm = sf.testing.GaussianMixture.builtin()
+    sde = sf.sde.VPSDE()
+    score = gm.score_fn(sde)
+    for sampler in ("rk45", "adaptive_sde"):
+        kw = dict(sampler=sampler, seed=1, device="cuda", backend=backend, return_info=True)
+        eager, info_e = sf.sample(score, sde, (256, 2), cuda_graph=False, **kw)
+        graphed, info_g = sf.sample(score, sde, (256, 2), cuda_graph=True, **kw)
+        assert info_g["graphed"]
+        torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+        assert torch.equal(info_g["nfe_per_sample"], info_e["nfe_per_sample"])

@@ -219,22 +219,23 @@ def snr_langevin_step(
         )
 
 
-# The adaptive solvers' per-attempt ops have no CUDA kernel yet (issue 19 item 1): on the cuda
-# backend they run the torch reference on the device (several small launches each, counted as one op
-# in the glue table).  The triton backend has kernels for them.
-def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
-    from . import torch_backend
+# The adaptive solvers' per-attempt ops have no CUDA C++ kernel yet (issue 19 item 1): on the cuda
+# backend they launch the triton backend's kernels (one launch each, on the current stream, so a
+# captured attempt records them), or run the torch reference on the device (several small launches
+# each) where triton is not available.
+def _adaptive_kernels():
+    from . import state, torch_backend, triton_backend
 
-    return torch_backend.scaled_sumsq(e, y, y2, rtol, atol, mode)
+    return triton_backend if state("triton").available else torch_backend
+
+
+def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
+    return _adaptive_kernels().scaled_sumsq(e, y, y2, rtol, atol, mode)
 
 
 def step_control(accept, *args) -> None:
-    from . import torch_backend
-
-    torch_backend.step_control(accept, *args)
+    _adaptive_kernels().step_control(accept, *args)
 
 
 def select_rows(mask, outs, news, olds) -> None:
-    from . import torch_backend
-
-    torch_backend.select_rows(mask, outs, news, olds)
+    _adaptive_kernels().select_rows(mask, outs, news, olds)
