@@ -203,3 +203,18 @@ def test_arguments_are_checked_by_name():
         sel_mod.select_rows(torch.ones(4), [e], [e])
     with pytest.raises(TypeError, match="news"):
         sel_mod.select_rows(torch.ones(4, dtype=torch.bool), [e.double()], [e])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_solvers_eager_loops_run_on_every_backend(backend):
+    """The eager loops hand the controller a Python int attempt counter (``Controller.start`` 0, then
+    the loop's n): every backend takes it (triton once read it as a tensor and failed at start)."""
+    import scorefast as sf
+
+    y0 = torch.randn(5, 4, generator=torch.Generator().manual_seed(0))
+    got = rk45_solver.solve(lambda y, t: -y, y0, 0.0, 1.0, rtol=1e-5, atol=1e-5, backend=backend)
+    torch.testing.assert_close(got.y, y0 * math.exp(-1.0), rtol=2e-5, atol=2e-6)
+    gm = sf.testing.GaussianMixture.builtin()
+    sde = sf.sde.VPSDE()
+    x = sf.sample(gm.score_fn(sde), sde, (6, 2), sampler="adaptive_sde", seed=0, backend=backend, rtol=0.2, atol=0.2)
+    assert x.shape == (6, 2) and bool(torch.isfinite(x).all())

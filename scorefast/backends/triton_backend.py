@@ -184,10 +184,10 @@ def step_control(
     """See ``scorefast.ops.step_control``; ``batch_norm``'s one RMS over the batch is a torch sum on the device."""
     from ..kernels import adaptive_step as kernel
 
+    if not isinstance(n, torch.Tensor):  # an eager loop's int attempt counter
+        n = torch.full((), int(n), dtype=torch.int64, device=state.device)
     with launch_device(state, accept=accept, sumsq=sumsq, t_end=t_end, direction=direction, n=_pointer(n, state.device),
                        c_stage=c_stage, stage_t=stage_t, base=base, mult=mult, table=table):  # fmt: skip
-        if not isinstance(n, torch.Tensor):
-            n = torch.full((), int(n), dtype=torch.int64, device=state.device)
         batch_err = None
         if advance and batch_norm:  # one value for the batch (not batch-invariant by definition)
             batch_err = (sumsq.double().sum() / (sumsq.shape[0] * numel)).sqrt()
