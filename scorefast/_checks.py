@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -232,3 +232,18 @@ def check_sample_ids(sample_ids: object, B: int, device: torch.device) -> torch.
         if lo < 0 or hi >= UINT32:
             raise ValueError(f"sample_ids: must lie in [0, 2**32), got values in [{lo}, {hi}]")
     return sample_ids.contiguous()
+
+
+def check_extra_args(extra_args, B: int) -> dict:
+    """score_fn's keyword arguments: a dict with str keys; a tensor of dim >= 1 is per sample ([B, ...])."""
+    if extra_args is not None and not isinstance(extra_args, Mapping):
+        raise TypeError(
+            f"extra_args: expected a dict of keyword arguments for score_fn, got {type(extra_args).__name__}"
+        )
+    extra = dict(extra_args or {})
+    for key, value in extra.items():
+        if not isinstance(key, str):
+            raise TypeError(f"extra_args: keys are score_fn's keyword names (str), got {key!r}")
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != B:
+            raise ValueError(f"extra_args[{key!r}]: batch {value.shape[0]} does not match {B} samples")
+    return extra

@@ -77,6 +77,8 @@ def log_likelihood(
     max_steps: int = 100_000,
     network_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    extra_args: dict | None = None,
+    retire: bool = True,
 ):
     """Negative log-likelihood per sample of x [B, ...] under the model's p_eps.
 
@@ -86,10 +88,14 @@ def log_likelihood(
             VP's N(0, I) prior is off by 0.01-0.03 nats/dim on simple data).  z is float64.
         data_range: (lo, hi) of 8-bit data: add uniform dequantisation noise of one 256th of the
             range (stream 6, k = step) and report bits/dim of the discrete data, as score_sde's offset.
-        error_norm: "sample" (each sample's own error control: batch-invariant; samples that reached
-            T leave the batch, so score_fn is called on the unfinished ones only, a smaller batch) or
-            "batch" (one RMS over the batch, as score_sde's scipy solver; fewer evaluations for the
-            hardest sample).
+        error_norm: "sample" (each sample's own error control: batch-invariant) or "batch" (one RMS
+            over the batch, as score_sde's scipy solver; fewer evaluations for the hardest sample).
+        extra_args: keyword arguments of score_fn (``score_fn(x, t, **extra_args)``, as ``sf.sample``);
+            a tensor [B, ...] is per sample (class labels, conditioning) and follows its samples.
+        retire: with ``error_norm="sample"``, samples that reached T leave the batch, so score_fn runs
+            on the unfinished ones only (a smaller batch; same per-sample results, fewer evaluations).
+            A score_fn that closes over per-sample state of its own (rather than ``extra_args``)
+            needs the whole batch on every call: pass ``retire=False``.
         max_steps: solver attempts before ``scorefast.solvers.SolverError``.
         network_dtype: the dtype the network is called in (default: ``infer_network_dtype``).
     Returns (nll [B] nats, bpd [B]) (float64), and the per-sample NFE if ``return_nfe``.
@@ -122,6 +128,8 @@ def log_likelihood(
         raise TypeError(f"network_dtype: expected a floating dtype, got {network_dtype!r}")
     if not isinstance(return_nfe, bool | numbers.Integral):
         raise TypeError(f"return_nfe: expected a bool, got {type(return_nfe).__name__}")
+    extra = _checks.check_extra_args(extra_args, B)
+    retire = _checks.check_bool("retire", retire)
     net_dtype = network_dtype or infer_network_dtype(score_fn, x)
     if B == 0:
         empty = x.new_zeros(0, dtype=torch.float64)
@@ -143,8 +151,11 @@ def log_likelihood(
     time_dtype = torch.float64 if net_dtype == torch.float64 else torch.float32
     fused_dtype = torch.float64 if y0.dtype == torch.float64 else torch.float32
     fused = adaptive.FusedRows(y0, backend)
-    # the probes ride with their samples (batch-first rows; finished samples retire from the solve)
+    # per-sample rows ride with their samples (batch-first; finished samples retire from the solve):
+    # the probes in fp32 and float64, then the per-sample tensors of extra_args
     probe_rows = () if v is None else (v.transpose(0, 1), v.double().transpose(0, 1))
+    row_keys = [k for k, val in extra.items() if isinstance(val, Tensor) and val.dim() > 0]
+    fixed = {k: val for k, val in extra.items() if k not in row_keys}
 
     def schedule(t: Tensor) -> tuple[Tensor, ...]:
         """Per stage time t [S, B], once per solver attempt: the time the network sees, the drift's
@@ -154,12 +165,15 @@ def log_likelihood(
         coefs = torch.stack([a, b, torch.zeros_like(a)], 1).to(fused_dtype)
         return t.to(time_dtype), coefs, b, a * D
 
-    def rhs(y: Tensor, _t: Tensor, t_net, coefs, b: Tensor, a_dim: Tensor, *probe_rows) -> tuple[Tensor, Tensor]:
+    def rhs(y: Tensor, _t: Tensor, t_net, coefs, b: Tensor, a_dim: Tensor, *rows) -> tuple[Tensor, Tensor]:
         """(probability-flow drift a y + b s in the state's dtype, its divergence [b, 1] float64) for
-        the b samples still integrating; ``probe_rows``: their probes [b, n, ...] (fp32, float64)."""
+        the b samples still integrating; ``rows``: their probes [b, n, ...] (fp32, float64) and
+        per-sample extra_args."""
+        probe_rows, kwargs = rows[: len(rows) - len(row_keys)], dict(fixed)
+        kwargs.update(zip(row_keys, rows[len(probe_rows) :]))
         with torch.enable_grad():
             xin = y.detach().to(net_dtype).requires_grad_(True)
-            s = check_fn_output("score_fn", score_fn(xin, t_net), xin)
+            s = check_fn_output("score_fn", score_fn(xin, t_net, **kwargs), xin)
             if probe_rows:
                 trace = vjp_trace(s, xin, probe_rows[0].transpose(0, 1), probe_rows[1].transpose(0, 1))
             else:
@@ -192,7 +206,8 @@ def log_likelihood(
         name="log_likelihood",
         sample_ids=ids,
         time_coefs=schedule,
-        per_sample=probe_rows,
+        per_sample=(*probe_rows, *(extra[k] for k in row_keys)),
+        retire=retire,
     )
     logp = prior(sol.y) + sol.q[:, 0]
     nll = -logp

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -340,7 +340,7 @@ def _plan(
     backends.resolve(backend, device, dtype)  # a backend that cannot run says so before any work
     ids = _checks.check_sample_ids(sample_ids, shape[0], device)
     seed_checked = _checks.check_counter("seed", seed, device, upper=_checks.UINT64)
-    extra = _slice_extra(extra_args, shape[0])
+    extra = _checks.check_extra_args(extra_args, shape[0])
     if t_start is not None:
         t_start = _checks.check_finite_scalar("t_start", t_start, positive=True)
         if not sde.eps < t_start <= sde.T:
@@ -387,20 +387,6 @@ def _check_x_init(x_init, shape) -> None:
         raise ValueError("x_init: a meta tensor holds no data")
     if x_init.numel() and not bool(torch.isfinite(x_init).all()):  # one host read per run
         raise ValueError("x_init: contains NaN or inf")
-
-
-def _slice_extra(extra_args: dict | None, B: int) -> dict:
-    if extra_args is not None and not isinstance(extra_args, Mapping):
-        raise TypeError(
-            f"extra_args: expected a dict of keyword arguments for score_fn, got {type(extra_args).__name__}"
-        )
-    extra = dict(extra_args or {})
-    for key, value in extra.items():
-        if not isinstance(key, str):
-            raise TypeError(f"extra_args: keys are score_fn's keyword names (str), got {key!r}")
-        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] != B:
-            raise ValueError(f"extra_args[{key!r}]: batch {value.shape[0]} does not match {B} samples")
-    return extra
 
 
 def _initial(sde: SDE, shape, x_init, t0: float, seed, ids, device, backend, dtype) -> Tensor:

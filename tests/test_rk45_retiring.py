@@ -85,3 +85,42 @@ def test_likelihood_probes_follow_their_samples():
     for i in (0, int(nfe.argmin()), int(nfe.argmax())):
         one, _, n1 = sf.log_likelihood(score, sde, x[i : i + 1], sample_ids=ids[i : i + 1], **kw)
         assert int(n1) == int(nfe[i]) and math.isclose(float(one), float(nll[i]), rel_tol=0, abs_tol=1e-9)
+
+
+def test_conditioning_rows_follow_their_samples_and_retire_false_keeps_the_batch():
+    """A class-conditional score: labels in ``extra_args`` follow their samples as they retire; a
+    score_fn that closes over the labels itself runs with ``retire=False`` (every call at B rows).
+    Both give the same NLL and NFE per sample."""
+    gm = sf.testing.GaussianMixture.builtin()
+    sde = VPSDE()
+    x = gm.sample(20, seed=4).float()
+    labels = torch.arange(20) % 3
+    base = gm.score_fn(sde)
+    scale = torch.tensor([1.0, 0.9, 1.1])  # a per-class tilt of the score (a made-up condition)
+
+    def cond(xx, t, y):
+        assert y.shape[0] == xx.shape[0]
+        return base(xx, t) * scale[y][:, None]
+
+    def closed(xx, t):
+        assert xx.shape[0] == labels.shape[0], "a closure over [B] labels needs the whole batch"
+        return cond(xx, t, labels)
+
+    kw = dict(rtol=1e-4, atol=1e-4, seed=2, return_nfe=True)
+    nll, _, nfe = sf.log_likelihood(cond, sde, x, extra_args={"y": labels}, **kw)
+    assert nfe.min() < nfe.max()
+    nll_closed, _, nfe_closed = sf.log_likelihood(closed, sde, x, retire=False, **kw)
+    assert torch.equal(nll, nll_closed) and torch.equal(nfe, nfe_closed)
+    with pytest.raises(AssertionError, match="whole batch"):
+        sf.log_likelihood(closed, sde, x, **kw)
+    with pytest.raises(ValueError, match=r"extra_args\['y'\]"):
+        sf.log_likelihood(cond, sde, x, extra_args={"y": labels[:5]}, **kw)
+    with pytest.raises(TypeError, match="retire"):
+        sf.log_likelihood(cond, sde, x, extra_args={"y": labels}, retire="no", **kw)
+
+
+def test_retire_false_runs_every_call_on_the_whole_batch():
+    y0, c, t1 = _problem(B=11)
+    fn = Rows()
+    got = solve(fn, y0, 0.0, t1, rtol=1e-6, atol=1e-6, per_sample=(c,), retire=False)
+    assert fn.rows_seen == int(got.nfe.max()) * 11

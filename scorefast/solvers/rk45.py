@@ -83,19 +83,22 @@ class _Live:
 def _retiring_attempts(live: _Live, batch_dims: tuple[int, ...]):
     """An eager attempt loop in which samples that reached t1 (r = 0 in the controller's state,
     ``carry[4]``) leave the batch: their final values are written to the output once, and later
-    attempts run on the others (gathered when at least 1/16 of the working batch, or one sample,
-    finished).  ``batch_dims``: each carry tensor's sample dim.  Only for the per-sample error norm
-    (a batch norm over fewer samples would change the steps)."""
+    attempts run on the others (gathered once max(1, b // 16) of the b working samples finished).
+    ``batch_dims``: each carry tensor's sample dim.  Only for the per-sample error norm (a batch norm
+    over fewer samples would change the steps).  One host read per attempt, as ``done``'s: the
+    number of samples still going and of those that failed."""
 
     def run(body, carry, start, stop, *, done):
         out = tuple(c.clone() for c in carry)
         where = torch.arange(carry[0].shape[0], device=carry[0].device)
         for n in range(start, stop):
-            if done(carry):
+            state = carry[4]
+            going = state[adaptive.R] > 0
+            left, failed = torch.stack([going.sum(), (state[adaptive.FAIL] >= 0).sum()]).tolist()
+            if not left or failed:  # = done(carry)
                 break
-            going = carry[4][adaptive.R] > 0
             b = going.shape[0]
-            if b - int(going.sum()) >= max(1, b // 16):
+            if b - left >= max(1, b // 16):
                 gone, keep = (~going).nonzero().squeeze(1), going.nonzero().squeeze(1)
                 for full, c, dim in zip(out, carry, batch_dims):
                     full.index_copy_(dim, where[gone], c.index_select(dim, gone))
@@ -128,6 +131,7 @@ def solve(
     sample_ids: Tensor | None = None,
     time_coefs: Callable | None = None,
     per_sample: tuple[Tensor, ...] = (),
+    retire: bool = True,
 ) -> Solution:
     """Integrate dy/dt = fn(y, t [B] float64) from t0 to t1 (floats or [B]); y0 [B, ...].
 
@@ -142,6 +146,8 @@ def solve(
     ``per_sample``: batch-first tensors [B, ...] handed to fn after those coefficients, as the rows
     of the samples fn is called on: fn(y, t, *coefs, *rows) (what fn knows per sample, e.g. the
     likelihood's probes, follows its sample when finished samples retire from the batch).
+    ``retire``: in the default eager loop with ``error_norm="sample"``, samples that reached t1 leave
+    the batch (fn then sees fewer rows; ``False`` keeps every call at B rows).
     ``attempts`` runs the step attempts: ``attempts(body, carry, 0, max_steps, done=done)`` with
     ``carry = body(n, *carry)`` (default: a loop that reads ``done`` on the host before each
     attempt; a sampler's ``Context.steps`` captures one attempt, all six stages, as a CUDA graph).
@@ -247,7 +253,8 @@ def solve(
         *control.start(span, h),
     )
     if attempts is None:
-        attempts = _retiring_attempts(live, (0, 0, 0, 0, 1, 1, 1)) if error_norm == "sample" else _eager_attempts
+        retiring = retire and error_norm == "sample"
+        attempts = _retiring_attempts(live, (0, 0, 0, 0, 1, 1, 1)) if retiring else _eager_attempts
     carry = attempts(attempt, carry, 0, max_steps, done=done)
     y, q, state = carry[0], carry[2], carry[4]
     r, h, fail = state[adaptive.R], state[adaptive.H], state[adaptive.FAIL]
