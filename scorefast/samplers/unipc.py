@@ -19,7 +19,8 @@ next predictor starts from x_n^c.  The predictor order warms up (p_n = min(order
 in the last steps (``lower_order_final``); the corrector at step n has the order of the predictor it
 corrects.  Two conventions for which step is the last:
 
-- ``"uni_pc"`` (default): the UniPC authors' code (and DPM-Solver's), whose last step ends at the
+- ``"uni_pc"`` (default): the UniPC authors' code (their multistep loop lowers the order at every
+  step count; DPM-Solver's official loop does so only below 10-15 steps), whose last step ends at the
   grid's end eps before the optional denoising: p_n <= N - 1 - n, so the last interval is UniP-1.
 - ``True`` (or ``"diffusers"``): diffusers' ``UniPCMultistepScheduler`` (``predict_x0=True``,
   ``final_sigmas_type="zero"``) on the same grid, whose last step is the jump from t_{N-1} to
