@@ -238,3 +238,10 @@ def select_rows(mask, outs, news, olds) -> None:
     from . import torch_backend
 
     torch_backend.select_rows(mask, outs, news, olds)
+
+
+def sde_coefs(out, h, times, a, b) -> None:
+    """The torch reference on the device (a handful of float64 elementwise kernels; no CUDA kernel yet)."""
+    from . import torch_backend
+
+    torch_backend.sde_coefs(out, h, times, a, b)
