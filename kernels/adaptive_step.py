@@ -5,6 +5,7 @@ tiles fixed by D alone (as ``sumsq_norms``), partials added in tile order: batch
 ``step_control``: one program per block of samples, float64 (``scorefast.ops.step_control``); powers
 as exp(log(x) * p) in float64 (libdevice's pow does not run under the interpreter).
 ``select_rows``: out = new where the row's mask is set, else old (one launch per pair).
+``sde_coefs``: adaptive_sde's per-sample coefficient table (``scorefast.ops.sde_coefs``), float64, one cast.
 No implicit fp fusion: each multiply and add rounds as the torch reference does (addcmul's explicit fma).
 """
 
@@ -181,3 +182,35 @@ def select_rows(mask, outs, news, olds, block: int) -> None:
             continue
         D = N // out.shape[0]
         _select_kernel[(triton.cdiv(N, block),)](out, new, old, mask, N, D, block, **OPTIONS)
+
+
+@triton.jit
+def _sde_coefs_kernel(out_ptr, h_ptr, times_ptr, a_ptr, b_ptr, B, BLOCK: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    m = b < B
+    h = tl.load(h_ptr + b, mask=m, other=0.0)
+    a0, a1 = tl.load(a_ptr + b, mask=m, other=0.0), tl.load(a_ptr + B + b, mask=m, other=0.0)
+    b0, b1 = tl.load(b_ptr + b, mask=m, other=0.0), tl.load(b_ptr + B + b, mask=m, other=0.0)
+    sh = tl.sqrt(h)  # float64: correctly rounded (sqrt.rn.f64), as torch and libm
+    g0 = tl.sqrt(-b0) * sh
+    g1 = tl.sqrt(-b1) * sh
+    half = 0.5 * h
+    ty = out_ptr.dtype.element_ty
+    tl.store(out_ptr + b, (1.0 - h * a0).to(ty), mask=m)
+    tl.store(out_ptr + B + b, (-(h * b0)).to(ty), mask=m)
+    tl.store(out_ptr + 2 * B + b, g0.to(ty), mask=m)
+    tl.store(out_ptr + 3 * B + b, (1.0 - half * a0).to(ty), mask=m)
+    tl.store(out_ptr + 4 * B + b, (-(half * b0)).to(ty), mask=m)
+    tl.store(out_ptr + 5 * B + b, (-(half * a1)).to(ty), mask=m)
+    tl.store(out_ptr + 6 * B + b, (-(half * b1)).to(ty), mask=m)
+    tl.store(out_ptr + 7 * B + b, (0.5 * (g0 + g1)).to(ty), mask=m)
+    tl.store(out_ptr + 8 * B + b, tl.load(times_ptr + b, mask=m).to(ty), mask=m)
+    tl.store(out_ptr + 9 * B + b, tl.load(times_ptr + B + b, mask=m).to(ty), mask=m)
+
+
+def sde_coefs(out, h, times, a, b, block: int) -> None:
+    """adaptive_sde's coefficient table (``scorefast.ops.sde_coefs``): one program per block of samples."""
+    B = h.shape[0]
+    if B == 0:
+        return
+    _sde_coefs_kernel[(triton.cdiv(B, block),)](out, h, times, a, b, B, block, **OPTIONS)

@@ -20,11 +20,10 @@ import scorefast.bench
 from bench import _glue
 from scorefast.samplers import SAMPLERS
 
-# not met yet: the adaptive solvers' step control, error norm and row selects are fused ops
-# (``sf.ops.step_control``, ``scaled_sumsq``, ``select_rows``), but the SDE's own time coefficients at
-# the attempt's stage times (``reverse_coefs``, 9 ops for VPSDE) and adaptive_sde's per-attempt
-# coefficient arithmetic remain torch ops: rk45 11, adaptive_sde 22 on VPSDE
-OVER_BUDGET = {"rk45", "adaptive_sde"}
+# samplers over their budget (strict xfails); none now: the adaptive solvers' step control, error norm,
+# row selects and adaptive_sde's coefficient table are fused ops (``sf.ops.step_control``,
+# ``scaled_sumsq``, ``select_rows``, ``sde_coefs``) and the SDE's reverse_coefs computes shared terms once
+OVER_BUDGET: set[str] = set()
 
 
 def _param(case, *, budget: bool = True):
@@ -103,7 +102,15 @@ def test_the_counter_sees_glue():
 FIRST = {}
 for _case in _glue.cases():
     FIRST.setdefault(_case[0], _case)
-ADAPTED = [_param(c) for name, c in FIRST.items() if name not in OVER_BUDGET]
+# not met yet: the adaptive solvers call the adapter's conversion at their stage times (its time
+# coefficients and a division per call are torch ops) instead of folding ``affine`` into their tables
+NOT_FOLDED = {"rk45", "adaptive_sde"}
+ADAPTED = [
+    pytest.param(*c, id=_glue.case_id(*c), marks=[pytest.mark.xfail(strict=True, reason="adapter not folded")])
+    if name in NOT_FOLDED
+    else _param(c)
+    for name, c in FIRST.items()
+]
 
 
 @pytest.mark.parametrize("maker", ["from_eps", "from_x0", "from_velocity"])

@@ -171,3 +171,43 @@ void select_rows(const at::Tensor& mask, const std::vector<at::Tensor>& outs, co
     });
   }
 }
+
+// adaptive_sde's coefficient table out [10, B] (float32/float64) from h [B] and times, a, b [2, B]
+// (float64), see scorefast/ops/sde_coefs.py: float64 per sample, each product and sum rounded once
+// (volatile: no contraction into an fma), one cast at the store.
+void sde_coefs(at::Tensor out, const at::Tensor& h, const at::Tensor& times, const at::Tensor& a,
+               const at::Tensor& b) {
+  const int64_t B = h.numel();
+  TORCH_CHECK(h.scalar_type() == at::kDouble && h.is_contiguous(), "h must be a contiguous float64 [B] tensor");
+  for (const auto* t : {&times, &a, &b})
+    TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->numel() == 2 * B,
+                "times, a, b must be contiguous float64 [2, B] tensors");
+  TORCH_CHECK(out.is_contiguous() && out.numel() == 10 * B &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble),
+              "out must be a contiguous float32/float64 [10, B] tensor");
+  const double *hp = h.data_ptr<double>(), *tp = times.data_ptr<double>();
+  const double *ap = a.data_ptr<double>(), *bp = b.data_ptr<double>();
+  const bool f32 = out.scalar_type() == at::kFloat;
+  auto store = [&](int64_t k, int64_t i, double v) {
+    if (f32)
+      out.data_ptr<float>()[k * B + i] = static_cast<float>(v);
+    else
+      out.data_ptr<double>()[k * B + i] = v;
+  };
+  for (int64_t i = 0; i < B; ++i) {
+    const double hv = hp[i], a0 = ap[i], a1 = ap[B + i], b0 = bp[i], b1 = bp[B + i];
+    const double sh = std::sqrt(hv), half = 0.5 * hv;
+    const double g0 = std::sqrt(-b0) * sh, g1 = std::sqrt(-b1) * sh;
+    const volatile double ha0 = hv * a0, qa0 = half * a0;
+    store(0, i, 1.0 - ha0);
+    store(1, i, -(hv * b0));
+    store(2, i, g0);
+    store(3, i, 1.0 - qa0);
+    store(4, i, -(half * b0));
+    store(5, i, -(half * a1));
+    store(6, i, -(half * b1));
+    store(7, i, 0.5 * (g0 + g1));
+    store(8, i, tp[i]);
+    store(9, i, tp[B + i]);
+  }
+}

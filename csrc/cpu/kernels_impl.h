@@ -596,5 +596,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scaled_sumsq", &scorefast_cpu::scaled_sumsq);
   m.def("step_control", &scorefast_cpu::step_control);
   m.def("select_rows", &scorefast_cpu::select_rows);
+  m.def("sde_coefs", &scorefast_cpu::sde_coefs);
   m.def("philox_words", &scorefast_cpu::philox_words);
 }

@@ -141,3 +141,7 @@ def step_control(
 
 def select_rows(mask, outs, news, olds) -> None:
     load().select_rows(mask, list(outs), list(news), list(olds))
+
+
+def sde_coefs(out, h, times, a, b) -> None:
+    load().sde_coefs(out, h, times, a, b)

@@ -219,7 +219,8 @@ def snr_langevin_step(
         )
 
 
-# The adaptive solvers' per-attempt ops have no CUDA C++ kernel yet (issue 19 item 1): on the cuda
+# The adaptive solvers' per-attempt ops (step control, scaled error norm, row selects, adaptive_sde's
+# coefficient table) have no CUDA C++ kernel yet (issue 19 item 1): on the cuda
 # backend they launch the triton backend's kernels (one launch each, on the current stream, so a
 # captured attempt records them), or run the torch reference on the device (several small launches
 # each) where triton is not available.
@@ -239,3 +240,7 @@ def step_control(accept, *args) -> None:
 
 def select_rows(mask, outs, news, olds) -> None:
     _adaptive_kernels().select_rows(mask, outs, news, olds)
+
+
+def sde_coefs(out, h, times, a, b) -> None:
+    _adaptive_kernels().sde_coefs(out, h, times, a, b)

@@ -147,3 +147,10 @@ def select_rows(mask, outs, news, olds) -> None:
     from ..ops.select_rows import select_rows_ref
 
     select_rows_ref(mask, outs, news, olds)
+
+
+def sde_coefs(out, h, times, a, b) -> None:
+    """``scorefast.ops.sde_coefs``'s reference."""
+    from ..ops.sde_coefs import sde_coefs_ref
+
+    sde_coefs_ref(out, h, times, a, b)

@@ -215,3 +215,10 @@ def select_rows(mask, outs, news, olds) -> None:
 
     with launch_device(mask, **{f"news[{i}]": v for i, v in enumerate(news)}):
         kernel.select_rows(mask, list(outs), list(news), list(olds), 4 * _groups())
+
+
+def sde_coefs(out, h, times, a, b) -> None:
+    from ..kernels import adaptive_step as kernel
+
+    with launch_device(h, out=out, times=times, a=a, b=b):
+        kernel.sde_coefs(out, h, times, a, b, 1024)

@@ -38,6 +38,7 @@ import torch
 
 from .. import _checks
 from ..ops.scaled_sumsq import scaled_sumsq
+from ..ops.sde_coefs import sde_coefs
 from ..solvers import adaptive
 from .base import Context
 from .ode_euler import tweedie
@@ -101,20 +102,13 @@ def run(
         torch.tensor([0.0, -1.0], dtype=torch.float64, device=dev),
         None, numel=numel, error_norm=error_norm, backend=backend, rule="sde", safety=safety, exponent=exponent,
     )  # fmt: skip
-    signs = torch.tensor([[-1.0], [-0.5]], dtype=torch.float64, device=dev)  # -h and half = -h/2
 
     def attempt(n, x, x_prev, state, times, table):
         """One attempt for every sample; ``state`` (r, h, counts, ...; a done sample has r = 0 and a zero
         step) and ``times`` [2, B] (t, t - h) are the controller's, updated in place.  Both updates'
         coefficients are made at once: one table [10, B] (x, terms, noise of each; the times last)."""
-        h = state[adaptive.H]
-        a, b = sde.reverse_coefs(times)  # reverse drift f - g^2 s = a x + b s
-        g = sde.diffusion(times) * h.sqrt()
-        p = (signs * h)[:, None, :] * torch.stack([a, b], 1).view(4, B)[None]  # (-h, half) x (a0, b0, a1, b1)
-        xc = 1 + p[:, 0]  # 1 - h a0, 1 + half a0
-        noise2 = 0.5 * (g[0] + g[1])
-        rows = [xc[0], p[0, 1], g[0], xc[1], p[1, 1], p[1, 2], p[1, 3], noise2, times[0], times[1]]
-        coefs = torch.stack(rows).to(dt)
+        a, b = sde.reverse_coefs(times)  # reverse drift f - g^2 s = a x + b s, g = sqrt(-b)
+        coefs = sde_coefs(state[adaptive.H], times, a, b, dtype=dt, backend=backend, trusted=True)
         t_in = coefs[8:] if x.dtype == dt else times.to(x.dtype)
         x2d, seed, ids = x.view(B, -1), ctx.seed_tensor(), ctx.sample_ids  # a cached graph's static inputs
         s1 = ctx.score(x, times[0], t_in=t_in[0])

@@ -140,8 +140,12 @@ class SDE:
         return self.drift_coef(t) * dt, self.diffusion(t) * math.sqrt(dt)
 
     def reverse_coefs(self, t, *, probability_flow: bool = False) -> tuple[Tensor, Tensor]:
-        """(a, b), float64 [B], with reverse drift f - g^2 s (x 1/2 for the ODE) = a x + b s."""
-        return self.drift_coef(t), -(self.diffusion(t) ** 2) * (0.5 if probability_flow else 1.0)
+        """(a, b), float64 (t's shape), with reverse drift f - g^2 s (x 1/2 for the ODE) = a x + b s:
+        a = f, b = -g^2 (SDE) or -g^2 / 2 (ODE), so g = sqrt(-b) for the SDE.  The generic path from
+        ``drift_coef`` and ``diffusion``; the built-in SDEs override it with their shared
+        subexpressions computed once (fewer ops in a captured step, same values up to rounding)."""
+        g2 = self.diffusion(t) ** 2
+        return self.drift_coef(t), g2 * -0.5 if probability_flow else -g2
 
     def table_index(self, t: Tensor) -> Tensor:
         """score_sde's table index floor(t (N - 1) / T)."""

@@ -83,6 +83,12 @@ class DiscreteVP(SDE):
     def diffusion(self, t):
         return self.beta(t).clamp_min(0).sqrt()
 
+    def reverse_coefs(self, t, *, probability_flow: bool = False):
+        """a = -beta/2, g^2 = max(beta, 0): the table interpolation once."""
+        beta = self.beta(t)
+        neg_g2 = -beta.clamp_min(0)
+        return -0.5 * beta, 0.5 * neg_g2 if probability_flow else neg_g2
+
     def prior_std(self):
         return 1.0
 

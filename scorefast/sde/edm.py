@@ -39,6 +39,10 @@ class EDM(SDE):
     def diffusion(self, t):
         return torch.sqrt(2 * t)
 
+    def reverse_coefs(self, t, *, probability_flow: bool = False):
+        """a = 0, g^2 = 2 sigma: b = -sigma (ODE) or -2 sigma (SDE)."""
+        return torch.zeros_like(t), -t if probability_flow else -2.0 * t
+
     def prior_std(self):
         return self.sigma_max
 

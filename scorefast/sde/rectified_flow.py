@@ -90,6 +90,12 @@ class RectifiedFlow(SDE):
     def diffusion(self, t):
         return torch.sqrt(2 * t / (1 - t))
 
+    def reverse_coefs(self, t, *, probability_flow: bool = False):
+        """a = -1/(1 - t) = 1/(t - 1); b = -t/(1 - t) = t/(t - 1) (ODE) or twice that (SDE): 3-4 ops."""
+        d = t - 1
+        b = t / d
+        return torch.reciprocal(d), b if probability_flow else 2.0 * b
+
     def marginal_rates(self, t):
         return -torch.ones_like(t), torch.ones_like(t)
 

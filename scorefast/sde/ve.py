@@ -42,6 +42,12 @@ class VESDE(SDE):
     def diffusion(self, t):
         return self.sigma(t) * math.sqrt(2 * (math.log(self.sigma_max) - math.log(self.sigma_min)))
 
+    def reverse_coefs(self, t, *, probability_flow: bool = False):
+        """a = 0, g^2 = 2 ln(sigma_max/sigma_min) sigma_min^2 ((sigma_max/sigma_min)^2)^t: one pow, one mul."""
+        log_ratio = math.log(self.sigma_max) - math.log(self.sigma_min)
+        c = -2 * log_ratio * self.sigma_min**2 * (0.5 if probability_flow else 1.0)
+        return torch.zeros_like(t), c * ((self.sigma_max / self.sigma_min) ** 2) ** t
+
     def prior_std(self):
         return self.sigma_max
 

@@ -44,6 +44,16 @@ class VPSDE(SDE):
     def diffusion(self, t):
         return torch.sqrt(self.beta(t))
 
+    def _neg_beta(self, t: Tensor) -> Tensor:
+        """-beta(t), exactly (negation commutes with rounding): one mul and one add."""
+        return -self.beta_0 + t * (self.beta_0 - self.beta_1)
+
+    def reverse_coefs(self, t, *, probability_flow: bool = False):
+        """a = -beta/2; b = -beta (SDE) or -beta/2 = a (ODE): beta once, 3 ops."""
+        nb = self._neg_beta(t)
+        a = 0.5 * nb
+        return a, a if probability_flow else nb
+
     def prior_std(self):
         return 1.0
 
@@ -70,6 +80,12 @@ class SubVPSDE(VPSDE):
     def diffusion(self, t):
         discount = -torch.expm1(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
         return torch.sqrt(self.beta(t) * discount)
+
+    def reverse_coefs(self, t, *, probability_flow: bool = False):
+        """a = -beta/2, g^2 = beta (1 - e^(-2 beta_0 t - (beta_1 - beta_0) t^2)): beta once."""
+        nb = self._neg_beta(t)
+        neg_g2 = nb * -torch.expm1(t * (-2 * self.beta_0 + t * (self.beta_0 - self.beta_1)))
+        return 0.5 * nb, 0.5 * neg_g2 if probability_flow else neg_g2
 
     def discretize_coefs(self, t, t_next, *, score_sde_tables: bool = False):
         if score_sde_tables:
