@@ -249,14 +249,11 @@ def dsm_per_sample(
 
     ``eps_net=(net, time_map)``: score_fn is an eps-prediction network ``net(x, time_map(t))`` (score =
     -eps / std), whose residual std s + z is z - eps: one fused pass, no schedule, no division by std."""
-    t, std, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
     if eps_net is not None:
-        net, time_map = eps_net
-        out = net(x_t, time_map(t).to(x.dtype))
-        if out.shape != x.shape:
-            raise ValueError(f"model: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+        t, out = _eps_output(*eps_net, x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
         sq = _EpsResidualSq.apply(out, seed, step, sample_ids, backend)
     else:
+        t, std, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
         score = score_fn(x_t, t.to(x.dtype))
         if score.shape != x.shape:
             raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
@@ -265,6 +262,32 @@ def dsm_per_sample(
     if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
         sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
     return sq / x[0].numel() if reduce_mean else sq
+
+
+def _eps_output(net: Callable, time_map: Callable, x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids, backend):
+    """(t float64 [B], out = net(x_t, time_map(t))) for an eps-prediction network at the step's times
+    (stream 4) and perturbation x_t = mean_coef(t) x + std(t) z (stream 2, one fused pass)."""
+    t, _, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    out = net(x_t, time_map(t).to(x.dtype))
+    if out.shape != x.shape:
+        raise ValueError(f"model: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+    return t, out
+
+
+def dsm_eps_residual(
+    net: Callable, time_map: Callable, x: Tensor, sde: SDE, *, seed, step, sample_ids: Tensor, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """score_sde's DSM for an eps-prediction network, with no autograd node for the loss (``TrainStep``).
+
+    Returns (sq [B], out, r): out = net(x_t, time_map(t)) [B, ...] with its graph, r = z - out [B, ...]
+    in the state dtype (the residual std s + z for s = -out / std; one fused pass, z made in-kernel)
+    and sq = ||r||^2 per sample (no graph; the fixed, batch-invariant tree), the values of
+    ``dsm_per_sample(..., eps_net=(net, time_map))``.  d sq_b / d out = -2 r_b: the caller that
+    backpropagates c_b sq_b calls ``out.backward(-2 c r)`` itself, the gradient the autograd path
+    gives bit for bit when c is computed as autograd computes it."""
+    _, out = _eps_output(net, time_map, x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    r = _noise_plus(out.detach(), -1.0, seed, step, sample_ids, backend)
+    return _rows_sumsq(r, sample_ids, backend), out, r
 
 
 def _fm_residual(v: Tensor, x0: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:

@@ -208,6 +208,61 @@ def test_eps_residual_equals_the_score_residual_in_value_and_gradients(sde):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
 
 
+def _autograd_eps_dsm(model, time_map, **options):
+    """The eps network's DSM through autograd (``dsm_per_sample(..., eps_net=...)``): the reference the
+    step's own backward-from-the-output path must equal."""
+
+    def loss(score_fn, x, sde, *, seed, step, sample_ids):
+        return losses.dsm_per_sample(
+            score_fn, x, sde, seed=seed, step=step, sample_ids=sample_ids, likelihood_weighting=False,
+            backend=sf.backends.resolve(None, x.device, x.dtype), eps_net=(model, time_map), **options,
+        )  # fmt: skip
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "precision,accumulate,reduce_mean,dtype,B",
+    [
+        ("fp32", 1, False, torch.float32, 16),
+        ("fp32", 1, False, torch.float32, 24),  # 1 / 12: a mean that rounds
+        ("fp32", 3, True, torch.float32, 18),
+        ("fp32", 2, True, torch.float64, 20),
+        ("bf16", 2, False, torch.float32, 12),
+        ("fp16", 1, True, torch.float32, 20),
+        ("fp16", 3, False, torch.float32, 18),
+    ],
+)
+def test_the_eps_dsm_step_equals_the_autograd_loss_bit_for_bit(precision, accumulate, reduce_mean, dtype, B):
+    """The eps network's DSM backpropagates from the network's output (d loss / d out = -2 c r, c made
+    as autograd makes it: GradScaler scale, / A, / b, / D): losses, weights, EMA, optimizer state and
+    the GradScaler equal the autograd path's bit for bit, through warmup and clipping."""
+    runs = []
+    for fast in (True, False):
+        model = _model(hidden=32).to(dtype)
+        sde = VPSDE()
+        time_map = sf.adapters.resolve_time_map(sde, None)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+        kw = dict(sde=sde, precision=precision, ema=0.9, warmup=3, grad_clip=0.05, accumulate=accumulate)
+        if fast:
+            ts = TrainStep(model, opt, "dsm", loss_kwargs={"reduce_mean": reduce_mean}, **kw)
+            assert ts._eps_dsm is not None
+        else:
+            ts = TrainStep(model, opt, _autograd_eps_dsm(model, time_map, reduce_mean=reduce_mean, eps=1e-5), **kw)
+            assert ts._eps_dsm is None
+        got = [ts(_batch(n, B).to(dtype)) for n in range(6)]
+        runs.append((got, ts))
+    (la, a), (lb, b) = runs
+    assert all(torch.equal(p, q) for p, q in zip(la, lb)), (la, lb)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(a.ema.shadow, b.ema.shadow):
+        assert torch.equal(p, q)
+    assert torch.equal(a.last_grad_norm, b.last_grad_norm)
+    if precision == "fp16":
+        assert torch.equal(a.scaler._scale, b.scaler._scale)
+
+
 # -- EMA --------------------------------------------------------------------------------------
 class _Mixed(torch.nn.Module):
     """n fp32 and n ``low`` (bf16, float64, ...) parameters plus a float buffer: two dtype groups."""
