@@ -352,9 +352,10 @@ def test_ema_fp32_and_bf16_updates_are_within_their_rounding_of_the_reference():
             assert ((s.double() - r).abs() <= 2 * ulp).all()
 
 
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "after-capture"])
 @pytest.mark.parametrize("max_table", [ema_module.MAX_TABLE, 4])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_ema_device_counter_equals_the_host_path(dtype, max_table, monkeypatch):
+def test_ema_device_counter_equals_the_host_path(dtype, max_table, captured, monkeypatch):
     """The decay schedule from a device counter (a device table, or computed when too long to
     tabulate) gives the host path's shadow bit for bit on fp32 and float64 tensors, through
     saturation and a state round trip.  bf16/fp16 tensors: lerp rounds a tensor weight to the
@@ -367,6 +368,7 @@ def test_ema_device_counter_equals_the_host_path(dtype, max_table, monkeypatch):
     dev_model.load_state_dict(host_model.state_dict())
     host, dev = EMA(host_model, decay=0.75, warmup=3), EMA(dev_model, decay=0.75, warmup=3)  # saturates at 8
     dev.use_device_counter()
+    dev._captured = captured  # after a capture the weight always comes from the device counter
     gen = torch.Generator().manual_seed(3)
     for n in range(14):
         _perturb_(host_model, gen)
@@ -386,6 +388,31 @@ def test_ema_device_counter_equals_the_host_path(dtype, max_table, monkeypatch):
             restored.use_device_counter()
             restored.load_state_dict(dev.state_dict())
             assert int(restored._updates_t) == 6 and restored.decay == 0.75 and restored.warmup == 3
+
+
+def test_ema_after_a_capture_takes_the_decay_from_the_device_counter(monkeypatch):
+    """Eagerly, before any capture, the counters agree and an fp32 warmup update takes the host number
+    (no table op); once an update was captured, replays count on the device only, so a later eager
+    update takes d from the device counter, not from the host's stale count."""
+    decay, warmup = 0.9, 5
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=decay, warmup=warmup)
+    ema.use_device_counter()
+    assert "take" not in _ops_of(ema.update)  # eager, fp32, warmup: the host number
+    monkeypatch.setattr(_checks, "is_capturing_or_compiling", lambda: True)
+    ema.update()  # "captured": from here on the device counter rules
+    monkeypatch.undo()
+    ema._updates_t += 3  # what three replays do; the host still counts 2 updates
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = [s.double() for s in ema.shadow]
+    ema.update()
+    want = _reference(decay, warmup, before, [t.detach().double() for t in ema._live], 5)
+    for s, r in zip(ema.shadow, want):
+        torch.testing.assert_close(s.double(), r, rtol=0, atol=4e-7)
+    stale = _reference(decay, warmup, before, [t.detach().double() for t in ema._live], 2)
+    assert max((s.double() - r).abs().max() for s, r in zip(ema.shadow, stale)) > 1e-3
 
 
 def test_ema_state_dict_counts_updates_made_on_the_device():
