@@ -205,11 +205,28 @@ def _perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids: Tensor,
     return (t, *_perturb_at(x, t, sde, seed=seed, step=step, sample_ids=sample_ids, backend=backend))
 
 
+# std from log_mean_coeff l for the SDEs whose mean_coef (exp l) and std share it: their own formulas
+_STD_OF_LOG_MEAN: dict[type, Callable[[Tensor], Tensor]] = {
+    VPSDE: lambda lmc: torch.sqrt(-torch.expm1(2.0 * lmc)),  # VPSDE.std
+    SubVPSDE: lambda lmc: -torch.expm1(2.0 * lmc),  # SubVPSDE.std
+}
+
+
+def _mean_std(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(sde.mean_coef(t), sde.std(t)), bit for bit; VP and sub-VP compute their log_mean_coeff once
+    (the same ops on the same value), other SDEs call both methods."""
+    std_of = _STD_OF_LOG_MEAN.get(type(sde))
+    if std_of is None:
+        return sde.mean_coef(t), sde.std(t)
+    lmc = sde.log_mean_coeff(t)
+    return torch.exp(lmc), std_of(lmc)
+
+
 def _perturb_at(x: Tensor, t: Tensor, sde: SDE, *, seed, step, sample_ids: Tensor, backend: str):
     """(std [B] in x's dtype, x_t = mean_coef(t) x + std(t) z) at times t [B], z from stream 2 made in-kernel."""
     B = x.shape[0]
     if x.is_contiguous() and not _checks.use_custom_op(x):  # the [2, B] coefficient rows of x and z
-        coefs = torch.stack([sde.mean_coef(t), sde.std(t)]).to(x.dtype)
+        coefs = torch.stack(_mean_std(sde, t)).to(x.dtype)
         x2 = x if x.dim() == 2 else x.view(B, -1)
         x_t = _update_rows(x2, coefs.to(_checks.state_dtype(x)), seed, step, sample_ids, backend)
         return coefs[1], x_t if x.dim() == 2 else x_t.view(x.shape)

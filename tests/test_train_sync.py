@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import scorefast as sf
 from scorefast import _checks, losses, models
-from scorefast.sde import VESDE, VPSDE
+from scorefast.sde import VESDE, VPSDE, SubVPSDE
 from scorefast.train import EMA, TrainStep
 from scorefast.train import ema as ema_module
 from scorefast.train import step as step_module
@@ -183,6 +183,15 @@ def test_training_times_are_the_contract_float64_uniforms(backend):
     got = losses._times(sde, 300, eps=1e-5, seed=2**63 + 11, step=torch.tensor(7), sample_ids=ids, backend=backend)
     u = sf.rand((300, 1), seed=2**63 + 11, step=7, stream=4, sample_ids=ids, dtype=torch.float64, backend="torch")
     assert got.dtype == torch.float64 and torch.equal(got, u[:, 0] * (sde.T - 1e-5) + 1e-5)
+
+
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(0.2, 15.0), VESDE(), sf.sde.EDM()], ids=["vp", "subvp", "ve", "edm"])
+def test_the_loss_mean_and_std_are_the_sdes_own_bit_for_bit(sde):
+    """The perturbation's (mean_coef, std), computed with one log_mean_coeff for VP and sub-VP, equal the
+    SDE's own methods bit for bit (a formula that drifted from the SDE's would fail)."""
+    t = torch.rand(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * (1 - 1e-5) + 1e-5
+    a, s = losses._mean_std(sde, t)
+    assert torch.equal(a, sde.mean_coef(t)) and torch.equal(s, sde.std(t))
 
 
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
