@@ -321,7 +321,10 @@ class TrainStep:
         if not groups:
             return torch.zeros(())
         first = groups[0][0].device
-        norms = [n if n.device == first else n.to(first) for g in groups for n in torch._foreach_norm(g)]
+        if len(groups) == 1:  # one device and dtype: the norms are where the total is taken
+            norms = torch._foreach_norm(groups[0])
+        else:
+            norms = [n if n.device == first else n.to(first) for g in groups for n in torch._foreach_norm(g)]
         total = torch.linalg.vector_norm(torch.stack(norms))
         coef = torch.reciprocal(total + 1e-6).mul_(self.grad_clip).clamp_(max=1.0)  # clip / (total + 1e-6)
         for grads in groups:
