@@ -205,11 +205,28 @@ def _perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids: Tensor,
     return (t, *_perturb_at(x, t, sde, seed=seed, step=step, sample_ids=sample_ids, backend=backend))
 
 
+# std from log_mean_coeff l for the SDEs whose mean_coef (exp l) and std share it: their own formulas
+_STD_OF_LOG_MEAN: dict[type, Callable[[Tensor], Tensor]] = {
+    VPSDE: lambda lmc: torch.sqrt(-torch.expm1(2.0 * lmc)),  # VPSDE.std
+    SubVPSDE: lambda lmc: -torch.expm1(2.0 * lmc),  # SubVPSDE.std
+}
+
+
+def _mean_std(sde: SDE, t: Tensor) -> tuple[Tensor, Tensor]:
+    """(sde.mean_coef(t), sde.std(t)), bit for bit; VP and sub-VP compute their log_mean_coeff once
+    (the same ops on the same value), other SDEs call both methods."""
+    std_of = _STD_OF_LOG_MEAN.get(type(sde))
+    if std_of is None:
+        return sde.mean_coef(t), sde.std(t)
+    lmc = sde.log_mean_coeff(t)
+    return torch.exp(lmc), std_of(lmc)
+
+
 def _perturb_at(x: Tensor, t: Tensor, sde: SDE, *, seed, step, sample_ids: Tensor, backend: str):
     """(std [B] in x's dtype, x_t = mean_coef(t) x + std(t) z) at times t [B], z from stream 2 made in-kernel."""
     B = x.shape[0]
     if x.is_contiguous() and not _checks.use_custom_op(x):  # the [2, B] coefficient rows of x and z
-        coefs = torch.stack([sde.mean_coef(t), sde.std(t)]).to(x.dtype)
+        coefs = torch.stack(_mean_std(sde, t)).to(x.dtype)
         x2 = x if x.dim() == 2 else x.view(B, -1)
         x_t = _update_rows(x2, coefs.to(_checks.state_dtype(x)), seed, step, sample_ids, backend)
         return coefs[1], x_t if x.dim() == 2 else x_t.view(x.shape)
@@ -249,14 +266,11 @@ def dsm_per_sample(
 
     ``eps_net=(net, time_map)``: score_fn is an eps-prediction network ``net(x, time_map(t))`` (score =
     -eps / std), whose residual std s + z is z - eps: one fused pass, no schedule, no division by std."""
-    t, std, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
     if eps_net is not None:
-        net, time_map = eps_net
-        out = net(x_t, time_map(t).to(x.dtype))
-        if out.shape != x.shape:
-            raise ValueError(f"model: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+        t, out = _eps_output(*eps_net, x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
         sq = _EpsResidualSq.apply(out, seed, step, sample_ids, backend)
     else:
+        t, std, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
         score = score_fn(x_t, t.to(x.dtype))
         if score.shape != x.shape:
             raise ValueError(f"score_fn: returned shape {tuple(score.shape)} for x of shape {tuple(x.shape)}")
@@ -265,6 +279,32 @@ def dsm_per_sample(
     if likelihood_weighting:  # ||s + z / std||^2 g^2 = ||std s + z||^2 g^2 / std^2
         sq = sq * (sde.diffusion(t) ** 2 / sde.std(t) ** 2).to(sq.dtype)
     return sq / x[0].numel() if reduce_mean else sq
+
+
+def _eps_output(net: Callable, time_map: Callable, x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids, backend):
+    """(t float64 [B], out = net(x_t, time_map(t))) for an eps-prediction network at the step's times
+    (stream 4) and perturbation x_t = mean_coef(t) x + std(t) z (stream 2, one fused pass)."""
+    t, _, x_t = _perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    out = net(x_t, time_map(t).to(x.dtype))
+    if out.shape != x.shape:
+        raise ValueError(f"model: returned shape {tuple(out.shape)} for x of shape {tuple(x.shape)}")
+    return t, out
+
+
+def dsm_eps_residual(
+    net: Callable, time_map: Callable, x: Tensor, sde: SDE, *, seed, step, sample_ids: Tensor, eps: float, backend: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """score_sde's DSM for an eps-prediction network, with no autograd node for the loss (``TrainStep``).
+
+    Returns (sq [B], out, r): out = net(x_t, time_map(t)) [B, ...] with its graph, r = z - out [B, ...]
+    in the state dtype (the residual std s + z for s = -out / std; one fused pass, z made in-kernel)
+    and sq = ||r||^2 per sample (no graph; the fixed, batch-invariant tree), the values of
+    ``dsm_per_sample(..., eps_net=(net, time_map))``.  d sq_b / d out = -2 r_b: the caller that
+    backpropagates c_b sq_b calls ``out.backward(-2 c r)`` itself, the gradient the autograd path
+    gives bit for bit when c is computed as autograd computes it."""
+    _, out = _eps_output(net, time_map, x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    r = _noise_plus(out.detach(), -1.0, seed, step, sample_ids, backend)
+    return _rows_sumsq(r, sample_ids, backend), out, r
 
 
 def _fm_residual(v: Tensor, x0: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:

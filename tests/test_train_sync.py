@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import scorefast as sf
 from scorefast import _checks, losses, models
-from scorefast.sde import VESDE, VPSDE
+from scorefast.sde import VESDE, VPSDE, SubVPSDE
 from scorefast.train import EMA, TrainStep
 from scorefast.train import ema as ema_module
 from scorefast.train import step as step_module
@@ -185,6 +185,15 @@ def test_training_times_are_the_contract_float64_uniforms(backend):
     assert got.dtype == torch.float64 and torch.equal(got, u[:, 0] * (sde.T - 1e-5) + 1e-5)
 
 
+@pytest.mark.parametrize("sde", [VPSDE(), SubVPSDE(0.2, 15.0), VESDE(), sf.sde.EDM()], ids=["vp", "subvp", "ve", "edm"])
+def test_the_loss_mean_and_std_are_the_sdes_own_bit_for_bit(sde):
+    """The perturbation's (mean_coef, std), computed with one log_mean_coeff for VP and sub-VP, equal the
+    SDE's own methods bit for bit (a formula that drifted from the SDE's would fail)."""
+    t = torch.rand(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * (1 - 1e-5) + 1e-5
+    a, s = losses._mean_std(sde, t)
+    assert torch.equal(a, sde.mean_coef(t)) and torch.equal(s, sde.std(t))
+
+
 @pytest.mark.parametrize("sde", [VPSDE(), VESDE()], ids=["vp", "ve"])
 def test_eps_residual_equals_the_score_residual_in_value_and_gradients(sde):
     """The eps path (std s + z = z - eps) and the score path (s = -eps / std) give the same loss and
@@ -206,6 +215,61 @@ def test_eps_residual_equals_the_score_residual_in_value_and_gradients(sde):
     torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-6)
     for p, q in zip(ga, gb):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+def _autograd_eps_dsm(model, time_map, **options):
+    """The eps network's DSM through autograd (``dsm_per_sample(..., eps_net=...)``): the reference the
+    step's own backward-from-the-output path must equal."""
+
+    def loss(score_fn, x, sde, *, seed, step, sample_ids):
+        return losses.dsm_per_sample(
+            score_fn, x, sde, seed=seed, step=step, sample_ids=sample_ids, likelihood_weighting=False,
+            backend=sf.backends.resolve(None, x.device, x.dtype), eps_net=(model, time_map), **options,
+        )  # fmt: skip
+
+    return loss
+
+
+@pytest.mark.parametrize(
+    "precision,accumulate,reduce_mean,dtype,B",
+    [
+        ("fp32", 1, False, torch.float32, 16),
+        ("fp32", 1, False, torch.float32, 24),  # 1 / 12: a mean that rounds
+        ("fp32", 3, True, torch.float32, 18),
+        ("fp32", 2, True, torch.float64, 20),
+        ("bf16", 2, False, torch.float32, 12),
+        ("fp16", 1, True, torch.float32, 20),
+        ("fp16", 3, False, torch.float32, 18),
+    ],
+)
+def test_the_eps_dsm_step_equals_the_autograd_loss_bit_for_bit(precision, accumulate, reduce_mean, dtype, B):
+    """The eps network's DSM backpropagates from the network's output (d loss / d out = -2 c r, c made
+    as autograd makes it: GradScaler scale, / A, / b, / D): losses, weights, EMA, optimizer state and
+    the GradScaler equal the autograd path's bit for bit, through warmup and clipping."""
+    runs = []
+    for fast in (True, False):
+        model = _model(hidden=32).to(dtype)
+        sde = VPSDE()
+        time_map = sf.adapters.resolve_time_map(sde, None)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+        kw = dict(sde=sde, precision=precision, ema=0.9, warmup=3, grad_clip=0.05, accumulate=accumulate)
+        if fast:
+            ts = TrainStep(model, opt, "dsm", loss_kwargs={"reduce_mean": reduce_mean}, **kw)
+            assert ts._eps_dsm is not None
+        else:
+            ts = TrainStep(model, opt, _autograd_eps_dsm(model, time_map, reduce_mean=reduce_mean, eps=1e-5), **kw)
+            assert ts._eps_dsm is None
+        got = [ts(_batch(n, B).to(dtype)) for n in range(6)]
+        runs.append((got, ts))
+    (la, a), (lb, b) = runs
+    assert all(torch.equal(p, q) for p, q in zip(la, lb)), (la, lb)
+    for p, q in zip(a.model.parameters(), b.model.parameters()):
+        assert torch.equal(p, q)
+    for p, q in zip(a.ema.shadow, b.ema.shadow):
+        assert torch.equal(p, q)
+    assert torch.equal(a.last_grad_norm, b.last_grad_norm)
+    if precision == "fp16":
+        assert torch.equal(a.scaler._scale, b.scaler._scale)
 
 
 # -- EMA --------------------------------------------------------------------------------------
@@ -297,9 +361,10 @@ def test_ema_fp32_and_bf16_updates_are_within_their_rounding_of_the_reference():
             assert ((s.double() - r).abs() <= 2 * ulp).all()
 
 
+@pytest.mark.parametrize("captured", [False, True], ids=["eager", "after-capture"])
 @pytest.mark.parametrize("max_table", [ema_module.MAX_TABLE, 4])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_ema_device_counter_equals_the_host_path(dtype, max_table, monkeypatch):
+def test_ema_device_counter_equals_the_host_path(dtype, max_table, captured, monkeypatch):
     """The decay schedule from a device counter (a device table, or computed when too long to
     tabulate) gives the host path's shadow bit for bit on fp32 and float64 tensors, through
     saturation and a state round trip.  bf16/fp16 tensors: lerp rounds a tensor weight to the
@@ -312,6 +377,7 @@ def test_ema_device_counter_equals_the_host_path(dtype, max_table, monkeypatch):
     dev_model.load_state_dict(host_model.state_dict())
     host, dev = EMA(host_model, decay=0.75, warmup=3), EMA(dev_model, decay=0.75, warmup=3)  # saturates at 8
     dev.use_device_counter()
+    dev._captured = captured  # after a capture the weight always comes from the device counter
     gen = torch.Generator().manual_seed(3)
     for n in range(14):
         _perturb_(host_model, gen)
@@ -331,6 +397,31 @@ def test_ema_device_counter_equals_the_host_path(dtype, max_table, monkeypatch):
             restored.use_device_counter()
             restored.load_state_dict(dev.state_dict())
             assert int(restored._updates_t) == 6 and restored.decay == 0.75 and restored.warmup == 3
+
+
+def test_ema_after_a_capture_takes_the_decay_from_the_device_counter(monkeypatch):
+    """Eagerly, before any capture, the counters agree and an fp32 warmup update takes the host number
+    (no table op); once an update was captured, replays count on the device only, so a later eager
+    update takes d from the device counter, not from the host's stale count."""
+    decay, warmup = 0.9, 5
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=decay, warmup=warmup)
+    ema.use_device_counter()
+    assert "take" not in _ops_of(ema.update)  # eager, fp32, warmup: the host number
+    monkeypatch.setattr(_checks, "is_capturing_or_compiling", lambda: True)
+    ema.update()  # "captured": from here on the device counter rules
+    monkeypatch.undo()
+    ema._updates_t += 3  # what three replays do; the host still counts 2 updates
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    before = [s.double() for s in ema.shadow]
+    ema.update()
+    want = _reference(decay, warmup, before, [t.detach().double() for t in ema._live], 5)
+    for s, r in zip(ema.shadow, want):
+        torch.testing.assert_close(s.double(), r, rtol=0, atol=4e-7)
+    stale = _reference(decay, warmup, before, [t.detach().double() for t in ema._live], 2)
+    assert max((s.double() - r).abs().max() for s, r in zip(ema.shadow, stale)) > 1e-3
 
 
 def test_ema_state_dict_counts_updates_made_on_the_device():
@@ -431,4 +522,5 @@ def test_the_training_bench_suite_runs_both_loops(tmp_path):
     rows = {r["role"]: r for r in data["results"]}
     assert rows["eager"]["group"] == rows["fused"]["group"] and rows["eager"]["peer"].startswith("score_sde")
     assert rows["fused"]["ratio_vs_eager"] > 0 and rows["fused"]["steps"] > 0
-    assert "| sf.train.TrainStep, Adam(fused=True) | toy2d-mlp | 64 | 1 |" in stdout
+    assert rows["fused"]["goal"] is True and rows["fused"]["model"] == "toy2d-mlp (goal)"
+    assert "| sf.train.TrainStep, Adam(fused=True) | toy2d-mlp (goal) | 64 | 1 |" in stdout

@@ -9,6 +9,8 @@ from collections.abc import Iterator, Mapping
 
 import torch
 
+from .. import _checks
+
 
 def _check_decay(decay: object) -> float:
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not 0.0 < float(decay) < 1.0:
@@ -56,6 +58,11 @@ class EMA:
             pair[1].append(live)
         self._groups = [(key, *pair) for key, pair in groups.items()]
         self._updates_t: torch.Tensor | None = None  # device-resident update counter (use_device_counter)
+        # the device counter may be ahead of the host's once an update was captured (graph replays count
+        # on the device only); until then they agree and, where the two weights round alike (fp32 and
+        # float64 tensors), an eager update takes the host number, as the host path does
+        self._captured = False
+        self._host_weight_exact = all(dtype in (torch.float32, torch.float64) for (_, dtype), _, _ in self._groups)
         self._tables: tuple | None = None  # ((decay, warmup), per-group weight tables) for the device counter
 
     def use_device_counter(self) -> None:
@@ -80,11 +87,15 @@ class EMA:
         With a device counter, while the warmup still lowers d, 1 - d is read from a device table of
         the schedule at the counter (clamped to its last entry, 1 - decay); once d = decay for good
         (the host counts its own calls, no read) the weight is the host number 1 - decay, as on the
-        host path.  On fp32 and float64 tensors both paths give the same shadow bit for bit; on
-        bf16/fp16 tensors lerp rounds a tensor weight to the tensor's dtype (a host number it keeps
-        in fp32), so there an update agrees within one ulp."""
+        host path.  On fp32 and float64 tensors both paths give the same shadow bit for bit, so
+        eagerly, before any update was captured (the counters agree until then), those groups take
+        the host number in the warmup too (no table op); on bf16/fp16 tensors lerp rounds a tensor
+        weight to the tensor's dtype (a host number it keeps in fp32), so there an update agrees
+        within one ulp and the device path keeps the table."""
         d = self.current_decay()
-        if self._updates_t is not None and d < self.decay:
+        if self._updates_t is not None and _checks.is_capturing_or_compiling():
+            self._captured = True
+        if self._updates_t is not None and d < self.decay and (self._captured or not self._host_weight_exact):
             tables = self._weight_tables()
             if tables is not None:
                 at = torch.clamp(self._updates_t, max=tables[0].shape[0] - 1)

@@ -17,6 +17,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -148,6 +149,8 @@ class TrainStep:
         self.score_fn = adapters.from_parameterisation(model, sde, parameterisation, time_map=time_map)
         self.loss_kwargs = dict(loss_kwargs or {})
         self._time_map = time_map
+        self._eps_dsm: dict | None = None  # options of the eps network's DSM, set by _dsm_loss where it applies
+        self._grad_coefs: dict = {}  # (A, b, D, dtype) -> d loss / d r of that path without a GradScaler
         self._loss = self._named_loss(loss, self.loss_kwargs) if isinstance(loss, str) else loss
         if loss == "dsm" and not isinstance(sde, EDM):
             self._loss = self._dsm_loss(self.loss_kwargs)
@@ -246,6 +249,9 @@ class TrainStep:
         options["eps"] = _checks.check_finite_scalar("loss_kwargs eps", options["eps"], positive=True)
         if self.parameterisation == "eps":  # the network itself, its residual z - eps
             options["eps_net"] = (self.model, adapters.resolve_time_map(self.sde, self._time_map))
+            if not options["likelihood_weighting"]:  # the step backpropagates from the network's output
+                self._eps_dsm = {"eps": options["eps"], "reduce_mean": options["reduce_mean"]}
+                self._eps_dsm["time_map"] = options["eps_net"][1]
 
         def loss(score_fn, x, sde, *, seed, step, sample_ids):
             backend = backends.resolve(None, x.device, x.dtype)
@@ -315,7 +321,10 @@ class TrainStep:
         if not groups:
             return torch.zeros(())
         first = groups[0][0].device
-        norms = [n if n.device == first else n.to(first) for g in groups for n in torch._foreach_norm(g)]
+        if len(groups) == 1:  # one device and dtype: the norms are where the total is taken
+            norms = torch._foreach_norm(groups[0])
+        else:
+            norms = [n if n.device == first else n.to(first) for g in groups for n in torch._foreach_norm(g)]
         total = torch.linalg.vector_norm(torch.stack(norms))
         coef = torch.reciprocal(total + 1e-6).mul_(self.grad_clip).clamp_(max=1.0)  # clip / (total + 1e-6)
         for grads in groups:
@@ -352,6 +361,10 @@ class TrainStep:
         total = None
         for m, xm in enumerate(x.split(b) if A > 1 else (x,)):
             ids = self.micro_batch_ids(m, b, x.device)
+            if self._eps_dsm is not None:
+                loss = self._eps_dsm_backward(xm, step, ids)
+                total = loss.detach() if A == 1 else (loss.detach().double() + (total if total is not None else 0))
+                continue
             with self._autocast(x.device):
                 per_sample = self._loss(self.score_fn, xm, self.sde, seed=self.seed, step=step, sample_ids=ids)
             if per_sample.shape != (b,):
@@ -389,6 +402,51 @@ class TrainStep:
         self._advance()
         self.periodic_check()
         return total.float()
+
+    def _eps_dsm_backward(self, x: Tensor, step, ids: Tensor) -> Tensor:
+        """One micro-batch of the eps network's DSM: its loss (mean over the micro-batch, / A) and its
+        gradients, backpropagated from the network's output with d loss / d out = -2 c r (no autograd
+        node for the loss, no Python backward).  The same values and gradients as the autograd path
+        (``dsm_per_sample(..., eps_net=...)``, then mean, / A, GradScaler), bit for bit."""
+        options = self._eps_dsm
+        backend = backends.resolve(None, x.device, x.dtype)
+        with self._autocast(x.device):
+            sq, out, r = losses.dsm_eps_residual(
+                self.model, options["time_map"], x, self.sde, seed=self.seed, step=step, sample_ids=ids,
+                eps=options["eps"], backend=backend,
+            )  # fmt: skip
+        D = x[0].numel()
+        loss = (sq / D if options["reduce_mean"] else sq).float().mean()
+        if self.accumulate > 1:
+            loss = loss / self.accumulate
+        out.backward(r.mul(self._residual_grad_coef(x.shape[0], D, r.dtype, x.device)).to(out.dtype))
+        return loss
+
+    def _residual_grad_coef(self, b: int, D: int, dtype: torch.dtype, device) -> float | Tensor:
+        """d loss / d r for the eps DSM path, computed as autograd's backward computes it, in its order:
+        the GradScaler's scale (or 1), / A, the mean's / b, to r's dtype, the reduce_mean's / D, times -2
+        (loss = mean(||r||^2 [/ D]) [/ A] [* scale]).  Without a scaler a host number made once per
+        shape (numpy's IEEE float32 / float64 arithmetic); with one a 0-d device tensor (the scale
+        changes; nothing is read on the host)."""
+        key = (self.accumulate, b, D, dtype)
+        if self.scaler is None:
+            coef = self._grad_coefs.get(key)
+            if coef is None:
+                c = np.float32(1.0)
+                if self.accumulate > 1:
+                    c = c / np.float32(self.accumulate)
+                c = (np.float64 if dtype == torch.float64 else np.float32)(c / np.float32(b))
+                if self._eps_dsm["reduce_mean"]:
+                    c = c / c.dtype.type(D)
+                coef = self._grad_coefs[key] = float(c * c.dtype.type(-2.0))
+            return coef
+        c = self.scaler.scale(torch.ones((), dtype=torch.float32, device=device)).reshape(())
+        if self.accumulate > 1:
+            c = c / self.accumulate
+        c = (c / b).to(dtype)
+        if self._eps_dsm["reduce_mean"]:
+            c = c / D
+        return c * -2.0
 
     def cuda_graph(self, *, warmup: int = 3):
         """This step captured in a CUDA graph: ``graphed = step.cuda_graph(); loss = graphed(x)``.
