@@ -10,12 +10,16 @@ evaluations), ``nfe_mean`` the mean over samples: with the per-sample norm, fini
 from the batch, so the time follows the mean more than the maximum.  Ours runs with ``error_norm="sample"`` (the
 default: every sample's error controlled on its own, batch-invariant) and ``"batch"`` (one norm
 over the batch, scipy's rule), side by side at the same rtol = atol; ratios are score_sde's median
-over ours, same run.  The exact-divergence rows show the solver's own error, without probes.
+over ours, same run, in wall time, and ``ratio_cpu_paired`` the median ratio of CPU times with the
+two run back to back in each round (robust to the VM's load).  The exact-divergence rows show the
+solver's own error, without probes.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -26,6 +30,7 @@ from bench.conftest import QUICK, _results
 from scorefast.sde import VPSDE
 
 B = 64 if QUICK else 256
+PAIRED_ROUNDS = 3 if QUICK else 9
 EPS = 1e-5
 _cache: dict = {}
 _medians: dict = {}
@@ -102,7 +107,7 @@ def test_likelihood(record, role, tol):
         size=B,
         group=f"likelihood-tol{tol:g}",
         role=role,
-        rounds=5,
+        rounds=9,
         nfe=nfe,
         nfe_mean=nfe_mean,
         peer="score_sde get_likelihood_fn (scipy solve_ivp)" if role == "eager" else None,
@@ -114,4 +119,20 @@ def test_likelihood(record, role, tol):
     _medians[(tol, role)] = row["median_s"]
     if role == "fused_batch" and (tol, "eager") in _medians:  # bench.derive gives the "fused" row its ratio
         row["ratio_vs_eager"] = _medians[(tol, "eager")] / row["median_s"]
-        _results().flush()
+    if role in ("fused", "fused_batch"):
+        row["ratio_cpu_paired"] = _paired_cpu_ratio(_theirs(tol), fn)
+    _results().flush()
+
+
+def _paired_cpu_ratio(theirs, ours, rounds: int = PAIRED_ROUNDS) -> float:
+    """Median over rounds of score_sde's CPU time over ours, the two run back to back each round: one
+    thread each, so the CPU time is each run's work, which the wall-clock medians of separate rows
+    mix with the shared VM's load (their per-NFE wall time moved 2x between runs)."""
+    ratios = []
+    for _ in range(rounds):
+        start = time.process_time()
+        theirs()
+        mid = time.process_time()
+        ours()
+        ratios.append((mid - start) / (time.process_time() - mid))
+    return statistics.median(ratios)

@@ -254,12 +254,14 @@ def likelihood_table(results: dict) -> str:
             str(r["nfe"]) + (f" ({r['nfe_mean']:.0f})" if r.get("nfe_mean", r["nfe"]) != r["nfe"] else ""),
             f"{r['median_s'] * 1e3:.1f} ms",
             f"{r['median_s'] / r['nfe'] * 1e6:.0f} us",
-            f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-",
+            (f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-")
+            + (f" / {r['ratio_cpu_paired']:.2f}x" if "ratio_cpu_paired" in r else ""),
             f"{r['abs_err_mean_nll']:.2g}" + (f" ({r['mc_floor']:.3f})" if r.get("mc_floor") is not None else ""),
         ]
         for r in results["results"]
     ]
-    columns = ["method", "divergence", "rtol=atol", "batch", "NFE max (mean)", "median", "per max NFE", "vs score_sde"]
+    columns = ["method", "divergence", "rtol=atol", "batch", "NFE max (mean)", "median", "per max NFE"]
+    columns.append("vs score_sde: wall / CPU paired")
     return _table(results, [*columns, "mean-NLL error (MC)"], rows)
 
 
