@@ -36,3 +36,42 @@ def test_vp_ode_b_is_a_exactly():
     assert torch.equal(a, b)
     a2, b2 = sf.sde.VPSDE().reverse_coefs(t)
     assert torch.equal(a2, a) and torch.equal(b2, 2 * a)
+
+
+def test_a_subclass_with_its_own_schedule_takes_the_generic_path():
+    """The built-ins' shortcut formulas hold only for their own schedules: a subclass that overrides
+    beta / sigma / diffusion / drift_coef gets the coefficients of its own methods."""
+    from scorefast.sde.base import SDE
+
+    class QuadVP(sf.sde.VPSDE):
+        def beta(self, t):
+            return self.beta_0 + t**2 * (self.beta_1 - self.beta_0)
+
+    class WideEDM(sf.sde.EDM):
+        def diffusion(self, t):
+            return torch.sqrt(4 * t)
+
+    class SlowVE(sf.sde.VESDE):
+        def sigma(self, t):
+            return self.sigma_min * (self.sigma_max / self.sigma_min) ** (t * t)
+
+    t = torch.tensor([0.25, 0.5, 0.9], dtype=torch.float64)
+    for sde in (QuadVP(), WideEDM(), SlowVE()):
+        for flow in (False, True):
+            got, want = sde.reverse_coefs(t, probability_flow=flow), SDE.reverse_coefs(sde, t, probability_flow=flow)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(torch.as_tensor(g, dtype=torch.float64).expand(3), w, rtol=0, atol=0)
+
+
+def test_adaptive_sde_takes_a_user_sdes_float32_coefficients():
+    """A user SDE whose coefficients come back float32 (or expanded) still runs on the cpu kernels."""
+
+    class Float32VP(sf.sde.VPSDE):
+        def reverse_coefs(self, t, *, probability_flow=False):
+            a, b = super().reverse_coefs(t, probability_flow=probability_flow)
+            return a.float(), b.float().expand_as(b)
+
+    gm = sf.testing.GaussianMixture.builtin()
+    sde = Float32VP()
+    x = sf.sample(gm.score_fn(sde), sde, (8, 2), sampler="adaptive_sde", seed=0, backend="cpu", rtol=0.2, atol=0.2)
+    assert bool(torch.isfinite(x).all())

@@ -107,7 +107,9 @@ def run(
         """One attempt for every sample; ``state`` (r, h, counts, ...; a done sample has r = 0 and a zero
         step) and ``times`` [2, B] (t, t - h) are the controller's, updated in place.  Both updates'
         coefficients are made at once: one table [10, B] (x, terms, noise of each; the times last)."""
-        a, b = sde.reverse_coefs(times)  # reverse drift f - g^2 s = a x + b s, g = sqrt(-b)
+        # reverse drift f - g^2 s = a x + b s, g = sqrt(-b); a user SDE's own dtype or layout is made
+        # the kernels' contiguous float64 here (no op for the built-in SDEs)
+        a, b = (v.to(torch.float64).contiguous() for v in sde.reverse_coefs(times))
         coefs = sde_coefs(state[adaptive.H], times, a, b, dtype=dt, backend=backend, trusted=True)
         t_in = coefs[8:] if x.dtype == dt else times.to(x.dtype)
         x2d, seed, ids = x.view(B, -1), ctx.seed_tensor(), ctx.sample_ids  # a cached graph's static inputs

@@ -147,6 +147,13 @@ class SDE:
         g2 = self.diffusion(t) ** 2
         return self.drift_coef(t), g2 * -0.5 if probability_flow else -g2
 
+    def _formulas_of(self, cls: type, names: tuple[str, ...]) -> bool:
+        """No method of ``names`` is overridden below ``cls``: a built-in's shortcut formulas (its
+        ``reverse_coefs``) still describe this SDE.  A subclass with its own schedule takes the
+        generic path from its own methods."""
+        kind = type(self)
+        return all(getattr(kind, name) is getattr(cls, name) for name in names)
+
     def table_index(self, t: Tensor) -> Tensor:
         """score_sde's table index floor(t (N - 1) / T)."""
         return (t * (self.N - 1) / self.T).long().clamp(0, self.N - 1)

@@ -50,6 +50,8 @@ class VPSDE(SDE):
 
     def reverse_coefs(self, t, *, probability_flow: bool = False):
         """a = -beta/2; b = -beta (SDE) or -beta/2 = a (ODE): beta once, 3 ops."""
+        if not self._formulas_of(VPSDE, ("beta", "drift_coef", "diffusion")):
+            return SDE.reverse_coefs(self, t, probability_flow=probability_flow)
         nb = self._neg_beta(t)
         a = 0.5 * nb
         return a, a if probability_flow else nb
@@ -83,6 +85,8 @@ class SubVPSDE(VPSDE):
 
     def reverse_coefs(self, t, *, probability_flow: bool = False):
         """a = -beta/2, g^2 = beta (1 - e^(-2 beta_0 t - (beta_1 - beta_0) t^2)): beta once."""
+        if not self._formulas_of(SubVPSDE, ("beta", "drift_coef", "diffusion")):
+            return SDE.reverse_coefs(self, t, probability_flow=probability_flow)
         nb = self._neg_beta(t)
         neg_g2 = nb * -torch.expm1(t * (-2 * self.beta_0 + t * (self.beta_0 - self.beta_1)))
         return 0.5 * nb, 0.5 * neg_g2 if probability_flow else neg_g2
