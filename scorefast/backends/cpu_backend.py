@@ -110,32 +110,13 @@ def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
     return out
 
 
-def step_control(
-    accept,
-    state,
-    sumsq,
-    t_end,
-    direction,
-    n,
-    c_stage,
-    stage_t,
-    base,
-    mult,
-    table,
-    numel,
-    batch_norm,
-    rule,
-    safety,
-    exponent,
-    e_min_grow,
-    e_min_retry,
-    e_max,
-    advance,
-) -> None:
-    """See ``scorefast.ops.step_control``; the attempt counter n is a CPU tensor, read here."""
+def step_control(accept, state, sumsq, t_end, direction, n, c_stage, stage_t, base, mult, table, *scalars) -> None:
+    """See ``scorefast.ops.step_control`` (``scalars``: numel, batch_norm, rule, safety, exponent,
+    e_min_grow, e_min_retry, e_max, advance); the attempt counter n is a CPU tensor, read here."""
+    numel, batch_norm, rule, *rule_args, advance = scalars
     load().step_control(
         state, sumsq, t_end, direction, int(n), c_stage, stage_t, base, mult, table, accept,
-        numel, batch_norm, 0 if rule == "rk45" else 1, safety, exponent, e_min_grow, e_min_retry, e_max, advance,
+        numel, batch_norm, 0 if rule == "rk45" else 1, *rule_args, advance,
     )  # fmt: skip
 
 

@@ -159,31 +159,13 @@ def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
     return out
 
 
-def step_control(
-    accept,
-    state,
-    sumsq,
-    t_end,
-    direction,
-    n,
-    c_stage,
-    stage_t,
-    base,
-    mult,
-    table,
-    numel,
-    batch_norm,
-    rule,
-    safety,
-    exponent,
-    e_min_grow,
-    e_min_retry,
-    e_max,
-    advance,
-) -> None:
-    """See ``scorefast.ops.step_control``; ``batch_norm``'s one RMS over the batch is a torch sum on the device."""
+def step_control(accept, state, sumsq, t_end, direction, n, c_stage, stage_t, base, mult, table, *scalars) -> None:
+    """See ``scorefast.ops.step_control`` (``scalars``: numel, batch_norm, rule, safety, exponent,
+    e_min_grow, e_min_retry, e_max, advance); ``batch_norm``'s one RMS over the batch is a torch sum on
+    the device."""
     from ..kernels import adaptive_step as kernel
 
+    numel, batch_norm, rule, *rule_args, advance = scalars
     if not isinstance(n, torch.Tensor):  # an eager loop's int attempt counter
         n = torch.full((), int(n), dtype=torch.int64, device=state.device)
     with launch_device(state, accept=accept, sumsq=sumsq, t_end=t_end, direction=direction, n=_pointer(n, state.device),
@@ -194,7 +176,7 @@ def step_control(
         kernel.step_control(
             accept, state, sumsq, t_end, direction, _pointer(n, state.device), c_stage, stage_t, base, mult, table,
             numel, batch_err, 0 if rule == "rk45" else 1, bool(batch_norm and advance),
-            _params((safety, exponent, e_min_grow, e_min_retry, e_max), state.device), advance, 1024,
+            _params(tuple(rule_args), state.device), advance, 1024,
         )  # fmt: skip
 
 
