@@ -73,6 +73,7 @@ SAMPLERS = [
     ("dpm_solver++", {"variant": "2m-sde"}),
     ("pc", {"norm": "expected"}),
     ("pc", {"norm": "sample"}),
+    ("rk45", {}),  # the stage times' affine coefficients, once per attempt
 ]
 
 

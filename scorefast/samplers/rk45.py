@@ -50,22 +50,34 @@ def run(
     B = x.shape[0]
     fused = adaptive.FusedRows(x.reshape(B, -1), ctx.backend)
     zeros = {}  # the drift's noise coefficient row (none is drawn), one per stage count
+    fn, folded = ctx.score_fn, ctx._affine(x)  # an adapter's affine form is folded into the table
 
     def coefs(t):
         """The drift a(t) x + b(t) s and the network's time input at all stage times of an attempt
         at once ([S, B] times): one coefficient table [S, 3, B] (a, b, 0; in the update's arithmetic
-        dtype, one rounding as before) and the times in x's dtype (rows of the same table for fp32)."""
+        dtype, one rounding as before) and the times in x's dtype (rows of the same table for fp32).
+        An adapter (score = a' x + b' out) folds in: (a + b a') x + (b b') out, its network's time
+        input ``net_time(t)``, so the network's own output is read once, by the fused pass."""
         a, b = sde.reverse_coefs(t, probability_flow=True)
-        zero = zeros.get(t.shape)
-        if zero is None:
-            zero = zeros[t.shape] = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        if folded:
+            a2, b2 = (torch.as_tensor(v, dtype=torch.float64, device=t.device) for v in fn.affine_coefs(t))
+            a, b = torch.addcmul(a, b, a2), b * b2
+            return torch.stack([a, b, _zero(t)], 1).to(dt), fn.net_time(t).to(x.dtype)
+        zero = _zero(t)
         if x.dtype == dt:
             table = torch.stack([a, b, zero, t], 1).to(dt)
             return table[:, :3], table[:, 3]
         return torch.stack([a, b, zero], 1).to(dt), t.to(x.dtype)
 
+    def _zero(t):
+        """A float64 zero row of t's shape (made once per shape)."""
+        zero = zeros.get(t.shape)
+        if zero is None:
+            zero = zeros[t.shape] = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+        return zero
+
     def drift(y, t, coef, t_in):
-        s = ctx.score(y, t, t_in=t_in)
+        s = ctx._network(fn.net, y, t_in) if folded else ctx.score(y, t, t_in=t_in)
         return fused(y.reshape(B, -1), [s.reshape(B, -1)], coef).view(y.shape)
 
     t0, t1 = float(ctx.times[0]), float(ctx.times[-1])  # T -> eps on the default grids
