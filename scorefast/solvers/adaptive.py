@@ -3,9 +3,10 @@
 The step loop of an adaptive solver runs attempts until every sample reached its end time.  It must
 never hang: a non-finite stage ends it with ``NonFiniteError`` and a step size that stopped moving
 the time (a blow-up) with ``SolverError``; neither is read on the host inside an attempt.  Each
-attempt updates a small device record (``no_failure`` / ``record_failure``) and the loop's
-``done`` test reads it together with the samples' times, once per eager attempt or once every few
-replays of a captured attempt; ``raise_failure`` turns it into the error after the loop.
+attempt's controller (``sf.ops.step_control``) updates a small device record, the state's ``fail``
+row, and the loop's ``done`` test reads it together with the samples' times (``running``), once per
+eager attempt or once every few replays of a captured attempt; ``raise_failure`` turns it into the
+error after the loop.
 
 Error norms (DESIGN.md "Batch invariance"): ``"sample"`` is the RMS of each sample's scaled error
 through ``sf.ops.sample_sumsq`` (fixed summation tree: a sample's steps do not depend on the
@@ -21,7 +22,6 @@ from .. import _checks, backends
 from ..backends import resolve
 from ..errors import NonFiniteError
 from ..ops.fused_update import fused_update_op
-from ..ops.sample_norm import _sumsq
 from ..ops.select_rows import select_rows
 from ..ops.step_control import FAIL, HS, REJECTED, ROWS, STEPS, H, R, step_control  # noqa: F401 (the solvers read rows)
 
@@ -117,11 +117,6 @@ class FusedRows:
         self.ids = torch.zeros(like.shape[0], dtype=torch.int64, device=like.device)
         self.counter = torch.zeros((), dtype=torch.int64, device=like.device)
 
-    def sumsq(self, rows: Tensor) -> Tensor:
-        """Per-sample sums of squares [B] (float64) of [B, D] rows: ``sf.ops.sample_sumsq``'s fixed tree."""
-        dtype = torch.float64 if rows.dtype == torch.float64 else torch.float32
-        return _sumsq(rows, self._ids(rows), 0, 0, rows.shape[1], 0, False, dtype, self.name)[0].double()
-
     def _ids(self, rows: Tensor) -> Tensor:
         """Sample ids for ``rows`` (zeros: no noise is drawn; fewer rows once samples retired)."""
         return self.ids if rows.shape[0] == self.ids.shape[0] else self.ids[: rows.shape[0]]
@@ -210,25 +205,16 @@ def error_norm(sumsq: Tensor, numel: int, mode: str) -> Tensor:
     return (sumsq / numel).sqrt()
 
 
-def no_failure(B: int, device: torch.device) -> Tensor:
-    """The per-sample failure record [B] (float64): -1 if none, else the attempt n where the sample
-    failed, n for a non-finite value and n + 1/2 for a step size that underflowed."""
-    return torch.full((B,), -1.0, dtype=torch.float64, device=device)
-
-
-def record_failure(fail: Tensor, n, turned_down: Tensor, err_norm: Tensor, h: Tensor, t: Tensor) -> Tensor:
-    """Record attempt n (an int or a 0-d device tensor) for samples that just failed: a non-finite
-    error (NaN/inf in a stage, the state or the score) or, on a rejection, a next step too small to
-    move the float64 time (a blow-up).  A failed sample keeps its time (nothing is accepted), so
-    the record needs no more.  No host read: a captured attempt runs it."""
-    nonfinite = ~torch.isfinite(err_norm)
-    stuck = turned_down & (h <= 8 * torch.finfo(torch.float64).eps * t.abs()) & ~nonfinite
-    return torch.where((nonfinite | stuck) & (fail < 0), stuck * 0.5 + n, fail)
+def left_and_failed(remaining: Tensor, fail: Tensor) -> tuple[int, int]:
+    """One host read: how many samples still have time to go, and how many failed."""
+    left, failed = torch.stack([(remaining > 0).sum(), (fail >= 0).sum()]).tolist()
+    return left, failed
 
 
 def running(remaining: Tensor, fail: Tensor) -> bool:
     """One host read: some sample still has time to go and none failed."""
-    return bool((remaining > 0).any() & (fail < 0).all())
+    left, failed = left_and_failed(remaining, fail)
+    return left > 0 and failed == 0
 
 
 def raise_failure(fail: Tensor, name: str, t: Tensor, *, ids: Tensor | None = None) -> None:

@@ -93,10 +93,10 @@ def _retiring_attempts(live: _Live, batch_dims: tuple[int, ...]):
         where = torch.arange(carry[0].shape[0], device=carry[0].device)
         for n in range(start, stop):
             state = carry[4]
-            going = state[adaptive.R] > 0
-            left, failed = torch.stack([going.sum(), (state[adaptive.FAIL] >= 0).sum()]).tolist()
-            if not left or failed:  # = done(carry)
+            left, failed = adaptive.left_and_failed(state[adaptive.R], state[adaptive.FAIL])
+            if not left or failed:  # = done(carry), the same one read
                 break
+            going = state[adaptive.R] > 0
             b = going.shape[0]
             if b - left >= max(1, b // 16):
                 gone, keep = (~going).nonzero().squeeze(1), going.nonzero().squeeze(1)
