@@ -8,6 +8,7 @@ float64 and cast once to x's dtype, so bf16/fp16 runs never see NaN/inf from the
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -139,20 +140,25 @@ class SDE:
         dt = self.T / self.N
         return self.drift_coef(t) * dt, self.diffusion(t) * math.sqrt(dt)
 
+    # the schedule methods a class's ``_reverse_shortcut(t, probability_flow)`` formulas assume
+    _SHORTCUT_USES: tuple[str, ...] = ()
+
     def reverse_coefs(self, t, *, probability_flow: bool = False) -> tuple[Tensor, Tensor]:
         """(a, b), float64 (t's shape), with reverse drift f - g^2 s (x 1/2 for the ODE) = a x + b s:
         a = f, b = -g^2 (SDE) or -g^2 / 2 (ODE), so g = sqrt(-b) for the SDE.  The generic path from
-        ``drift_coef`` and ``diffusion``; the built-in SDEs override it with their shared
-        subexpressions computed once (fewer ops in a captured step, same values up to rounding)."""
+        ``drift_coef`` and ``diffusion``; a built-in SDE has a ``_reverse_shortcut`` with its shared
+        subexpressions computed once (fewer ops in a captured step, same values up to rounding),
+        taken while none of its ``_SHORTCUT_USES`` methods is overridden below it (a subclass with a
+        schedule of its own gets the coefficients of its own methods)."""
+        owner = _shortcut_owner(type(self))
+        if owner is not None and all(getattr(type(self), n) is getattr(owner, n) for n in owner._SHORTCUT_USES):
+            return self._reverse_shortcut(t, probability_flow)
+        return self._generic_reverse_coefs(t, probability_flow)
+
+    def _generic_reverse_coefs(self, t, probability_flow: bool) -> tuple[Tensor, Tensor]:
+        """``reverse_coefs`` from ``drift_coef`` and ``diffusion`` alone."""
         g2 = self.diffusion(t) ** 2
         return self.drift_coef(t), g2 * -0.5 if probability_flow else -g2
-
-    def _formulas_of(self, cls: type, names: tuple[str, ...]) -> bool:
-        """No method of ``names`` is overridden below ``cls``: a built-in's shortcut formulas (its
-        ``reverse_coefs``) still describe this SDE.  A subclass with its own schedule takes the
-        generic path from its own methods."""
-        kind = type(self)
-        return all(getattr(kind, name) is getattr(cls, name) for name in names)
 
     def table_index(self, t: Tensor) -> Tensor:
         """score_sde's table index floor(t (N - 1) / T)."""
@@ -175,3 +181,9 @@ class SDE:
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.config().items() if k != "alphas_cumprod")
         return f"{type(self).__name__}({args})"
+
+
+@functools.cache
+def _shortcut_owner(kind: type) -> type | None:
+    """The nearest class of ``kind``'s MRO that defines ``_reverse_shortcut`` (None: the generic path)."""
+    return next((c for c in kind.__mro__ if "_reverse_shortcut" in vars(c)), None)

@@ -83,10 +83,10 @@ class DiscreteVP(SDE):
     def diffusion(self, t):
         return self.beta(t).clamp_min(0).sqrt()
 
-    def reverse_coefs(self, t, *, probability_flow: bool = False):
+    _SHORTCUT_USES = ("beta", "drift_coef", "diffusion")
+
+    def _reverse_shortcut(self, t, probability_flow: bool):
         """a = -beta/2, g^2 = max(beta, 0): the table interpolation once."""
-        if not self._formulas_of(DiscreteVP, ("beta", "drift_coef", "diffusion")):
-            return SDE.reverse_coefs(self, t, probability_flow=probability_flow)
         beta = self.beta(t)
         neg_g2 = -beta.clamp_min(0)
         return -0.5 * beta, 0.5 * neg_g2 if probability_flow else neg_g2

@@ -39,10 +39,10 @@ class EDM(SDE):
     def diffusion(self, t):
         return torch.sqrt(2 * t)
 
-    def reverse_coefs(self, t, *, probability_flow: bool = False):
+    _SHORTCUT_USES = ("drift_coef", "diffusion")
+
+    def _reverse_shortcut(self, t, probability_flow: bool):
         """a = 0, g^2 = 2 sigma: b = -sigma (ODE) or -2 sigma (SDE)."""
-        if not self._formulas_of(EDM, ("drift_coef", "diffusion")):
-            return SDE.reverse_coefs(self, t, probability_flow=probability_flow)
         return torch.zeros_like(t), -t if probability_flow else -2.0 * t
 
     def prior_std(self):

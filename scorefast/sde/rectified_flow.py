@@ -90,10 +90,10 @@ class RectifiedFlow(SDE):
     def diffusion(self, t):
         return torch.sqrt(2 * t / (1 - t))
 
-    def reverse_coefs(self, t, *, probability_flow: bool = False):
+    _SHORTCUT_USES = ("drift_coef", "diffusion")
+
+    def _reverse_shortcut(self, t, probability_flow: bool):
         """a = -1/(1 - t) = 1/(t - 1); b = -t/(1 - t) = t/(t - 1) (ODE) or twice that (SDE): 3-4 ops."""
-        if not self._formulas_of(RectifiedFlow, ("drift_coef", "diffusion")):
-            return SDE.reverse_coefs(self, t, probability_flow=probability_flow)
         d = t - 1
         b = t / d
         return torch.reciprocal(d), b if probability_flow else 2.0 * b

@@ -42,10 +42,10 @@ class VESDE(SDE):
     def diffusion(self, t):
         return self.sigma(t) * math.sqrt(2 * (math.log(self.sigma_max) - math.log(self.sigma_min)))
 
-    def reverse_coefs(self, t, *, probability_flow: bool = False):
+    _SHORTCUT_USES = ("sigma", "drift_coef", "diffusion")
+
+    def _reverse_shortcut(self, t, probability_flow: bool):
         """a = 0, g^2 = 2 ln(sigma_max/sigma_min) sigma_min^2 ((sigma_max/sigma_min)^2)^t: one pow, one mul."""
-        if not self._formulas_of(VESDE, ("sigma", "drift_coef", "diffusion")):
-            return SDE.reverse_coefs(self, t, probability_flow=probability_flow)
         log_ratio = math.log(self.sigma_max) - math.log(self.sigma_min)
         c = -2 * log_ratio * self.sigma_min**2 * (0.5 if probability_flow else 1.0)
         return torch.zeros_like(t), c * ((self.sigma_max / self.sigma_min) ** 2) ** t

@@ -48,10 +48,10 @@ class VPSDE(SDE):
         """-beta(t), exactly (negation commutes with rounding): one mul and one add."""
         return -self.beta_0 + t * (self.beta_0 - self.beta_1)
 
-    def reverse_coefs(self, t, *, probability_flow: bool = False):
+    _SHORTCUT_USES = ("beta", "drift_coef", "diffusion")
+
+    def _reverse_shortcut(self, t, probability_flow: bool):
         """a = -beta/2; b = -beta (SDE) or -beta/2 = a (ODE): beta once, 3 ops."""
-        if not self._formulas_of(VPSDE, ("beta", "drift_coef", "diffusion")):
-            return SDE.reverse_coefs(self, t, probability_flow=probability_flow)
         nb = self._neg_beta(t)
         a = 0.5 * nb
         return a, a if probability_flow else nb
@@ -83,10 +83,10 @@ class SubVPSDE(VPSDE):
         discount = -torch.expm1(-2 * self.beta_0 * t - (self.beta_1 - self.beta_0) * t**2)
         return torch.sqrt(self.beta(t) * discount)
 
-    def reverse_coefs(self, t, *, probability_flow: bool = False):
+    _SHORTCUT_USES = ("beta", "drift_coef", "diffusion")
+
+    def _reverse_shortcut(self, t, probability_flow: bool):
         """a = -beta/2, g^2 = beta (1 - e^(-2 beta_0 t - (beta_1 - beta_0) t^2)): beta once."""
-        if not self._formulas_of(SubVPSDE, ("beta", "drift_coef", "diffusion")):
-            return SDE.reverse_coefs(self, t, probability_flow=probability_flow)
         nb = self._neg_beta(t)
         neg_g2 = nb * -torch.expm1(t * (-2 * self.beta_0 + t * (self.beta_0 - self.beta_1)))
         return 0.5 * nb, 0.5 * neg_g2 if probability_flow else neg_g2
