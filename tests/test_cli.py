@@ -149,6 +149,8 @@ def _quick_bench(suite: str, out: Path, **env: str) -> tuple[dict, str]:
         env=environ,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    if out.is_dir():  # --out FOLDER writes the suite's own file name in it
+        out = out / f"{suite}.json"
     data = json.loads(out.read_text())
     validate(data)
     return data, res.stdout

@@ -515,10 +515,11 @@ def test_train_step_refuses_bad_arguments_by_name():
 
 def test_the_training_bench_suite_runs_both_loops(tmp_path):
     """``scorefast bench --suite cpu-train --quick``: TrainStep and score_sde's loop timed in one run,
-    the same-run ratio derived, the README table printed."""
+    the same-run ratio derived, the README table printed; ``--out`` a folder writes cpu-train.json there."""
     from tests.test_cli import _quick_bench
 
-    data, stdout = _quick_bench("cpu-train", tmp_path / "train.json")
+    data, stdout = _quick_bench("cpu-train", tmp_path)
+    assert (tmp_path / "cpu-train.json").is_file()
     rows = {r["role"]: r for r in data["results"]}
     assert rows["eager"]["group"] == rows["fused"]["group"] and rows["eager"]["peer"].startswith("score_sde")
     assert rows["fused"]["ratio_vs_eager"] > 0 and rows["fused"]["steps"] > 0
