@@ -537,6 +537,7 @@ void sumsq_norms(at::Tensor out, const c10::optional<at::Tensor>& t, const at::T
 }
 
 #include "adaptive_impl.h"
+#include "train_impl.h"
 
 // score_sde's Langevin corrector with per-sample norms: eps_b = (two_snr2 * alpha_b) * (|z_b|^2 /
 // |score_b|^2) in fp32 (0 where the score norm is not > 0), out = x + eps*score + sqrt(2 eps)*z.
@@ -597,5 +598,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_control", &scorefast_cpu::step_control);
   m.def("select_rows", &scorefast_cpu::select_rows);
   m.def("sde_coefs", &scorefast_cpu::sde_coefs);
+  m.def("clip_grad_norm", &scorefast_cpu::clip_grad_norm);
   m.def("philox_words", &scorefast_cpu::philox_words);
 }

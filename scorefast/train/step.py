@@ -28,6 +28,7 @@ from .._io import atomic_save_file
 from ..distributed import rank_and_world
 from ..errors import NonFiniteError
 from ..sde import EDM, SDE, VESDE, VPSDE, RectifiedFlow, SubVPSDE
+from . import clip
 from .ema import EMA
 from .state import flatten, read_metadata, unflatten
 
@@ -162,6 +163,7 @@ class TrainStep:
         for param in self._params:
             by_kind.setdefault((param.device, param.dtype), []).append(param)
         self._clip_groups = list(by_kind.values())  # clip_grad_norm_'s (device, dtype) grouping, made once
+        self._clip_backend: str | None = None  # resolved at the first clip
         self._ids: dict = {}  # (rank, m, b, device) -> the micro-batch's global sample ids, made once
         device = self._params[0].device
         self.autocast_dtype = _checks.PRECISIONS[precision]
@@ -309,8 +311,8 @@ class TrainStep:
         return self._lr_table_cache[1]
 
     def _clip(self) -> Tensor:
-        """``torch.nn.utils.clip_grad_norm_(params, grad_clip)`` with the same arithmetic (per-tensor norms,
-        the norm of their stack, grads times min(1, clip / (norm + 1e-6))), grouped once in __init__."""
+        """``torch.nn.utils.clip_grad_norm_(params, grad_clip)``'s rule on the groups made in __init__
+        (``clip.clip_grad_norm``: one C++ call for a float32 model on the cpu backend)."""
         groups = []
         for params in self._clip_groups:
             grads = [p.grad for p in params]
@@ -318,18 +320,19 @@ class TrainStep:
                 grads = [g for g in grads if g is not None]
             if grads:
                 groups.append(grads)
-        if not groups:
-            return torch.zeros(())
-        first = groups[0][0].device
-        if len(groups) == 1:  # one device and dtype: the norms are where the total is taken
-            norms = torch._foreach_norm(groups[0])
-        else:
-            norms = [n if n.device == first else n.to(first) for g in groups for n in torch._foreach_norm(g)]
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        coef = torch.reciprocal(total + 1e-6).mul_(self.grad_clip).clamp_(max=1.0)  # clip / (total + 1e-6)
-        for grads in groups:
-            torch._foreach_mul_(grads, coef if grads[0].device == first else coef.to(grads[0].device))
-        return total
+        if self._clip_backend is None:
+            self._clip_backend = backends.resolve(None, self._params[0].device, torch.float32)
+        return clip.clip_grad_norm(groups, self.grad_clip, self._clip_backend)
+
+    def _zero_grad(self) -> None:
+        """``optimizer.zero_grad(set_to_none=True)``: torch's own sets each grad to None, done here
+        without its profiler record per call; an optimizer that overrides it is called."""
+        if type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        for group in self.optimizer.param_groups:
+            for param in group["params"]:
+                param.grad = None
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -396,7 +399,7 @@ class TrainStep:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._zero_grad()
         if self.ema is not None:
             self.ema.update()
         self._advance()
