@@ -8,7 +8,10 @@ optimizer step, then an EMA of decay 0.9999 with score_sde's (1 + n) / (10 + n) 
 torch.randn_like, a per-parameter EMA loop).  Ours: with ``Adam(fused=True)`` the capturable form
 (``device_state=True``, tensor lr, ``check_every=100``: no host read between checks); with plain
 ``Adam()`` the host-state form (``check_every=100``).  Rows are timed at 1 and 2 torch threads, ours
-right after the peer's of the same group.
+right after the peer's of the same group.  ``ratio_paired`` (ours' row) is the median over rounds of
+the peer's wall time over ours with the two run back to back in each round (in alternating order):
+the two rows' medians are taken minutes apart on a shared VM whose speed drifts by tens of percent,
+while a pair sees the same machine.
 
 The goal rows (issue 19: TrainStep >= 1.2x the peer loop at 1 and 2 threads) are the toy 2-D MLP's,
 labelled ``toy2d-mlp (goal)`` and ``goal: true``: there the step's own work (loss, clip, EMA, counters)
@@ -17,6 +20,9 @@ convolutions are about 70% of either loop's time, so both loops run at the netwo
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -44,6 +50,7 @@ CASES = (
     + [("digits-unet", 128, "fused")]
 )
 THREADS = [1] if QUICK else [1, 2]
+PAIRED_ROUNDS = 3 if QUICK else 30
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -113,8 +120,10 @@ def test_train_step(record, name, B, opt, threads, role):
         return loss
 
     assert torch.isfinite(steps())
+    paired = {}
     if role == "fused":
         fn.check()
+        paired["ratio_paired"] = _paired_ratio(_theirs(name, opt), fn, x, STEPS[name])
     label = "Adam(fused=True)" if opt == "fused" else "Adam()"
     record(
         steps,
@@ -131,4 +140,29 @@ def test_train_step(record, name, B, opt, threads, role):
         goal=GOAL[name],
         optimizer=label,
         peer="score_sde (get_step_fn, ExponentialMovingAverage)" if role == "eager" else None,
+        **paired,
     )
+
+
+def _paired_ratio(theirs, ours, x: torch.Tensor, steps: int, rounds: int = PAIRED_ROUNDS) -> float:
+    """Median over rounds of the peer's wall time for ``steps`` steps over ours, the two back to back
+    in each round, the peer first in even rounds and second in odd ones."""
+    for _ in range(3):  # the peer's optimizer state and caches, as the timed rows warm up
+        theirs(x)
+
+    def timed(fn) -> float:
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn(x)
+        return time.perf_counter() - start
+
+    ratios = []
+    for k in range(rounds):
+        if k % 2:
+            mine = timed(ours)
+            ratios.append(timed(theirs) / mine)
+        else:
+            peer = timed(theirs)
+            ratios.append(peer / timed(ours))
+    ours.check()
+    return statistics.median(ratios)

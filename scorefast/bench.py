@@ -275,10 +275,12 @@ def train_table(results: dict) -> str:
             str(r["threads"]),
             f"{r['median_s'] / r['steps'] * 1e3:.2f} ms",
             f"{r['ratio_vs_eager']:.2f}x" if "ratio_vs_eager" in r else "-",
+            f"{r['ratio_paired']:.2f}x" if "ratio_paired" in r else "-",
         ]
         for r in results["results"]
     ]
-    return _table(results, ["loop", "model", "batch", "threads", "time / step", "vs peer loop"], rows)
+    columns = ["loop", "model", "batch", "threads", "time / step", "vs peer: row medians", "vs peer: paired"]
+    return _table(results, columns, rows)
 
 
 def glue_table(results: dict) -> str:

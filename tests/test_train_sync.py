@@ -522,6 +522,7 @@ def test_the_training_bench_suite_runs_both_loops(tmp_path):
     assert (tmp_path / "cpu-train.json").is_file()
     rows = {r["role"]: r for r in data["results"]}
     assert rows["eager"]["group"] == rows["fused"]["group"] and rows["eager"]["peer"].startswith("score_sde")
-    assert rows["fused"]["ratio_vs_eager"] > 0 and rows["fused"]["steps"] > 0
+    assert rows["fused"]["ratio_vs_eager"] > 0 and rows["fused"]["ratio_paired"] > 0 and rows["fused"]["steps"] > 0
     assert rows["fused"]["goal"] is True and rows["fused"]["model"] == "toy2d-mlp (goal)"
     assert "| sf.train.TrainStep, Adam(fused=True) | toy2d-mlp (goal) | 64 | 1 |" in stdout
+    assert "vs peer: paired" in stdout
