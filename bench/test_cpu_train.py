@@ -10,8 +10,8 @@ torch.randn_like, a per-parameter EMA loop).  Ours: with ``Adam(fused=True)`` th
 ``Adam()`` the host-state form (``check_every=100``).  Rows are timed at 1 and 2 torch threads, ours
 right after the peer's of the same group.  ``ratio_paired`` (ours' row) is the median over rounds of
 the peer's wall time over ours with the two run back to back in each round (in alternating order):
-the two rows' medians are taken minutes apart on a shared VM whose speed drifts by tens of percent,
-while a pair sees the same machine.
+the two rows' medians come from separate timing loops on a shared VM whose speed drifts by tens of
+percent, while a pair sees the same machine.
 
 The goal rows (issue 19: TrainStep >= 1.2x the peer loop at 1 and 2 threads) are the toy 2-D MLP's,
 labelled ``toy2d-mlp (goal)`` and ``goal: true``: there the step's own work (loss, clip, EMA, counters)
@@ -21,6 +21,7 @@ convolutions are about 70% of either loop's time, so both loops run at the netwo
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -157,6 +158,17 @@ def _paired_ratio(theirs, ours, x: torch.Tensor, steps: int, rounds: int = PAIRE
         return time.perf_counter() - start
 
     ratios = []
+    gc.collect()
+    gc.disable()  # as the timed rows run (--benchmark-disable-gc): no collection lands on one side
+    try:
+        _rounds(theirs, ours, timed, rounds, ratios)
+    finally:
+        gc.enable()
+    ours.check()
+    return statistics.median(ratios)
+
+
+def _rounds(theirs, ours, timed, rounds: int, ratios: list) -> None:
     for k in range(rounds):
         if k % 2:
             mine = timed(ours)
@@ -164,5 +176,3 @@ def _paired_ratio(theirs, ours, x: torch.Tensor, steps: int, rounds: int = PAIRE
         else:
             peer = timed(theirs)
             ratios.append(peer / timed(ours))
-    ours.check()
-    return statistics.median(ratios)

@@ -402,7 +402,7 @@ def _bench_dir() -> Path:
 def _bench_command(parser):
     parser.add_argument("--suite", type=lambda s: SUITE_ALIASES.get(s, s), choices=tuple(SUITES), default="cpu")
     parser.add_argument(
-        "--out", help="results file, or a folder to write <suite>.json in (default bench/results/<suite>.json)"
+        "--out", help="results file (.json), or a folder to write <suite>.json in (default bench/results/<suite>.json)"
     )
     parser.add_argument("--quick", action="store_true", help="smallest sizes only (a smoke run)")
     parser.add_argument("--table", metavar="RESULTS", help="print the README table of a results file and exit")
@@ -427,8 +427,8 @@ def _bench_command(parser):
             return 0
         with user_input():
             bench = _bench_dir()
-        out = Path(args.out or bench / "results").resolve()
-        if out.is_dir():  # a folder: the suite's own file name in it
+        out = Path(args.out or bench / "results" / f"{args.suite}.json").resolve()
+        if out.is_dir() or (args.out and out.suffix != ".json"):  # a folder: the suite's own file name in it
             out = out / f"{args.suite}.json"
         with user_input({"out_dir": "--out"}):
             writable_dir(out.parent, "out_dir")

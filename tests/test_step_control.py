@@ -77,7 +77,7 @@ def _ref(B, seed=0, rule="rk45", advance=True, batch_norm=False, table_dtype=tor
 def test_step_control_matches_its_reference(backend, rule, advance):
     got, want = _run(backend, 300, 1, rule, advance), _ref(300, 1, rule, advance)
     assert torch.equal(got[0], want[0])  # accept
-    # the step rule's h E^-p is a float64 pow: the C++ kernel's std::pow is correctly rounded, torch's
+    # the step rule's h E^-p is a float64 pow: the C++ kernel's is glibc's std::pow (< 1 ulp), torch's
     # (the reference) is Sleef's 1-ulp vector pow on AVX2/AVX-512 CPUs, and triton's is exp(log(x) p):
     # what follows from h (h, t, the stage times and table) agrees within those roundings
     rtol = {"triton": 1e-14, "cpu": 1e-15}.get(backend, 0.0)

@@ -6,7 +6,9 @@ the norm of their stack, one ``torch._foreach_mul_`` per group: clip_grad_norm_'
 and its form on GPUs).  On the ``cpu`` backend one float32 group is clipped by one C++ call
 (``csrc/cpu/train_impl.h``): the sums of squares in float64, so the total can differ from the
 reference's float32 reductions in its last bits, and the gradients by the one ulp that follows from
-the coefficient; where it does not, they are the same bits.
+the coefficient; where it does not, they are the same bits.  Past float32's range the two part: a
+norm above ~1.8e19 overflows the reference's float32 sums (an infinite total, so it zeroes the
+gradients), while the kernel's float64 sums give the finite total and scale them.
 """
 
 from __future__ import annotations
@@ -45,5 +47,7 @@ def _one_cpu_call(groups: list[list[Tensor]], backend: str) -> bool:
 def clip_grad_norm(groups: list[list[Tensor]], max_norm: float, backend: str) -> Tensor:
     """``clip_grad_norm_ref`` by the backend's kernel where it has one (module docstring)."""
     if _one_cpu_call(groups, backend):
-        return backends.get("cpu").load().clip_grad_norm(groups[0], float(max_norm))
+        kernel = getattr(backends.get("cpu").load(), "clip_grad_norm", None)  # None: a build older than it
+        if kernel is not None:
+            return kernel(groups[0], float(max_norm))
     return clip_grad_norm_ref(groups, max_norm)

@@ -326,8 +326,10 @@ class TrainStep:
 
     def _zero_grad(self) -> None:
         """``optimizer.zero_grad(set_to_none=True)``: torch's own sets each grad to None, done here
-        without its profiler record per call; an optimizer that overrides it is called."""
-        if type(self.optimizer).zero_grad is not torch.optim.Optimizer.zero_grad:
+        without its profiler record per call; an optimizer that overrides it (in its class or on the
+        instance, as apex's amp does) is called."""
+        own = getattr(self.optimizer.zero_grad, "__func__", None)  # not torch's own on the instance either
+        if own is not torch.optim.Optimizer.zero_grad:
             self.optimizer.zero_grad(set_to_none=True)
             return
         for group in self.optimizer.param_groups:
