@@ -185,15 +185,21 @@ def select_rows(mask, outs, news, olds, block: int) -> None:
 
 
 @triton.jit
-def _sde_coefs_kernel(out_ptr, h_ptr, times_ptr, a_ptr, b_ptr, B, BLOCK: tl.constexpr):
+def _sde_coefs_kernel(out_ptr, h_ptr, times_ptr, a_ptr, b_ptr, fa_ptr, fb_ptr, B, FOLD: tl.constexpr,
+                      BLOCK: tl.constexpr):  # fmt: skip
     b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     m = b < B
     h = tl.load(h_ptr + b, mask=m, other=0.0)
     a0, a1 = tl.load(a_ptr + b, mask=m, other=0.0), tl.load(a_ptr + B + b, mask=m, other=0.0)
     b0, b1 = tl.load(b_ptr + b, mask=m, other=0.0), tl.load(b_ptr + B + b, mask=m, other=0.0)
     sh = tl.sqrt(h)  # float64: correctly rounded (sqrt.rn.f64), as torch and libm
-    g0 = tl.sqrt(-b0) * sh
+    g0 = tl.sqrt(-b0) * sh  # the noise: the SDE's own b
     g1 = tl.sqrt(-b1) * sh
+    if FOLD:  # an adapter's affine form: (a + b fa) x + (b fb) out, each product and sum rounded once
+        fa0, fa1 = tl.load(fa_ptr + b, mask=m, other=0.0), tl.load(fa_ptr + B + b, mask=m, other=0.0)
+        fb0, fb1 = tl.load(fb_ptr + b, mask=m, other=1.0), tl.load(fb_ptr + B + b, mask=m, other=1.0)
+        a0, a1 = a0 + b0 * fa0, a1 + b1 * fa1
+        b0, b1 = b0 * fb0, b1 * fb1
     half = 0.5 * h
     ty = out_ptr.dtype.element_ty
     tl.store(out_ptr + b, (1.0 - h * a0).to(ty), mask=m)
@@ -208,9 +214,12 @@ def _sde_coefs_kernel(out_ptr, h_ptr, times_ptr, a_ptr, b_ptr, B, BLOCK: tl.cons
     tl.store(out_ptr + 9 * B + b, tl.load(times_ptr + B + b, mask=m).to(ty), mask=m)
 
 
-def sde_coefs(out, h, times, a, b, block: int) -> None:
-    """adaptive_sde's coefficient table (``scorefast.ops.sde_coefs``): one program per block of samples."""
+def sde_coefs(out, h, times, a, b, fa, fb, block: int) -> None:
+    """adaptive_sde's coefficient table (``scorefast.ops.sde_coefs``): one program per block of samples;
+    fa, fb (or None) an adapter's affine coefficients, folded in."""
     B = h.shape[0]
     if B == 0:
         return
-    _sde_coefs_kernel[(triton.cdiv(B, block),)](out, h, times, a, b, B, block, **OPTIONS)
+    fold = fa is not None
+    grid = (triton.cdiv(B, block),)
+    _sde_coefs_kernel[grid](out, h, times, a, b, fa if fold else a, fb if fold else b, B, fold, block, **OPTIONS)

@@ -74,6 +74,7 @@ SAMPLERS = [
     ("pc", {"norm": "expected"}),
     ("pc", {"norm": "sample"}),
     ("rk45", {}),  # the stage times' affine coefficients, once per attempt
+    ("adaptive_sde", {"rtol": 0.05, "atol": 0.05}),  # the attempt's two times' coefficients, in its table
 ]
 
 

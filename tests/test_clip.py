@@ -151,3 +151,9 @@ def test_train_step_zero_grad_clears_every_group_or_calls_an_override(override):
         assert opt.calls == 1 and extra.grad is None
     else:
         assert calls == [True] and extra.grad is not None  # the override decides
+
+
+def test_the_kernel_op_passes_opcheck():
+    """The dispatched form (what torch.compile, make_fx and the capture stand-in record)."""
+    grads = [g for g in _grads(4.0) if g.numel()]
+    torch.library.opcheck(clip.clip_grad_norm_cpu_op, (grads, 0.5))

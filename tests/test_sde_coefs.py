@@ -27,11 +27,20 @@ def _problem(B: int, seed: int = 0):
     return h, times, a.contiguous(), b.contiguous()
 
 
-def _exact(h: float, t: list, a: list, b: list) -> list[float]:
+def _fold(times: torch.Tensor):
+    """An adapter's affine coefficients at the two times (fa, fb [2, B]): from_x0's on VPSDE."""
+    fa, fb = sf.adapters.from_x0(lambda x, t: x, sf.sde.VPSDE()).affine_coefs(times)
+    return fa.contiguous(), fb.contiguous()
+
+
+def _exact(h: float, t: list, a: list, b: list, fa: list | None = None, fb: list | None = None) -> list[float]:
     """The table's column for one sample, each product and sum rounded once to float64 (Fractions)."""
     r = lambda v: float(v)  # noqa: E731  (one rounding)
     sh = h**0.5  # IEEE sqrt is correctly rounded, as Python's
     g0, g1 = r(Fraction((-b[0]) ** 0.5) * Fraction(sh)), r(Fraction((-b[1]) ** 0.5) * Fraction(sh))
+    if fa is not None:  # the fold: a + b fa and b fb, each product and sum rounded once; g keeps b
+        a = [r(Fraction(a[k]) + Fraction(r(Fraction(b[k]) * Fraction(fa[k])))) for k in (0, 1)]
+        b = [r(Fraction(b[k]) * Fraction(fb[k])) for k in (0, 1)]
     H, half = Fraction(h), Fraction(h) / 2
     return [
         r(1 - Fraction(r(H * Fraction(a[0])))),
@@ -49,18 +58,34 @@ def _exact(h: float, t: list, a: list, b: list) -> list[float]:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_sde_coefs_matches_exact_arithmetic_and_its_reference(backend, dtype):
+@pytest.mark.parametrize("folded", [False, True])
+def test_sde_coefs_matches_exact_arithmetic_and_its_reference(backend, dtype, folded):
     h, times, a, b = _problem(64, 1)
-    got = mod.sde_coefs(h, times, a, b, dtype=dtype, backend=backend)
+    fold = _fold(times) if folded else (None, None)
+    got = mod.sde_coefs(h, times, a, b, *fold, dtype=dtype, backend=backend)
     assert got.shape == (10, 64) and got.dtype == dtype
-    want = torch.tensor(
-        [_exact(h[i].item(), times[:, i].tolist(), a[:, i].tolist(), b[:, i].tolist()) for i in range(64)],
-        dtype=torch.float64,
-    ).T.to(dtype)
+    cols = [[v[:, i].tolist() if v is not None else None for v in (times, a, b, *fold)] for i in range(64)]
+    want = torch.tensor([_exact(h[i].item(), *c) for i, c in enumerate(cols)], dtype=torch.float64).T.to(dtype)
     assert torch.equal(got, want)
     ref = torch.empty(10, 64, dtype=dtype)
-    mod.sde_coefs_ref(ref, h, times, a, b)
+    mod.sde_coefs_ref(ref, h, times, a, b, *fold)
     assert torch.equal(got, ref)
+
+
+def test_the_fold_is_the_drift_of_the_formed_score():
+    """Folded rows equal the unfolded rows of the drift a x + b (a' x + b' out) regrouped, in float64
+    maths; the noise rows are the SDE's own (a fold that took g from b b' would fail)."""
+    h, times, a, b = _problem(32, 4)
+    fa, fb = _fold(times)
+    got = mod.sde_coefs(h, times, a, b, fa, fb, dtype=torch.float64, backend="torch")
+    plain = mod.sde_coefs(h, times, a, b, dtype=torch.float64, backend="torch")
+    # x coefficient: the plain x row plus the plain score row times a'; out coefficient: score row times b'
+    for x_row, s_row, k in ((0, 1, 0), (3, 4, 0), (5, 6, 1)):
+        one = 1.0 if x_row in (0, 3) else 0.0
+        want = (plain[x_row] - one) + plain[s_row] * fa[k]  # (1 -) h (a + b a'), its 1 - x cancelling
+        torch.testing.assert_close(got[x_row] - one, want, rtol=1e-10, atol=1e-300)
+        torch.testing.assert_close(got[s_row], plain[s_row] * fb[k], rtol=1e-13, atol=1e-300)
+    assert torch.equal(got[[2, 7, 8, 9]], plain[[2, 7, 8, 9]])
 
 
 def test_sde_coefs_rows_are_adaptive_sde_updates():
@@ -79,15 +104,19 @@ def test_sde_coefs_rows_are_adaptive_sde_updates():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sde_coefs_is_batch_invariant(backend):
     h, times, a, b = _problem(1000, 3)
-    big = mod.sde_coefs(h, times, a, b, backend=backend)
-    for lo, hi in ((0, 1), (1, 8), (500, 1000)):
-        part = mod.sde_coefs(h[lo:hi], times[:, lo:hi], a[:, lo:hi], b[:, lo:hi], backend=backend)
-        assert torch.equal(part, big[:, lo:hi])
+    fa, fb = _fold(times)
+    for fold in ((), (fa, fb)):
+        big = mod.sde_coefs(h, times, a, b, *fold, backend=backend)
+        for lo, hi in ((0, 1), (1, 8), (500, 1000)):
+            part = [v[..., lo:hi].contiguous() for v in (h, times, a, b, *fold)]
+            assert torch.equal(mod.sde_coefs(*part, backend=backend), big[:, lo:hi])
 
 
-def test_sde_coefs_passes_opcheck():
+@pytest.mark.parametrize("folded", [False, True])
+def test_sde_coefs_passes_opcheck(folded):
     h, times, a, b = _problem(6)
-    torch.library.opcheck(mod.sde_coefs_op, (h, times, a, b, torch.float32, "torch"))
+    fold = _fold(times) if folded else (None, None)
+    torch.library.opcheck(mod.sde_coefs_op, (h, times, a, b, *fold, torch.float32, "torch"))
 
 
 def test_sde_coefs_argument_errors():
@@ -104,3 +133,8 @@ def test_sde_coefs_argument_errors():
         mod.sde_coefs(h, times, a, None)
     with pytest.raises(TypeError, match="dtype:"):
         mod.sde_coefs(h, times, a, b, dtype=torch.bfloat16)
+    fa, fb = _fold(times)
+    with pytest.raises(ValueError, match="fa, fb"):
+        mod.sde_coefs(h, times, a, b, fa)
+    with pytest.raises(ValueError, match="fb:"):
+        mod.sde_coefs(h, times, a, b, fa, fb[:, :2])

@@ -174,14 +174,23 @@ void select_rows(const at::Tensor& mask, const std::vector<at::Tensor>& outs, co
 
 // adaptive_sde's coefficient table out [10, B] (float32/float64) from h [B] and times, a, b [2, B]
 // (float64), see scorefast/ops/sde_coefs.py: float64 per sample, each product and sum rounded once
-// (volatile: no contraction into an fma), one cast at the store.
+// (volatile: no contraction into an fma), one cast at the store.  fa, fb [2, B] (both or neither):
+// an adapter's affine coefficients, folded into the drift, a + b fa and b fb; the noise keeps b.
 void sde_coefs(at::Tensor out, const at::Tensor& h, const at::Tensor& times, const at::Tensor& a,
-               const at::Tensor& b) {
+               const at::Tensor& b, const c10::optional<at::Tensor>& fa, const c10::optional<at::Tensor>& fb) {
   const int64_t B = h.numel();
   TORCH_CHECK(h.scalar_type() == at::kDouble && h.is_contiguous(), "h must be a contiguous float64 [B] tensor");
   for (const auto* t : {&times, &a, &b})
     TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->numel() == 2 * B,
                 "times, a, b must be contiguous float64 [2, B] tensors");
+  const bool fold = fa.has_value() && fa->defined();
+  TORCH_CHECK(fold == (fb.has_value() && fb->defined()), "fa, fb: give both or neither");
+  if (fold)
+    for (const auto* t : {&*fa, &*fb})
+      TORCH_CHECK(t->scalar_type() == at::kDouble && t->is_contiguous() && t->numel() == 2 * B,
+                  "fa, fb must be contiguous float64 [2, B] tensors");
+  const double* fap = fold ? fa->data_ptr<double>() : nullptr;
+  const double* fbp = fold ? fb->data_ptr<double>() : nullptr;
   TORCH_CHECK(out.is_contiguous() && out.numel() == 10 * B &&
                   (out.scalar_type() == at::kFloat || out.scalar_type() == at::kDouble),
               "out must be a contiguous float32/float64 [10, B] tensor");
@@ -195,9 +204,17 @@ void sde_coefs(at::Tensor out, const at::Tensor& h, const at::Tensor& times, con
       out.data_ptr<double>()[k * B + i] = v;
   };
   for (int64_t i = 0; i < B; ++i) {
-    const double hv = hp[i], a0 = ap[i], a1 = ap[B + i], b0 = bp[i], b1 = bp[B + i];
+    const double hv = hp[i];
+    double a0 = ap[i], a1 = ap[B + i], b0 = bp[i], b1 = bp[B + i];
     const double sh = std::sqrt(hv), half = 0.5 * hv;
-    const double g0 = std::sqrt(-b0) * sh, g1 = std::sqrt(-b1) * sh;
+    const double g0 = std::sqrt(-b0) * sh, g1 = std::sqrt(-b1) * sh;  // the noise: the SDE's own b
+    if (fold) {
+      const volatile double p0 = b0 * fap[i], p1 = b1 * fap[B + i];  // rounded before the sums (no fma)
+      a0 = a0 + p0;
+      a1 = a1 + p1;
+      b0 = b0 * fbp[i];
+      b1 = b1 * fbp[B + i];
+    }
     const volatile double ha0 = hv * a0, qa0 = half * a0;
     store(0, i, 1.0 - ha0);
     store(1, i, -(hv * b0));

@@ -124,5 +124,5 @@ def select_rows(mask, outs, news, olds) -> None:
     load().select_rows(mask, list(outs), list(news), list(olds))
 
 
-def sde_coefs(out, h, times, a, b) -> None:
-    load().sde_coefs(out, h, times, a, b)
+def sde_coefs(out, h, times, a, b, fa=None, fb=None) -> None:
+    load().sde_coefs(out, h, times, a, b, fa, fb)

@@ -242,5 +242,5 @@ def select_rows(mask, outs, news, olds) -> None:
     _adaptive_kernels().select_rows(mask, outs, news, olds)
 
 
-def sde_coefs(out, h, times, a, b) -> None:
-    _adaptive_kernels().sde_coefs(out, h, times, a, b)
+def sde_coefs(out, h, times, a, b, fa=None, fb=None) -> None:
+    _adaptive_kernels().sde_coefs(out, h, times, a, b, fa, fb)

@@ -149,8 +149,8 @@ def select_rows(mask, outs, news, olds) -> None:
     select_rows_ref(mask, outs, news, olds)
 
 
-def sde_coefs(out, h, times, a, b) -> None:
+def sde_coefs(out, h, times, a, b, fa=None, fb=None) -> None:
     """``scorefast.ops.sde_coefs``'s reference."""
     from ..ops.sde_coefs import sde_coefs_ref
 
-    sde_coefs_ref(out, h, times, a, b)
+    sde_coefs_ref(out, h, times, a, b, fa, fb)

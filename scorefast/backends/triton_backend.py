@@ -199,8 +199,9 @@ def select_rows(mask, outs, news, olds) -> None:
         kernel.select_rows(mask, list(outs), list(news), list(olds), 4 * _groups())
 
 
-def sde_coefs(out, h, times, a, b) -> None:
+def sde_coefs(out, h, times, a, b, fa=None, fb=None) -> None:
     from ..kernels import adaptive_step as kernel
 
-    with launch_device(h, out=out, times=times, a=a, b=b):
-        kernel.sde_coefs(out, h, times, a, b, 1024)
+    folds = {"fa": fa, "fb": fb} if fa is not None else {}
+    with launch_device(h, out=out, times=times, a=a, b=b, **folds):
+        kernel.sde_coefs(out, h, times, a, b, fa, fb, 1024)

@@ -11,7 +11,9 @@ normal draw z (stream 0, Philox step k = n for attempt n: S = 1, both stages reu
 with F = -(f - g^2 s) the reverse drift per unit of reverse time.  E <= 1 accepts x'' (the
 extrapolation: the higher-order solution is kept) and remembers x' as x'_prev; either way the next
 step is min(t - t_end, safety h E^-exponent).  A step combination is one fused pass (the reverse
-drift is a x + b s; the kernel regenerates z from its counter for the second pass).  Per-sample
+drift is a x + b s; the kernel regenerates z from its counter for the second pass); an adapter's
+affine form s = a' x + b' out folds into the attempt's table (``sde_coefs``), so the network's own
+output is what the passes read.  Per-sample
 times, steps and NFE (2 per attempt) as rk45, through ``Context.steps`` (a captured graph replays
 one attempt); the error norm goes through ``sf.ops.sample_sumsq`` (batch-invariant), or is one norm
 over the batch with ``error_norm="batch"``.  ``steps`` is ignored: the run goes from the grid's first
@@ -47,6 +49,11 @@ NAME = "adaptive_sde"
 DRAWS = 1
 DEFAULT_STEPS = 2
 KIND = "ode"  # integrates between the grid's first and last times and ends with a Tweedie step
+
+
+def as_f64(v, times):
+    """An adapter's coefficient (a tensor or a number) as a contiguous float64 tensor of times' shape."""
+    return torch.as_tensor(v, dtype=torch.float64, device=times.device).expand(times.shape).contiguous()
 
 
 def validate(sde, *, rtol, atol, h_init, safety, exponent, error_norm, max_steps, denoise) -> dict:
@@ -94,6 +101,7 @@ def run(
     numel = x[0].numel()
     fused = adaptive.FusedRows(x.reshape(B, -1), ctx.backend)
     backend, dt = fused.name, _checks.state_dtype(x)
+    fn, folded = ctx.score_fn, ctx._affine(x)  # an adapter's affine form is folded into the table
     # per-sample control in one op per attempt (``sf.ops.step_control``, rule "sde"): accept, counts,
     # h = safety h E^-exponent, the failure record, and the next attempt's times t and t - h
     control = adaptive.Controller(
@@ -108,14 +116,22 @@ def run(
         step) and ``times`` [2, B] (t, t - h) are the controller's, updated in place.  Both updates'
         coefficients are made at once: one table [10, B] (x, terms, noise of each; the times last)."""
         # reverse drift f - g^2 s = a x + b s, g = sqrt(-b); a user SDE's own dtype or layout is made
-        # the kernels' contiguous float64 here (no op for the built-in SDEs)
+        # the kernels' contiguous float64 here (no op for the built-in SDEs).  An adapter (score = a' x
+        # + b' out) folds in: (a + b a') x + (b b') out at both times, the network on its own time
+        # input, so its output is read once, by the fused passes
         a, b = (v.to(torch.float64).contiguous() for v in sde.reverse_coefs(times))
-        coefs = sde_coefs(state[adaptive.H], times, a, b, dtype=dt, backend=backend, trusted=True)
-        t_in = coefs[8:] if x.dtype == dt else times.to(x.dtype)
+        h = state[adaptive.H]
+        if folded:
+            fa, fb = (as_f64(v, times) for v in fn.affine_coefs(times))
+            coefs = sde_coefs(h, times, a, b, fa, fb, dtype=dt, backend=backend, trusted=True)
+            t_in, net = fn.net_time(times).to(x.dtype), fn.net
+        else:
+            coefs = sde_coefs(h, times, a, b, dtype=dt, backend=backend, trusted=True)
+            t_in, net = (coefs[8:] if x.dtype == dt else times.to(x.dtype)), fn
         x2d, seed, ids = x.view(B, -1), ctx.seed_tensor(), ctx.sample_ids  # a cached graph's static inputs
-        s1 = ctx.score(x, times[0], t_in=t_in[0])
+        s1 = ctx._network(net, x, t_in[0])
         x1 = fused.noisy(x2d, [s1.view(B, -1)], coefs[0:3], seed, n, ids).view(x.shape)
-        s2 = ctx.score(x1, times[1], t_in=t_in[1])
+        s2 = ctx._network(net, x1, t_in[1])
         x2 = fused.noisy(x2d, [s1.view(B, -1), x1.view(B, -1), s2.view(B, -1)], coefs[3:8], seed, n, ids)
         x2 = x2.view(x.shape)
         rows = (v.view(B, -1) for v in (x2, x1, x_prev))

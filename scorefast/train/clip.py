@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _checks, backends
 
 
 def clip_grad_norm_ref(groups: list[list[Tensor]], max_norm: float) -> Tensor:
@@ -44,10 +44,26 @@ def _one_cpu_call(groups: list[list[Tensor]], backend: str) -> bool:
     return grads[0].device.type == "cpu" and grads[0].dtype == torch.float32 and all(g.is_contiguous() for g in grads)
 
 
+def _kernel():
+    """The cpu backend's C++ clip, or None (a build older than it)."""
+    return getattr(backends.get("cpu").load(), "clip_grad_norm", None)
+
+
+@torch.library.custom_op("scorefast::clip_grad_norm_cpu_", mutates_args=("grads",))
+def clip_grad_norm_cpu_op(grads: list[Tensor], max_norm: float) -> Tensor:
+    """The C++ clip as a dispatched op (what a trace or the capture stand-in records)."""
+    return _kernel()(grads, max_norm)
+
+
+@clip_grad_norm_cpu_op.register_fake
+def _(grads, max_norm):
+    return grads[0].new_empty((), dtype=torch.float32)
+
+
 def clip_grad_norm(groups: list[list[Tensor]], max_norm: float, backend: str) -> Tensor:
     """``clip_grad_norm_ref`` by the backend's kernel where it has one (module docstring)."""
-    if _one_cpu_call(groups, backend):
-        kernel = getattr(backends.get("cpu").load(), "clip_grad_norm", None)  # None: a build older than it
-        if kernel is not None:
-            return kernel(groups[0], float(max_norm))
+    if _one_cpu_call(groups, backend) and _kernel() is not None:
+        if _checks.use_custom_op(*groups[0]):
+            return clip_grad_norm_cpu_op(groups[0], float(max_norm))
+        return _kernel()(groups[0], float(max_norm))
     return clip_grad_norm_ref(groups, max_norm)
