@@ -121,6 +121,7 @@ def quality_table(results: dict) -> str:
             peer = summ[next(k for k in summ if k[0] == target and k[2] == label)]["peer"]
             name = f"{label} (peer)" if peer else label
             lines.append(f"| {name} | " + " | ".join(_cell(summ.get((target, s, label))) for s in sdes) + " |")
+    lines += ode_error_lines(rows)
     lines += adaptive_lines(summ)
     grid_labels = {t: _labels(summ, t, grid=True) for t in first}
     if any(grid_labels.values()):
@@ -148,6 +149,56 @@ def quality_table(results: dict) -> str:
                 lines.append(f"| {base} | " + " | ".join(cells) + " |")
             lines.append("")
     return "\n".join(lines).rstrip()
+
+
+# the fixed-step samplers and peer loops that draw no noise (ddim at its default eta = 0)
+DETERMINISTIC = (
+    "ddim",
+    "ode_euler",
+    "heun",
+    "dpm_solver++",
+    "unipc",
+    "k-diffusion euler",
+    "k-diffusion heun",
+    "k-diffusion lms",
+    "k-diffusion dpmpp_2m",
+    "diffusers DDIMScheduler",
+    "diffusers DPMSolverMultistepScheduler",
+    "diffusers UniPCMultistepScheduler",
+    "diffusers EulerDiscreteScheduler",
+    "score_sde probability flow (Euler)",
+)
+
+
+def ode_error_lines(rows: list[dict]) -> list[str]:
+    """The digits rows' error to the model's probability-flow solution from the same prior draws
+    (``ode_error``), per deterministic fixed-step sampler and NFE budget (peers marked)."""
+    kept = [
+        r
+        for r in rows
+        if "ode_error" in r
+        and r.get("nfe_budget")
+        and r.get("schedule", "default") == "default"
+        and r["label"] in DETERMINISTIC
+    ]
+    if not kept:
+        return []
+    budgets = sorted({r["nfe_budget"] for r in kept})
+    labels = list(dict.fromkeys(r["label"] for r in kept))
+    cells = {(r["label"], r["nfe_budget"]): r["ode_error"] for r in kept}
+    lines = [
+        "",
+        "**digits**, the deterministic samplers' own error: mean relative L2 distance of the samples to the "
+        f"model's probability-flow solution ({kept[0]['ode_limit_by']}) from the same prior draws, by NFE budget",
+        "",
+        "| sampler | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
+        "|---|" + "---|" * len(budgets),
+    ]
+    for label in labels:
+        peer = any(r["kind"] == "peer" for r in kept if r["label"] == label)
+        row = [f"{cells[(label, b)]:.4f}" if (label, b) in cells else "" for b in budgets]
+        lines.append(f"| {label}{' (peer)' if peer else ''} | " + " | ".join(row) + " |")
+    return lines
 
 
 def adaptive_verdicts(summ: dict) -> list[dict]:
