@@ -276,21 +276,22 @@ def test_no_worse_than_dpm_solver_pp_at_20_steps(sde):
     assert err("unipc") <= err("dpm_solver++")
 
 
-def test_no_worse_than_dpm_solver_pp_at_20_steps_on_the_digits_model():
+@pytest.mark.parametrize("seed", [0, 3])
+def test_no_worse_than_dpm_solver_pp_at_20_steps_on_the_digits_model(seed):
     """The same paired comparison with a learned score: the shipped digits UNet (DiscreteVP), against
-    its probability-flow solution from the same 16 prior draws (dpm_solver++ 3m on 400 steps; at
-    20 steps the default UniPC's error was about 0.6x dpm_solver++'s).  The quality suite's Fréchet
-    distance on 64 digits cannot rank the two (it even rewards some solver error); this can."""
+    its probability-flow solution from the same 16 prior draws (dpm_solver++ 3m on 300 steps), per
+    sample.  Over 5 x 64 draws the default UniPC's relative error was the smaller in 95-98% of samples
+    (median ratio 0.59-0.63); its mean is carried by a few hard samples (on seed 0's 64 draws the two
+    means are level).  The quality suite's Fréchet distance on 64 digits cannot rank the two."""
     score, sde, shape = sf.models.load(sf.models.digits_checkpoint())
-    kw = dict(seed=3)
-    fine = sf.sample(score, sde, (16, *shape), sampler="dpm_solver++", steps=400, variant="3m", **kw).flatten(1)
+    fine = sf.sample(score, sde, (16, *shape), sampler="dpm_solver++", steps=300, variant="3m", seed=seed)
 
     def err(name):
-        x = sf.sample(score, sde, (16, *shape), sampler=name, steps=20, **kw).flatten(1)
-        return ((x - fine).norm(dim=1) / fine.norm(dim=1)).mean().item()
+        x = sf.sample(score, sde, (16, *shape), sampler=name, steps=20, seed=seed).flatten(1)
+        return (x - fine.flatten(1)).norm(dim=1) / fine.flatten(1).norm(dim=1)
 
-    ours, theirs = err("unipc"), err("dpm_solver++")
-    assert ours <= theirs, (ours, theirs)
+    ratio = err("unipc") / err("dpm_solver++")
+    assert ratio.median() <= 0.8 and (ratio < 1).float().mean() >= 0.75, ratio
 
 
 # -- the step contract ---------------------------------------------------------------------

@@ -151,6 +151,10 @@ def quality_table(results: dict) -> str:
     return "\n".join(lines).rstrip()
 
 
+def _error_cell(mean: float, median: float | None) -> str:
+    return f"{mean:.4f}" if median is None else f"{mean:.4f} ({median:.4f})"
+
+
 # the fixed-step samplers and peer loops that draw no noise (ddim at its default eta = 0)
 DETERMINISTIC = (
     "ddim",
@@ -185,18 +189,19 @@ def ode_error_lines(rows: list[dict]) -> list[str]:
         return []
     budgets = sorted({r["nfe_budget"] for r in kept})
     labels = list(dict.fromkeys(r["label"] for r in kept))
-    cells = {(r["label"], r["nfe_budget"]): r["ode_error"] for r in kept}
+    cells = {(r["label"], r["nfe_budget"]): (r["ode_error"], r.get("ode_error_median")) for r in kept}
     lines = [
         "",
-        "**digits**, the deterministic samplers' own error: mean relative L2 distance of the samples to the "
-        f"model's probability-flow solution ({kept[0]['ode_limit_by']}) from the same prior draws, by NFE budget",
+        "**digits**, the deterministic samplers' own error: relative L2 distance of the samples to the "
+        f"model's probability-flow solution ({kept[0]['ode_limit_by']}) from the same prior draws, mean (median) "
+        "over samples, by NFE budget",
         "",
         "| sampler | " + " | ".join(f"NFE {b}" for b in budgets) + " |",
         "|---|" + "---|" * len(budgets),
     ]
     for label in labels:
         peer = any(r["kind"] == "peer" for r in kept if r["label"] == label)
-        row = [f"{cells[(label, b)]:.4f}" if (label, b) in cells else "" for b in budgets]
+        row = [_error_cell(*cells[(label, b)]) if (label, b) in cells else "" for b in budgets]
         lines.append(f"| {label}{' (peer)' if peer else ''} | " + " | ".join(row) + " |")
     return lines
 
