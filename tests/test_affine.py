@@ -135,6 +135,35 @@ def test_a_planted_fold_error_is_caught(monkeypatch):
         _within_fp32_rounding(got, want, ref)
 
 
+@pytest.mark.parametrize("maker", ["from_x0", "from_v"])
+def test_a_planted_fold_error_in_adaptive_sde_is_caught(maker, monkeypatch):
+    """adaptive_sde folds through ``sde_coefs``'s fa, fb: b' 1% off fails the rule above."""
+    from scorefast.samplers import adaptive_sde
+
+    sde = VPSDE()
+    fn = _adapter(maker, sde)
+    kw = dict(sampler="adaptive_sde", steps=12, seed=1, rtol=0.05, atol=0.05)
+    want = sf.sample(lambda x, t: fn(x, t), sde, (6, 3), **kw)
+    ref = sf.sample(fn, sde, (6, 3), dtype=torch.float64, **kw)
+    _within_fp32_rounding(sf.sample(fn, sde, (6, 3), **kw), want, ref)  # the real fold passes
+    real = adaptive_sde.sde_coefs
+
+    def planted(h, times, a, b, fa=None, fb=None, **options):
+        return real(h, times, a, b, fa, None if fb is None else fb * 1.01, **options)
+
+    monkeypatch.setattr(adaptive_sde, "sde_coefs", planted)
+    with pytest.raises(AssertionError):
+        _within_fp32_rounding(sf.sample(fn, sde, (6, 3), **kw), want, ref)
+
+
+def test_adaptive_sde_refuses_affine_coefs_of_the_wrong_shape():
+    sde = VPSDE()
+    fn = sf.adapters.from_eps(net, sde)
+    fn.affine_coefs = lambda t: (torch.zeros(t.shape[-1], dtype=torch.float64), -1 / sde.std(t[0]))
+    with pytest.raises(ValueError, match="affine_coefs"):
+        sf.sample(fn, sde, (6, 3), sampler="adaptive_sde", seed=1)
+
+
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_output_is_read_by_the_fused_kernel_uncast(precision):
     """A half-precision network output goes to the fused update as it is (not cast): the

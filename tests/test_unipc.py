@@ -278,7 +278,7 @@ def test_no_worse_than_dpm_solver_pp_at_20_steps(sde):
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_no_worse_than_dpm_solver_pp_at_20_steps_on_the_digits_model(seed):
-    """The same paired comparison with a learned score: the shipped digits UNet (DiscreteVP), against
+    """The same paired comparison with a learned score: the shipped digits UNet (VPSDE(0.1, 20)), against
     its probability-flow solution from the same 16 prior draws (dpm_solver++ 3m on 300 steps), per
     sample.  Over 5 x 64 draws the default UniPC's relative error was the smaller in 95-98% of samples
     (median ratio 0.59-0.63); its mean is carried by a few hard samples (on seed 0's 64 draws the two

@@ -52,8 +52,15 @@ KIND = "ode"  # integrates between the grid's first and last times and ends with
 
 
 def as_f64(v, times):
-    """An adapter's coefficient (a tensor or a number) as a contiguous float64 tensor of times' shape."""
-    return torch.as_tensor(v, dtype=torch.float64, device=times.device).expand(times.shape).contiguous()
+    """An adapter's coefficient at ``times`` [2, B] (a number, a 0-d tensor or a tensor of times' shape)
+    as a contiguous float64 tensor of times' shape; any other shape is a ValueError (a [B] result would
+    broadcast time t's coefficients onto t - h)."""
+    v = torch.as_tensor(v, dtype=torch.float64, device=times.device)
+    if v.dim() != 0 and v.shape != times.shape:
+        raise ValueError(
+            f"score_fn: affine_coefs(t) returned shape {tuple(v.shape)} for times of shape {tuple(times.shape)}"
+        )
+    return v.expand(times.shape).contiguous()
 
 
 def validate(sde, *, rtol, atol, h_init, safety, exponent, error_norm, max_steps, denoise) -> dict:
