@@ -161,18 +161,14 @@ def _paired_ratio(theirs, ours, x: torch.Tensor, steps: int, rounds: int = PAIRE
     gc.collect()
     gc.disable()  # as the timed rows run (--benchmark-disable-gc): no collection lands on one side
     try:
-        _rounds(theirs, ours, timed, rounds, ratios)
+        for k in range(rounds):
+            if k % 2:
+                mine = timed(ours)
+                ratios.append(timed(theirs) / mine)
+            else:
+                peer = timed(theirs)
+                ratios.append(peer / timed(ours))
     finally:
         gc.enable()
     ours.check()
     return statistics.median(ratios)
-
-
-def _rounds(theirs, ours, timed, rounds: int, ratios: list) -> None:
-    for k in range(rounds):
-        if k % 2:
-            mine = timed(ours)
-            ratios.append(timed(theirs) / mine)
-        else:
-            peer = timed(theirs)
-            ratios.append(peer / timed(ours))

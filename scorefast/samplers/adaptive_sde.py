@@ -42,25 +42,13 @@ from .. import _checks
 from ..ops.scaled_sumsq import scaled_sumsq
 from ..ops.sde_coefs import sde_coefs
 from ..solvers import adaptive
-from .base import Context
+from .base import Context, affine_coefs_at
 from .ode_euler import tweedie
 
 NAME = "adaptive_sde"
 DRAWS = 1
 DEFAULT_STEPS = 2
 KIND = "ode"  # integrates between the grid's first and last times and ends with a Tweedie step
-
-
-def as_f64(v, times):
-    """An adapter's coefficient at ``times`` [2, B] (a number, a 0-d tensor or a tensor of times' shape)
-    as a contiguous float64 tensor of times' shape; any other shape is a ValueError (a [B] result would
-    broadcast time t's coefficients onto t - h)."""
-    v = torch.as_tensor(v, dtype=torch.float64, device=times.device)
-    if v.dim() != 0 and v.shape != times.shape:
-        raise ValueError(
-            f"score_fn: affine_coefs(t) returned shape {tuple(v.shape)} for times of shape {tuple(times.shape)}"
-        )
-    return v.expand(times.shape).contiguous()
 
 
 def validate(sde, *, rtol, atol, h_init, safety, exponent, error_norm, max_steps, denoise) -> dict:
@@ -129,7 +117,7 @@ def run(
         a, b = (v.to(torch.float64).contiguous() for v in sde.reverse_coefs(times))
         h = state[adaptive.H]
         if folded:
-            fa, fb = (as_f64(v, times) for v in fn.affine_coefs(times))
+            fa, fb = affine_coefs_at(fn, times)
             coefs = sde_coefs(h, times, a, b, fa, fb, dtype=dt, backend=backend, trusted=True)
             t_in, net = fn.net_time(times).to(x.dtype), fn.net
         else:

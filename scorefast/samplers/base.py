@@ -154,11 +154,27 @@ class StepTime:
         return as_time(self.host(), x)
 
 
+def affine_coefs_at(fn, times: Tensor) -> tuple[Tensor, Tensor]:
+    """An adapter's (a, b) at ``times`` (any shape: a run's [N], rk45's [S, B], adaptive_sde's [2, B]) as
+    contiguous float64 tensors of times' shape on times' device.  Each may come back as a number, a 0-d
+    tensor or a tensor of times' shape; any other shape is a ValueError (a [B] result would broadcast
+    one time's coefficients onto the others)."""
+
+    def at(v) -> Tensor:
+        v = torch.as_tensor(v, dtype=torch.float64, device=times.device)
+        if v.dim() != 0 and v.shape != times.shape:
+            raise ValueError(
+                f"score_fn: affine_coefs(t) returned shape {tuple(v.shape)} for times of shape {tuple(times.shape)}"
+            )
+        return v.expand(times.shape).contiguous()
+
+    a, b = fn.affine_coefs(times)
+    return at(a), at(b)
+
+
 def _affine_coefs(fn, times: Tensor) -> tuple[Tensor, Tensor, bool]:
     """An adapter's (a, b) at the per-run times (float64 [N], host) and whether a is ever non-zero."""
-    a, b = fn.affine_coefs(times)
-    a = torch.as_tensor(a, dtype=torch.float64).expand(times.shape).contiguous()
-    b = torch.as_tensor(b, dtype=torch.float64).expand(times.shape).contiguous()
+    a, b = affine_coefs_at(fn, times)
     return a, b, bool((a != 0).any())
 
 

@@ -14,7 +14,7 @@ import torch
 from .._checks import check_bool, state_dtype
 from ..solvers import adaptive
 from ..solvers import rk45 as solver
-from .base import Context
+from .base import Context, affine_coefs_at
 from .ode_euler import tweedie
 
 NAME = "rk45"
@@ -60,7 +60,7 @@ def run(
         input ``net_time(t)``, so the network's own output is read once, by the fused pass."""
         a, b = sde.reverse_coefs(t, probability_flow=True)
         if folded:
-            a2, b2 = (torch.as_tensor(v, dtype=torch.float64, device=t.device) for v in fn.affine_coefs(t))
+            a2, b2 = affine_coefs_at(fn, t)
             a, b = torch.addcmul(a, b, a2), b * b2
             return torch.stack([a, b, _zero(t)], 1).to(dt), fn.net_time(t).to(x.dtype)
         zero = _zero(t)

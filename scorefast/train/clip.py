@@ -62,8 +62,9 @@ def _(grads, max_norm):
 
 def clip_grad_norm(groups: list[list[Tensor]], max_norm: float, backend: str) -> Tensor:
     """``clip_grad_norm_ref`` by the backend's kernel where it has one (module docstring)."""
-    if _one_cpu_call(groups, backend) and _kernel() is not None:
-        if _checks.use_custom_op(*groups[0]):
-            return clip_grad_norm_cpu_op(groups[0], float(max_norm))
-        return _kernel()(groups[0], float(max_norm))
-    return clip_grad_norm_ref(groups, max_norm)
+    kernel = _kernel() if _one_cpu_call(groups, backend) else None
+    if kernel is None:
+        return clip_grad_norm_ref(groups, max_norm)
+    if _checks.use_custom_op(*groups[0]):
+        return clip_grad_norm_cpu_op(groups[0], float(max_norm))
+    return kernel(groups[0], float(max_norm))
