@@ -7,7 +7,9 @@ optimizer step, then an EMA of decay 0.9999 with score_sde's (1 + n) / (10 + n) 
 ``EMA(decay=0.9999, warmup=9)``).  The peer is ``bench/baselines/score_sde_train.py`` (torch.rand /
 torch.randn_like, a per-parameter EMA loop).  Ours: with ``Adam(fused=True)`` the capturable form
 (``device_state=True``, tensor lr, ``check_every=100``: no host read between checks); with plain
-``Adam()`` the host-state form (``check_every=100``).  Rows are timed at 1 and 2 torch threads, ours
+``Adam()`` the host-state form (``check_every=100``), whose optimizer steps in torch's foreach form
+(``scorefast.train.optim``: the per-parameter loop's numbers; the peer keeps torch's CPU default, the
+loop).  Rows are timed at 1 and 2 torch threads, ours
 right after the peer's of the same group.  ``ratio_paired`` (ours' row) is the median over rounds of
 the peer's wall time over ours with the two run back to back in each round (in alternating order):
 the two rows' medians come from separate timing loops on a shared VM whose speed drifts by tens of

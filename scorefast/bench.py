@@ -280,7 +280,25 @@ def train_table(results: dict) -> str:
         for r in results["results"]
     ]
     columns = ["loop", "model", "batch", "threads", "time / step", "vs peer: row medians", "vs peer: paired"]
-    return _table(results, columns, rows)
+    return _table(results, columns, rows) + _train_goal_line(results)
+
+
+TRAIN_GOAL = 1.2  # issue 19: TrainStep at least 1.2x the peer loop on the goal rows (paired ratio)
+
+
+def _train_goal_line(results: dict) -> str:
+    """The goal's verdict from the goal rows' paired ratios (nothing when the file has none)."""
+    goal = [r for r in results["results"] if r.get("goal") and "ratio_paired" in r]
+    if not goal:
+        return ""
+    met = [r for r in goal if r["ratio_paired"] >= TRAIN_GOAL]
+    low = min(goal, key=lambda r: r["ratio_paired"])
+    where = f"{low['optimizer']}, batch {low['size']}, {low['threads']} thread{'s' * (low['threads'] > 1)}"
+    verdict = "met" if len(met) == len(goal) else "**not met**"
+    return (
+        f"\n\nGoal ({TRAIN_GOAL}x the peer by the paired ratio on every goal row): {verdict}; {len(met)} of "
+        f"{len(goal)} goal rows reach it, the lowest at {low['ratio_paired']:.2f}x ({where})."
+    )
 
 
 def glue_table(results: dict) -> str:

@@ -200,9 +200,67 @@ def dsm_loss(
 
 def _perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids: Tensor, backend: str):
     """(t float64 [B], std [B] in x's dtype, x_t = a x + std z) with t ~ U(eps, T) from stream 4 and z from
-    stream 2 made in-kernel."""
+    stream 2 made in-kernel (VP and sub-VP fp32 rows on the cpu backend: one C++ call)."""
+    fused = _fused_vp_perturb(x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
+    if fused is not None:
+        return fused
     t = _times(sde, x.shape[0], eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
     return (t, *_perturb_at(x, t, sde, seed=seed, step=step, sample_ids=sample_ids, backend=backend))
+
+
+_SUB_VP = {VPSDE: False, SubVPSDE: True}  # the exact classes whose schedule the C++ call computes
+
+
+def _vp_perturb_kernel():
+    """The cpu backend's one-call VP perturbation, or None (a build older than it)."""
+    return getattr(backends.get("cpu").load(), "dsm_perturb_vp", None)
+
+
+@torch.library.custom_op("scorefast::dsm_perturb_vp_cpu", mutates_args=())
+def dsm_perturb_vp_op(
+    x: Tensor, ids: Tensor, seed: Tensor, step: Tensor, sub_vp: bool, beta_0: float, beta_d: float, eps: float,
+    span: float,
+) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+    """The C++ perturbation as a dispatched op (what a trace or the capture stand-in records):
+    (t float64 [B], coefs float32 [2, B] (mean, std), x_t [B, D]) of contiguous fp32 CPU rows x."""
+    t, coefs, x_t = _vp_perturb_outputs(x)
+    _vp_perturb_kernel()(t, coefs, x_t, x, ids, int(seed) % (1 << 64), int(step), sub_vp, beta_0, beta_d, eps, span,
+                         STREAM_TIMES, STREAM_DSM, KINDS["uniform"])  # fmt: skip
+    return t, coefs, x_t
+
+
+@dsm_perturb_vp_op.register_fake
+def _(x, ids, seed, step, sub_vp, beta_0, beta_d, eps, span):
+    return _vp_perturb_outputs(x)
+
+
+def _vp_perturb_outputs(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    B = x.shape[0]
+    return x.new_empty(B, dtype=torch.float64), x.new_empty(2, B), torch.empty_like(x)
+
+
+def _fused_vp_perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids: Tensor, backend: str):
+    """``_perturb``'s (t, std, x_t) by the cpu backend's one C++ call (``csrc/cpu/train_impl.h``): the
+    same ops' arithmetic, libm's exp/expm1 for torch's vector ones (the same float32 coefficients but
+    where a float64 last bit decides a rounding tie).  None where it does not apply: another backend,
+    SDE or dtype, rows that are not contiguous, a build without it."""
+    sub_vp = _SUB_VP.get(type(sde))
+    if sub_vp is None or backend != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    kernel = _vp_perturb_kernel()
+    if kernel is None:
+        return None
+    B = x.shape[0]
+    x2 = x if x.dim() == 2 else x.view(B, -1)
+    args = (sub_vp, sde.beta_0, sde.beta_1 - sde.beta_0, float(eps), float(sde.T - eps))
+    if _checks.use_custom_op(x):
+        seed_t, step_t = _checks.counter_tensor(seed), _checks.counter_tensor(step)
+        t, coefs, x_t = dsm_perturb_vp_op(x2, sample_ids, seed_t, step_t, *args)
+    else:
+        t, coefs, x_t = _vp_perturb_outputs(x2)
+        kernel(t, coefs, x_t, x2, sample_ids, int(seed) % (1 << 64), int(step), *args,
+               STREAM_TIMES, STREAM_DSM, KINDS["uniform"])  # fmt: skip
+    return t, coefs[1], x_t if x.dim() == 2 else x_t.view(x.shape)
 
 
 # std from log_mean_coeff l for the SDEs whose mean_coef (exp l) and std share it: their own formulas

@@ -526,3 +526,20 @@ def test_the_training_bench_suite_runs_both_loops(tmp_path):
     assert rows["fused"]["goal"] is True and rows["fused"]["model"] == "toy2d-mlp (goal)"
     assert "| sf.train.TrainStep, Adam(fused=True) | toy2d-mlp (goal) | 64 | 1 |" in stdout
     assert "vs peer: paired" in stdout
+    assert "Goal (1.2x the peer by the paired ratio on every goal row): " in stdout
+
+
+def test_the_training_goal_line_is_the_goal_rows_verdict():
+    """The README's verdict under the cpu-train table comes from the goal rows' paired ratios alone."""
+    from scorefast.bench import train_table
+
+    def row(ratio, goal=True, threads=1):
+        return dict(name="sf.train.TrainStep, Adam()", model="m", size=64, threads=threads, median_s=1e-3, steps=1,
+                    ratio_paired=ratio, goal=goal, optimizer="Adam()")  # fmt: skip
+
+    results = {"suite": "cpu-train", "date": "2026-12-02", "machine": {"cpu": "c", "gpu": None, "torch": "t"}}
+    met = train_table(results | {"results": [row(1.25), row(1.21, threads=2), row(0.5, goal=False)]})
+    assert "every goal row): met; 2 of 2 goal rows reach it, the lowest at 1.21x (Adam(), batch 64, 2 threads)." in met
+    missed = train_table(results | {"results": [row(1.25), row(1.19, threads=2)]})
+    assert "**not met**; 1 of 2 goal rows reach it, the lowest at 1.19x" in missed
+    assert "Goal" not in train_table(results | {"results": [row(1.3, goal=False)]})

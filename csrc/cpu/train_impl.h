@@ -39,3 +39,46 @@ at::Tensor clip_grad_norm(std::vector<at::Tensor> grads, double max_norm) {
   }
   return at::scalar_tensor(total, at::TensorOptions().dtype(at::kFloat));
 }
+
+// The DSM perturbation of a VP or sub-VP SDE in one call (TrainStep's loss and dsm_loss on the cpu
+// backend), what scorefast/losses.py's _perturb computes with torch ops:
+//   u   = the uniforms of (seed, step, ids, times_stream), element 0 (fill_noise);
+//   t   = u * span + eps                                  (span = T - eps, float64);
+//   l   = -0.25 t^2 beta_d - 0.5 t beta_0                 (VPSDE.log_mean_coeff, beta_d = beta_1 - beta_0);
+//   mean = exp(l), std = sqrt(-expm1(2 l)) (VP) or -expm1(2 l) (sub-VP), rounded to float32;
+//   x_t = mean x + std z, z the normals of (seed, step, ids, noise_stream) (fused_update).
+// Each product and sum rounds once as the torch formula's ops do (volatile: no contraction into an
+// fma); exp and expm1 are libm's (torch's vector loops use Sleef's: the float64 values may differ in
+// their last bit, the float32 coefficients only where that bit decides a rounding tie).  Writes
+// t_out (float64 [B]), coefs (float32 [2, B]: mean, std) and x_t (float32 [B, D]).
+void dsm_perturb_vp(at::Tensor t_out, at::Tensor coefs, at::Tensor x_t, const at::Tensor& x, const at::Tensor& ids,
+                    uint64_t seed, int64_t step, bool sub_vp, double beta_0, double beta_d, double eps, double span,
+                    int64_t times_stream, int64_t noise_stream, int64_t uniform_kind) {
+  const int64_t B = x.size(0);
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [B, D]");
+  TORCH_CHECK(t_out.scalar_type() == at::kDouble && t_out.is_contiguous() && t_out.numel() == B,
+              "t_out must be a contiguous float64 [B] tensor");
+  TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.dim() == 2 && coefs.size(0) == 2 &&
+                  coefs.size(1) == B,
+              "coefs must be a contiguous float32 [2, B] tensor");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() == B, "ids must be int64 [B]");
+  at::Tensor u = at::empty({B, 1}, x.options());
+  fill_noise(u, ids, seed, step, times_stream, 0, uniform_kind);
+  const float* up = u.data_ptr<float>();
+  double* tp = t_out.data_ptr<double>();
+  float* mean_out = coefs.data_ptr<float>();
+  float* std_out = mean_out + B;
+  for (int64_t b = 0; b < B; ++b) {
+    const volatile double scaled = static_cast<double>(up[b]) * span;
+    const double t = scaled + eps;
+    const volatile double t2 = t * t;
+    const volatile double p1 = (-0.25 * t2) * beta_d;
+    const volatile double p2 = (0.5 * t) * beta_0;
+    const double l = p1 - p2;
+    const double e = std::expm1(2.0 * l);
+    tp[b] = t;
+    mean_out[b] = static_cast<float>(std::exp(l));
+    std_out[b] = static_cast<float>(sub_vp ? -e : std::sqrt(-e));
+  }
+  fused_update(x_t, x, {}, coefs, ids, seed, step, noise_stream, true);
+}

@@ -28,7 +28,7 @@ from .._io import atomic_save_file
 from ..distributed import rank_and_world
 from ..errors import NonFiniteError
 from ..sde import EDM, SDE, VESDE, VPSDE, RectifiedFlow, SubVPSDE
-from . import clip
+from . import clip, optim
 from .ema import EMA
 from .state import flatten, read_metadata, unflatten
 
@@ -42,7 +42,10 @@ class TrainStep:
 
     Args:
         model: the network, called as ``model(x, time_map(t))``.
-        optimizer: any torch optimizer over the model's parameters.
+        optimizer: any torch optimizer over the model's parameters.  A CPU ``Adam`` / ``AdamW`` whose
+            implementation is left to torch (``foreach=None, fused=None``, float lr) steps in torch's
+            foreach form, which gives its per-parameter loop's numbers bit for bit (``train.optim``);
+            ``foreach=False`` keeps the loop.
         loss: ``"dsm"`` (score_sde's DSM on VE / VP / sub-VP, EDM's loss on EDM), ``"edm"`` (EDM
             only), ``"fm"`` (flow matching on RectifiedFlow: the network is a velocity, options such as
             ``t_dist="logit_normal"`` in ``loss_kwargs``), or a callable ``loss(score_fn, x, sde, *,
@@ -396,11 +399,12 @@ class TrainStep:
         if self.grad_clip is not None:
             with torch.no_grad():
                 self.last_grad_norm = self._clip()
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        with optim.foreach_where_open(self.optimizer):  # torch's foreach form where it leaves the choice open
+            if self.scaler is not None:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self._zero_grad()
         if self.ema is not None:
             self.ema.update()

@@ -1,0 +1,133 @@
+"""The DSM perturbation of a VP / sub-VP SDE by one C++ call on the cpu backend
+(``losses._fused_vp_perturb``, ``csrc/cpu/train_impl.h``): against the torch formula path it replaces
+(the SDE's own ops, the same kernels for the draws), against float64 closed forms, across batches,
+through its custom op (what a trace or the capture stand-in records), and in TrainStep."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import scorefast as sf
+from scorefast import losses
+from scorefast.sde import VESDE, VPSDE, SubVPSDE
+
+pytestmark = pytest.mark.skipif(
+    not sf.backends.state("cpu").available or losses._vp_perturb_kernel() is None, reason="cpu kernel not built"
+)
+
+SDES = [
+    pytest.param(VPSDE(), id="vp"),
+    pytest.param(SubVPSDE(), id="subvp"),
+    pytest.param(VPSDE(beta_min=0.05, beta_max=13.7), id="vp-own-betas"),
+]
+
+
+def _formula_path(x, sde, **kw):
+    """``_perturb`` without the C++ call: the SDE's torch ops (what every other backend runs)."""
+    t = losses._times(sde, x.shape[0], **kw)
+    return (t, *losses._perturb_at(x, t, sde, **{k: v for k, v in kw.items() if k != "eps"}))
+
+
+def _kw(B: int, step=7, first: int = 0):
+    ids = torch.arange(first, first + B, dtype=torch.int64)
+    return dict(eps=1e-5, seed=11, step=step, sample_ids=ids, backend="cpu")
+
+
+@pytest.mark.parametrize("sde", SDES)
+@pytest.mark.parametrize("shape", [(1000, 3), (77, 2, 5, 3), (9, 1)])
+def test_the_one_call_is_the_formula_paths_numbers(sde, shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    kw = _kw(shape[0])
+    t, std, x_t = losses._fused_vp_perturb(x, sde, **kw)
+    t_ref, std_ref, x_t_ref = _formula_path(x, sde, **kw)
+    assert t.dtype == torch.float64 and std.dtype == torch.float32 and x_t.shape == x.shape
+    assert torch.equal(t, t_ref)  # the draws and their affine map: the same ops' roundings
+    # libm's exp/expm1 for Sleef's: the float32 coefficients agree but where a float64 last bit
+    # decides a tie (none in these draws); allow one such sample in a thousand, one ulp apart
+    same = (std == std_ref) & (x_t == x_t_ref).flatten(1).all(1)
+    assert int((~same).sum()) <= shape[0] // 1000
+    torch.testing.assert_close(std, std_ref, rtol=2**-23, atol=0)
+    torch.testing.assert_close(x_t, x_t_ref, rtol=2**-22, atol=1e-7)
+
+
+@pytest.mark.parametrize("sde", SDES)
+def test_the_coefficients_are_the_closed_forms_rounded_once(sde):
+    """mean and std against float64 closed forms of the schedule at the kernel's t: within one
+    float32 rounding (half an ulp) plus libm's float64 error."""
+    B = 4001
+    x = torch.zeros(B, 1)
+    t, std, x_t = losses._fused_vp_perturb(x, sde, **_kw(B))
+    assert (t >= 1e-5).all() and (t < 1).all()
+    ld = -0.25 * t**2 * (sde.beta_1 - sde.beta_0) - 0.5 * t * sde.beta_0
+    var = -torch.expm1(2 * ld)
+    want_std = var if isinstance(sde, SubVPSDE) else var.sqrt()
+    torch.testing.assert_close(std.double(), want_std, rtol=2**-24 * 1.01, atol=0)
+    # x = 0: x_t is std z exactly, z the stream-2 normals
+    z = sf.rng.randn((B, 1), seed=11, step=7, stream=sf.rng.STREAM_DSM, sample_ids=torch.arange(B))
+    assert torch.equal(x_t, std[:, None] * z)
+
+
+def test_a_wrong_formula_fails_the_closed_form_check():
+    """The closed-form test is sharp: a kernel with beta_0 off by 1% would fail it."""
+    sde, wrong = VPSDE(), VPSDE(beta_min=0.101)
+    t, std, _ = losses._fused_vp_perturb(torch.zeros(500, 1), wrong, **_kw(500))
+    ld = -0.25 * t**2 * (sde.beta_1 - sde.beta_0) - 0.5 * t * sde.beta_0
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(std.double(), (-torch.expm1(2 * ld)).sqrt(), rtol=2**-24 * 1.01, atol=0)
+
+
+def test_each_sample_is_its_own_whatever_the_batch():
+    sde = VPSDE()
+    x = torch.randn(300, 4, generator=torch.Generator().manual_seed(2))
+    t, std, x_t = losses._fused_vp_perturb(x, sde, **_kw(300))
+    for lo, hi in ((0, 1), (123, 130), (299, 300)):
+        ts, ss, xs = losses._fused_vp_perturb(x[lo:hi].contiguous(), sde, **_kw(hi - lo, first=lo))
+        assert torch.equal(ts, t[lo:hi]) and torch.equal(ss, std[lo:hi]) and torch.equal(xs, x_t[lo:hi])
+
+
+def test_the_op_is_the_eager_call_bit_for_bit_and_passes_opcheck():
+    sde = SubVPSDE()
+    x = torch.randn(37, 6, generator=torch.Generator().manual_seed(3))
+    ids = torch.arange(37, dtype=torch.int64)
+    args = (True, sde.beta_0, sde.beta_1 - sde.beta_0, 1e-5, 1 - 1e-5)
+    t, coefs, x_t = losses.dsm_perturb_vp_op(x, ids, torch.tensor(11), torch.tensor(5), *args)
+    te, se, xe = losses._fused_vp_perturb(x, sde, **_kw(37, step=5))
+    assert torch.equal(t, te) and torch.equal(coefs[1], se) and torch.equal(x_t, xe)
+    torch.library.opcheck(losses.dsm_perturb_vp_op, (x, ids, torch.tensor(11), torch.tensor(5), *args))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param((VESDE(), torch.float32, "cpu", True), id="another-sde"),
+        pytest.param((VPSDE(), torch.float64, "cpu", True), id="float64"),
+        pytest.param((VPSDE(), torch.float32, "torch", True), id="torch-backend"),
+        pytest.param((VPSDE(), torch.float32, "cpu", False), id="not-contiguous"),
+        pytest.param((type("MyVP", (VPSDE,), {})(), torch.float32, "cpu", True), id="a-subclass"),
+    ],
+)
+def test_what_it_leaves_to_the_formula_path(case):
+    sde, dtype, backend, contiguous = case
+    x = torch.randn(8, 6, dtype=dtype)
+    x = x if contiguous else x[:, ::2]
+    assert losses._fused_vp_perturb(x, sde, **(_kw(8) | {"backend": backend})) is None
+
+
+def test_dsm_loss_takes_the_one_call_and_keeps_its_values(monkeypatch):
+    """dsm_loss on the cpu backend with and without the C++ call: the same losses (the coefficients
+    are the same floats here) and gradients."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
+    score = sf.adapters.from_eps(lambda x, t: net(x), VPSDE())
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(4))
+    calls = []
+    real = losses._fused_vp_perturb
+    monkeypatch.setattr(losses, "_fused_vp_perturb", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fused = losses.dsm_loss(score, x, VPSDE(), seed=3, step=2)
+    g_fused = torch.autograd.grad(fused, list(net.parameters()))
+    assert calls
+    monkeypatch.setattr(losses, "_fused_vp_perturb", lambda *a, **k: None)
+    plain = losses.dsm_loss(score, x, VPSDE(), seed=3, step=2)
+    g_plain = torch.autograd.grad(plain, list(net.parameters()))
+    assert torch.equal(fused, plain) and all(torch.equal(a, b) for a, b in zip(g_fused, g_plain))
