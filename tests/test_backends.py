@@ -213,7 +213,7 @@ def test_cuda_kernels_under_address_sanitizer(tmp_path):
         "ASAN_OPTIONS": f"detect_leaks=0:log_path={tmp_path / 'asan'}",
     }
     files = ["tests/test_ops.py", "tests/test_ops_table.py", "tests/test_noise.py", "tests/test_noise_contract.py"]
-    files.append("tests/test_library.py")
+    files += ["tests/test_library.py", "tests/test_step_control.py", "tests/test_sde_coefs.py"]
     # the plain emulated run has the large cases; here a 1M-element row once, not per term dtype
     skip_large = "not grid_row_limit and not (terms and 1000003) and not large_odd_row"
     select = ["-m", "cuda_emulated and not cuda", "-k", skip_large, *files]
@@ -367,7 +367,10 @@ class _FakeCudaTensor:
         return tuple(strides) if dim is None else strides[dim]
 
     def element_size(self):
-        return 4
+        return torch.empty((), dtype=self.dtype).element_size()
+
+    def numel(self):
+        return self.shape.numel()
 
     def __int__(self):
         return self._value
@@ -415,7 +418,9 @@ def _fakes(B=2, D=9):
     return dict(
         out=f((B, D)), x=f((B, D)), t=f((B, D)), coefs=f((3, 1)), ids=f((B,), dtype=torch.int64),
         table=f((4, 3)), row=f((), dtype=torch.int64, value=2), flag=f((), dtype=torch.int64),
-        eps=f((B,)),
+        eps=f((B,)), mask=f((B,), dtype=torch.bool), state=f((9, B), dtype=torch.float64),
+        per_sample=f((B,), dtype=torch.float64), pairs=f((2, B), dtype=torch.float64),
+        stage_t=f((7, B), dtype=torch.float64), few=f((3,), dtype=torch.float64), coef_table=f((10, B)),
     )  # fmt: skip
 
 
@@ -464,10 +469,20 @@ def test_cuda_launches_run_under_the_tensors_device_guard_on_its_stream(monkeypa
                     v["out"], v["eps"], v["x"], v["t"], None, 0.05, v["ids"], 1, 2, 0, flag=v["flag"]
                 ),
             ),
+            "scaled_sumsq": launcher("scaled_sumsq", lambda: cuda_backend.scaled_sumsq(v["x"], v["t"], v["out"], 1e-3,
+                                                                                        1e-4, "rk45")),
+            "step_control": launcher("step_control", lambda: cuda_backend.step_control(
+                v["mask"], v["state"], v["eps"], v["per_sample"], v["per_sample"], v["row"], v["few"], v["stage_t"],
+                v["few"], v["few"], v["table"], 9, False, "rk45", 0.9, 0.2, 0.2, 0.1, 10.0, True)),
+            "select_rows": launcher("select_rows", lambda: cuda_backend.select_rows(v["mask"], [v["out"]], [v["x"]],
+                                                                                      [v["t"]])),
+            "sde_coefs": launcher("sde_coefs", lambda: cuda_backend.sde_coefs(
+                v["coef_table"], v["per_sample"], v["pairs"], v["pairs"], v["pairs"], v["pairs"], v["pairs"])),
         },
-    )
+    )  # fmt: skip
     assert [(name, device) for name, device, _, _ in seen] == [
-        ("fill_noise", 1), ("fused_update", 1), ("sumsq_norms", 1), ("snr_langevin_step", 1)
+        ("fill_noise", 1), ("fused_update", 1), ("sumsq_norms", 1), ("snr_langevin_step", 1),
+        ("scaled_sumsq", 1), ("step_control", 1), ("select_rows", 1), ("sde_coefs", 1),
     ]  # fmt: skip
     assert all(args[-1] == 7001 for _, _, args, _ in seen)  # cuda:1's current stream
     assert recorder.streams and all(entry == (1, 1) for entry in recorder.streams)
@@ -534,3 +549,8 @@ def test_launch_sites_refuse_mixed_devices(monkeypatch, backend):
         module.fused_update(v["out"], v["x"], [v["t"]], v["coefs"], v["ids"], 1, 2, 0, True, flag=flag0)
     with pytest.raises(ValueError, match="score: on cuda:0, but x is on cuda:1"):
         module.snr_langevin_step(v["out"], v["eps"], v["x"], elsewhere, None, 0.05, None, 1, 2, 0)
+    if backend == "cuda":  # the adaptive ops' launch sites too
+        with pytest.raises(ValueError, match=r"news\[0\]: on cuda:0, but x is on cuda:1"):
+            module.select_rows(v["mask"], [v["out"]], [elsewhere], [v["t"]])
+        with pytest.raises(ValueError, match="y2: on cuda:0, but x is on cuda:1"):
+            module.scaled_sumsq(v["x"], v["t"], elsewhere, 1e-3, 1e-4, "sde")

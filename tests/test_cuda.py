@@ -222,8 +222,9 @@ def test_launches_on_a_second_gpu_run_there():
 
 
 def test_adaptive_step_ops_vs_reference_on_gpu(backend):
-    """The adaptive solvers' per-attempt ops (step control, scaled error norm, row selects) on CUDA
-    tensors against the torch reference on the CPU (the cuda backend launches triton's kernels)."""
+    """The adaptive solvers' per-attempt ops (step control, scaled error norm, row selects,
+    adaptive_sde's table) on CUDA tensors against the torch reference on the CPU (the cuda backend's
+    CUDA kernels, the triton backend's Triton kernels)."""
     from scorefast.ops import scaled_sumsq as ss_mod
     from scorefast.ops import select_rows as sel_mod
     from scorefast.ops import step_control as sc_mod
@@ -253,6 +254,16 @@ def test_adaptive_step_ops_vs_reference_on_gpu(backend):
     mask = torch.rand(37, generator=g) < 0.5
     got = sel_mod.select_rows(mask.cuda(), [e.cuda()], [y.cuda()], backend=backend)[0]
     assert torch.equal(got.cpu(), torch.where(mask[:, None], e, y))
+    from scorefast.ops import sde_coefs as coefs_mod
+    from tests.test_sde_coefs import _fold
+    from tests.test_sde_coefs import _problem as coefs_problem
+
+    h, times, a, b = coefs_problem(1000)
+    fa, fb = _fold(times)
+    for fold in ((), (fa, fb)):
+        want = coefs_mod.sde_coefs(h, times, a, b, *fold, dtype=torch.float64, backend="torch")
+        got = coefs_mod.sde_coefs(*(v.cuda() for v in (h, times, a, b, *fold)), dtype=torch.float64, backend=backend)
+        torch.testing.assert_close(got.cpu(), want, rtol=2**-52, atol=0)  # sqrt and each rounding: IEEE
 
 
 def test_rk45_and_adaptive_sde_graph_replay_equals_eager_on_gpu(backend):

@@ -18,6 +18,7 @@
 #include <cuda_fp16.h>
 
 #include <cfloat>
+#include <cmath>
 #include <type_traits>
 
 #include "launchers.h"
@@ -479,6 +480,211 @@ __global__ void snr_coef_kernel(float* coefs, float* eps_out, const float* parti
   coefs[2 * B + b] = sqrtf(2.0f * eps);
 }
 
+
+// ---- the adaptive solvers' per-attempt kernels (rk45, adaptive_sde) ---------------------------
+//
+// The torch reference rounds each product and sum of these formulas on its own, and where it fuses
+// (addcmul) it says so: nvcc would contract a * b + c into an fma, so the separate roundings are
+// spelled out (__fmul_rn and friends; the host build has no contraction, volatile keeps it so).
+#if defined(SCOREFAST_CUDA_HOST_EMULATION)
+template <typename T>
+__device__ __forceinline__ T rounded(T v) {  // stored and read back: the operation rounds on its own
+  const volatile T r = v;
+  return r;
+}
+__device__ __forceinline__ float mul_rn(float a, float b) { return rounded(a * b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return rounded(a + b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return rounded(a - b); }
+__device__ __forceinline__ double dmul_rn(double a, double b) { return rounded(a * b); }
+__device__ __forceinline__ double dadd_rn(double a, double b) { return rounded(a + b); }
+__device__ __forceinline__ double dsub_rn(double a, double b) { return rounded(a - b); }
+#else
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double dmul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ double dadd_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double dsub_rn(double a, double b) { return __dsub_rn(a, b); }
+#endif
+
+__device__ __forceinline__ bool is_nan(double v) { return v != v; }
+
+// One element of the scaled error (scorefast/ops/scaled_sumsq.py's scaled_rows_ref, in fp32):
+// mode 0 (rk45) e / (atol + rtol max(|y|, |y2|)); mode 1 (adaptive_sde) (e - y) / max(atol,
+// rtol max(|y|, |y2|)).  torch.maximum and clamp_min keep a NaN.
+__device__ __forceinline__ float scaled_error(float e, float y, float y2, float rtol, float atol, int mode) {
+  const float ay = fabsf(y), ay2 = fabsf(y2);
+  const float big = (ay != ay || ay2 != ay2) ? NAN : (ay > ay2 ? ay : ay2);
+  const float s = mul_rn(big, rtol);
+  if (mode == 0) return e / add_rn(s, atol);
+  const float scale = (s != s) ? s : (s < atol ? atol : s);
+  return sub_rn(e, y) / scale;
+}
+
+// grid: (tiles, min(B, kMaxGridRows)); sumsq_partial_kernel's tiles, thread units and tree on the
+// scaled error of e, y, y2 (one dtype T), which is never stored: the sums are sumsq_norms' of the
+// scaled rows, bit for bit, and a sample's sum depends on D alone.
+template <typename T>
+__global__ void __launch_bounds__(kThreads)
+    scaled_partial_kernel(float* partial, const T* e, const T* y, const T* y2, float rtol, float atol, int mode,
+                          int64_t B, int64_t D) {
+  __shared__ float shared[kThreads];
+  constexpr int kUnitsPerThread = kNormTile / (kUnit * kThreads);
+  const int64_t tiles = gridDim.x;
+  for (int64_t b = blockIdx.y; b < B; b += gridDim.y) {
+    const int64_t at = b * D;
+    const bool ve = aligned16(e + at), vy = aligned16(y + at), vy2 = aligned16(y2 + at);
+    float s = 0.f;
+#pragma unroll
+    for (int m = 0; m < kUnitsPerThread; ++m) {
+      const int64_t e0 = static_cast<int64_t>(blockIdx.x) * kNormTile + (m * kThreads + threadIdx.x) * kUnit;
+      if (e0 >= D) break;
+      const int n = static_cast<int>(D - e0 < kUnit ? D - e0 : kUnit);
+      float ev[kUnit], yv[kUnit], y2v[kUnit];
+      load_unit(e + at, e0, n, ve, ev);
+      load_unit(y + at, e0, n, vy, yv);
+      load_unit(y2 + at, e0, n, vy2, y2v);
+#pragma unroll
+      for (int j = 0; j < kUnit; ++j) {
+        const float v = j < n ? scaled_error(ev[j], yv[j], y2v[j], rtol, atol, mode) : 0.0f;
+        s = fmaf(v, v, s);
+      }
+    }
+    const float total = block_sum(s, shared);
+    if (threadIdx.x == 0) partial[b * tiles + blockIdx.x] = total;
+    __syncthreads();  // shared is reused by the next sample
+  }
+}
+
+// The step controller of one attempt, one thread per sample, float64 (scorefast/ops/step_control.py;
+// the CPU kernel's arithmetic in csrc/cpu/adaptive_impl.h): state [9, B] rows r, h, steps, rejected,
+// retry, fail, hs, t, active.  batch_err: the batch's RMS (a device scalar) or null for per-sample norms.
+struct StepControlArgs {
+  bool* accept;
+  double* state;
+  const void* sumsq;
+  bool sumsq_f64;
+  const double* t_end;
+  const double* direction;
+  const int64_t* n_ptr;
+  int64_t n;
+  const double* c_stage;
+  int64_t S;
+  double* stage_t;
+  const double* base;
+  const double* mult;
+  int64_t R;
+  void* table;
+  bool table_f64;
+  int64_t B;
+  int64_t numel;
+  const double* batch_err;
+  int rule;
+  double safety, exponent, e_min_grow, e_min_retry, e_max;
+  bool advance;
+};
+
+__global__ void step_control_kernel(StepControlArgs a) {
+  const int64_t b = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  const int64_t B = a.B;
+  if (b >= B) return;
+  double* st = a.state;
+  double r = st[b], h = st[B + b];
+  const double t_now = st[7 * B + b];
+  if (a.advance) {
+    const double ss = a.sumsq_f64 ? static_cast<const double*>(a.sumsq)[b]
+                                  : static_cast<double>(static_cast<const float*>(a.sumsq)[b]);
+    const double err = a.batch_err ? *a.batch_err : sqrt(ss / static_cast<double>(a.numel));
+    const bool on = st[8 * B + b] != 0.0;
+    const bool ok = on && (err <= 1.0);
+    const bool down = on != ok;
+    a.accept[b] = ok;
+    if (ok) r = dsub_rn(r, h);
+    st[2 * B + b] += ok ? 1.0 : 0.0;
+    st[3 * B + b] += down ? 1.0 : 0.0;
+    double hn;
+    if (a.rule == 0) {
+      // the floors are float32 numbers, as the original torch.where of two Python floats made them
+      const double lo = static_cast<float>((st[4 * B + b] != 0.0 || down) ? a.e_min_retry : a.e_min_grow);
+      const double c = is_nan(err) ? err : fmin(fmax(err, lo), a.e_max);
+      hn = h * (a.safety * pow(c, -a.exponent));
+    } else {
+      const double c = is_nan(err) ? err : fmax(err, 1e-10);
+      hn = a.safety * h * pow(c, -a.exponent);
+    }
+    const bool nonfinite = !(fabs(err) <= DBL_MAX);
+    const bool stuck = down && (hn <= 8.0 * DBL_EPSILON * fabs(t_now)) && !nonfinite;
+    const int64_t n = a.n_ptr ? *a.n_ptr : a.n;
+    if ((nonfinite || stuck) && st[5 * B + b] < 0) st[5 * B + b] = (stuck ? 0.5 : 0.0) + static_cast<double>(n);
+    h = hn;
+    st[4 * B + b] = down ? 1.0 : 0.0;
+  } else {
+    a.accept[b] = false;
+  }
+  h = (is_nan(h) || is_nan(r)) ? NAN : fmin(h, r);
+  double hs, t;
+  if (a.rule == 0) {
+    const double d = a.direction[b];
+    hs = h * d;
+    t = dadd_rn(a.t_end[b], dmul_rn(-d, r));
+  } else {
+    hs = h;
+    t = r + a.t_end[b];
+  }
+  st[b] = r;
+  st[B + b] = h;
+  st[6 * B + b] = hs;
+  st[7 * B + b] = t;
+  st[8 * B + b] = r > 0.0 ? 1.0 : 0.0;
+  for (int64_t s = 0; s < a.S; ++s) a.stage_t[s * B + b] = fma(a.c_stage[s], hs, t);  // addcmul: one rounding
+  for (int64_t k = 0; k < a.R; ++k) {
+    const double v = fma(a.mult[k], hs, a.base[k]);
+    if (a.table_f64) {
+      static_cast<double*>(a.table)[k * B + b] = v;
+    } else {
+      static_cast<float*>(a.table)[k * B + b] = static_cast<float>(v);
+    }
+  }
+}
+
+// out = mask[row] ? news : olds over N words of W bytes, rows of D words (one launch per pair).
+template <typename W>
+__global__ void select_rows_kernel(W* out, const W* news, const W* olds, const bool* mask, int64_t N, int64_t D) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= N) return;
+  out[i] = mask[i / D] ? news[i] : olds[i];  // a rejected row's new words are never read
+}
+
+// adaptive_sde's coefficient table out [10, B] (float32 or float64) from h [B] and times, a, b [2, B]
+// (scorefast/ops/sde_coefs.py): float64 per sample, each product and sum rounded once, one cast at
+// the store; fa, fb [2, B] (or null): an adapter's affine coefficients folded into the drift.
+template <typename OT>
+__global__ void sde_coefs_kernel(OT* out, const double* hp, const double* tp, const double* ap, const double* bp,
+                                 const double* fap, const double* fbp, int64_t B) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= B) return;
+  const double h = hp[i];
+  double a0 = ap[i], a1 = ap[B + i], b0 = bp[i], b1 = bp[B + i];
+  const double sh = sqrt(h), half = 0.5 * h;
+  const double g0 = sqrt(-b0) * sh, g1 = sqrt(-b1) * sh;  // the noise: the SDE's own b
+  if (fap) {
+    a0 = dadd_rn(a0, dmul_rn(b0, fap[i]));
+    a1 = dadd_rn(a1, dmul_rn(b1, fap[B + i]));
+    b0 = b0 * fbp[i];
+    b1 = b1 * fbp[B + i];
+  }
+  out[i] = static_cast<OT>(dsub_rn(1.0, dmul_rn(h, a0)));
+  out[B + i] = static_cast<OT>(-(h * b0));
+  out[2 * B + i] = static_cast<OT>(g0);
+  out[3 * B + i] = static_cast<OT>(dsub_rn(1.0, dmul_rn(half, a0)));
+  out[4 * B + i] = static_cast<OT>(-(half * b0));
+  out[5 * B + i] = static_cast<OT>(-(half * a1));
+  out[6 * B + i] = static_cast<OT>(-(half * b1));
+  out[7 * B + i] = static_cast<OT>(0.5 * (g0 + g1));
+  out[8 * B + i] = static_cast<OT>(tp[i]);
+  out[9 * B + i] = static_cast<OT>(tp[B + i]);
+}
+
 unsigned blocks_for(int64_t items) { return static_cast<unsigned>((items + kThreads - 1) / kThreads); }
 
 unsigned grid_rows(int64_t B) { return static_cast<unsigned>(B < kMaxGridRows ? B : kMaxGridRows); }
@@ -494,6 +700,13 @@ void launch_update(void* out, const void* x, const Terms& terms, const CoefArgs&
   const auto kernel = fused_update_kernel<XT, TT>;
   SF_LAUNCH(kernel, blocks_for(B * units), kThreads, stream, static_cast<XT*>(out),
             static_cast<const XT*>(x), terms, coefs, with_noise, B, D, units, c, flag);
+}
+
+template <typename W>
+void launch_select(void* out, const void* news, const void* olds, const bool* mask, int64_t N, int64_t D,
+                   cudaStream_t stream) {
+  SF_LAUNCH(select_rows_kernel<W>, blocks_for(N), kThreads, stream, static_cast<W*>(out), static_cast<const W*>(news),
+            static_cast<const W*>(olds), mask, N, D);
 }
 
 template <typename XT>
@@ -654,6 +867,86 @@ cudaError_t snr_langevin_step(void* out, float* eps, const void* x, int x_dtype,
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   return fused_update(out, x, x_dtype, terms, per_sample, true, B, D, c, flag, stream);
+}
+
+cudaError_t scaled_sumsq(float* out, float* partial, const void* e, const void* y, const void* y2, int dtype,
+                         int64_t B, int64_t D, float rtol, float atol, int mode, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if (mode != 0 && mode != 1) return cudaErrorInvalidValue;
+  const int64_t tiles = norm_tiles(D);
+  if (tiles == 0) {  // D == 0: empty sums
+    SF_LAUNCH(zero_kernel, blocks_for(B), kThreads, stream, out, B);
+    return cudaGetLastError();
+  }
+  const dim3 grid(static_cast<unsigned>(tiles), grid_rows(B));
+  if (dtype == kF16) {
+    SF_LAUNCH(scaled_partial_kernel<__half>, grid, kThreads, stream, partial, static_cast<const __half*>(e),
+              static_cast<const __half*>(y), static_cast<const __half*>(y2), rtol, atol, mode, B, D);
+  } else if (dtype == kBF16) {
+    SF_LAUNCH(scaled_partial_kernel<__nv_bfloat16>, grid, kThreads, stream, partial,
+              static_cast<const __nv_bfloat16*>(e), static_cast<const __nv_bfloat16*>(y),
+              static_cast<const __nv_bfloat16*>(y2), rtol, atol, mode, B, D);
+  } else {
+    SF_LAUNCH(scaled_partial_kernel<float>, grid, kThreads, stream, partial, static_cast<const float*>(e),
+              static_cast<const float*>(y), static_cast<const float*>(y2), rtol, atol, mode, B, D);
+  }
+  SF_LAUNCH(sumsq_finish_kernel, blocks_for(B), kThreads, stream, out, partial, B, tiles);
+  return cudaGetLastError();
+}
+
+cudaError_t step_control(bool* accept, double* state, const void* sumsq, bool sumsq_f64, const double* t_end,
+                         const double* direction, const int64_t* n_ptr, int64_t n, const double* c_stage, int64_t S,
+                         double* stage_t, const double* base, const double* mult, int64_t R, void* table,
+                         bool table_f64, int64_t B, int64_t numel, const double* batch_err, int rule, double safety,
+                         double exponent, double e_min_grow, double e_min_retry, double e_max, bool advance,
+                         cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if ((rule != 0 && rule != 1) || (advance && sumsq == nullptr)) return cudaErrorInvalidValue;
+  const StepControlArgs args{accept, state, sumsq, sumsq_f64, t_end, direction, n_ptr, n, c_stage, S, stage_t,
+                             base, mult, R, table, table_f64, B, numel, batch_err, rule, safety, exponent,
+                             e_min_grow, e_min_retry, e_max, advance};
+  SF_LAUNCH(step_control_kernel, blocks_for(B), kThreads, stream, args);
+  return cudaGetLastError();
+}
+
+cudaError_t select_rows(void* out, const void* news, const void* olds, const bool* mask, int64_t B,
+                        int64_t row_bytes, cudaStream_t stream) {
+  if (B == 0 || row_bytes == 0) return cudaSuccess;
+  // the widest word that divides the row and every pointer's alignment (rows start at b * row_bytes)
+  int64_t w = 8;
+  const uintptr_t bits = reinterpret_cast<uintptr_t>(out) | reinterpret_cast<uintptr_t>(news) |
+                         reinterpret_cast<uintptr_t>(olds) | static_cast<uintptr_t>(row_bytes);
+  while (w > 1 && (bits & static_cast<uintptr_t>(w - 1))) w /= 2;
+  const int64_t D = row_bytes / w, N = B * D;
+  if (!fits_grid_x(N)) return cudaErrorInvalidValue;
+  switch (w) {
+    case 8:
+      launch_select<uint64_t>(out, news, olds, mask, N, D, stream);
+      break;
+    case 4:
+      launch_select<uint32_t>(out, news, olds, mask, N, D, stream);
+      break;
+    case 2:
+      launch_select<uint16_t>(out, news, olds, mask, N, D, stream);
+      break;
+    default:
+      launch_select<uint8_t>(out, news, olds, mask, N, D, stream);
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t sde_coefs(void* out, bool out_f64, const double* h, const double* times, const double* a,
+                      const double* b, const double* fa, const double* fb, int64_t B, cudaStream_t stream) {
+  if (B == 0) return cudaSuccess;
+  if ((fa == nullptr) != (fb == nullptr)) return cudaErrorInvalidValue;
+  if (out_f64) {
+    SF_LAUNCH(sde_coefs_kernel<double>, blocks_for(B), kThreads, stream, static_cast<double*>(out), h, times, a, b,
+              fa, fb, B);
+  } else {
+    SF_LAUNCH(sde_coefs_kernel<float>, blocks_for(B), kThreads, stream, static_cast<float*>(out), h, times, a, b,
+              fa, fb, B);
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace scorefast_cuda

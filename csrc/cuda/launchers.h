@@ -71,4 +71,29 @@ cudaError_t snr_langevin_step(void* out, float* eps, const void* x, int x_dtype,
 
 int64_t snr_scratch_floats(int64_t B, int64_t D);
 
+// The adaptive solvers' per-attempt kernels (rk45, adaptive_sde); see scorefast/ops/*.py.
+// out [B] fp32: per-sample sums of squares of the scaled error of e, y, y2 [B, D] (one dtype;
+// mode 0 rk45, 1 adaptive_sde) in sumsq_norms' tiles and tree; partial: B * norm_tiles(D) floats.
+cudaError_t scaled_sumsq(float* out, float* partial, const void* e, const void* y, const void* y2, int dtype,
+                         int64_t B, int64_t D, float rtol, float atol, int mode, cudaStream_t stream);
+
+// The step controller (scorefast/ops/step_control.py), float64, one thread per sample.  sumsq: fp32
+// or float64 [B] (read when advance); n: the attempt counter, from n_ptr when non-null; table: fp32
+// or float64 [R, B]; batch_err: a device scalar holding the batch's RMS, or null for per-sample norms.
+cudaError_t step_control(bool* accept, double* state, const void* sumsq, bool sumsq_f64, const double* t_end,
+                         const double* direction, const int64_t* n_ptr, int64_t n, const double* c_stage, int64_t S,
+                         double* stage_t, const double* base, const double* mult, int64_t R, void* table,
+                         bool table_f64, int64_t B, int64_t numel, const double* batch_err, int rule, double safety,
+                         double exponent, double e_min_grow, double e_min_retry, double e_max, bool advance,
+                         cudaStream_t stream);
+
+// out = mask[b] ? news : olds row by row, rows of row_bytes bytes (one pair of contiguous tensors).
+cudaError_t select_rows(void* out, const void* news, const void* olds, const bool* mask, int64_t B,
+                        int64_t row_bytes, cudaStream_t stream);
+
+// adaptive_sde's coefficient table out [10, B] (fp32 or float64) from float64 h [B] and times, a, b,
+// and an adapter's fa, fb (or null) [2, B] (scorefast/ops/sde_coefs.py).
+cudaError_t sde_coefs(void* out, bool out_f64, const double* h, const double* times, const double* a,
+                      const double* b, const double* fa, const double* fb, int64_t B, cudaStream_t stream);
+
 }  // namespace scorefast_cuda

@@ -112,6 +112,45 @@ PYBIND11_MODULE(SCOREFAST_CUDA_MODULE, m) {
                     ptr<float>(scratch), reinterpret_cast<cudaStream_t>(cuda_stream)),
                 "snr_langevin_step");
         });
+  // the adaptive solvers' per-attempt kernels: pointers as ints (0 for none), see launchers.h
+  m.def("scaled_sumsq",
+        [](uintptr_t out, uintptr_t partial, uintptr_t e, uintptr_t y, uintptr_t y2, int dtype, int64_t B, int64_t D,
+           float rtol, float atol, int mode, uintptr_t cuda_stream) {
+          check(scorefast_cuda::scaled_sumsq(ptr<float>(out), ptr<float>(partial), ptr<const void>(e),
+                                             ptr<const void>(y), ptr<const void>(y2), dtype, B, D, rtol, atol, mode,
+                                             reinterpret_cast<cudaStream_t>(cuda_stream)),
+                "scaled_sumsq");
+        });
+  m.def("step_control",
+        [](uintptr_t accept, uintptr_t state, uintptr_t sumsq, bool sumsq_f64, uintptr_t t_end, uintptr_t direction,
+           uintptr_t n_ptr, int64_t n, uintptr_t c_stage, int64_t S, uintptr_t stage_t, uintptr_t base,
+           uintptr_t mult, int64_t R, uintptr_t table, bool table_f64, int64_t B, int64_t numel, uintptr_t batch_err,
+           int rule, double safety, double exponent, double e_min_grow, double e_min_retry, double e_max,
+           bool advance, uintptr_t cuda_stream) {
+          check(scorefast_cuda::step_control(
+                    ptr<bool>(accept), ptr<double>(state), ptr<const void>(sumsq), sumsq_f64, ptr<const double>(t_end),
+                    ptr<const double>(direction), ptr<const int64_t>(n_ptr), n, ptr<const double>(c_stage), S,
+                    ptr<double>(stage_t), ptr<const double>(base), ptr<const double>(mult), R, ptr<void>(table),
+                    table_f64, B, numel, ptr<const double>(batch_err), rule, safety, exponent, e_min_grow,
+                    e_min_retry, e_max, advance, reinterpret_cast<cudaStream_t>(cuda_stream)),
+                "step_control");
+        });
+  m.def("select_rows",
+        [](uintptr_t out, uintptr_t news, uintptr_t olds, uintptr_t mask, int64_t B, int64_t row_bytes,
+           uintptr_t cuda_stream) {
+          check(scorefast_cuda::select_rows(ptr<void>(out), ptr<const void>(news), ptr<const void>(olds),
+                                            ptr<const bool>(mask), B, row_bytes,
+                                            reinterpret_cast<cudaStream_t>(cuda_stream)),
+                "select_rows");
+        });
+  m.def("sde_coefs",
+        [](uintptr_t out, bool out_f64, uintptr_t h, uintptr_t times, uintptr_t a, uintptr_t b, uintptr_t fa,
+           uintptr_t fb, int64_t B, uintptr_t cuda_stream) {
+          check(scorefast_cuda::sde_coefs(ptr<void>(out), out_f64, ptr<const double>(h), ptr<const double>(times),
+                                          ptr<const double>(a), ptr<const double>(b), ptr<const double>(fa),
+                                          ptr<const double>(fb), B, reinterpret_cast<cudaStream_t>(cuda_stream)),
+                "sde_coefs");
+        });
   m.def("snr_scratch_floats", &snr_scratch_floats);
   m.def("norm_tiles", &norm_tiles);
   m.def("philox_words", [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1) {

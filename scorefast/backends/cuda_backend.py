@@ -219,28 +219,65 @@ def snr_langevin_step(
         )
 
 
-# The adaptive solvers' per-attempt ops (step control, scaled error norm, row selects, adaptive_sde's
-# coefficient table) have no CUDA C++ kernel yet (issue 19 item 1): on the cuda
-# backend they launch the triton backend's kernels (one launch each, on the current stream, so a
-# captured attempt records them), or run the torch reference on the device (several small launches
-# each) where triton is not available.
-def _adaptive_kernels():
-    from . import state, torch_backend, triton_backend
-
-    return triton_backend if state("triton").available else torch_backend
-
-
+# The adaptive solvers' per-attempt ops: one launch each (select_rows: one per pair; step_control with
+# batch_norm: a torch sum on the device first, as the triton backend does), on the current stream.
 def scaled_sumsq(e, y, y2, rtol, atol, mode) -> torch.Tensor:
-    return _adaptive_kernels().scaled_sumsq(e, y, y2, rtol, atol, mode)
+    """See ``scorefast.ops.scaled_sumsq``: fp32 [B], sumsq_norms' tiles and tree over the scaled rows.
+    Rows of other dtypes (float64, or mixed) take the torch reference on the device."""
+    code = _DTYPE_CODES.get(e.dtype)
+    if code is None or y.dtype != e.dtype or y2.dtype != e.dtype:
+        from . import torch_backend
+
+        return torch_backend.scaled_sumsq(e, y, y2, rtol, atol, mode)
+    B, D = e.shape
+    m = load()
+    with launch_device(e, y=y, y2=y2):
+        out = _empty((B,), e.device)
+        partial = _empty((max(B * m.norm_tiles(D), 1),), e.device)
+        m.scaled_sumsq(
+            out.data_ptr(), partial.data_ptr(), e.data_ptr(), y.data_ptr(), y2.data_ptr(), code, B, D, float(rtol),
+            float(atol), 0 if mode == "rk45" else 1, _stream(e),
+        )  # fmt: skip
+    return out
 
 
-def step_control(accept, *args) -> None:
-    _adaptive_kernels().step_control(accept, *args)
+def step_control(accept, state, sumsq, t_end, direction, n, c_stage, stage_t, base, mult, table, *scalars) -> None:
+    """See ``scorefast.ops.step_control`` (``scalars``: numel, batch_norm, rule, safety, exponent,
+    e_min_grow, e_min_retry, e_max, advance); the attempt counter n is read by the kernel where it lives
+    there (a captured attempt's device counter), else passed by value."""
+    numel, batch_norm, rule, safety, exponent, e_min_grow, e_min_retry, e_max, advance = scalars
+    B = state.shape[1]
+    n_ptr, n_val = (n.data_ptr(), 0) if _on_device(n) else (0, int(n))
+    with launch_device(state, accept=accept, sumsq=sumsq, t_end=t_end, direction=direction, c_stage=c_stage,
+                       stage_t=stage_t, base=base, mult=mult, table=table):  # fmt: skip
+        batch_err = None
+        if advance and batch_norm:  # one value for the batch (not batch-invariant by definition)
+            batch_err = (sumsq.double().sum() / (sumsq.shape[0] * numel)).sqrt()
+        load().step_control(
+            accept.data_ptr(), state.data_ptr(), _ptr(sumsq), sumsq is not None and sumsq.dtype == torch.float64,
+            t_end.data_ptr(), direction.data_ptr(), n_ptr, n_val, c_stage.data_ptr(), c_stage.numel(),
+            stage_t.data_ptr(), base.data_ptr(), mult.data_ptr(), base.numel(), table.data_ptr(),
+            table.dtype == torch.float64, B, int(numel), _ptr(batch_err), 0 if rule == "rk45" else 1, float(safety),
+            float(exponent), float(e_min_grow), float(e_min_retry), float(e_max), bool(advance), _stream(state),
+        )  # fmt: skip
 
 
 def select_rows(mask, outs, news, olds) -> None:
-    _adaptive_kernels().select_rows(mask, outs, news, olds)
+    """out_i = new_i where the row's mask is set, else old_i: one launch per pair of contiguous rows."""
+    B = mask.shape[0]
+    m = load()
+    pairs = {f"news[{i}]": v for i, v in enumerate(news)} | {f"olds[{i}]": v for i, v in enumerate(olds)}
+    with launch_device(mask, **pairs, **{f"outs[{i}]": v for i, v in enumerate(outs)}):
+        for out, new, old in zip(outs, news, olds, strict=True):
+            row_bytes = out.numel() // B * out.element_size() if B else 0
+            m.select_rows(out.data_ptr(), new.data_ptr(), old.data_ptr(), mask.data_ptr(), B, row_bytes, _stream(mask))
 
 
 def sde_coefs(out, h, times, a, b, fa=None, fb=None) -> None:
-    _adaptive_kernels().sde_coefs(out, h, times, a, b, fa, fb)
+    """See ``scorefast.ops.sde_coefs``: adaptive_sde's [10, B] table in one launch."""
+    folds = {"fa": fa, "fb": fb} if fa is not None else {}
+    with launch_device(h, out=out, times=times, a=a, b=b, **folds):
+        load().sde_coefs(
+            out.data_ptr(), out.dtype == torch.float64, h.data_ptr(), times.data_ptr(), a.data_ptr(), b.data_ptr(),
+            _ptr(fa), _ptr(fb), h.shape[0], _stream(h),
+        )  # fmt: skip
