@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import subprocess
@@ -297,7 +298,8 @@ def _train_goal_line(results: dict) -> str:
     verdict = "met" if len(met) == len(goal) else "**not met**"
     return (
         f"\n\nGoal ({TRAIN_GOAL}x the peer by the paired ratio on every goal row): {verdict}; {len(met)} of "
-        f"{len(goal)} goal rows reach it, the lowest at {low['ratio_paired']:.2f}x ({where})."
+        f"{len(goal)} goal rows reach it, the lowest at {math.floor(low['ratio_paired'] * 1000) / 1000:.3f}x "
+        f"({where})."  # rounded down: a ratio short of the goal never prints as reaching it
     )
 
 

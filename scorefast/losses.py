@@ -216,7 +216,7 @@ def _vp_perturb_kernel():
     return getattr(backends.get("cpu").load(), "dsm_perturb_vp", None)
 
 
-@torch.library.custom_op("scorefast::dsm_perturb_vp_cpu", mutates_args=())
+@torch.library.custom_op("scorefast::dsm_perturb_vp_cpu", mutates_args=(), device_types="cpu")
 def dsm_perturb_vp_op(
     x: Tensor, ids: Tensor, seed: Tensor, step: Tensor, sub_vp: bool, beta_0: float, beta_d: float, eps: float,
     span: float,
@@ -243,9 +243,12 @@ def _fused_vp_perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids
     """``_perturb``'s (t, std, x_t) by the cpu backend's one C++ call (``csrc/cpu/train_impl.h``): the
     same ops' arithmetic, libm's exp/expm1 for torch's vector ones (the same float32 coefficients but
     where a float64 last bit decides a rounding tie).  None where it does not apply: another backend,
-    SDE or dtype, rows that are not contiguous, a build without it."""
+    SDE or dtype, rows that are not contiguous or that need a gradient (the op has none: the torch
+    path's x_t is differentiable in x), a build without it."""
     sub_vp = _SUB_VP.get(type(sde))
     if sub_vp is None or backend != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None
+    if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         return None
     kernel = _vp_perturb_kernel()
     if kernel is None:

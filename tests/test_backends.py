@@ -554,3 +554,10 @@ def test_launch_sites_refuse_mixed_devices(monkeypatch, backend):
             module.select_rows(v["mask"], [v["out"]], [elsewhere], [v["t"]])
         with pytest.raises(ValueError, match="y2: on cuda:0, but x is on cuda:1"):
             module.scaled_sumsq(v["x"], v["t"], elsewhere, 1e-3, 1e-4, "sde")
+        # a captured attempt's counter on the device is read there by pointer: it must be x's device
+        monkeypatch.setattr(module, "_on_device", lambda t: getattr(t, "device", None) is not None)
+        counter0 = _FakeCudaTensor((), device="cuda:0", dtype=torch.int64)
+        with pytest.raises(ValueError, match="n: on cuda:0, but x is on cuda:1"):
+            module.step_control(v["mask"], v["state"], v["eps"], v["per_sample"], v["per_sample"], counter0, v["few"],
+                                v["stage_t"], v["few"], v["few"], v["table"], 9, False, "rk45", 0.9, 0.2, 0.2, 0.1,
+                                10.0, True)  # fmt: skip

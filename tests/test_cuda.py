@@ -245,15 +245,29 @@ def test_adaptive_step_ops_vs_reference_on_gpu(backend):
         assert torch.equal(outs["cuda"][0].cpu(), outs["cpu"][0])
         for got, want in zip(outs["cuda"][1:], outs["cpu"][1:]):
             torch.testing.assert_close(got.cpu(), want, rtol=1e-13, atol=1e-13, equal_nan=True)
+    from scorefast.ops import sample_sumsq
+
     g = torch.Generator().manual_seed(0)
-    e, y, y2 = (torch.randn(37, 1001, generator=g) for _ in range(3))
+    e, y, y2 = (torch.randn(37, 5001, generator=g) for _ in range(3))
     for mode in ("rk45", "sde"):
         want = ss_mod.scaled_sumsq(e, y, y2, rtol=1e-3, atol=1e-4, mode=mode, backend="torch")
         got = ss_mod.scaled_sumsq(e.cuda(), y.cuda(), y2.cuda(), rtol=1e-3, atol=1e-4, mode=mode, backend=backend)
         torch.testing.assert_close(got.cpu().double(), want.double(), rtol=1e-5, atol=0)
+        # bitwise the backend's own sums of the reference's scaled rows (the scaling rounds as torch's),
+        # and each sample's sum is its own whatever the batch
+        rows = ss_mod.scaled_rows_ref(e, y, y2, 1e-3, 1e-4, mode).cuda()
+        assert torch.equal(got, sample_sumsq(rows, backend=backend))
+        part = ss_mod.scaled_sumsq(e[5:12].cuda(), y[5:12].cuda(), y2[5:12].cuda(), rtol=1e-3, atol=1e-4, mode=mode,
+                                   backend=backend)  # fmt: skip
+        assert torch.equal(part, got[5:12])
     mask = torch.rand(37, generator=g) < 0.5
     got = sel_mod.select_rows(mask.cuda(), [e.cuda()], [y.cuda()], backend=backend)[0]
     assert torch.equal(got.cpu(), torch.where(mask[:, None], e, y))
+    for dtype, row in ((torch.float16, (3,)), (torch.float64, (2, 3)), (torch.bfloat16, (1,))):  # 2- to 8-byte words
+        new, old = (torch.randn(37, *row, generator=g).to(dtype) for _ in range(2))
+        m = mask.view(-1, *(1,) * len(row))
+        got = sel_mod.select_rows(mask[3:].cuda(), [new[3:].cuda()], [old[3:].cuda()], backend=backend)[0]
+        assert torch.equal(got.cpu(), torch.where(m, new, old)[3:])  # rows off a 16-byte start
     from scorefast.ops import sde_coefs as coefs_mod
     from tests.test_sde_coefs import _fold
     from tests.test_sde_coefs import _problem as coefs_problem
@@ -263,7 +277,9 @@ def test_adaptive_step_ops_vs_reference_on_gpu(backend):
     for fold in ((), (fa, fb)):
         want = coefs_mod.sde_coefs(h, times, a, b, *fold, dtype=torch.float64, backend="torch")
         got = coefs_mod.sde_coefs(*(v.cuda() for v in (h, times, a, b, *fold)), dtype=torch.float64, backend=backend)
-        torch.testing.assert_close(got.cpu(), want, rtol=2**-52, atol=0)  # sqrt and each rounding: IEEE
+        assert torch.equal(got.cpu(), want)  # sqrt and each product and sum rounded once: IEEE, as the CPU
+        got32 = coefs_mod.sde_coefs(*(v.cuda() for v in (h, times, a, b, *fold)), dtype=torch.float32, backend=backend)
+        assert torch.equal(got32.cpu(), want.float())
 
 
 def test_rk45_and_adaptive_sde_graph_replay_equals_eager_on_gpu(backend):

@@ -131,3 +131,18 @@ def test_dsm_loss_takes_the_one_call_and_keeps_its_values(monkeypatch):
     plain = losses.dsm_loss(score, x, VPSDE(), seed=3, step=2)
     g_plain = torch.autograd.grad(plain, list(net.parameters()))
     assert torch.equal(fused, plain) and all(torch.equal(a, b) for a, b in zip(g_fused, g_plain))
+
+
+def test_a_batch_that_needs_its_gradient_takes_the_differentiable_path():
+    """The op has no autograd formula: dsm_loss of an x that requires grad keeps the torch path, whose
+    x_t = mean x + std z carries d loss / d x (before, the op's path raised in backward)."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 16), torch.nn.SiLU(), torch.nn.Linear(16, 3))
+    score = sf.adapters.from_eps(lambda x, t: net(x), VPSDE())
+    x = torch.randn(16, 3, generator=torch.Generator().manual_seed(5))
+    xg = x.clone().requires_grad_(True)
+    assert losses._fused_vp_perturb(xg, VPSDE(), **_kw(16)) is None
+    (gx,) = torch.autograd.grad(losses.dsm_loss(score, xg, VPSDE(), seed=3, step=2), xg)
+    assert torch.isfinite(gx).all() and gx.abs().sum() > 0
+    with torch.no_grad():  # no graph wanted: the one call again
+        assert losses._fused_vp_perturb(xg, VPSDE(), **_kw(16)) is not None

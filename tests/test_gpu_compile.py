@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -145,7 +146,23 @@ def test_cuda_module_carries_each_arch_and_precise_ptx():
         assert f".sm_{arch}.cubin" in elves, (entry, elves)
         assert (f".sm_{arch}.ptx" in ptx_list) == entry.endswith("+PTX"), (entry, ptx_list)
     ptx = subprocess.run([tool, "-ptx", path], capture_output=True, text=True, check=True).stdout
-    for kernel in ("fill_noise_kernel", "fused_update_kernel", "sumsq_partial_kernel", "snr_row_kernel"):
+    kernels = ("fill_noise_kernel", "fused_update_kernel", "sumsq_partial_kernel", "snr_row_kernel")
+    kernels += ("scaled_partial_kernel", "step_control_kernel", "select_rows_kernel", "sde_coefs_kernel")
+    for kernel in kernels:
         assert kernel in ptx
     assert "sqrt.rn.f32" in ptx
     assert not [op for op in APPROX if op in ptx]
+    # adaptive_sde's table rounds each product and sum apart, as its reference: nvcc, which contracts
+    # a * b + c into an fma by default (the host emulation does not), must have fused none of them
+    coefs = [body for name, body in _ptx_entries(ptx).items() if "sde_coefs_kernel" in name]
+    assert coefs and not [body for body in coefs if "fma.rn" in body]
+
+
+def _ptx_entries(ptx: str) -> dict[str, str]:
+    """Kernel name -> its PTX body (from ``.entry`` to the closing brace)."""
+    out = {}
+    for part in re.split(r"\n(?=(?:\.visible )?\.entry )", ptx)[1:]:
+        name = re.match(r"(?:\.visible )?\.entry (\S+?)\(", part)
+        if name:
+            out[name.group(1)] = part.split("\n}\n", 1)[0]
+    return out

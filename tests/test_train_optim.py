@@ -5,7 +5,6 @@ or change, keeps torch's own choice; the group's flags read as the user left the
 
 from __future__ import annotations
 
-import copy
 import itertools
 
 import pytest
@@ -64,6 +63,9 @@ def test_the_foreach_form_gives_the_loops_bits(cls, flags):
         pytest.param(lambda p: torch.optim.Adam(p, lr=1e-3, foreach=False), id="foreach=False"),
         pytest.param(lambda p: torch.optim.Adam(p, lr=1e-3, fused=True), id="fused"),
         pytest.param(lambda p: torch.optim.Adam(p, lr=torch.tensor(1e-3)), id="tensor-lr"),
+        pytest.param(
+            lambda p: torch.optim.Adam(p, lr=1e-3, betas=(torch.tensor(0.9), torch.tensor(0.99))), id="tensor-betas"
+        ),
         pytest.param(lambda p: torch.optim.Adam(p, lr=1e-3, differentiable=True), id="differentiable"),
         pytest.param(lambda p: torch.optim.NAdam(p, lr=1e-3), id="NAdam"),  # its foreach form differs
         pytest.param(lambda p: torch.optim.SGD(p, lr=1e-3), id="SGD"),
@@ -98,15 +100,16 @@ def test_a_parameter_off_the_cpu_keeps_torchs_choice():
 
 
 def test_a_resumed_run_continues_bitwise(tmp_path):
-    """The foreach form leaves nothing in the saved state: save after 6 steps, resume in a fresh step
-    whose optimizer pins the loop, and the two runs agree bit for bit."""
+    """The foreach form leaves nothing in the saved state: save after 6 steps (foreach form), resume in
+    a fresh step whose optimizer pins the loop (foreach=False), and the run agrees bit for bit with
+    12 uninterrupted steps in the foreach form."""
     full = _run(torch.optim.Adam, {}, foreach=None, steps=12)
     half = _run(torch.optim.Adam, {}, foreach=None, steps=6)
     half.save(tmp_path / "s.safetensors")
     model = _model()
     resumed = TrainStep(
         model,
-        torch.optim.Adam(model.parameters(), lr=3e-3),
+        torch.optim.Adam(model.parameters(), lr=3e-3, foreach=False),  # the loop from here on
         "dsm",
         sde=VPSDE(),
         grad_clip=1.0,
@@ -119,4 +122,12 @@ def test_a_resumed_run_continues_bitwise(tmp_path):
     for _ in range(6):
         resumed(x)
     assert all(torch.equal(a, b) for a, b in zip(_state(resumed), _state(full)))
-    assert copy.deepcopy(resumed.optimizer.state_dict()["param_groups"][0]["foreach"]) is None
+    assert half.optimizer.state_dict()["param_groups"][0]["foreach"] is None  # nothing of the form was saved
+
+
+def test_a_tensor_betas_adam_still_steps_in_train_step():
+    """torch's per-parameter Adam takes tensor betas and its foreach form refuses them: left to torch."""
+    model = _model()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(torch.tensor(0.9), torch.tensor(0.99)))
+    step = TrainStep(model, opt, "dsm", sde=VPSDE())
+    assert torch.isfinite(step(torch.randn(8, 3)))

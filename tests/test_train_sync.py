@@ -539,7 +539,7 @@ def test_the_training_goal_line_is_the_goal_rows_verdict():
 
     results = {"suite": "cpu-train", "date": "2026-12-02", "machine": {"cpu": "c", "gpu": None, "torch": "t"}}
     met = train_table(results | {"results": [row(1.25), row(1.21, threads=2), row(0.5, goal=False)]})
-    assert "every goal row): met; 2 of 2 goal rows reach it, the lowest at 1.21x (Adam(), batch 64, 2 threads)." in met
-    missed = train_table(results | {"results": [row(1.25), row(1.19, threads=2)]})
-    assert "**not met**; 1 of 2 goal rows reach it, the lowest at 1.19x" in missed
+    assert "every goal row): met; 2 of 2 goal rows reach it, the lowest at 1.210x (Adam(), batch 64, 2 threads)." in met
+    missed = train_table(results | {"results": [row(1.25), row(1.1996, threads=2)]})
+    assert "**not met**; 1 of 2 goal rows reach it, the lowest at 1.199x" in missed
     assert "Goal" not in train_table(results | {"results": [row(1.3, goal=False)]})

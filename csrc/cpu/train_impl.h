@@ -55,7 +55,8 @@ void dsm_perturb_vp(at::Tensor t_out, at::Tensor coefs, at::Tensor x_t, const at
                     uint64_t seed, int64_t step, bool sub_vp, double beta_0, double beta_d, double eps, double span,
                     int64_t times_stream, int64_t noise_stream, int64_t uniform_kind) {
   const int64_t B = x.size(0);
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [B, D]");
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "x must be a contiguous float32 [B, D] CPU tensor");
   TORCH_CHECK(t_out.scalar_type() == at::kDouble && t_out.is_contiguous() && t_out.numel() == B,
               "t_out must be a contiguous float64 [B] tensor");
   TORCH_CHECK(coefs.scalar_type() == at::kFloat && coefs.is_contiguous() && coefs.dim() == 2 && coefs.size(0) == 2 &&

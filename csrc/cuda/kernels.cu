@@ -666,7 +666,7 @@ __global__ void sde_coefs_kernel(OT* out, const double* hp, const double* tp, co
   const double h = hp[i];
   double a0 = ap[i], a1 = ap[B + i], b0 = bp[i], b1 = bp[B + i];
   const double sh = sqrt(h), half = 0.5 * h;
-  const double g0 = sqrt(-b0) * sh, g1 = sqrt(-b1) * sh;  // the noise: the SDE's own b
+  const double g0 = dmul_rn(sqrt(-b0), sh), g1 = dmul_rn(sqrt(-b1), sh);  // the noise: the SDE's own b
   if (fap) {
     a0 = dadd_rn(a0, dmul_rn(b0, fap[i]));
     a1 = dadd_rn(a1, dmul_rn(b1, fap[B + i]));
@@ -680,7 +680,7 @@ __global__ void sde_coefs_kernel(OT* out, const double* hp, const double* tp, co
   out[4 * B + i] = static_cast<OT>(-(half * b0));
   out[5 * B + i] = static_cast<OT>(-(half * a1));
   out[6 * B + i] = static_cast<OT>(-(half * b1));
-  out[7 * B + i] = static_cast<OT>(0.5 * (g0 + g1));
+  out[7 * B + i] = static_cast<OT>(0.5 * dadd_rn(g0, g1));  // rounded apart: no fma of g1's product
   out[8 * B + i] = static_cast<OT>(tp[i]);
   out[9 * B + i] = static_cast<OT>(tp[B + i]);
 }

@@ -249,7 +249,7 @@ def step_control(accept, state, sumsq, t_end, direction, n, c_stage, stage_t, ba
     B = state.shape[1]
     n_ptr, n_val = (n.data_ptr(), 0) if _on_device(n) else (0, int(n))
     with launch_device(state, accept=accept, sumsq=sumsq, t_end=t_end, direction=direction, c_stage=c_stage,
-                       stage_t=stage_t, base=base, mult=mult, table=table):  # fmt: skip
+                       stage_t=stage_t, base=base, mult=mult, table=table, n=n if n_ptr else None):  # fmt: skip
         batch_err = None
         if advance and batch_norm:  # one value for the batch (not batch-invariant by definition)
             batch_err = (sumsq.double().sum() / (sumsq.shape[0] * numel)).sqrt()

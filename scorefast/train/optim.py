@@ -8,9 +8,11 @@ Adam / AdamW with weight decay, amsgrad and maximize); the foreach form makes on
 tensors instead of about ten Python-level calls per parameter (~20% of Adam's time on a 20-tensor
 MLP).  ``TrainStep`` therefore takes the foreach form for those groups, for the duration of its
 ``step()`` only: the group's ``foreach`` reads None again afterwards (its ``state_dict`` is unchanged).
-A group whose ``foreach`` or ``fused`` the user set, a tensor learning rate (torch's foreach Adam
-refuses one unless capturable), ``capturable`` / ``differentiable``, a parameter off the CPU, or any
-other optimizer class keeps torch's own choice.
+A group whose ``foreach`` or ``fused`` the user set, any tensor hyperparameter (lr, betas, ...: torch's
+foreach Adam refuses them unless capturable), ``capturable`` / ``differentiable``, a parameter that
+is not a plain CPU tensor, or any other optimizer class keeps torch's own choice.  During the step
+the open groups read ``foreach=True`` (a step hook sees it); the bitwise claim is tested against the
+installed torch (tests/test_train_optim.py).
 """
 
 from __future__ import annotations
@@ -32,11 +34,21 @@ def open_cpu_groups(optimizer: torch.optim.Optimizer) -> list[dict]:
     for group in optimizer.param_groups:
         if group.get("foreach") is not None or group.get("fused") or group.get("capturable"):
             continue
-        if group.get("differentiable") or isinstance(group["lr"], torch.Tensor):
+        if group.get("differentiable") or any(_has_tensor(v) for k, v in group.items() if k != "params"):
             continue
-        if all(p.device.type == "cpu" for p in group["params"]):
+        if all(type(p) in _PLAIN and p.device.type == "cpu" for p in group["params"]):
             groups.append(group)
     return groups
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _has_tensor(value) -> bool:
+    """Whether a hyperparameter is or holds a tensor (betas is a tuple)."""
+    if isinstance(value, tuple | list):
+        return any(isinstance(v, torch.Tensor) for v in value)
+    return isinstance(value, torch.Tensor)
 
 
 @contextlib.contextmanager
