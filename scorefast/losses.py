@@ -352,20 +352,33 @@ def _eps_output(net: Callable, time_map: Callable, x: Tensor, sde: SDE, *, eps: 
     return t, out
 
 
-def dsm_eps_residual(
+def dsm_eps_output(
     net: Callable, time_map: Callable, x: Tensor, sde: SDE, *, seed, step, sample_ids: Tensor, eps: float, backend: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """score_sde's DSM for an eps-prediction network, with no autograd node for the loss (``TrainStep``).
+) -> Tensor:
+    """out = net(x_t, time_map(t)) [B, ...] with its graph: an eps-prediction network at the step's
+    times and perturbation (``TrainStep``; its residual and gradient by ``dsm_eps_residual``)."""
+    return _eps_output(net, time_map, x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)[1]
 
-    Returns (sq [B], out, r): out = net(x_t, time_map(t)) [B, ...] with its graph, r = z - out [B, ...]
-    in the state dtype (the residual std s + z for s = -out / std; one fused pass, z made in-kernel)
-    and sq = ||r||^2 per sample (no graph; the fixed, batch-invariant tree), the values of
-    ``dsm_per_sample(..., eps_net=(net, time_map))``.  d sq_b / d out = -2 r_b: the caller that
-    backpropagates c_b sq_b calls ``out.backward(-2 c r)`` itself, the gradient the autograd path
-    gives bit for bit when c is computed as autograd computes it."""
-    _, out = _eps_output(net, time_map, x, sde, eps=eps, seed=seed, step=step, sample_ids=sample_ids, backend=backend)
-    r = _noise_plus(out.detach(), -1.0, seed, step, sample_ids, backend)
-    return _rows_sumsq(r, sample_ids, backend), out, r
+
+def dsm_eps_residual(out: Tensor, coef: float | Tensor, seed, step, sample_ids: Tensor, backend: str):
+    """score_sde's DSM for an eps-prediction network's output, with no autograd node for the loss.
+
+    Returns (sq [B], g): sq = ||r||^2 per sample of the residual r = z - out (the residual std s + z for
+    s = -out / std; the fixed, batch-invariant tree; no graph), the values of ``dsm_per_sample(...,
+    eps_net=...)``, and g = coef r in the state dtype.  d sq_b / d out = -2 r_b: a caller that
+    backpropagates c_b sq_b passes coef = -2 c and calls ``out.backward(g)``, the gradient the
+    autograd path gives bit for bit when c is computed as autograd computes it.  On the cpu backend,
+    for fp32 rows and a host coef, one C++ pass makes both and r is never stored."""
+    kernel = getattr(backends.get("cpu").load(), "eps_dsm_residual", None) if backend == "cpu" else None
+    fused = kernel is not None and isinstance(coef, float) and out.dtype == torch.float32 and out.is_contiguous()
+    if fused and out.device.type == "cpu" and not _checks.use_custom_op(out):
+        B = out.shape[0]
+        o2 = out if out.dim() == 2 else out.view(B, -1)
+        g, sq = torch.empty_like(o2), torch.empty(B, dtype=torch.float32)
+        kernel(g, sq, o2, sample_ids, int(seed) % (1 << 64), int(step), STREAM_DSM, coef)
+        return sq, g if out.dim() == 2 else g.view(out.shape)
+    r = _noise_plus(out, -1.0, seed, step, sample_ids, backend)
+    return _rows_sumsq(r, sample_ids, backend), r.mul(coef)
 
 
 def _fm_residual(v: Tensor, x0: Tensor, seed, step, ids: Tensor, backend: str) -> Tensor:

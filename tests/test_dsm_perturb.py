@@ -1,7 +1,8 @@
-"""The DSM perturbation of a VP / sub-VP SDE by one C++ call on the cpu backend
-(``losses._fused_vp_perturb``, ``csrc/cpu/train_impl.h``): against the torch formula path it replaces
-(the SDE's own ops, the same kernels for the draws), against float64 closed forms, across batches,
-through its custom op (what a trace or the capture stand-in records), and in TrainStep."""
+"""The DSM's one-call C++ kernels on the cpu backend (``csrc/cpu/train_impl.h``): the VP / sub-VP
+perturbation (``losses._fused_vp_perturb``) against the torch formula path it replaces (the SDE's own
+ops, the same kernels for the draws), against float64 closed forms, across batches and through its
+custom op (what a trace or the capture stand-in records); and the eps network's residual and
+gradient in one pass (``losses.dsm_eps_residual``) against the two kernels it replaces."""
 
 from __future__ import annotations
 
@@ -146,3 +147,30 @@ def test_a_batch_that_needs_its_gradient_takes_the_differentiable_path():
     assert torch.isfinite(gx).all() and gx.abs().sum() > 0
     with torch.no_grad():  # no graph wanted: the one call again
         assert losses._fused_vp_perturb(xg, VPSDE(), **_kw(16)) is not None
+
+
+@pytest.mark.parametrize("shape", [(1000, 3), (5, 4097), (37, 2, 3, 5), (1, 1)])  # tiles, tails, views
+@pytest.mark.parametrize("coef", [-2 / 64, -0.37])
+def test_the_one_pass_residual_is_the_two_kernels_bit_for_bit(shape, coef):
+    """``dsm_eps_residual`` on the cpu backend (one C++ pass, r never stored) against the two-kernel
+    path it replaces (r = z - out by fused_update, its sums by sumsq_norms, then r * coef)."""
+    out = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    ids = torch.arange(7, 7 + shape[0], dtype=torch.int64)
+    sq, g = losses.dsm_eps_residual(out, coef, 3, 9, ids, "cpu")
+    r = losses._noise_plus(out, -1.0, 3, 9, ids, "cpu")
+    assert torch.equal(sq, losses._rows_sumsq(r, ids, "cpu")) and torch.equal(g, r.mul(coef))
+    z = sf.rng.randn(shape, seed=3, step=9, stream=sf.rng.STREAM_DSM, sample_ids=ids)
+    torch.testing.assert_close(g.double(), (z.double() - out.double()) * coef, rtol=2**-23, atol=2**-23)
+    if shape[0] > 3:  # each sample's values are its own whatever the batch
+        part, gp = losses.dsm_eps_residual(out[2:4].contiguous(), coef, 3, 9, ids[2:4], "cpu")
+        assert torch.equal(part, sq[2:4]) and torch.equal(gp, g[2:4])
+
+
+def test_train_step_takes_the_one_pass_residual(monkeypatch):
+    calls = []
+    real = losses.dsm_eps_residual
+    monkeypatch.setattr(losses, "dsm_eps_residual", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    net = sf.models.build("MLP", dim=2, hidden=16, layers=1)
+    step = sf.train.TrainStep(net, torch.optim.SGD(net.parameters(), lr=1e-3), "dsm", sde=VPSDE())
+    step(torch.randn(12, 2))
+    assert calls and isinstance(calls[0], float)  # a host coefficient: the C++ pass applies

@@ -600,5 +600,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sde_coefs", &scorefast_cpu::sde_coefs);
   m.def("clip_grad_norm", &scorefast_cpu::clip_grad_norm);
   m.def("dsm_perturb_vp", &scorefast_cpu::dsm_perturb_vp);
+  m.def("eps_dsm_residual", &scorefast_cpu::eps_dsm_residual);
   m.def("philox_words", &scorefast_cpu::philox_words);
 }

@@ -83,3 +83,44 @@ void dsm_perturb_vp(at::Tensor t_out, at::Tensor coefs, at::Tensor x_t, const at
   }
   fused_update(x_t, x, {}, coefs, ids, seed, step, noise_stream, true);
 }
+
+// TrainStep's residual for an eps-prediction network's DSM in one pass over out [B, D] (float32):
+// r = z - out with z the normals of (seed, step, ids, stream) (one rounding: fused_update's with the
+// coefficients (-1, 1)), sq [B] = its per-sample sums of squares in sumsq_norms' tiles and order, and
+// g = r * coef (float32, the gradient the step backpropagates from out; torch's r.mul(coef)).  r
+// itself is never stored.
+void eps_dsm_residual(at::Tensor g, at::Tensor sq, const at::Tensor& out, const at::Tensor& ids, uint64_t seed,
+                      int64_t step, int64_t stream, double coef) {
+  const int64_t B = out.size(0), D = out.dim() == 2 ? out.size(1) : 0;
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == at::kFloat && out.dim() == 2 && out.is_contiguous(),
+              "out must be a contiguous float32 [B, D] CPU tensor");
+  TORCH_CHECK(g.scalar_type() == at::kFloat && g.is_contiguous() && g.sizes() == out.sizes(),
+              "g must be a contiguous float32 tensor of out's shape");
+  TORCH_CHECK(sq.scalar_type() == at::kFloat && sq.is_contiguous() && sq.numel() == B, "sq must be float32 [B]");
+  TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() == B, "ids must be int64 [B]");
+  const int64_t tiles = (D + kTile - 1) / kTile;
+  std::vector<float> partial(static_cast<size_t>(B * tiles), 0.0f);
+  const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
+  const float cf = static_cast<float>(coef);
+  const float* op = out.data_ptr<float>();
+  float* gp = g.data_ptr<float>();
+  const int64_t* id = ids.data_ptr<int64_t>();
+  for_each_block(B, D, 0, [&](int64_t b0, int64_t nb, int64_t first, int64_t n) {
+    alignas(64) std::array<float, kTile> zbuf, r;
+    noise_rows(c, id, b0, nb, first, n, kNormal, zbuf.data(), n);
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      const float* zv = zbuf.data() + (b - b0) * n;
+      const float* ov = op + b * D + first;
+      float* gv = gp + b * D + first;
+      for (int64_t i = 0; i < n; ++i) r[i] = zv[i] - ov[i];
+      partial[b * tiles + first / kTile] = tile_sumsq(r.data(), n);
+      for (int64_t i = 0; i < n; ++i) gv[i] = r[i] * cf;
+    }
+  });
+  float* s = sq.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) {
+    float total = 0.0f;
+    for (int64_t k = 0; k < tiles; ++k) total += partial[b * tiles + k];
+    s[b] = total;
+  }
+}

@@ -420,15 +420,17 @@ class TrainStep:
         options = self._eps_dsm
         backend = backends.resolve(None, x.device, x.dtype)
         with self._autocast(x.device):
-            sq, out, r = losses.dsm_eps_residual(
+            out = losses.dsm_eps_output(
                 self.model, options["time_map"], x, self.sde, seed=self.seed, step=step, sample_ids=ids,
                 eps=options["eps"], backend=backend,
             )  # fmt: skip
         D = x[0].numel()
+        coef = self._residual_grad_coef(x.shape[0], D, _checks.state_dtype(out), x.device)
+        sq, g = losses.dsm_eps_residual(out.detach(), coef, self.seed, step, ids, backend)
         loss = (sq / D if options["reduce_mean"] else sq).float().mean()
         if self.accumulate > 1:
             loss = loss / self.accumulate
-        out.backward(r.mul(self._residual_grad_coef(x.shape[0], D, r.dtype, x.device)).to(out.dtype))
+        out.backward(g.to(out.dtype))
         return loss
 
     def _residual_grad_coef(self, b: int, D: int, dtype: torch.dtype, device) -> float | Tensor:
