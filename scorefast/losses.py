@@ -7,6 +7,7 @@ Philox step ``step`` (the training step) with global ``sample_ids``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -373,7 +374,7 @@ def dsm_eps_residual(out: Tensor, coef: float | Tensor, seed, step, sample_ids: 
     fused = kernel is not None and isinstance(coef, float) and out.dtype == torch.float32 and out.is_contiguous()
     if fused and out.device.type == "cpu" and not _checks.use_custom_op(out):
         B = out.shape[0]
-        o2 = out if out.dim() == 2 else out.view(B, -1)
+        o2 = out if out.dim() == 2 else out.view(B, math.prod(out.shape[1:]))
         g, sq = torch.empty_like(o2), torch.empty(B, dtype=torch.float32)
         kernel(g, sq, o2, sample_ids, int(seed) % (1 << 64), int(step), STREAM_DSM, coef)
         return sq, g if out.dim() == 2 else g.view(out.shape)

@@ -6,6 +6,8 @@ gradient in one pass (``losses.dsm_eps_residual``) against the two kernels it re
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -149,28 +151,80 @@ def test_a_batch_that_needs_its_gradient_takes_the_differentiable_path():
         assert losses._fused_vp_perturb(xg, VPSDE(), **_kw(16)) is not None
 
 
-@pytest.mark.parametrize("shape", [(1000, 3), (5, 4097), (37, 2, 3, 5), (1, 1)])  # tiles, tails, views
+def _isa_modules():
+    """The cpu backend's ISA builds this CPU can run (a higher one dies with SIGILL on import)."""
+    from scorefast.backends.cpu_backend import runnable_isas
+
+    return [pytest.param(isa, id=isa) for isa in ("default", "avx2", "avx512") if isa in runnable_isas()]
+
+
+def _counted(monkeypatch, name: str) -> list:
+    """Calls of the loaded cpu module's ``name`` (the C++ kernel), recorded and passed through."""
+    module = sf.backends.get("cpu").load()
+    real, calls = getattr(module, name), []
+    monkeypatch.setattr(module, name, lambda *a: calls.append(a) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("isa", _isa_modules())
+@pytest.mark.parametrize("shape", [(1000, 3), (5, 4097), (37, 2, 3, 5), (7, 15), (7, 16), (9, 17), (3, 65),
+                                   (4, 1023), (4, 1025), (1, 1), (0, 5)], ids=str)  # fmt: skip
 @pytest.mark.parametrize("coef", [-2 / 64, -0.37])
-def test_the_one_pass_residual_is_the_two_kernels_bit_for_bit(shape, coef):
-    """``dsm_eps_residual`` on the cpu backend (one C++ pass, r never stored) against the two-kernel
-    path it replaces (r = z - out by fused_update, its sums by sumsq_norms, then r * coef)."""
+def test_the_one_pass_residual_is_the_two_kernels_bit_for_bit(isa, shape, coef):
+    """Each ISA build's one C++ pass (r never stored) against that build's two kernels it replaces (r =
+    z - out by fused_update with coefficients (-1, 1), its sums by sumsq_norms) and torch's r * coef:
+    tiles, vector tails, short packed rows, views and an empty batch, at 1 and 2 threads."""
+    import importlib
+
+    m = importlib.import_module(f"scorefast._C_{isa}")
     out = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
-    ids = torch.arange(7, 7 + shape[0], dtype=torch.int64)
-    sq, g = losses.dsm_eps_residual(out, coef, 3, 9, ids, "cpu")
-    r = losses._noise_plus(out, -1.0, 3, 9, ids, "cpu")
-    assert torch.equal(sq, losses._rows_sumsq(r, ids, "cpu")) and torch.equal(g, r.mul(coef))
-    z = sf.rng.randn(shape, seed=3, step=9, stream=sf.rng.STREAM_DSM, sample_ids=ids)
-    torch.testing.assert_close(g.double(), (z.double() - out.double()) * coef, rtol=2**-23, atol=2**-23)
-    if shape[0] > 3:  # each sample's values are its own whatever the batch
-        part, gp = losses.dsm_eps_residual(out[2:4].contiguous(), coef, 3, 9, ids[2:4], "cpu")
+    B = shape[0]
+    o2 = out.reshape(B, math.prod(shape[1:]))
+    ids = torch.arange(7, 7 + B, dtype=torch.int64)
+    r = torch.empty_like(o2)
+    m.fused_update(r, o2, [], torch.tensor([[-1.0], [1.0]]), ids, 3, 9, sf.rng.STREAM_DSM, True)
+    want_sq = torch.empty(2, B)
+    m.sumsq_norms(want_sq, r, ids, o2.shape[1], 0, 0, 0, False)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            g, sq = torch.empty_like(o2), torch.empty(B)
+            m.eps_dsm_residual(g, sq, o2, ids, 3, 9, sf.rng.STREAM_DSM, coef)
+            assert torch.equal(sq, want_sq[0]) and torch.equal(g, r.mul(coef)), threads
+    finally:
+        torch.set_num_threads(before)
+    if B:  # against the exact residual, and each sample's values are its own whatever the batch
+        z = sf.rng.randn(tuple(o2.shape), seed=3, step=9, stream=sf.rng.STREAM_DSM, sample_ids=ids)
+        torch.testing.assert_close(g.double(), (z.double() - o2.double()) * coef, rtol=2**-23, atol=2**-23)
+    if B > 3:
+        gp, part = torch.empty(2, o2.shape[1]), torch.empty(2)
+        m.eps_dsm_residual(gp, part, o2[2:4].contiguous(), ids[2:4].clone(), 3, 9, sf.rng.STREAM_DSM, coef)
         assert torch.equal(part, sq[2:4]) and torch.equal(gp, g[2:4])
 
 
-def test_train_step_takes_the_one_pass_residual(monkeypatch):
-    calls = []
-    real = losses.dsm_eps_residual
-    monkeypatch.setattr(losses, "dsm_eps_residual", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+def test_dsm_eps_residual_takes_the_kernel_where_it_applies(monkeypatch):
+    """``losses.dsm_eps_residual`` calls the C++ pass for fp32 rows and a host coefficient (its values
+    the fallback's), and the two kernels otherwise (a tensor coefficient, bf16 rows, a recording)."""
+    calls = _counted(monkeypatch, "eps_dsm_residual")
+    out = torch.randn(6, 2, 5, generator=torch.Generator().manual_seed(2))
+    ids = torch.arange(6, dtype=torch.int64)
+    sq, g = losses.dsm_eps_residual(out, -0.25, 3, 9, ids, "cpu")
+    assert len(calls) == 1
+    r = losses._noise_plus(out, -1.0, 3, 9, ids, "cpu")
+    assert torch.equal(sq, losses._rows_sumsq(r, ids, "cpu")) and torch.equal(g, r.mul(-0.25))
+    sq_t, g_t = losses.dsm_eps_residual(out, torch.tensor(-0.25), 3, 9, ids, "cpu")
+    losses.dsm_eps_residual(out.bfloat16(), -0.25, 3, 9, ids, "cpu")
+    assert len(calls) == 1 and torch.equal(sq_t, sq) and torch.equal(g_t, g)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_train_step_takes_the_one_pass_residual_in_fp32(monkeypatch, precision):
+    """fp32 steps call the C++ pass once per micro-batch; bf16 (its output is bf16) and fp16 (the
+    GradScaler's coefficient is a tensor) keep the two kernels."""
+    calls = _counted(monkeypatch, "eps_dsm_residual")
     net = sf.models.build("MLP", dim=2, hidden=16, layers=1)
-    step = sf.train.TrainStep(net, torch.optim.SGD(net.parameters(), lr=1e-3), "dsm", sde=VPSDE())
+    step = sf.train.TrainStep(net, torch.optim.SGD(net.parameters(), lr=1e-3), "dsm", sde=VPSDE(), accumulate=3,
+                              precision=precision)  # fmt: skip
     step(torch.randn(12, 2))
-    assert calls and isinstance(calls[0], float)  # a host coefficient: the C++ pass applies
+    assert len(calls) == (3 if precision == "fp32" else 0)

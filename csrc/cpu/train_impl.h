@@ -1,5 +1,5 @@
 // TrainStep's per-step kernels on the CPU.  Included by kernels_impl.h inside namespace scorefast_cpu
-// (it uses kTile and tile_sumsq).
+// (it uses kTile, tile_sumsq, Counter, noise_rows, for_each_block, fill_noise and fused_update).
 #pragma once
 
 // clip_grad_norm_ in one call over the gradients of one (device, dtype) group: contiguous float32
@@ -63,6 +63,8 @@ void dsm_perturb_vp(at::Tensor t_out, at::Tensor coefs, at::Tensor x_t, const at
                   coefs.size(1) == B,
               "coefs must be a contiguous float32 [2, B] tensor");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() == B, "ids must be int64 [B]");
+  TORCH_CHECK(t_out.device().is_cpu() && coefs.device().is_cpu() && x_t.device().is_cpu() && ids.device().is_cpu(),
+              "t_out, coefs, x_t, ids must be CPU tensors");
   at::Tensor u = at::empty({B, 1}, x.options());
   fill_noise(u, ids, seed, step, times_stream, 0, uniform_kind);
   const float* up = u.data_ptr<float>();
@@ -98,6 +100,8 @@ void eps_dsm_residual(at::Tensor g, at::Tensor sq, const at::Tensor& out, const 
               "g must be a contiguous float32 tensor of out's shape");
   TORCH_CHECK(sq.scalar_type() == at::kFloat && sq.is_contiguous() && sq.numel() == B, "sq must be float32 [B]");
   TORCH_CHECK(ids.scalar_type() == at::kLong && ids.is_contiguous() && ids.numel() == B, "ids must be int64 [B]");
+  TORCH_CHECK(g.device().is_cpu() && sq.device().is_cpu() && ids.device().is_cpu(), "g, sq, ids must be CPU tensors");
+  TORCH_CHECK(std::fabs(coef) <= std::numeric_limits<float>::max(), "coef must be a finite float32 number");
   const int64_t tiles = (D + kTile - 1) / kTile;
   std::vector<float> partial(static_cast<size_t>(B * tiles), 0.0f);
   const Counter c{seed, static_cast<uint32_t>(step), static_cast<uint32_t>(stream)};
