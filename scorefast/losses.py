@@ -7,7 +7,6 @@ Philox step ``step`` (the training step) with global ``sample_ids``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -214,7 +213,16 @@ _SUB_VP = {VPSDE: False, SubVPSDE: True}  # the exact classes whose schedule the
 
 def _vp_perturb_kernel():
     """The cpu backend's one-call VP perturbation, or None (a build older than it)."""
-    return getattr(backends.get("cpu").load(), "dsm_perturb_vp", None)
+    return backends.get("cpu").kernel("dsm_perturb_vp")
+
+
+def _run_vp_perturb(x2: Tensor, ids: Tensor, seed, step, *args) -> tuple[Tensor, Tensor, Tensor]:
+    """(t, coefs, x_t) of contiguous fp32 CPU rows x2 [B, D] by the C++ call (``args``: sub_vp, beta_0,
+    beta_d, eps, span); what the op and the eager path both run."""
+    t, coefs, x_t = _vp_perturb_outputs(x2)
+    _vp_perturb_kernel()(t, coefs, x_t, x2, ids, int(seed) % (1 << 64), int(step), *args,
+                         STREAM_TIMES, STREAM_DSM, KINDS["uniform"])  # fmt: skip
+    return t, coefs, x_t
 
 
 @torch.library.custom_op("scorefast::dsm_perturb_vp_cpu", mutates_args=(), device_types="cpu")
@@ -224,10 +232,7 @@ def dsm_perturb_vp_op(
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """The C++ perturbation as a dispatched op (what a trace or the capture stand-in records):
     (t float64 [B], coefs float32 [2, B] (mean, std), x_t [B, D]) of contiguous fp32 CPU rows x."""
-    t, coefs, x_t = _vp_perturb_outputs(x)
-    _vp_perturb_kernel()(t, coefs, x_t, x, ids, int(seed) % (1 << 64), int(step), sub_vp, beta_0, beta_d, eps, span,
-                         STREAM_TIMES, STREAM_DSM, KINDS["uniform"])  # fmt: skip
-    return t, coefs, x_t
+    return _run_vp_perturb(x, ids, seed, step, sub_vp, beta_0, beta_d, eps, span)
 
 
 @dsm_perturb_vp_op.register_fake
@@ -251,20 +256,16 @@ def _fused_vp_perturb(x: Tensor, sde: SDE, *, eps: float, seed, step, sample_ids
         return None
     if x.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         return None
-    kernel = _vp_perturb_kernel()
-    if kernel is None:
+    if _vp_perturb_kernel() is None:
         return None
-    B = x.shape[0]
-    x2 = x if x.dim() == 2 else x.view(B, -1)
+    x2 = _common.rows(x)
     args = (sub_vp, sde.beta_0, sde.beta_1 - sde.beta_0, float(eps), float(sde.T - eps))
     if _checks.use_custom_op(x):
         seed_t, step_t = _checks.counter_tensor(seed), _checks.counter_tensor(step)
         t, coefs, x_t = dsm_perturb_vp_op(x2, sample_ids, seed_t, step_t, *args)
     else:
-        t, coefs, x_t = _vp_perturb_outputs(x2)
-        kernel(t, coefs, x_t, x2, sample_ids, int(seed) % (1 << 64), int(step), *args,
-               STREAM_TIMES, STREAM_DSM, KINDS["uniform"])  # fmt: skip
-    return t, coefs[1], x_t if x.dim() == 2 else x_t.view(x.shape)
+        t, coefs, x_t = _run_vp_perturb(x2, sample_ids, seed, step, *args)
+    return t, coefs[1], x_t.view(x.shape)
 
 
 # std from log_mean_coeff l for the SDEs whose mean_coef (exp l) and std share it: their own formulas
@@ -370,14 +371,13 @@ def dsm_eps_residual(out: Tensor, coef: float | Tensor, seed, step, sample_ids: 
     backpropagates c_b sq_b passes coef = -2 c and calls ``out.backward(g)``, the gradient the
     autograd path gives bit for bit when c is computed as autograd computes it.  On the cpu backend,
     for fp32 rows and a host coef, one C++ pass makes both and r is never stored."""
-    kernel = getattr(backends.get("cpu").load(), "eps_dsm_residual", None) if backend == "cpu" else None
+    kernel = backends.get("cpu").kernel("eps_dsm_residual") if backend == "cpu" else None
     fused = kernel is not None and isinstance(coef, float) and out.dtype == torch.float32 and out.is_contiguous()
     if fused and out.device.type == "cpu" and not _checks.use_custom_op(out):
-        B = out.shape[0]
-        o2 = out if out.dim() == 2 else out.view(B, math.prod(out.shape[1:]))
-        g, sq = torch.empty_like(o2), torch.empty(B, dtype=torch.float32)
+        o2 = _common.rows(out)
+        g, sq = torch.empty_like(o2), torch.empty(out.shape[0], dtype=torch.float32)
         kernel(g, sq, o2, sample_ids, int(seed) % (1 << 64), int(step), STREAM_DSM, coef)
-        return sq, g if out.dim() == 2 else g.view(out.shape)
+        return sq, g.view(out.shape)
     r = _noise_plus(out, -1.0, seed, step, sample_ids, backend)
     return _rows_sumsq(r, sample_ids, backend), r.mul(coef)
 

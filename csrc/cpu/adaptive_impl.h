@@ -1,6 +1,6 @@
 // The adaptive solvers' per-attempt kernels (rk45, adaptive_sde): the scaled error's per-sample sum
 // of squares, the step controller and the accepted-row select.  Included by kernels_impl.h inside
-// namespace scorefast_cpu (it uses kTile, tile_sumsq, for_each_block, as_float).
+// namespace scorefast_cpu (it uses kTile, tile_sumsq, add_tile_partials, for_each_block, as_float).
 //
 // Arithmetic is the torch reference's, one path per element (scalar float64 controller with libm's
 // pow for every sample; fp32 vector scaling with masked tails), so nothing depends on the batch.
@@ -45,12 +45,7 @@ void scaled_sumsq(at::Tensor out, const at::Tensor& e, const at::Tensor& y, cons
       partial[b * tiles + first / kTile] = tile_sumsq(v.data(), n);
     }
   });
-  float* o = out.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    float s = 0.0f;
-    for (int64_t k = 0; k < tiles; ++k) s += partial[b * tiles + k];
-    o[b] = s;
-  }
+  add_tile_partials(partial, B, tiles, out.data_ptr<float>());
 }
 
 // The step controller of one attempt, per sample, in float64; state [9, B] rows (r, h, steps,

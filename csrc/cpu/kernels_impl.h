@@ -497,6 +497,16 @@ float tile_sumsq(const float* v, int64_t n) {
   return s;
 }
 
+// o[r] = row r's tile partials (partial [rows, tiles]) added in tile order: the last level of the
+// per-sample sums' fixed tree, shared by every kernel that sums rows by tiles.
+void add_tile_partials(const std::vector<float>& partial, int64_t rows, int64_t tiles, float* o) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float s = 0.0f;
+    for (int64_t k = 0; k < tiles; ++k) s += partial[r * tiles + k];
+    o[r] = s;
+  }
+}
+
 // Per-sample sums of squares into o [2 * B]: row 0 of t (when given), row 1 of the normal noise z
 // of (seed, step, stream, ids) with elem offset 0 (when with_noise); z is never stored.  Tiles of
 // kTile elements from each sample's first one, their partials added in tile order.
@@ -514,13 +524,7 @@ void sumsq_rows(float* o, const void* tp, at::ScalarType tdt, const int64_t* id,
       if (with_noise) partial[B * tiles + slot] = tile_sumsq(zbuf.data() + (b - b0) * n, n);
     }
   });
-  for (int64_t row = 0; row < 2; ++row) {
-    for (int64_t b = 0; b < B; ++b) {
-      float s = 0.0f;
-      for (int64_t k = 0; k < tiles; ++k) s += partial[row * B * tiles + b * tiles + k];
-      o[row * B + b] = s;
-    }
-  }
+  add_tile_partials(partial, 2 * B, tiles, o);
 }
 
 // out fp32 [2, B]: row 0 = sum of squares of t per sample (0 when t is undefined), row 1 = the

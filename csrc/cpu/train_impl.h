@@ -1,5 +1,6 @@
 // TrainStep's per-step kernels on the CPU.  Included by kernels_impl.h inside namespace scorefast_cpu
-// (it uses kTile, tile_sumsq, Counter, noise_rows, for_each_block, fill_noise and fused_update).
+// (it uses kTile, tile_sumsq, add_tile_partials, Counter, noise_rows, for_each_block, fill_noise and
+// fused_update).
 #pragma once
 
 // clip_grad_norm_ in one call over the gradients of one (device, dtype) group: contiguous float32
@@ -121,10 +122,5 @@ void eps_dsm_residual(at::Tensor g, at::Tensor sq, const at::Tensor& out, const 
       for (int64_t i = 0; i < n; ++i) gv[i] = r[i] * cf;
     }
   });
-  float* s = sq.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    float total = 0.0f;
-    for (int64_t k = 0; k < tiles; ++k) total += partial[b * tiles + k];
-    s[b] = total;
-  }
+  add_tile_partials(partial, B, tiles, sq.data_ptr<float>());
 }

@@ -51,6 +51,11 @@ def _build_hint() -> str:
     return (" (build: " + "; ".join(reasons) + ")") if reasons else " (no build record: the extension was not built)"
 
 
+def kernel(name: str):
+    """The loaded build's kernel ``name``, or None (a build older than it: callers take their reference)."""
+    return getattr(load(), name, None)
+
+
 def availability():
     m = load()
     why = f"C++ kernels for {m.capability} ({m.vector_width} fp32 lanes), torch capability {_wanted().upper()}"

@@ -46,7 +46,7 @@ def _one_cpu_call(groups: list[list[Tensor]], backend: str) -> bool:
 
 def _kernel():
     """The cpu backend's C++ clip, or None (a build older than it)."""
-    return getattr(backends.get("cpu").load(), "clip_grad_norm", None)
+    return backends.get("cpu").kernel("clip_grad_norm")
 
 
 @torch.library.custom_op("scorefast::clip_grad_norm_cpu_", mutates_args=("grads",))
