@@ -29,6 +29,7 @@ from bench.baselines import score_sde
 from bench.conftest import QUICK, _results
 from scorefast.sde import VPSDE
 
+torch.set_num_threads(1)  # one thread: the paired ratio compares CPU times, each run's own work
 B = 64 if QUICK else 256
 PAIRED_ROUNDS = 3 if QUICK else 9
 EPS = 1e-5

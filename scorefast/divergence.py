@@ -75,15 +75,46 @@ def probes(x: Tensor, n: int, *, probe: str = "rademacher", seed=0, step=0, samp
     return flat.reshape(B, n, *x.shape[1:]).transpose(0, 1).to(x.dtype)
 
 
-def per_sample_dot(a: Tensor, b: Tensor) -> Tensor:
-    """[n, B, ...] x [n, B, ...] -> [n, B]: float64 sums over each sample's elements (fixed tree)."""
-    prod = (a if a.dtype == torch.float64 else a.double()) * b.double()
-    return tree_sum(prod.reshape(*prod.shape[:2], -1))
+def per_sample_dot(a: Tensor, b: Tensor, lead: int = 2) -> Tensor:
+    """[n, B, ...] x [n, B, ...] -> [n, B] (``lead=1``: [B, ...] x [B, ...] -> [B]): float64 sums over
+    each sample's elements (fixed tree)."""
+    if a.dtype != torch.float64:
+        a = a.double()
+    prod = a * b  # b (any float dtype) widens to float64 exactly inside the product: one op
+    return tree_sum(prod.reshape(*prod.shape[:lead], -1))
 
 
-def _grad(y: Tensor, xg: Tensor, v: Tensor, retain: bool) -> Tensor:
-    """J^T v for y = fn(xg) recorded by autograd (v cast to y's dtype)."""
-    return torch.autograd.grad(y, xg, v.to(y.dtype), retain_graph=retain)[0]
+def _engine_vjp() -> Callable | None:
+    """``torch.autograd.graph._engine_run_backward``, the call ``torch.autograd.grad`` ends in (it
+    keeps the caller's context for the engine's device threads), or None where this torch has none.
+    ``torch.autograd.grad`` first normalises and checks its arguments in Python (about a tenth of a
+    small network's forward and VJP on a CPU); ``vjp`` hands the engine what that would produce:
+    one plain output, a cotangent of its shape in its dtype, one input."""
+    graph = getattr(torch.autograd, "graph", None)
+    return getattr(graph, "_engine_run_backward", None)
+
+
+_RUN_BACKWARD = _engine_vjp()
+
+
+def vjp(y: Tensor, xg: Tensor, v: Tensor, retain: bool) -> Tensor:
+    """J^T v for y = fn(xg) recorded by autograd (v cast to y's dtype; no graph of the result).
+
+    Plain tensors of one shape go to the autograd engine as ``torch.autograd.grad`` would send them
+    (same result, same errors; a test holds both); tensor subclasses (``__torch_function__``), other
+    shapes and compiled code take ``torch.autograd.grad`` itself."""
+    v = v.to(y.dtype)
+    if (
+        _RUN_BACKWARD is not None
+        and type(y) is Tensor
+        and type(xg) is Tensor
+        and type(v) is Tensor
+        and y.shape == v.shape
+        and not torch.compiler.is_compiling()
+    ):
+        # (outputs, cotangents, retain_graph, create_graph, inputs, allow_unused), no accumulation
+        return _RUN_BACKWARD((y,), (v,), retain, False, (xg,), False, accumulate_grad=False)[0]
+    return torch.autograd.grad(y, xg, v, retain_graph=retain)[0]
 
 
 def vjp_trace(y: Tensor, xg: Tensor, vectors: Tensor, vectors64: Tensor | None = None) -> Tensor:
@@ -91,8 +122,8 @@ def vjp_trace(y: Tensor, xg: Tensor, vectors: Tensor, vectors64: Tensor | None =
     (``vectors64``: the probes already in float64, when a caller reuses them)."""
     v64 = vectors if vectors64 is None else vectors64
     if len(vectors) == 1:
-        return per_sample_dot(v64, _grad(y, xg, vectors[0], False)[None])[0]
-    jtv = torch.stack([_grad(y, xg, v, j < len(vectors) - 1) for j, v in enumerate(vectors)])
+        return per_sample_dot(v64[0], vjp(y, xg, vectors[0], False), lead=1)
+    jtv = torch.stack([vjp(y, xg, v, j < len(vectors) - 1) for j, v in enumerate(vectors)])
     return per_sample_dot(v64, jtv).mean(0)
 
 
@@ -104,7 +135,7 @@ def diagonal_trace(y: Tensor, xg: Tensor) -> Tensor:
     onehot = torch.zeros(B, D, dtype=y.dtype, device=xg.device)
     for e in range(D):
         onehot[:, e] = 1
-        g = _grad(y, xg, onehot.view(xg.shape), e < D - 1)
+        g = vjp(y, xg, onehot.view(xg.shape), e < D - 1)
         onehot[:, e] = 0
         trace = trace + g.reshape(B, D)[:, e].double()
     return trace
@@ -120,7 +151,7 @@ def vjp_products(fn: Callable, x: Tensor, vectors: Tensor) -> tuple[Tensor, Tens
     """(fn(x), [J^T v_j for each v_j in vectors [n, B, ...]])."""
     with torch.enable_grad():
         y, xg = _recorded(fn, x)
-        out = [_grad(y, xg, v, True) for v in vectors]
+        out = [vjp(y, xg, v, True) for v in vectors]
     return y.detach(), torch.stack(out)
 
 

@@ -4,7 +4,11 @@ log p_eps(x) = log p_T(x_T) + int_eps^T div f~(x_t, t) dt with f~ = a(t) x + b(t
 probability-flow drift (``sde.reverse_coefs``), solved from eps to T with the shared Dormand–Prince
 solver (``scorefast.solvers``).  Since the drift is affine in the score, div f~ = a D + b div s:
 only the network is differentiated, and the a D part is exact.  The divergence is a float64
-quadrature beside the state, so it never feeds back into the stages.
+quadrature beside the state, so it never feeds back into the stages, and it is computed only where
+the solver uses it: Dormand–Prince's second stage has weight zero in both the solution and the error
+estimate, so there the network's backward pass is skipped (one fewer per attempt of six
+evaluations; scipy's loop, as score_sde's, computes it at every evaluation).  A divergence that
+would have been NaN/inf at that stage alone is never computed, so it cannot fail the solve.
 
 Precision: the network runs in its own dtype (its parameters' dtype where ``score_fn`` exposes the
 module, else x's dtype, or ``network_dtype``); the state x_t is float32 (each stage combination
@@ -24,7 +28,7 @@ import torch
 from torch import Tensor
 
 from . import _checks
-from .divergence import PROBES, check_fn_output, check_n_probes, diagonal_trace, probes, vjp_trace
+from .divergence import PROBES, check_fn_output, check_n_probes, diagonal_trace, per_sample_dot, probes, vjp, vjp_trace
 from .errors import NonFiniteError
 from .rng import STREAM_DEQUANT, rand
 from .sde.base import SDE
@@ -153,9 +157,16 @@ def log_likelihood(
     fused = adaptive.FusedRows(y0, backend)
     # per-sample rows ride with their samples (batch-first; finished samples retire from the solve):
     # the probes in fp32 and float64, then the per-sample tensors of extra_args
-    probe_rows = () if v is None else (v.transpose(0, 1), v.double().transpose(0, 1))
+    # (one probe, the default: [B, ...] rows, so each evaluation's trace is one VJP and one dot)
+    if v is None:
+        probe_rows = ()
+    elif n_probes == 1:
+        probe_rows = (v[0], v[0].double())
+    else:
+        probe_rows = (v.transpose(0, 1), v.double().transpose(0, 1))
     row_keys = [k for k, val in extra.items() if isinstance(val, Tensor) and val.dim() > 0]
     fixed = {k: val for k, val in extra.items() if k not in row_keys}
+    n_probe_rows = len(probe_rows)
 
     def schedule(t: Tensor) -> tuple[Tensor, ...]:
         """Per stage time t [S, B], once per solver attempt: the time the network sees, the drift's
@@ -165,22 +176,30 @@ def log_likelihood(
         coefs = torch.stack([a, b, torch.zeros_like(a)], 1).to(fused_dtype)
         return t.to(time_dtype), coefs, b, a * D
 
-    def rhs(y: Tensor, _t: Tensor, t_net, coefs, b: Tensor, a_dim: Tensor, *rows) -> tuple[Tensor, Tensor]:
+    def rhs(y: Tensor, _t: Tensor, t_net, coefs, b: Tensor, a_dim: Tensor, *rows, quadrature: bool = True):
         """(probability-flow drift a y + b s in the state's dtype, its divergence [b, 1] float64) for
-        the b samples still integrating; ``rows``: their probes [b, n, ...] (fp32, float64) and
-        per-sample extra_args."""
-        probe_rows, kwargs = rows[: len(rows) - len(row_keys)], dict(fixed)
-        kwargs.update(zip(row_keys, rows[len(probe_rows) :]))
+        the b samples still integrating; ``rows``: their probes ([b, ...] for one probe, else
+        [b, n, ...]; fp32, float64) and per-sample extra_args.  ``quadrature=False`` (a stage whose
+        divergence the solver never uses): the drift only, and no backward pass.  The network is
+        called the same way at every stage (grad enabled, an input that requires grad), so a score
+        that differentiates its own input, or a compiled network's guards, see no difference."""
+        probe_rows, kwargs = rows[:n_probe_rows], fixed
+        if row_keys:
+            kwargs = {**fixed, **dict(zip(row_keys, rows[n_probe_rows:]))}
+        n = y.shape[0]
         with torch.enable_grad():
             xin = y.detach().to(net_dtype).requires_grad_(True)
             s = check_fn_output("score_fn", score_fn(xin, t_net, **kwargs), xin)
-            if probe_rows:
+            if not quadrature:
+                trace = None
+            elif n_probes == 1 and probe_rows:
+                trace = per_sample_dot(probe_rows[1], vjp(s, xin, probe_rows[0], False), lead=1)
+            elif probe_rows:
                 trace = vjp_trace(s, xin, probe_rows[0].transpose(0, 1), probe_rows[1].transpose(0, 1))
             else:
                 trace = diagonal_trace(s, xin)
-        rows = y.shape[0]
-        drift = fused(y.reshape(rows, -1), [s.detach().reshape(rows, -1)], coefs)
-        return drift.view(y.shape), torch.addcmul(a_dim, b, trace)[:, None]
+        drift = fused(y.reshape(n, -1), [s.detach().reshape(n, -1)], coefs).view(y.shape)
+        return drift, None if trace is None else torch.addcmul(a_dim, b, trace)[:, None]
 
     def prior(z: Tensor) -> Tensor:
         z = z.to(torch.float64)
@@ -208,6 +227,7 @@ def log_likelihood(
         time_coefs=schedule,
         per_sample=(*probe_rows, *(extra[k] for k in row_keys)),
         retire=retire,
+        skip_idle_quadrature=True,
     )
     logp = prior(sol.y) + sol.q[:, 0]
     nll = -logp

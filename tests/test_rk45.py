@@ -123,3 +123,49 @@ def test_stage_combinations_in_passes_of_four_terms_match_one_pass():
         )
         torch.testing.assert_close(one(key, x, terms).double(), expected, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(four(key, x, terms), one(key, x, terms), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("error_norm,retire", [("sample", False), ("sample", True), ("batch", False)])
+def test_skipping_the_idle_stages_quadrature_changes_nothing(error_norm, retire):
+    """Dormand–Prince's second stage has weight zero in the solution and the error estimate: with
+    ``skip_idle_quadrature`` fn is asked for dq there not at all (once per attempt, ``quadrature=False``)
+    and the solution, the quadrature and the step counts are bitwise those of the full solve."""
+    y0 = torch.linspace(-2, 2, 10, dtype=torch.float32).reshape(5, 2)
+    flags = []
+
+    def fn(y, t, quadrature=True):
+        flags.append(quadrature)
+        dy = -y * (1 + t[:, None].to(y.dtype)) + 0.3 * torch.sin(3 * y)
+        return dy, (torch.cos(y).sum(1, keepdim=True) * t[:, None]).double() if quadrature else None
+
+    kw = dict(rtol=1e-5, atol=1e-5, q0=torch.zeros(5, 1, dtype=torch.float64), error_norm=error_norm, retire=retire)
+    full = solve(lambda y, t: fn(y, t), y0, 0.0, 1.0, **kw)
+    assert all(flags)
+    flags.clear()
+    skip = solve(fn, y0, 0.0, 1.0, skip_idle_quadrature=True, **kw)
+    assert torch.equal(skip.y, full.y) and torch.equal(skip.q, full.q) and torch.equal(skip.nfe, full.nfe)
+    attempts = int((skip.steps + skip.rejected).max())
+    assert flags.count(False) == attempts and len(flags) == 2 + 6 * attempts
+    # the first stage call of each attempt
+    assert [i for i, f in enumerate(flags[2:]) if not f] == [6 * a for a in range(attempts)]
+
+
+@pytest.mark.parametrize("D", [1, 2, 3, 7, 8, 13, 100])
+def test_tree_sum_adds_each_element_to_the_one_half_a_width_away(D):
+    """The solvers' fixed summation tree: zero-padded to a power of two, then each level adds
+    element i to element i + half (one rounding each), so a sample's sum never depends on the batch.
+    Held against that rule written out with slices, bitwise, on values spread over 16 decades."""
+    from scorefast.solvers.adaptive import tree_sum
+
+    g = torch.Generator().manual_seed(D)
+    v = torch.randn(4, 9, D, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-8, 8, (4, 9, D), generator=g)
+    v[0, 0], v[0, 1] = 0.0, -0.0  # a row of zeros and one of negative zeros: the sum's sign too
+    v[1, ::3] = v[1, ::3].where(torch.rand(v[1, ::3].shape, generator=g) < 0.5, -0.0)
+    for x in (v, v.float(), v.transpose(0, 1)):
+        want = torch.nn.functional.pad(x, (0, (1 << max(D - 1, 0).bit_length()) - D))
+        while want.shape[-1] > 1:
+            half = want.shape[-1] // 2
+            want = want[..., :half] + want[..., half:]
+        got = tree_sum(x)
+        assert torch.equal(got, want[..., 0]) and torch.equal(got.signbit(), want[..., 0].signbit())
+        assert torch.equal(tree_sum(x[:1]), want[:1, ..., 0])  # one row alone: the same sums

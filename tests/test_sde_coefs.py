@@ -138,3 +138,14 @@ def test_sde_coefs_argument_errors():
         mod.sde_coefs(h, times, a, b, fa)
     with pytest.raises(ValueError, match="fb:"):
         mod.sde_coefs(h, times, a, b, fa, fb[:, :2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("folded", [False, True])
+def test_sde_coefs_of_an_empty_batch_is_empty(backend, dtype, folded):
+    """B = 0 (an empty table, whose data pointer is null) in either table dtype."""
+    h, times, a, b = _problem(0)
+    fold = _fold(times) if folded else (None, None)
+    got = mod.sde_coefs(h, times, a, b, *fold, dtype=dtype, backend=backend)
+    assert got.shape == (10, 0) and got.dtype == dtype

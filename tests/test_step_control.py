@@ -246,3 +246,13 @@ def test_the_solvers_eager_loops_run_on_every_backend(backend):
     sde = sf.sde.VPSDE()
     x = sf.sample(gm.score_fn(sde), sde, (6, 2), sampler="adaptive_sde", seed=0, backend=backend, rtol=0.2, atol=0.2)
     assert x.shape == (6, 2) and bool(torch.isfinite(x).all())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("table_dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("advance", [True, False])
+def test_step_control_of_an_empty_batch_is_empty(backend, table_dtype, advance):
+    """B = 0 (every table empty, whose data pointer is null): nothing to do, in either table dtype."""
+    accept, state, stage_t, table = _run(backend, 0, advance=advance, table_dtype=table_dtype)
+    assert accept.shape == (0,) and state.shape == (len(sc_mod.ROWS), 0) and table.dtype == table_dtype
+    assert stage_t.shape == (7, 0) and table.shape == (5, 0)

@@ -120,6 +120,10 @@ void step_control(at::Tensor state, const c10::optional<at::Tensor>& sumsq, cons
   const double* bs = base.data_ptr<double>();
   const double* ml = mult.data_ptr<double>();
   double* stt = stage_t.data_ptr<double>();
+  // the table's pointer once (data_ptr checks its dtype on every call: ~R * B calls otherwise)
+  const bool table_f32 = table.scalar_type() == at::kFloat;
+  float* table32 = table_f32 ? table.data_ptr<float>() : nullptr;  // (nullptr for an empty table)
+  double* table64 = table_f32 ? nullptr : table.data_ptr<double>();
   for (int64_t b = 0; b < B; ++b) {
     active[b] = r[b] > 0.0;
     h[b] = (h[b] != h[b] || r[b] != r[b]) ? NAN : std::min(h[b], r[b]);
@@ -135,10 +139,10 @@ void step_control(at::Tensor state, const c10::optional<at::Tensor>& sumsq, cons
     for (int64_t s = 0; s < S; ++s) stt[s * B + b] = std::fma(cs[s], hs[b], t[b]);
     for (int64_t k = 0; k < R; ++k) {
       const double v = std::fma(ml[k], hs[b], bs[k]);
-      if (table.scalar_type() == at::kFloat)
-        table.data_ptr<float>()[k * B + b] = static_cast<float>(v);
+      if (table_f32)
+        table32[k * B + b] = static_cast<float>(v);
       else
-        table.data_ptr<double>()[k * B + b] = v;
+        table64[k * B + b] = v;
     }
   }
 }
@@ -191,12 +195,14 @@ void sde_coefs(at::Tensor out, const at::Tensor& h, const at::Tensor& times, con
               "out must be a contiguous float32/float64 [10, B] tensor");
   const double *hp = h.data_ptr<double>(), *tp = times.data_ptr<double>();
   const double *ap = a.data_ptr<double>(), *bp = b.data_ptr<double>();
-  const bool f32 = out.scalar_type() == at::kFloat;
+  const bool out_f32 = out.scalar_type() == at::kFloat;
+  float* out32 = out_f32 ? out.data_ptr<float>() : nullptr;  // once, not per store (nullptr when empty)
+  double* out64 = out_f32 ? nullptr : out.data_ptr<double>();
   auto store = [&](int64_t k, int64_t i, double v) {
-    if (f32)
-      out.data_ptr<float>()[k * B + i] = static_cast<float>(v);
+    if (out_f32)
+      out32[k * B + i] = static_cast<float>(v);
     else
-      out.data_ptr<double>()[k * B + i] = v;
+      out64[k * B + i] = v;
   };
   for (int64_t i = 0; i < B; ++i) {
     const double hv = hp[i];

@@ -132,6 +132,7 @@ def solve(
     time_coefs: Callable | None = None,
     per_sample: tuple[Tensor, ...] = (),
     retire: bool = True,
+    skip_idle_quadrature: bool = False,
 ) -> Solution:
     """Integrate dy/dt = fn(y, t [B] float64) from t0 to t1 (floats or [B]); y0 [B, ...].
 
@@ -148,6 +149,10 @@ def solve(
     likelihood's probes, follows its sample when finished samples retire from the batch).
     ``retire``: in the default eager loop with ``error_norm="sample"``, samples that reached t1 leave
     the batch (fn then sees fewer rows; ``False`` keeps every call at B rows).
+    ``skip_idle_quadrature`` (with q0): Dormand–Prince's second stage has weight zero in both the
+    solution and the error estimate, so its dq is never used; fn is then called with the keyword
+    ``quadrature=False`` there and may return (dy, None) (the likelihood skips its divergence, the
+    network's backward pass, at that stage), and with ``quadrature=True`` at every other evaluation.
     ``attempts`` runs the step attempts: ``attempts(body, carry, 0, max_steps, done=done)`` with
     ``carry = body(n, *carry)`` (default: a loop that reads ``done`` on the host before each
     attempt; a sampler's ``Context.steps`` captures one attempt, all six stages, as a CUDA graph).
@@ -181,11 +186,19 @@ def solve(
     c_stage = torch.tensor(C, dtype=torch.float64, device=dev)
     q_weights = torch.tensor([B5, ERR], dtype=torch.float64, device=dev)  # [2, 7]: q_new - q, q's error
 
-    def evaluate(y: Tensor, t: Tensor, coefs=()) -> tuple[Tensor, Tensor | None]:
+    # the stages whose dq takes part in nothing (zero weight in the solution and the error estimate)
+    skipping = q0 is not None and skip_idle_quadrature
+    idle = {i for i in range(7) if B5[i] == 0.0 and ERR[i] == 0.0} if skipping else set()
+    flag = {"quadrature": True} if skipping else {}
+
+    def evaluate(y: Tensor, t: Tensor, coefs=(), stage: int = 0) -> tuple[Tensor, Tensor | None]:
         if time_coefs is not None and not coefs:  # a single evaluation (not an attempt's stage)
             coefs = tuple(c[0] for c in time_coefs(t[None]))
         b = y.shape[0]
-        out = fn(y.view((b, *shape[1:])), t, *coefs, *live.rows)
+        if stage in idle:
+            k = fn(y.view((b, *shape[1:])), t, *coefs, *live.rows, quadrature=False)[0]
+            return k.reshape(b, -1).contiguous(), None
+        out = fn(y.view((b, *shape[1:])), t, *coefs, *live.rows, **flag)
         k, g = out if q0 is not None else (out, None)
         return k.reshape(b, -1).contiguous(), g
 
@@ -227,9 +240,9 @@ def solve(
         tables = time_coefs(stage_t) if time_coefs is not None else ()
         for i in range(1, 7):
             y_new = combine(i, y, ks)  # after the last stage: the 5th-order solution (FSAL)
-            k, g = evaluate(y_new, stage_t[i], tuple(c[i] for c in tables))
+            k, g = evaluate(y_new, stage_t[i], tuple(c[i] for c in tables), i)
             ks.append(k)
-            gs.append(g)
+            gs.append(torch.zeros_like(g1) if i in idle else g)  # an idle stage's weights are zero
         err = combine("err", ks[0], ks[1:])
         if q0 is not None:  # sum_j h w_j g_j for both weight rows at once, float64, fixed tree
             sums = adaptive.tree_sum(torch.stack(gs, -1)[:, :, None, :] * (hs[:, None, None, None] * q_weights))
