@@ -46,6 +46,9 @@ TOLERANCES = (
     if QUICK
     else {"rk45": suite.TOLERANCES, "adaptive_sde": (7e-1, 5e-1, 3e-1, 2e-1, 1e-1, 5e-2)}
 )
+# adaptive samplers with other options, each its own label: adaptive_sde keeping its rejected increments
+# (rejection sampling with memory) beside the authors' redrawing rule, at the same tolerances
+ADAPTIVE_VARIANTS = {"adaptive_sde [bridge]": ("adaptive_sde", {"brownian": "bridge"})}
 DIGITS_TOLERANCES = {"adaptive_sde": (3e-1,) if QUICK else (5e-1, 2e-1), "rk45": (1e-1, 1e-2)}  # the loose end
 TARGET_NAMES = ("ring2d",) if QUICK else tuple(TARGETS)
 SDE_KEYS = tuple(suite.sdes())
@@ -197,15 +200,20 @@ def _peer_run(peer, score, sde, shape, nfe) -> suite.Run | None:
     return None if out.nfe < 0 else out
 
 
-def _sweep_ours(t, sde_key: str, name: str, schedule_name: str | None = None, nfes=NFES, tols=None) -> None:
+def _sweep_ours(
+    t, sde_key: str, name: str, schedule_name: str | None = None, nfes=NFES, tols=None, variant: str | None = None
+) -> None:
+    """``name`` at each NFE budget, or an adaptive one at each tolerance; ``variant``: a label of
+    ``ADAPTIVE_VARIANTS`` (its sampler and options)."""
     sde, score = t.problem(sde_key)
     ours_backend = resolve(None, torch.device("cpu"), torch.float32)
+    extra = ADAPTIVE_VARIANTS[variant][1] if variant else {}
     base = {
         "backend": ours_backend,
         "sampler": name,
         "kind": "scorefast",
         "peer": None,
-        "options": suite.options(name),
+        "options": {**suite.options(name), **extra},
         "schedule": schedule_name or "default",
     }
     try:
@@ -214,8 +222,8 @@ def _sweep_ours(t, sde_key: str, name: str, schedule_name: str | None = None, nf
         pytest.skip(f"{name} on {sde_key}: {e}")
     if suite.is_adaptive(name):
         for tol in tols or TOLERANCES[name]:
-            run, err = _attempt(lambda tol=tol: suite.run_ours(name, score, sde, t.shape, tol=tol))
-            _row(t, sde_key, name, run, err, tol=tol, **base)
+            run, err = _attempt(lambda tol=tol: suite.run_ours(name, score, sde, t.shape, tol=tol, opts=extra))
+            _row(t, sde_key, variant or name, run, err, tol=tol, **base)
         return
     for nfe in nfes:
         schedule = None
@@ -235,6 +243,15 @@ def test_scorefast(benchmark, target, sde_key, sampler):
         pytest.skip(f"adaptive samplers run on {ADAPTIVE_SDES} (time)")
     t = _target(target)
     benchmark.pedantic(lambda: _sweep_ours(t, sde_key, sampler), rounds=1, iterations=1)
+
+
+@pytest.mark.parametrize("variant", list(ADAPTIVE_VARIANTS))
+@pytest.mark.parametrize("sde_key", ADAPTIVE_SDES)
+@pytest.mark.parametrize("target", TARGET_NAMES)
+def test_scorefast_variant(benchmark, target, sde_key, variant):
+    t = _target(target)
+    name = ADAPTIVE_VARIANTS[variant][0]
+    benchmark.pedantic(lambda: _sweep_ours(t, sde_key, name, variant=variant), rounds=1, iterations=1)
 
 
 @pytest.mark.parametrize("peer", PEERS, ids=[p.label for p in PEERS])
@@ -294,6 +311,18 @@ def test_digits_scorefast(benchmark, sampler):
     t = _target("digits")
     benchmark.pedantic(
         lambda: _sweep_ours(t, "vp", sampler, nfes=DIGITS_NFES, tols=DIGITS_TOLERANCES.get(sampler, ())),
+        rounds=1,
+        iterations=1,
+    )
+
+
+@pytest.mark.parametrize("variant", list(ADAPTIVE_VARIANTS))
+def test_digits_scorefast_variant(benchmark, variant):
+    name = ADAPTIVE_VARIANTS[variant][0]
+    if name not in DIGITS_SAMPLER_NAMES:
+        pytest.skip(f"{name} does not run on the digits in this run")
+    benchmark.pedantic(
+        lambda: _sweep_ours(_target("digits"), "vp", name, tols=DIGITS_TOLERANCES[name], variant=variant),
         rounds=1,
         iterations=1,
     )

@@ -145,6 +145,7 @@ VARIANTS = [
     ("rk45", VPSDE(), {"rtol": 1e-3, "atol": 1e-3}),
     ("adaptive_sde", VPSDE(), {"rtol": 0.1, "atol": 0.1, "h_init": 0.1}),
     ("adaptive_sde", VPSDE(), {"rtol": 0.1, "atol": 0.1, "h_init": 0.1, "error_norm": "batch"}),
+    ("adaptive_sde", VESDE(0.01, 10), {"rtol": 0.1, "atol": 0.1, "brownian": "bridge"}),
 ]
 
 

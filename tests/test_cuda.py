@@ -283,12 +283,13 @@ def test_adaptive_step_ops_vs_reference_on_gpu(backend):
 
 
 def test_rk45_and_adaptive_sde_graph_replay_equals_eager_on_gpu(backend):
-    """A captured attempt (six stages, the fused controller) replays to the eager samples."""
+    """A captured attempt (six stages, the fused controller; adaptive_sde's kept Brownian intervals too)
+    replays to the eager samples."""
     gm = sf.testing.GaussianMixture.builtin()
     sde = sf.sde.VPSDE()
     score = gm.score_fn(sde)
-    for sampler in ("rk45", "adaptive_sde"):
-        kw = dict(sampler=sampler, seed=1, device="cuda", backend=backend, return_info=True)
+    for sampler, options in (("rk45", {}), ("adaptive_sde", {}), ("adaptive_sde", {"brownian": "bridge"})):
+        kw = dict(sampler=sampler, seed=1, device="cuda", backend=backend, return_info=True, **options)
         eager, info_e = sf.sample(score, sde, (256, 2), cuda_graph=False, **kw)
         graphed, info_g = sf.sample(score, sde, (256, 2), cuda_graph=True, **kw)
         assert info_g["graphed"]

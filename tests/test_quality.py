@@ -227,11 +227,12 @@ def test_adaptive_sde_verdict_needs_fewer_nfe_than_both_fixed_step_sde_samplers(
     annotated = annotate({**results, "results": rows})
     assert json.loads(json.dumps(annotated["adaptive_sde_vs_fixed"])) == annotated["adaptive_sde_vs_fixed"]
     vp = next(r for r in annotated["adaptive_sde_vs_fixed"] if r["sde"] == "vp")
-    assert vp["fewer_nfe"] and vp["adaptive_sde_nfe"] == 90 and vp["euler_maruyama_nfe"] == 100 and vp["pc_nfe"] is None
+    assert vp["fewer_nfe"] and vp["label"] == "adaptive_sde" and vp["adaptive_nfe"] == 90
+    assert vp["euler_maruyama_nfe"] == 100 and vp["pc_nfe"] is None
     assert vp["fewer_nfe_than"] == {"euler_maruyama": True, "pc": True}
     table = quality_table({**results, "results": rows})
-    assert "| ring2d | VP | 90 / 900 ms | 100 / 1.0 s | - (2x) | both |" in table
-    assert "| ring2d | VE | 40 / 400 ms | 20 / 200 ms |  | pc only |" in table
+    assert "| ring2d | VP | adaptive_sde | 90 / 900 ms | 100 / 1.0 s | - (2x) | both |" in table
+    assert "| ring2d | VE | adaptive_sde | 40 / 400 ms | 20 / 200 ms |  | pc only |" in table
 
 
 def test_adaptive_sde_verdict_names_what_it_beats_and_what_it_does_not():
@@ -246,8 +247,28 @@ def test_adaptive_sde_verdict_names_what_it_beats_and_what_it_does_not():
     assert verdicts["gmm16"]["fewer_than"] == {"euler_maruyama": False, "pc": False}  # equal NFE is not fewer
     results = {"suite": "cpu-quality", "date": "2026-12-02", "machine": {"gpu": None, "cpu": "x", "torch": "2"}}
     table = quality_table({**results, "results": rows})
-    assert "| ring2d | VP | 60 / 600 ms | 50 / 500 ms | 100 / 1.0 s | pc only |" in table
-    assert "| gmm16 | VP | 50 / 500 ms | 50 / 500 ms | 50 / 500 ms | neither |" in table
+    assert "| ring2d | VP | adaptive_sde | 60 / 600 ms | 50 / 500 ms | 100 / 1.0 s | pc only |" in table
+    assert "| gmm16 | VP | adaptive_sde | 50 / 500 ms | 50 / 500 ms | 50 / 500 ms | neither |" in table
+
+
+def test_adaptive_sde_verdicts_cover_the_bridge_rows_too():
+    """Rows labelled "adaptive_sde [bridge]" (``brownian="bridge"``) get their own verdict beside the
+    default's, against the same fixed-step rows; other labels get none."""
+    rows = [
+        _row("adaptive_sde", 60, 0.1),
+        _row("adaptive_sde [bridge]", 40, 0.1),
+        _row("adaptive_sde [other]", 10, 0.1),
+        _row("euler_maruyama", 50, 0.1),
+        _row("pc", 100, 0.1),
+    ]
+    verdicts = {v["label"]: v for v in adaptive_verdicts(summary(rows))}
+    assert set(verdicts) == {"adaptive_sde", "adaptive_sde [bridge]"}
+    assert verdicts["adaptive_sde [bridge]"]["fewer"] and not verdicts["adaptive_sde"]["fewer"]
+    results = {"suite": "cpu-quality", "date": "2026-12-02", "machine": {"gpu": None, "cpu": "x", "torch": "2"}}
+    bridge = next(r for r in annotate({**results, "results": rows})["adaptive_sde_vs_fixed"] if "bridge" in r["label"])
+    assert bridge["adaptive_nfe"] == 40 and bridge["euler_maruyama_nfe"] == 50
+    table = quality_table({**results, "results": rows})
+    assert "| ring2d | VP | adaptive_sde [bridge] | 40 / 400 ms | 50 / 500 ms | 100 / 1.0 s | both |" in table
 
 
 def test_plot_quality_writes_a_png(tmp_path):
@@ -281,7 +302,11 @@ def test_quick_quality_suite_runs_every_sampler_and_peer(tmp_path):
     assert all(r["nfe"] <= r["nfe_budget"] for r in rows if "nfe_budget" in r)
     assert all(r["floor"] > 0 and r["median_s"] > 0 for r in rows)
     assert "**ring2d**" in stdout and "| unipc |" in stdout and "| ring2d | VP |" in stdout
-    assert [(v["target"], v["sde"]) for v in data["adaptive_sde_vs_fixed"]] == [("ring2d", "vp")]
+    verdicts = [(v["target"], v["sde"], v["label"]) for v in data["adaptive_sde_vs_fixed"]]
+    assert verdicts == [("ring2d", "vp", "adaptive_sde"), ("ring2d", "vp", "adaptive_sde [bridge]")]
+    bridge = [r for r in rows if r["label"] == "adaptive_sde [bridge]"]
+    assert {r["target"] for r in bridge} == {"ring2d"}
+    assert all(r["options"]["brownian"] == "bridge" for r in bridge)
     assert render_table(data) in stdout
     assert (tmp_path / "quality.png").stat().st_size > 10_000  # written by the run, beside the JSON
     png = plot_quality(data, tmp_path / "quality.png")

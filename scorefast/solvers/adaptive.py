@@ -23,7 +23,7 @@ from ..backends import resolve
 from ..errors import NonFiniteError
 from ..ops.fused_update import fused_update_op
 from ..ops.select_rows import select_rows
-from ..ops.step_control import FAIL, HS, REJECTED, ROWS, STEPS, H, R, step_control  # noqa: F401 (the solvers read rows)
+from ..ops.step_control import ACTIVE, FAIL, HS, REJECTED, ROWS, STEPS, H, R, T, step_control  # noqa: F401 (the solvers read rows)
 
 ERROR_NORMS = ("sample", "batch")
 MAX_TERMS = 4  # terms per fused pass on the triton and cuda backends (cpu and torch take any number)
@@ -175,8 +175,22 @@ class Controller:
         return self.t_end, self.direction, n, self.c_stage, stage_t, self.base, self.mult, table
 
     def __call__(self, n, state: Tensor, sumsq: Tensor, stage_t: Tensor, table: Tensor, news, olds) -> list[Tensor]:
+        return self.decide(n, state, sumsq, stage_t, table, news, olds)[1]
+
+    def decide(self, n, state, sumsq, stage_t, table, news, olds) -> tuple[Tensor, list[Tensor]]:
+        """``__call__`` that also returns the accept mask [B] (bool)."""
         accept = step_control(state, sumsq, *self._fixed(n, stage_t, table), **self.args)
-        return select_rows(accept, news, olds, backend=self.backend, trusted=True)
+        return accept, select_rows(accept, news, olds, backend=self.backend, trusted=True)
+
+    def set_step(self, state: Tensor, stage_t: Tensor, h: Tensor) -> None:
+        """Replace the coming attempt's step by ``h`` [B] (float64, at most the time left): the state's
+        h rows and the stage times, by the op's own formula (a sample whose h is unchanged keeps its
+        times bit for bit).  Solvers with a coefficient table (``combine``) do not use this."""
+        if self.base.numel():
+            raise AssertionError("set_step: the Combos table would need rebuilding")
+        state[H].copy_(h)
+        state[HS].copy_(h * self.direction if self.args["rule"] == "rk45" else h)
+        stage_t.copy_(torch.addcmul(state[T], self.c_stage[:, None], state[HS]))
 
 
 def tree_sum(v: Tensor) -> Tensor:
