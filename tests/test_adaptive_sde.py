@@ -154,10 +154,12 @@ def test_noise_is_one_draw_per_attempt_on_stream_zero(monkeypatch):
     assert sorted(seen) == sorted([(STREAM_SAMPLER, k) for k in range(attempts)] * 2)
 
 
-def test_a_captured_attempt_replays_as_eager():
+@pytest.mark.parametrize("options", [{}, dict(brownian="bridge", rtol=0.05, atol=0.05)], ids=["redraw", "bridge"])
+def test_a_captured_attempt_replays_as_eager(options):
     sde = VPSDE()
-    kw = dict(sampler="adaptive_sde", seed=4, return_info=True)
+    kw = dict(sampler="adaptive_sde", seed=4, return_info=True, **options)
     a, ia = sf.sample(elementwise, sde, (12, 3), **kw)
+    assert ia["nfe_per_sample"].min() < ia["nfe_per_sample"].max()
     with warnings.catch_warnings(), graphs.emulated():
         warnings.simplefilter("error")
         b, ib = sf.sample(elementwise, sde, (12, 3), cuda_graph=True, **kw)
@@ -165,15 +167,16 @@ def test_a_captured_attempt_replays_as_eager():
     assert torch.equal(ia["nfe_per_sample"], ib["nfe_per_sample"])
 
 
+@pytest.mark.parametrize("brownian", ["redraw", "bridge"])
 @pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
-def test_a_nan_score_raises_at_the_first_bad_attempt(graphed):
+def test_a_nan_score_raises_at_the_first_bad_attempt(graphed, brownian):
     def bad(x, t):
         return torch.where((t < 0.6)[:, None], torch.full_like(x, float("nan")), -x)
 
     pattern = r"adaptive_sde: non-finite values at step \d+ \(the attempt from t = 0\.[6-9]"
     with warnings.catch_warnings(), graphs.emulated(), pytest.raises(NonFiniteError, match=pattern):
         warnings.simplefilter("error")
-        sf.sample(bad, VPSDE(), (4, 2), sampler="adaptive_sde", cuda_graph=graphed)
+        sf.sample(bad, VPSDE(), (4, 2), sampler="adaptive_sde", cuda_graph=graphed, brownian=brownian)
 
 
 @pytest.mark.parametrize(
@@ -349,27 +352,6 @@ def test_bridge_draws_two_counters_per_attempt(monkeypatch):
     _, info = sf.sample(elementwise, VPSDE(), (3, 2), sampler="adaptive_sde", return_info=True, brownian="bridge")
     attempts = (info["nfe"] - 1) // 2
     assert sorted(seen) == [(STREAM_SAMPLER, k) for k in range(2 * attempts)]
-
-
-def test_a_captured_bridge_attempt_replays_as_eager():
-    kw = dict(sampler="adaptive_sde", seed=4, return_info=True, brownian="bridge", rtol=0.05, atol=0.05)
-    a, ia = sf.sample(elementwise, VPSDE(), (12, 3), **kw)
-    assert ia["nfe_per_sample"].min() < ia["nfe_per_sample"].max()
-    with warnings.catch_warnings(), graphs.emulated():
-        warnings.simplefilter("error")
-        b, ib = sf.sample(elementwise, VPSDE(), (12, 3), cuda_graph=True, **kw)
-    assert ib["graphed"] and torch.equal(a, b)
-    assert torch.equal(ia["nfe_per_sample"], ib["nfe_per_sample"])
-
-
-@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
-def test_a_nan_score_raises_with_the_bridge(graphed):
-    def bad(x, t):
-        return torch.where((t < 0.6)[:, None], torch.full_like(x, float("nan")), -x)
-
-    with warnings.catch_warnings(), graphs.emulated(), pytest.raises(NonFiniteError, match="adaptive_sde"):
-        warnings.simplefilter("error")
-        sf.sample(bad, VPSDE(), (4, 2), sampler="adaptive_sde", cuda_graph=graphed, brownian="bridge")
 
 
 def test_a_full_stack_warns_and_redraws():
